@@ -1,0 +1,5 @@
+"""`python -m sdlora ...`: see sdlora.cli."""
+
+from sdlora.cli import main
+
+raise SystemExit(main())

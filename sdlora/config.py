@@ -1,0 +1,225 @@
+"""Configuration of a training run: frozen dataclasses, the one home of every default.
+
+Each field carries its help text (and, where the CLI uses a short name, its flag) in
+`metadata`, so the CLI and the UI are generated from these classes instead of keeping
+a second copy of the defaults. Files are read strictly: an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdlora.errors import ConfigError
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULE_CHOICES = ("constant", "cosine")
+
+
+def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Shape of the adapter: which layers it adapts and how strongly."""
+
+    rank: int = _opt(8, "LoRA rank r: size of the low-rank update (4-32 is typical).")
+    alpha: float = _opt(8.0, "LoRA alpha: the update is scaled by alpha/rank.")
+    dropout: float = _opt(0.0, "Dropout on the LoRA input during training.")
+    target_modules: tuple[str, ...] = _opt(
+        ATTENTION_PROJECTIONS, "UNet modules to adapt (name suffixes).", flag="--targets"
+    )
+    extra_target_modules: tuple[str, ...] = _opt(
+        (), "More UNet modules to adapt besides the attention projections, e.g. ff.net.2 proj_in.",
+        flag="--extra-targets",
+    )
+
+    @property
+    def scale(self) -> float:
+        """The factor alpha/rank that multiplies B·A."""
+        return self.alpha / self.rank
+
+    @property
+    def all_target_modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.target_modules + self.extra_target_modules))
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.all_target_modules:
+            raise ConfigError("at least one target module is needed")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the concept images are and how they become training examples."""
+
+    images: str = _opt("", "Folder of concept images, with optional same-name .txt captions.")
+    trigger_word: str = _opt("", "Word that calls up the concept in prompts, e.g. 'sks'.", flag="--trigger")
+    caption_template: str = _opt(
+        "{trigger}", "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
+    )
+    resolution: int = _opt(512, "Training resolution in pixels (images are resized and centre-cropped).")
+    flip: bool = _opt(False, "Also train on horizontally flipped copies (not for text or asymmetric subjects).")
+
+    def validate(self) -> None:
+        if not self.images:
+            raise ConfigError("no concept images given: pass --images DIR")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run; saved beside the adapter to reproduce it."""
+
+    base_model: str = _opt("", "Base model: hub id, local diffusers folder, or single-file .safetensors.")
+    output_dir: str = _opt("outputs", "Folder for the adapter, its config, previews and checkpoints.", flag="--output")
+    name: str = _opt("my-lora", "Adapter name; the file is <output>/<name>.safetensors.")
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    steps: int = _opt(1000, "Optimizer steps to train.")
+    batch_size: int = _opt(1, "Images per step on each device.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches summed into one optimizer step.")
+    learning_rate: float = _opt(1e-4, "Peak learning rate of AdamW.", flag="--lr")
+    lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup.", choices=LR_SCHEDULE_CHOICES)
+    warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    mixed_precision: str = _opt(
+        "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
+    )
+    gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet (helps on small GPUs).")
+    seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
+    min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
+    noise_offset: float = _opt(0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).")
+    checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
+    checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
+    preview_every: int = _opt(0, "Render preview images every N steps (0 disables).")
+    preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the trigger word's caption.")
+    preview_seeds: tuple[int, ...] = _opt((1, 2), "Fixed seeds for previews, so images are comparable.")
+    preview_inference_steps: int = _opt(20, "Denoising steps per preview image.")
+
+    def validate(self) -> None:
+        """Raise ConfigError with an actionable message for the first bad setting."""
+        if not self.base_model:
+            raise ConfigError("no base model given: pass --base-model (hub id, folder or .safetensors)")
+        if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
+            raise ConfigError(f"adapter name {self.name!r} must be a plain file name without / \\ : * ? \" < > |")
+        for attr in ("steps", "batch_size", "gradient_accumulation_steps", "preview_inference_steps"):
+            if getattr(self, attr) < 1:
+                raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
+        for attr in ("warmup_steps", "checkpoint_every", "preview_every", "min_snr_gamma", "noise_offset"):
+            if getattr(self, attr) < 0:
+                raise ConfigError(f"{attr} must not be negative, got {getattr(self, attr)}")
+        if self.checkpoints_to_keep < 1:
+            raise ConfigError("checkpoints_to_keep must be at least 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}")
+        if self.lr_schedule not in LR_SCHEDULE_CHOICES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}")
+        self.data.validate()
+        self.lora.validate()
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with top-level fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a nested dict; unknown or misspelt keys raise ConfigError."""
+        return _build(cls, values, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a .json or .toml config file strictly."""
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a JSON or TOML file into a dict, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    return values
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"known: {', '.join(fields)}")
+    defaults = {name: info["default"] for name, info in field_help(cls).items()}
+    kwargs = {}
+    for name, value in values.items():
+        default = defaults[name]
+        where = f"{source}: {name}"
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a table of settings")
+            kwargs[name] = _build(type(default), value, f"{source}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, where)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check a value from a file against its default's type; ints are accepted for floats."""
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def field_help(cls: type) -> dict[str, dict[str, Any]]:
+    """Per-field metadata (help, flag, choices) and default, for generating a CLI or UI."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()
+        out[f.name] = {"type": f.type, "default": default, **f.metadata}
+    return out

@@ -1,0 +1,131 @@
+"""Load a Stable Diffusion base model from a hub id, a diffusers folder or a single file.
+
+Every way this can fail (offline, missing, not Stable Diffusion, damaged file) ends in
+one ModelLoadError that names the model and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import ModelLoadError
+
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What kind of Stable Diffusion a base model is, read from its own config."""
+
+    family: str  # "sd1", "sd2" or "sdxl"
+    prediction_type: str  # "epsilon" or "v_prediction"
+    resolution: int  # native training resolution in pixels
+    cross_attention_dim: int
+
+    @property
+    def kohya_version(self) -> str:
+        """The value kohya writes in ss_base_model_version."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline for `source` with the safety checker left out."""
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("no base model given: pass a hub id, a diffusers folder or a .safetensors file")
+    path = Path(source).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{source}: pickled checkpoints ({path.suffix}) can run code when loaded and are "
+                             "refused; convert it to .safetensors or use a diffusers folder")
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from sdlora.single_file import load_single_file_pipeline
+
+        return load_single_file_pipeline(path, torch_dtype)
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    looks_like_path = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(f"base model {source} is not a diffusers folder or a .safetensors file")
+    return _load_hub(source, torch_dtype)
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype):
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json); "
+                             "for a single-file checkpoint pass the .safetensors file itself")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{index} cannot be read: {exc}") from None
+    return _from_pretrained(str(path), class_name, torch_dtype, local_only=True)
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        index = hf_hub_download(repo_id, "model_index.json", local_files_only=offline())
+        class_name = json.loads(Path(index).read_text()).get("_class_name", "")
+    except HFValidationError:
+        raise ModelLoadError(f"{repo_id!r} is neither an existing folder or file nor a valid hub id") from None
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
+        if offline():
+            raise ModelLoadError(
+                f"base model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                "downloading it; download it once online (huggingface-cli download " + repo_id + "), "
+                "or pass a local diffusers folder or .safetensors file") from None
+        raise ModelLoadError(f"base model {repo_id} could not be fetched from the hub: {exc}") from None
+    return _from_pretrained(repo_id, class_name, torch_dtype, local_only=offline())
+
+
+def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, local_only: bool):
+    import diffusers
+
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"{source} is a {class_name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL")
+    pipeline_class = getattr(diffusers, class_name)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == SUPPORTED_PIPELINES[0] else {}
+    try:
+        return pipeline_class.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only, **extra)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"base model {source} could not be loaded: {exc}") from None
+
+
+def inspect_pipeline(pipeline) -> ModelInfo:
+    """Family, prediction type and native resolution from the pipeline's own configs."""
+    unet_config = pipeline.unet.config
+    cross_dim = int(unet_config.cross_attention_dim if not isinstance(unet_config.cross_attention_dim, (list, tuple))
+                    else unet_config.cross_attention_dim[0])
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        family = "sdxl"
+    elif cross_dim == 1024:
+        family = "sd2"
+    else:
+        family = "sd1"  # 768 for real SD 1.x; tiny test and demo models share its layout
+    prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    resolution = int(unet_config.sample_size) * vae_scale
+    return ModelInfo(family, prediction_type, resolution, cross_dim)
+
+
+def training_components(pipeline) -> dict:
+    """Frozen copies of the parts training needs, in float32 and eval mode."""
+    parts = {"tokenizer": pipeline.tokenizer, "text_encoder": pipeline.text_encoder,
+             "vae": pipeline.vae, "unet": pipeline.unet}
+    for name in ("text_encoder", "vae", "unet"):
+        parts[name].requires_grad_(False)
+        parts[name].eval()
+    return parts

@@ -1,0 +1,42 @@
+"""Training events shown on a terminal: a tqdm bar plus one line per notable event."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from sdlora.events import Event, Failed, Finished, Preview, Saved, Started, Step
+
+
+class ConsoleProgress:
+    """An event callback for the CLI."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: tqdm | None = None
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        if isinstance(event, Started):
+            for problem in event.skipped_files:
+                tqdm.write(f"skipped {problem}")
+            tqdm.write(f"training {event.trainable_parameters:,} of {event.total_parameters:,} parameters "
+                       f"on {event.image_count} images, device {event.device}, precision {event.mixed_precision}"
+                       + (f", resuming at step {event.start_step}" if event.start_step else ""))
+            self._bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+        elif isinstance(event, Step) and self._bar is not None:
+            self._bar.update(event.step - self._bar.n)
+            self._bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}")
+        elif isinstance(event, Saved):
+            tqdm.write(f"saved {event.kind} at step {event.step}: {event.path}")
+        elif isinstance(event, Preview):
+            tqdm.write(f"preview at step {event.step}: {event.path}")
+        elif isinstance(event, Failed):
+            tqdm.write(f"failed at step {event.step}: {event.message}")
+        elif isinstance(event, Finished):
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,213 @@
+"""The training loop: prepare, encode-and-cache, step, log, preview, checkpoint, save.
+
+`train()` reads top to bottom. It reports only through events and honours a stop flag;
+the CLI and the UI decide how to show progress.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+
+from sdlora import checkpoints
+from sdlora.config import TrainConfig
+from sdlora.data import load_concept_images, make_caption, tag_frequency
+from sdlora.encode import EncodedConcepts, encode_concepts
+from sdlora.errors import ConfigError, SdloraError, TrainingDiverged
+from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
+from sdlora.formats import atomic_write_text, save_adapter, training_metadata
+from sdlora.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
+from sdlora.models import inspect_pipeline, load_pipeline
+from sdlora.preview import render_previews
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_path: Path
+    config_path: Path
+    steps: int
+    stopped_early: bool
+    final_loss: float
+    skipped_files: tuple[str, ...]
+
+
+def adapter_path(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / f"{config.name}.safetensors"
+
+
+def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: StopFlag | None = None,
+          resume: str | None = None, files: list[str] | None = None) -> TrainResult:
+    """Train one adapter; `resume` is a checkpoint folder or 'latest'. Raises SdloraError on bad input."""
+    emit = on_event or (lambda event: None)
+    step = 0
+    try:
+        return _train(config, emit, stop or StopFlag(), resume, files)
+    except SdloraError as exc:
+        emit(Failed(step=getattr(exc, "step", step), message=str(exc)))
+        raise
+
+
+def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str | None,
+           files: list[str] | None) -> TrainResult:
+    # 1. Prepare: settings, devices, base model, concept images.
+    config.validate()
+    resume_path = checkpoints.resolve_resume(config, resume) if resume else None
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    set_seed(config.seed)
+    pipeline = load_pipeline(config.base_model)
+    info = inspect_pipeline(pipeline)
+    if info.family == "sdxl":
+        raise ConfigError(f"{config.base_model} is SDXL; this version trains SD 1.x and 2.x adapters only")
+    concepts = load_concept_images(config.data, files)
+
+    # 2. Encode once: the VAE (always float32: a half-precision VAE overflows into NaN)
+    #    and the frozen text encoder are not trained, so their outputs are cached.
+    encoded = encode_concepts(pipeline, concepts.images, config.data.flip, accelerator.device)
+
+    # 3. Adapter, optimizer, schedule.
+    unet = pipeline.unet
+    if unet.dtype != frozen_weight_dtype(accelerator):
+        unet.to(dtype=frozen_weight_dtype(accelerator))
+    unet.to(accelerator.device)
+    add_lora(unet, config.lora)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable, total = parameter_counts(unet)
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else "cosine",
+                                optimizer=optimizer,
+                                num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+                                num_training_steps=config.steps * accelerator.num_processes)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    checkpoints.register_lora_only_hooks(accelerator)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    start = 0
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        start = checkpoints.checkpoint_step(resume_path)
+    emit(Started(total_steps=config.steps, start_step=start, image_count=len(concepts.images),
+                 trainable_parameters=trainable, total_parameters=total,
+                 skipped_files=tuple(str(p) for p in concepts.problems),
+                 device=str(accelerator.device), mixed_precision=accelerator.mixed_precision))
+
+    # 4. The loop.
+    preview_prompts = config.preview_prompts or (
+        make_caption(None, config.data.trigger_word, config.data.caption_template) or concepts.images[0].caption,)
+    throughput, loss_value, step = Throughput(), float("nan"), start
+    throughput.tick()
+    unet.train()
+    while step < config.steps and not stop.requested:
+        loss_value = _optimizer_step(config, accelerator, unet, optimizer, lr_schedule, noise_scheduler,
+                                     encoded, info.prediction_type, step)
+        if not math.isfinite(loss_value):
+            last = checkpoints.list_checkpoints(checkpoints.checkpoint_folder(config))
+            error = TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}; training stopped. "
+                + (f"The last good checkpoint is {last[-1]} (resume with --resume latest and a lower --lr)."
+                   if last else "No checkpoint was saved yet; lower --lr, or use --mixed-precision no/bf16."))
+            error.step = step + 1
+            raise error
+        step += 1
+        throughput.tick()
+        sps = throughput.seconds_per_step()
+        emit(Step(step=step, total_steps=config.steps, loss=loss_value,
+                  learning_rate=lr_schedule.get_last_lr()[0], seconds_per_step=sps,
+                  eta_seconds=sps * (config.steps - step)))
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            emit(Saved(step, str(checkpoints.save_checkpoint(accelerator, config, step)), "checkpoint"))
+        if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
+            emit(render_previews(pipeline, accelerator, unet, config, preview_prompts, step))
+            unet.train()
+
+    # 5. Save: a checkpoint to resume from, and the adapter with its metadata and config.
+    emit(Saved(step, str(checkpoints.save_checkpoint(accelerator, config, step)), "checkpoint"))
+    path, config_path = adapter_path(config), Path(config.output_dir) / f"{config.name}.config.json"
+    if accelerator.is_main_process:
+        captions = [c.caption for c in concepts.images]
+        metadata = training_metadata(config, info, step, captions, tag_frequency(captions))
+        save_adapter(path, lora_state_dict(accelerator.unwrap_model(unet)), config.lora, metadata)
+        atomic_write_text(config_path, config.to_json() + "\n")
+        emit(Saved(step, str(path), "adapter"))
+    accelerator.wait_for_everyone()
+    stopped = step < config.steps
+    emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped))
+    accelerator.end_training()
+    return TrainResult(path, config_path, step, stopped, loss_value, tuple(str(p) for p in concepts.problems))
+
+
+def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimizer, lr_schedule,
+                    noise_scheduler, encoded: EncodedConcepts, prediction_type: str, step: int) -> float:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+    losses = []
+    for micro in range(config.gradient_accumulation_steps):
+        # Noise, timesteps and image order are a pure function of (seed, step, process):
+        # a resumed run draws exactly what an uninterrupted one would.
+        generator = torch.Generator().manual_seed(
+            ((config.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index)
+        index = encoded.batch_indices(config.seed, step * config.gradient_accumulation_steps + micro,
+                                      config.batch_size, accelerator.process_index, accelerator.num_processes)
+        latents, embeddings = encoded.batch(index, accelerator.device)
+        with accelerator.accumulate(unet):
+            loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, prediction_type,
+                                  config.min_snr_gamma, config.noise_offset)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable_parameters(unet), config.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+    return sum(losses) / len(losses)
+
+
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
+                   generator: torch.Generator, prediction_type: str, min_snr_gamma: float = 0.0,
+                   noise_offset: float = 0.0) -> torch.Tensor:
+    """MSE between the UNet's prediction and the epsilon or v target, optionally Min-SNR weighted."""
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(noise)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
+                              generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        raise ConfigError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """'auto' -> bf16 or fp16 on a GPU, 'no' on a CPU; half precision on a CPU falls back to 'no'."""
+    if not torch.cuda.is_available():
+        # Measured on this project's CPUs: bf16 ran 4x slower and fp16 is silently ignored.
+        return "no"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
+
+
+def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """Frozen UNet weights can sit in half precision; the adapter itself always trains in float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
