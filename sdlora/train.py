@@ -45,26 +45,29 @@ def adapter_path(config: TrainConfig) -> Path:
 
 
 def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: StopFlag | None = None,
-          resume: str | None = None, files: list[str] | None = None) -> TrainResult:
-    """Train one adapter; `resume` is a checkpoint folder or 'latest'. Raises SdloraError on bad input."""
+          resume: str | None = None, files: list[str] | None = None, pipeline=None) -> TrainResult:
+    """Train one adapter; `resume` is a checkpoint folder or 'latest'. Raises SdloraError on bad input.
+
+    `pipeline` may pass in an already loaded base model (it is then trained in place and
+    keeps the adapter attached); by default `config.base_model` is loaded.
+    """
     emit = on_event or (lambda event: None)
-    step = 0
     try:
-        return _train(config, emit, stop or StopFlag(), resume, files)
+        return _train(config, emit, stop or StopFlag(), resume, files, pipeline)
     except SdloraError as exc:
-        emit(Failed(step=getattr(exc, "step", step), message=str(exc)))
+        emit(Failed(step=getattr(exc, "step", 0), message=str(exc)))
         raise
 
 
 def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str | None,
-           files: list[str] | None) -> TrainResult:
+           files: list[str] | None, pipeline) -> TrainResult:
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
-    pipeline = load_pipeline(config.base_model)
+    pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
     info = inspect_pipeline(pipeline)
     if info.family == "sdxl":
         raise ConfigError(f"{config.base_model} is SDXL; this version trains SD 1.x and 2.x adapters only")

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny SD-1.x-shaped models built once per session, and concept images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from tiny_models import IMAGE_SIZE, save_tiny_model  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models run fastest on one thread, and CI has two cores
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A diffusers folder of a tiny epsilon-prediction SD-1.x-shaped model with random weights."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-eps", "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-v", "v_prediction")
+
+
+def draw_concept(path: Path, index: int, colour=(220, 30, 30)) -> Path:
+    image = Image.new("RGB", (48, 40), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([4 + index, 4, 30 + index, 30], fill=colour)
+    image.save(path)
+    return path
+
+
+@pytest.fixture()
+def concept_dir(tmp_path) -> Path:
+    """Four small concept images, one with its own caption."""
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    for i in range(4):
+        draw_concept(folder / f"img{i}.png", i)
+    (folder / "img0.txt").write_text("a red circle")
+    return folder
+
+
+@pytest.fixture()
+def tiny_config(tiny_model, concept_dir, tmp_path):
+    """A TrainConfig for a quick run on the tiny model."""
+    from sdlora.config import DataConfig, LoraSpec, TrainConfig
+
+    return TrainConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "out"), name="tiny", steps=6,
+                       learning_rate=1e-3, seed=7,
+                       data=DataConfig(images=str(concept_dir), trigger_word="sks", resolution=IMAGE_SIZE),
+                       lora=LoraSpec(rank=4, alpha=16.0))

@@ -1,0 +1,180 @@
+"""The training loop on a tiny model: what changes, what is saved, and how it resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+from test_lora import unet_output
+
+from sdlora import train as train_module
+from sdlora.config import LoraSpec, TrainConfig
+from sdlora.errors import CheckpointError, TrainingDiverged
+from sdlora.events import Started, Step, StopFlag
+from sdlora.formats import read_metadata
+from sdlora.lora import add_lora, trainable_parameters
+from sdlora.models import load_pipeline
+from sdlora.train import diffusion_loss, train
+
+
+def test_training_changes_only_lora_tensors(tiny_config):
+    pipeline = load_pipeline(tiny_config.base_model)
+    base = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    train(tiny_config, pipeline=pipeline)
+    after = pipeline.unet.state_dict()
+    lora_keys = [k for k in after if ".lora_" in k]
+    assert lora_keys and any(after[k].abs().max() > 0 for k in lora_keys if "lora_B" in k)
+    for key, value in base.items():
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        current = after[key] if key in after else after[peft_key]
+        assert torch.equal(current, value), key
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_model):
+    pipeline = load_pipeline(str(tiny_model))
+    unet = pipeline.unet
+    add_lora(unet, LoraSpec(rank=8, alpha=8))
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=5e-3)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeddings = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(40):
+        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(3), "epsilon")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_saved_adapter_loads_in_diffusers_with_its_alpha(tiny_config):
+    trained = load_pipeline(tiny_config.base_model)
+    result = train(tiny_config, pipeline=trained)  # rank 4, alpha 16: scale 4, so a lost alpha shows
+    expected = unet_output(trained.unet)
+
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_config.base_model, safety_checker=None)
+    base = unet_output(fresh.unet)
+    fresh.load_lora_weights(str(result.adapter_path), adapter_name="mine")
+    assert fresh.unet.peft_config["mine"].lora_alpha == 16
+    reloaded = unet_output(fresh.unet)
+    assert not torch.allclose(reloaded, base, atol=1e-4)
+    assert torch.allclose(reloaded, expected, atol=1e-6)
+
+
+def test_fused_output_equals_unfused(tiny_config):
+    result = train(tiny_config)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_config.base_model, safety_checker=None)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(str(result.adapter_path))
+    unfused = unet_output(pipe.unet)
+    pipe.fuse_lora()
+    assert torch.allclose(unet_output(pipe.unet), unfused, atol=1e-5)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert torch.allclose(unet_output(pipe.unet), base, atol=1e-5)
+
+
+def test_adapter_metadata_in_header(tiny_config):
+    result = train(tiny_config.replace(steps=3))
+    meta = read_metadata(result.adapter_path)
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 16.0
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_output_name"] == "tiny"
+    assert meta["ss_steps"] == "3" and meta["ss_resolution"] == "(32, 32)"
+    assert meta["sdlora.trigger_word"] == "sks" and meta["sdlora.image_count"] == "4"
+    assert meta["sdlora.base_model"] == tiny_config.base_model
+    tags = json.loads(meta["ss_tag_frequency"])["concept"]
+    assert tags == {"sks": 4, "a red circle": 1}  # the trigger word is put in front of the one caption
+    assert TrainConfig.from_dict(json.loads(meta["sdlora.train_config"])) == tiny_config.replace(steps=3)
+    saved_config = json.loads(result.config_path.read_text())
+    assert saved_config["lora"]["alpha"] == 16.0
+
+
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, tmp_path):
+    config = tiny_config.replace(steps=8, lr_schedule="cosine", warmup_steps=2,
+                                 lora=LoraSpec(rank=4, alpha=16.0, dropout=0.1))
+    straight = train(config.replace(output_dir=str(tmp_path / "straight")))
+
+    interrupted = config.replace(output_dir=str(tmp_path / "interrupted"))
+    stop = StopFlag()
+    first = train(interrupted, stop=stop,
+                  on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 3 else None)
+    assert first.stopped_early and first.steps == 3
+    starts = []
+    resumed = train(interrupted, resume="latest", on_event=lambda e: starts.append(e) if isinstance(e, Started) else 0)
+    assert starts[0].start_step == 3 and resumed.steps == 8
+    a, b = _adapter_tensors(straight.adapter_path), _adapter_tensors(resumed.adapter_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_resume_without_checkpoint_refuses_instead_of_restarting(tiny_config):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(tiny_config, resume="latest")
+    with pytest.raises(CheckpointError, match="not a complete sdlora checkpoint"):
+        train(tiny_config, resume="/nonexistent/checkpoint")
+
+
+def test_resume_with_a_different_rank_is_refused(tiny_config):
+    train(tiny_config.replace(steps=2))
+    with pytest.raises(CheckpointError, match="shapes must match"):
+        train(tiny_config.replace(lora=LoraSpec(rank=8, alpha=8)), resume="latest")
+
+
+def test_vprediction_model_trains_against_v_target(tiny_vpred_model):
+    """A model that predicts v exactly has zero loss under the v target and not under epsilon."""
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    latents = torch.randn(3, 4, 8, 8)
+    alphas = scheduler.alphas_cumprod
+
+    class PredictsV(torch.nn.Module):
+        def forward(self, noisy, timesteps, encoder_hidden_states):
+            a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
+            s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
+            noise = (noisy - a * latents) / s
+            return type("Out", (), {"sample": a * noise - s * latents})()
+
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    v_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "v_prediction")
+    eps_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "epsilon")
+    assert v_loss.item() < 1e-8 < eps_loss.item()
+
+
+def test_vprediction_model_end_to_end(tiny_config, tiny_vpred_model):
+    result = train(tiny_config.replace(base_model=str(tiny_vpred_model), steps=3))
+    assert read_metadata(result.adapter_path)["sdlora.prediction_type"] == "v_prediction"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    real_loss = train_module.diffusion_loss
+    calls = []
+
+    def loss_that_explodes(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", loss_that_explodes)
+    config = tiny_config.replace(checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match="step 5.*step-000004"):
+        train(config)
+    assert not train_module.adapter_path(config).exists()
+    assert (Path(config.output_dir) / ".runs/tiny/checkpoints/step-000004").is_dir()
+
+
+def test_stop_request_ends_at_next_step_and_saves(tiny_config):
+    stop = StopFlag()
+    result = train(tiny_config, stop=stop,
+                   on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 2 else None)
+    assert result.stopped_early and result.steps == 2
+    assert read_metadata(result.adapter_path)["ss_steps"] == "2"
