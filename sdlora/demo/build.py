@@ -1,0 +1,205 @@
+"""Build the demo model from scratch: `python -m sdlora.demo.build [--budget-minutes N]`.
+
+Stages: vae1, vae2 (autoencoder on a wide range of images), cache (encode the base
+dataset), unet (text encoder + UNet with EMA). The run checkpoints to build/demo/,
+exports assets/demo-model/ every few minutes, and stops cleanly on SIGINT/SIGTERM or
+when its time budget is spent; running the same command again carries on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdlora.demo import records
+from sdlora.demo.components import export_pipeline, make_pipeline, make_train_scheduler
+from sdlora.demo.shapes import base_scene, render, wide_scene
+from sdlora.demo.state import BuildState, Ema, fresh_state, load_checkpoint, load_exported
+from sdlora.demo.tokenizer import save_tokenizer
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Knobs of the demo build; the defaults are the recipe the shipped model used."""
+
+    seed: int = 0  # every image, initial weight and noise draw derives from it
+    out: Path = Path("assets/demo-model")  # exported fp16 diffusers folder
+    work: Path = Path("build/demo")  # full checkpoint, latent cache, log
+    vae_steps: tuple[int, int] = (450, 350)  # steps of stage vae1 and vae2
+    vae_lr: tuple[float, float] = (1e-3, 2e-4)
+    vae_kl: tuple[float, float] = (1e-5, 1e-6)  # the second stage trades latent regularity for colour fidelity
+    vae_batch: int = 32
+    cache_images: int = 20000  # base images encoded once for the UNet stage
+    unet_steps: int = 40000  # upper bound; the time budget usually ends a run first
+    unet_lr: float = 3e-4
+    unet_warmup: int = 200
+    unet_batch: int = 32
+    empty_caption: float = 0.1  # share of empty prompts, so classifier-free guidance works
+    short_caption: float = 0.45  # share of 'a red circle' prompts; the rest are long
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 5.0
+    export_minutes: float = 10.0
+    budget_minutes: float | None = None  # stop cleanly after this much wall time
+    threads: int = 2
+
+
+class Run:
+    """One invocation of the build: clock, stop flag and periodic saving."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.started = time.monotonic()
+        self.stop_requested = False
+        self.last_checkpoint = self.last_export = time.monotonic()
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        log(f"signal {signum}: stopping after this step")
+        self.stop_requested = True
+
+    def out_of_time(self) -> bool:
+        """True once a stop was asked for or the budget is spent."""
+        budget = self.cfg.budget_minutes
+        return self.stop_requested or (budget is not None and time.monotonic() - self.started > budget * 60)
+
+    def due(self, attr: str, minutes: float) -> bool:
+        """True every `minutes`, tracked in the timestamp attribute `attr`."""
+        if time.monotonic() - getattr(self, attr) < minutes * 60:
+            return False
+        setattr(self, attr, time.monotonic())
+        return True
+
+
+def log(message: str) -> None:
+    """Timestamped line on stdout (redirected to build/demo/log.txt by the caller)."""
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def images_tensor(scenes: list) -> torch.Tensor:
+    """Render scenes into a [-1, 1] NCHW batch."""
+    arrays = np.stack([np.asarray(render(s), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def train_vae(state: BuildState, cfg: BuildConfig, run: Run) -> None:
+    """Stage vae1/vae2: reconstruct half base images, half anything-goes images."""
+    which = 0 if state.stage == "vae1" else 1
+    if state.vae_opt is None:
+        state.vae_opt = torch.optim.AdamW(state.vae.parameters(), lr=cfg.vae_lr[which], weight_decay=0.0)
+        if state.pending_opt.get("vae"):
+            state.vae_opt.load_state_dict(state.pending_opt.pop("vae"))
+    state.vae.train()
+    step, losses, tic = state.steps.get(state.stage, 0), [], time.monotonic()
+    while step < cfg.vae_steps[which] and not run.out_of_time():
+        base = [base_scene(cfg.seed + 1, step * cfg.vae_batch + k) for k in range(cfg.vae_batch // 2)]
+        wide = [wide_scene(cfg.seed + 1, step * cfg.vae_batch + k) for k in range(cfg.vae_batch // 2)]
+        x = images_tensor(base + wide)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step + 1_000_000 * which)
+        posterior = state.vae.encode(x).latent_dist
+        recon = state.vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl[which] * posterior.kl().mean()
+        state.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state.vae_opt.step()
+        step += 1
+        losses.append(loss.item())
+        state.steps[state.stage] = step
+        if step % 25 == 0:
+            log(f"{state.stage} step {step} loss {np.mean(losses[-25:]):.4f}")
+        if run.due("last_checkpoint", cfg.checkpoint_minutes):
+            state.save(cfg.work / "checkpoint.pt")
+    _finish_stage_slice(state, cfg, tic, losses, step >= cfg.vae_steps[which])
+
+
+def _finish_stage_slice(state: BuildState, cfg: BuildConfig, tic: float, losses: list, done: bool) -> None:
+    """Account wall time, record the figures and advance if the stage is complete."""
+    seconds = time.monotonic() - tic
+    state.seconds[state.stage] = state.seconds.get(state.stage, 0.0) + seconds
+    extra = {}
+    if state.stage.startswith("vae"):
+        extra["psnr_db"] = records.vae_psnr(state.vae, cfg.seed + 99)
+    records.append_row(state.stage, state.steps.get(state.stage, 0), seconds, losses, extra)
+    if done:
+        if state.stage == "vae2":
+            records.set_scaling_factor(state.vae, cfg.seed + 98)
+        state.next_stage()
+    state.save(cfg.work / "checkpoint.pt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, restore or start the build, and run stages until done or out of time."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-minutes", type=float, default=None, help="stop cleanly after this long")
+    parser.add_argument("--unet-steps", type=int, default=BuildConfig.unet_steps)
+    parser.add_argument("--vae-steps", type=int, nargs=2, default=BuildConfig.vae_steps)
+    parser.add_argument("--cache-images", type=int, default=BuildConfig.cache_images)
+    parser.add_argument("--out", type=Path, default=BuildConfig.out)
+    parser.add_argument("--work", type=Path, default=BuildConfig.work)
+    args = parser.parse_args(argv)
+    cfg = BuildConfig(
+        out=args.out, work=args.work, budget_minutes=args.budget_minutes, unet_steps=args.unet_steps,
+        vae_steps=tuple(args.vae_steps), cache_images=args.cache_images,
+    )
+    torch.set_num_threads(cfg.threads)
+    run = Run(cfg)
+    tokenizer = save_tokenizer(cfg.work / "tokenizer")
+    state = _restore(cfg, tokenizer)
+    log(f"resuming at stage {state.stage}, steps {state.steps}")
+    from sdlora.demo.unet_stage import build_cache, train_unet  # keeps this module short
+
+    while state.stage != "done" and not run.out_of_time():
+        if state.stage in ("vae1", "vae2"):
+            train_vae(state, cfg, run)
+        elif state.stage == "cache":
+            build_cache(state, cfg, tokenizer)
+            state.next_stage()
+        else:
+            losses, tic = train_unet(state, cfg, run, tokenizer)
+            _finish_unet(state, cfg, run, tokenizer, tic, losses)
+    log(f"stopped at stage {state.stage}, steps {state.steps}")
+
+
+def _restore(cfg: BuildConfig, tokenizer) -> BuildState:
+    """The checkpoint if there is one, else the exported model, else a fresh start."""
+    checkpoint = cfg.work / "checkpoint.pt"
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, tokenizer)
+        if state.stage == "done" and state.steps.get("unet", 0) < cfg.unet_steps:
+            state.stage = "unet"  # asked for more steps than the finished build had
+        return state
+    if (cfg.out / "model_index.json").exists():
+        log(f"no checkpoint; continuing from the weights in {cfg.out}")
+        return load_exported(cfg.out, tokenizer)
+    return fresh_state(tokenizer, cfg.seed)
+
+
+def _finish_unet(state: BuildState, cfg: BuildConfig, run: Run, tokenizer, tic: float, losses: list) -> None:
+    """Export, checkpoint, score and record one slice of UNet training."""
+    seconds = time.monotonic() - tic
+    state.seconds["unet"] = state.seconds.get("unet", 0.0) + seconds
+    export(state, cfg, tokenizer)
+    if state.steps.get("unet", 0) >= cfg.unet_steps:
+        state.next_stage()
+    state.save(cfg.work / "checkpoint.pt")  # before the slow evaluation, in case a kill follows a stop signal
+    scores = {} if run.stop_requested else records.quick_eval(cfg.out)
+    records.append_row("unet", state.steps.get("unet", 0), seconds, losses, scores)
+
+
+def export(state: BuildState, cfg: BuildConfig, tokenizer) -> None:
+    """Write the EMA weights as the usable diffusers folder."""
+    pipe = make_pipeline(state.vae, state.ema_text_encoder, tokenizer, state.ema_unet)
+    info = {"steps": state.steps, "seconds": state.seconds, "seed": cfg.seed}
+    export_pipeline(pipe, cfg.out, info)
+    log(f"exported {cfg.out} at unet step {state.steps.get('unet', 0)}")
+
+
+if __name__ == "__main__":
+    main()
