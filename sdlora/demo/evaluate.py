@@ -198,7 +198,7 @@ def shape_name(f: Features) -> str:
 
 def texture_name(f: Features) -> str:
     """Plain, striped (luminance follows rows or columns) or checkered."""
-    if f.contrast < 25:
+    if f.contrast < 12:
         return "plain"
     return "striped" if f.stripe_score > 0.5 else "checkered"
 
