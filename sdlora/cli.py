@@ -83,11 +83,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sdlora.events import StopFlag
     from sdlora.progress import ConsoleProgress
-    from sdlora.train import train
+    from sdlora.train import cpu_only, train
 
     quiet_library_progress_bars()
     config = config_from_args(args)
-    is_main = PartialState().is_main_process
+    is_main = PartialState(cpu=cpu_only()).is_main_process
     progress = ConsoleProgress(enabled=is_main and not args.quiet)
     stop = StopFlag()
 

@@ -54,7 +54,7 @@ def diffusers_adapter_metadata(spec: LoraSpec) -> dict[str, Any]:
 
 
 def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions: list[str],
-                      tag_frequency: dict[str, int]) -> dict[str, str]:
+                      tag_frequency: dict[str, int], processes: int = 1) -> dict[str, str]:
     """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*."""
     now = datetime.now(timezone.utc)
     res = config.data.resolution
@@ -69,6 +69,7 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
         "sdlora.image_count": str(len(captions)),
         "sdlora.family": info.family,
         "sdlora.prediction_type": info.prediction_type,
+        "sdlora.processes": str(processes),
         "sdlora.train_config": config.to_json(),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora.rank),

@@ -64,7 +64,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+    accelerator = Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(config.mixed_precision),
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
@@ -139,7 +139,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     path, config_path = adapter_path(config), Path(config.output_dir) / f"{config.name}.config.json"
     if accelerator.is_main_process:
         captions = [c.caption for c in concepts.images]
-        metadata = training_metadata(config, info, step, captions, tag_frequency(captions))
+        metadata = training_metadata(config, info, step, captions, tag_frequency(captions),
+                                     processes=accelerator.num_processes)
         save_adapter(path, lora_state_dict(accelerator.unwrap_model(unet)), config.lora, metadata)
         atomic_write_text(config_path, config.to_json() + "\n")
         emit(Saved(step, str(path), "adapter"))
@@ -199,6 +200,11 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: tor
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def cpu_only() -> bool:
+    """Without CUDA, say so to accelerate: only then does torchrun/accelerate launch use gloo across processes."""
+    return not torch.cuda.is_available()
 
 
 def resolve_mixed_precision(requested: str) -> str:

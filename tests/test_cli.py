@@ -1,0 +1,80 @@
+"""`python -m sdlora train` end to end, as a script or server would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sdlora.cli import build_parser, config_from_args
+from sdlora.formats import read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "sdlora", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_train_end_to_end(tiny_model, concept_dir, tmp_path):
+    out = tmp_path / "lib"
+    result = run_cli("train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(out),
+                     "--name", "cli-run", "--trigger", "sks", "--steps", "4", "--rank", "4", "--alpha", "2",
+                     "--lr", "1e-3", "--resolution", "32", "--checkpoint-every", "2")
+    assert result.returncode == 0, result.stderr
+    assert "finished step 4" in result.stdout
+    meta = read_metadata(out / "cli-run.safetensors")
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_steps"] == "4"
+    assert (out / "cli-run.config.json").is_file()
+
+    # The saved config reproduces the run; flags on the line override it; resume continues.
+    again = run_cli("train", "--config", str(out / "cli-run.config.json"), "--steps", "6", "--resume", "latest")
+    assert again.returncode == 0, again.stderr
+    assert "resuming at step 4" in again.stdout + again.stderr
+    assert read_metadata(out / "cli-run.safetensors")["ss_steps"] == "6"
+
+
+def test_user_errors_are_one_line_and_exit_nonzero(tmp_path, concept_dir):
+    result = run_cli("train", "--base-model", str(tmp_path / "missing-model"), "--images", str(concept_dir))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stpes": 5}')
+    result = run_cli("train", "--config", str(bad))
+    assert result.returncode == 2 and "unknown setting(s) stpes" in result.stderr
+
+
+def test_help_explains_every_flag():
+    text = build_parser().parse_args  # noqa: F841 - the parser must build
+    result = run_cli("train", "--help")
+    for flag in ("--base-model", "--images", "--output", "--name", "--trigger", "--steps", "--rank", "--alpha",
+                 "--lr", "--resolution", "--batch-size", "--mixed-precision", "--checkpoint-every", "--resume",
+                 "--config"):
+        assert flag in result.stdout
+
+
+def test_flags_override_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('base_model = "m"\nsteps = 10\n[lora]\nrank = 16\nalpha = 8.0\n[data]\nimages = "d"\n')
+    args = build_parser().parse_args(["train", "--config", str(path), "--rank", "4", "--no-flip"])
+    config = config_from_args(args)
+    assert (config.steps, config.lora.rank, config.lora.alpha, config.data.flip) == (10, 4, 8.0, False)
+
+
+def test_two_process_run_writes_exactly_one_adapter(tiny_model, concept_dir, tmp_path):
+    """Two CPU processes over gloo (torchrun): gradients are shared and only the main process saves."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "sdlora", "train", "--base-model", str(tiny_model), "--images", str(concept_dir),
+         "--output", str(out), "--name", "ddp", "--steps", "3", "--resolution", "32", "--quiet"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapters = sorted(p.name for p in out.glob("*.safetensors"))
+    assert adapters == ["ddp.safetensors"]
+    assert read_metadata(out / "ddp.safetensors")["sdlora.processes"] == "2"
+    assert result.stdout.count("finished step 3") == 1
