@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def diffusers_adapter_metadata(spec: LoraSpec) -> dict[str, Any]:
 def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions: list[str],
                       tag_frequency: dict[str, int], processes: int = 1) -> dict[str, str]:
     """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     res = config.data.resolution
     folder = Path(config.data.images).name or "images"
     return {

@@ -100,7 +100,7 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
     extra = {"safety_checker": None, "requires_safety_checker": False} if class_name == SUPPORTED_PIPELINES[0] else {}
     try:
         return pipeline_class.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only, **extra)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"base model {source} could not be loaded: {exc}") from None
 
 
