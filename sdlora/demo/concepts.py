@@ -1,0 +1,83 @@
+"""Example concept folders for trying LoRA training on the demo model: `python -m sdlora.demo.concepts`.
+
+Each concept is something the base model never saw (a shape, a colour, a texture),
+written as 8 small PNGs with same-name .txt captions under assets/concepts/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, NEW_COLOURS, Scene, make_scene, render
+
+IMAGES_PER_CONCEPT = 8
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A thing to teach: how its scenes vary and a one-line description."""
+
+    name: str
+    description: str
+    shapes: tuple[str, ...] = BASE_SHAPES
+    colours: tuple[str, ...] = tuple(BASE_COLOURS)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    texture: str = "plain"
+
+
+CONCEPTS = (
+    Concept("star", "a five-pointed star shape", shapes=("star",)),
+    Concept("heart", "a heart shape", shapes=("heart",)),
+    Concept("magenta", "the colour magenta", colours=("magenta",)),
+    Concept("cyan", "the colour cyan", colours=("cyan",)),
+    # Textures use dark ink, so they sit on light backgrounds where the ink stays visible.
+    Concept("striped", "a striped fill", backgrounds=("white", "gray"), texture="striped"),
+    Concept("checkered", "a checkered fill", backgrounds=("white", "gray"), texture="checkered"),
+)
+
+
+def concept_scenes(concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONCEPT) -> list[Scene]:
+    """Deterministic, varied scenes showing the concept."""
+    rng = np.random.default_rng([seed, sum(map(ord, concept.name))])
+    palette = {**BASE_COLOURS, **NEW_COLOURS}
+    scenes = []
+    for _ in range(count):
+        scene = make_scene(
+            rng, concept.shapes, {c: palette[c] for c in concept.colours},
+            {b: BACKGROUNDS[b] for b in concept.backgrounds}, (concept.texture,),
+        )
+        scenes.append(replace(scene, size=max(scene.size, 28)))  # large enough to show the detail
+    return scenes
+
+
+def export_concepts(folder: Path, seed: int = 0) -> list[Path]:
+    """Write every concept folder under `folder` (replacing old ones); returns the folders."""
+    written = []
+    for concept in CONCEPTS:
+        target = folder / concept.name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for index, scene in enumerate(concept_scenes(concept, seed)):
+            render(scene).save(target / f"{concept.name}_{index:02d}.png", optimize=True)
+            (target / f"{concept.name}_{index:02d}.txt").write_text(scene.caption() + "\n")
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/concepts"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for target in export_concepts(args.out, args.seed):
+        print(target)
+
+
+if __name__ == "__main__":
+    main()
