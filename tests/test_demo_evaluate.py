@@ -7,7 +7,14 @@ import pytest
 
 from sdlora.demo.evaluate import classify
 from sdlora.demo.shapes import (
-    BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, NEW_COLOURS, NEW_SHAPES, TEXTURES, make_scene, render,
+    BACKGROUNDS,
+    BASE_COLOURS,
+    BASE_SHAPES,
+    NEW_COLOURS,
+    NEW_SHAPES,
+    TEXTURES,
+    make_scene,
+    render,
 )
 
 ALL_COLOURS = {**BASE_COLOURS, **NEW_COLOURS}
@@ -15,7 +22,9 @@ ALL_COLOURS = {**BASE_COLOURS, **NEW_COLOURS}
 
 def _accuracy(scenes: list, attribute: str) -> float:
     readings = [classify(np.asarray(render(s))) for s in scenes]
-    return np.mean([getattr(r, attribute) == getattr(s, attribute) for r, s in zip(readings, scenes)])
+    return np.mean(
+        [getattr(r, attribute) == getattr(s, attribute) for r, s in zip(readings, scenes, strict=True)]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.demo import records
-from sdlora.demo.components import export_pipeline, make_pipeline, make_train_scheduler
+from sdlora.demo.components import export_pipeline, make_pipeline
 from sdlora.demo.shapes import base_scene, render, wide_scene
-from sdlora.demo.state import BuildState, Ema, fresh_state, load_checkpoint, load_exported
+from sdlora.demo.state import BuildState, fresh_state, load_checkpoint, load_exported
 from sdlora.demo.tokenizer import save_tokenizer
 
 
@@ -34,7 +34,10 @@ class BuildConfig:
     work: Path = Path("build/demo")  # full checkpoint, latent cache, log
     vae_steps: tuple[int, int] = (450, 350)  # steps of stage vae1 and vae2
     vae_lr: tuple[float, float] = (1e-3, 2e-4)
-    vae_kl: tuple[float, float] = (1e-5, 1e-6)  # the second stage trades latent regularity for colour fidelity
+    vae_kl: tuple[float, float] = (
+        1e-5,
+        1e-6,
+    )  # the second stage trades latent regularity for colour fidelity
     vae_batch: int = 32
     cache_images: int = 20000  # base images encoded once for the UNet stage
     unet_steps: int = 40000  # upper bound; the time budget usually ends a run first
@@ -47,6 +50,8 @@ class BuildConfig:
     checkpoint_minutes: float = 5.0
     export_minutes: float = 10.0
     budget_minutes: float | None = None  # stop cleanly after this much wall time
+    eval_per_pair: int = 2  # images per colour x shape pair scored at each export (0: skip)
+    doc: Path = Path("docs/demo-model.md")  # where stage figures are appended
     threads: int = 2
 
 
@@ -58,8 +63,14 @@ class Run:
         self.started = time.monotonic()
         self.stop_requested = False
         self.last_checkpoint = self.last_export = time.monotonic()
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        self.previous_handlers = {
+            sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def close(self) -> None:
+        """Give the signals back to whoever handled them before (matters when called from tests)."""
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
 
     def _request_stop(self, signum: int, frame: object) -> None:
         log(f"signal {signum}: stopping after this step")
@@ -126,7 +137,7 @@ def _finish_stage_slice(state: BuildState, cfg: BuildConfig, tic: float, losses:
     extra = {}
     if state.stage.startswith("vae"):
         extra["psnr_db"] = records.vae_psnr(state.vae, cfg.seed + 99)
-    records.append_row(state.stage, state.steps.get(state.stage, 0), seconds, losses, extra)
+    records.append_row(cfg.doc, state.stage, state.steps.get(state.stage, 0), seconds, losses, extra)
     if done:
         if state.stage == "vae2":
             records.set_scaling_factor(state.vae, cfg.seed + 98)
@@ -143,13 +154,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-images", type=int, default=BuildConfig.cache_images)
     parser.add_argument("--out", type=Path, default=BuildConfig.out)
     parser.add_argument("--work", type=Path, default=BuildConfig.work)
+    parser.add_argument("--doc", type=Path, default=BuildConfig.doc)
+    parser.add_argument("--eval-per-pair", type=int, default=BuildConfig.eval_per_pair)
     args = parser.parse_args(argv)
     cfg = BuildConfig(
-        out=args.out, work=args.work, budget_minutes=args.budget_minutes, unet_steps=args.unet_steps,
-        vae_steps=tuple(args.vae_steps), cache_images=args.cache_images,
+        out=args.out,
+        work=args.work,
+        budget_minutes=args.budget_minutes,
+        unet_steps=args.unet_steps,
+        vae_steps=tuple(args.vae_steps),
+        cache_images=args.cache_images,
+        doc=args.doc,
+        eval_per_pair=args.eval_per_pair,
     )
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     run = Run(cfg)
+    try:
+        _build(cfg, run)
+    finally:
+        run.close()
+        torch.set_num_threads(threads)
+
+
+def _build(cfg: BuildConfig, run: Run) -> None:
+    """Run stages until the build is done or out of time."""
     tokenizer = save_tokenizer(cfg.work / "tokenizer")
     state = _restore(cfg, tokenizer)
     log(f"resuming at stage {state.stage}, steps {state.steps}")
@@ -189,8 +218,10 @@ def _finish_unet(state: BuildState, cfg: BuildConfig, run: Run, tokenizer, tic: 
     if state.steps.get("unet", 0) >= cfg.unet_steps:
         state.next_stage()
     state.save(cfg.work / "checkpoint.pt")  # before the slow evaluation, in case a kill follows a stop signal
-    scores = {} if run.stop_requested else records.quick_eval(cfg.out)
-    records.append_row("unet", state.steps.get("unet", 0), seconds, losses, scores)
+    scores = (
+        {} if run.stop_requested or not cfg.eval_per_pair else records.quick_eval(cfg.out, cfg.eval_per_pair)
+    )
+    records.append_row(cfg.doc, "unet", state.steps.get("unet", 0), seconds, losses, scores)
 
 
 def export(state: BuildState, cfg: BuildConfig, tokenizer) -> None:

@@ -7,8 +7,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.demo.shapes import SIZE
@@ -16,25 +21,43 @@ from sdlora.demo.tokenizer import write_vocab_files
 
 LATENT_SIZE = SIZE // 4
 # Stable Diffusion's own noise schedule, so trainers written for SD need no special case.
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+)
 BUILD_INFO = "sdlora_demo.json"  # training state stored beside the weights, for resuming without build/
 
 
 def make_vae() -> AutoencoderKL:
     """~1M-parameter VAE: 64x64x3 pixels <-> 16x16x4 latents."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
     )
 
 
 def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """Two-layer, 64-wide CLIP text encoder sized to the tiny vocabulary."""
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, projection_dim=64,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        projection_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(config)
@@ -43,11 +66,16 @@ def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 def make_unet() -> UNet2DConditionModel:
     """~6M-parameter UNet with cross-attention (to_q/to_k/to_v/to_out.0 for LoRA) at 16x16 and 8x8."""
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=32,
     )
 
 
@@ -66,8 +94,13 @@ def make_pipeline(
 ) -> StableDiffusionPipeline:
     """An ordinary Stable Diffusion pipeline around the tiny parts, without safety checker."""
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 

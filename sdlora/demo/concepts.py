@@ -48,8 +48,11 @@ def concept_scenes(concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONC
     scenes = []
     for _ in range(count):
         scene = make_scene(
-            rng, concept.shapes, {c: palette[c] for c in concept.colours},
-            {b: BACKGROUNDS[b] for b in concept.backgrounds}, (concept.texture,),
+            rng,
+            concept.shapes,
+            {c: palette[c] for c in concept.colours},
+            {b: BACKGROUNDS[b] for b in concept.backgrounds},
+            (concept.texture,),
         )
         scenes.append(replace(scene, size=max(scene.size, 28)))  # large enough to show the detail
     return scenes

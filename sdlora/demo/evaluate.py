@@ -68,7 +68,7 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labels = np.zeros(mask.shape, dtype=np.int32)
     count = 0
     height, width = mask.shape
-    for y, x in zip(*np.nonzero(mask)):
+    for y, x in zip(*np.nonzero(mask), strict=True):
         if labels[y, x]:
             continue
         count += 1
@@ -117,7 +117,7 @@ def _hull_area(mask: np.ndarray) -> float:
         return chain
 
     hull = half(pts)[:-1] + half(pts[::-1])[:-1]
-    return 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1])))
+    return 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1], strict=True)))
 
 
 def _cross(o: tuple, a: tuple, b: tuple) -> float:
@@ -169,9 +169,15 @@ def measure(image: np.ndarray) -> Features | None:
     chroma, hue = _colour_features(image[mask])
     stripe_score, contrast = _texture_features(image, mask)
     return Features(
-        area=area, fill=area / (height * (right - left)), solidity=area / max(_hull_area(mask), 1),
-        top_heavy=top_heavy, mean_rgb=tuple(float(v) for v in image[mask].mean(axis=0)),
-        chroma=chroma, hue=hue, stripe_score=stripe_score, contrast=contrast,
+        area=area,
+        fill=area / (height * (right - left)),
+        solidity=area / max(_hull_area(mask), 1),
+        top_heavy=top_heavy,
+        mean_rgb=tuple(float(v) for v in image[mask].mean(axis=0)),
+        chroma=chroma,
+        hue=hue,
+        stripe_score=stripe_score,
+        contrast=contrast,
     )
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdlora.demo.shapes import BASE_COLOURS, BASE_SHAPES, base_scene, render, wide_scene
+from sdlora.demo.shapes import BASE_COLOURS, BASE_SHAPES, base_scene, wide_scene
 
-DOC = Path("docs/demo-model.md")
 HEADER = """# The embedded demo model
 
 A tiny Stable Diffusion (CLIP text encoder, UNet, VAE) trained from scratch on procedural
@@ -25,15 +24,15 @@ or by `python -m sdlora.demo.report`; times are wall-clock on the machine named.
 """
 
 
-def append_row(stage: str, steps: int, seconds: float, losses: list[float], figures: dict) -> None:
-    """Add one line to the build log in docs/demo-model.md."""
-    if not DOC.exists():
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(HEADER)
+def append_row(doc: Path, stage: str, steps: int, seconds: float, losses: list[float], figures: dict) -> None:
+    """Add one line to the build log in `doc` (docs/demo-model.md), creating it if needed."""
+    if not doc.exists():
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(HEADER)
     loss = f"{np.mean(losses[-100:]):.4f}" if losses else "-"
     shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
     row = f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {stage} | {steps} | {seconds / 60:.1f} | {loss} | {shown} |\n"
-    with DOC.open("a") as f:
+    with doc.open("a") as f:
         f.write(row)
 
 
@@ -59,7 +58,9 @@ def vae_psnr(vae, seed: int, count: int = 64) -> float:
 def set_scaling_factor(vae, seed: int, count: int = 512) -> None:
     """Scale latents to unit variance, as Stable Diffusion's 0.18215 does for its VAE."""
     vae.eval()
-    latents = torch.cat([vae.encode(_images(seed + k, 64, False)).latent_dist.mode() for k in range(count // 64)])
+    latents = torch.cat(
+        [vae.encode(_images(seed + k, 64, False)).latent_dist.mode() for k in range(count // 64)]
+    )
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
 
 
@@ -78,12 +79,16 @@ def quick_eval(folder: Path, per_pair: int = 2, steps: int = 20, guidance: float
             for shape in BASE_SHAPES:
                 gen = torch.Generator().manual_seed(50_000 + total)
                 prompt = f"a {colour} {shape}" if k % 2 == 0 else f"a {colour} {shape} on a white background"
-                image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0]
+                image = pipe(
+                    prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen
+                ).images[0]
                 found = classify(np.asarray(image))
                 colour_ok += found.colour == colour
                 shape_ok += found.shape == shape
                 total += 1
     return {
-        "colour acc": colour_ok / total, "shape acc": shape_ok / total, "images": total,
+        "colour acc": colour_ok / total,
+        "shape acc": shape_ok / total,
+        "images": total,
         "s/image": (time.monotonic() - tic) / total,
     }

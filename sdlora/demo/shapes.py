@@ -90,10 +90,17 @@ def make_scene(
     size = int(rng.integers(20, 47))
     cx, cy = _place(rng, size)
     return Scene(
-        shape=shape, colour=colour, background=background,
-        rgb=_jitter(rng, colours[colour], 12), bg_rgb=_jitter(rng, backgrounds[background], 8),
-        size=size, cx=cx, cy=cy, texture=texture,
-        period=int(rng.integers(6, 11)), vertical=bool(rng.integers(0, 2)),
+        shape=shape,
+        colour=colour,
+        background=background,
+        rgb=_jitter(rng, colours[colour], 12),
+        bg_rgb=_jitter(rng, backgrounds[background], 8),
+        size=size,
+        cx=cx,
+        cy=cy,
+        texture=texture,
+        period=int(rng.integers(6, 11)),
+        vertical=bool(rng.integers(0, 2)),
     )
 
 
@@ -165,7 +172,9 @@ def _draw_mask(scene: Scene) -> Image.Image:
         top = cy - r * 0.35
         for dx in (-lobe, lobe):
             draw.ellipse([cx + dx - lobe, top - lobe, cx + dx + lobe, top + lobe], fill=255)
-        draw.polygon([(cx - r * 0.99, top + lobe * 0.25), (cx + r * 0.99, top + lobe * 0.25), (cx, cy + r)], fill=255)
+        draw.polygon(
+            [(cx - r * 0.99, top + lobe * 0.25), (cx + r * 0.99, top + lobe * 0.25), (cx, cy + r)], fill=255
+        )
     else:
         raise ValueError(f"unknown shape {scene.shape!r}")
     return mask

@@ -42,10 +42,14 @@ class BuildState:
     def save(self, path: Path) -> None:
         """Write atomically, so a kill during saving leaves the previous checkpoint intact."""
         blob = {
-            "stage": self.stage, "steps": self.steps, "seconds": self.seconds,
+            "stage": self.stage,
+            "steps": self.steps,
+            "seconds": self.seconds,
             "scaling_factor": self.vae.config.scaling_factor,
-            "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict(),
-            "unet": self.unet.state_dict(), "ema_text_encoder": self.ema_text_encoder.state_dict(),
+            "vae": self.vae.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "unet": self.unet.state_dict(),
+            "ema_text_encoder": self.ema_text_encoder.state_dict(),
             "ema_unet": self.ema_unet.state_dict(),
             "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
             "unet_opt": self.unet_opt.state_dict() if self.unet_opt else None,

@@ -13,8 +13,13 @@ TRIGGER_WORDS = ("sks", "ohwx")
 # Caption words, words for the LoRA concepts, and a few words people type into prompts.
 WORDS = (
     ("a", "an", "on", "the", "of", "and", "with", "in", "background", "shape", "photo", "picture", "grey")
-    + tuple(BASE_COLOURS) + tuple(NEW_COLOURS) + tuple(BACKGROUNDS)
-    + BASE_SHAPES + NEW_SHAPES + tuple(t for t in TEXTURES if t != "plain") + TRIGGER_WORDS
+    + tuple(BASE_COLOURS)
+    + tuple(NEW_COLOURS)
+    + tuple(BACKGROUNDS)
+    + BASE_SHAPES
+    + NEW_SHAPES
+    + tuple(t for t in TEXTURES if t != "plain")
+    + TRIGGER_WORDS
 )
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -37,7 +42,7 @@ def byte_alphabet() -> list[str]:
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Greedy lowest-rank-first BPE, the way CLIP applies its merges."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:], strict=False))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
@@ -82,9 +87,14 @@ def save_tokenizer(folder: Path) -> CLIPTokenizer:
     """Write vocab.json, merges.txt and config to `folder` and return the reloaded tokenizer."""
     write_vocab_files(folder)
     config = {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
-        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-        "do_lower_case": True, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_LENGTH,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": False,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}

@@ -22,14 +22,29 @@ def _cache_path(cfg: BuildConfig):
     return cfg.work / f"cache-{cfg.cache_images}.pt"
 
 
+def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids padded to the full context, exactly as the pipeline pads prompts."""
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 @torch.no_grad()
 def build_cache(state: BuildState, cfg: BuildConfig, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
     """Encode the base images once (posterior mean and std) and tokenize both caption forms."""
     from sdlora.demo.build import images_tensor, log
 
     path = _cache_path(cfg)
+    fingerprint = torch.tensor(sum(p.double().sum().item() for p in state.vae.encoder.parameters()))
     if path.exists():
-        return torch.load(path, weights_only=True)
+        cache = torch.load(path, weights_only=True)
+        if "vae_fingerprint" in cache and torch.equal(cache["vae_fingerprint"], fingerprint):
+            return cache
+        log("latent cache is from another VAE; rebuilding it")
     log(f"caching {cfg.cache_images} latents")
     state.vae.eval()
     means, stds, captions = [], [], []
@@ -39,12 +54,13 @@ def build_cache(state: BuildState, cfg: BuildConfig, tokenizer: CLIPTokenizer) -
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
         captions += [(s.caption(long=False), s.caption(long=True)) for s in scenes]
-    ids = lambda texts: tokenizer(  # noqa: E731
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
     cache = {
-        "mean": torch.cat(means), "std": torch.cat(stds),
-        "short": ids([c[0] for c in captions]), "long": ids([c[1] for c in captions]), "empty": ids([""]),
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "short": _token_ids(tokenizer, [c[0] for c in captions]),
+        "long": _token_ids(tokenizer, [c[1] for c in captions]),
+        "empty": _token_ids(tokenizer, [""]),
+        "vae_fingerprint": fingerprint,
     }
     torch.save(cache, path)
     log(f"cached latents: mean std {cache['mean'].float().std():.3f}")
@@ -59,15 +75,20 @@ def _batch(cache: dict, cfg: BuildConfig, step: int, scaling: float):
     latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
     form = torch.rand(cfg.unet_batch, generator=gen)
     ids = torch.where(
-        (form < cfg.empty_caption)[:, None], cache["empty"].expand(cfg.unet_batch, -1),
-        torch.where((form < cfg.empty_caption + cfg.short_caption)[:, None], cache["short"][idx], cache["long"][idx]),
+        (form < cfg.empty_caption)[:, None],
+        cache["empty"].expand(cfg.unet_batch, -1),
+        torch.where(
+            (form < cfg.empty_caption + cfg.short_caption)[:, None], cache["short"][idx], cache["long"][idx]
+        ),
     )
     noise = torch.randn(latents.shape, generator=gen)
     timesteps = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
     return latents, ids, noise, timesteps
 
 
-def train_unet(state: BuildState, cfg: BuildConfig, run: Run, tokenizer: CLIPTokenizer) -> tuple[list[float], float]:
+def train_unet(
+    state: BuildState, cfg: BuildConfig, run: Run, tokenizer: CLIPTokenizer
+) -> tuple[list[float], float]:
     """Train until the next export is due, the budget ends or the step target is reached."""
     from sdlora.demo.build import log
 
@@ -78,7 +99,10 @@ def train_unet(state: BuildState, cfg: BuildConfig, run: Run, tokenizer: CLIPTok
         if state.pending_opt.get("unet"):
             state.unet_opt.load_state_dict(state.pending_opt.pop("unet"))
     scheduler = make_train_scheduler()
-    emas = [Ema(state.ema_unet, state.unet, cfg.ema_decay), Ema(state.ema_text_encoder, state.text_encoder, cfg.ema_decay)]
+    emas = [
+        Ema(state.ema_unet, state.unet, cfg.ema_decay),
+        Ema(state.ema_text_encoder, state.text_encoder, cfg.ema_decay),
+    ]
     state.unet.train()
     state.text_encoder.train()
     scaling = state.vae.config.scaling_factor
