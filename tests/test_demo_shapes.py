@@ -1,0 +1,52 @@
+"""The demo dataset: deterministic images, both caption forms, and the shipped concept folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sdlora.demo.concepts import CONCEPTS, IMAGES_PER_CONCEPT, concept_scenes
+from sdlora.demo.shapes import BASE_COLOURS, BASE_SHAPES, base_scene, render, wide_scene
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
+
+
+def test_same_seed_and_index_give_the_same_image():
+    for make in (base_scene, wide_scene):
+        first, second = render(make(3, 17)), render(make(3, 17))
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+        assert first.size == (64, 64)
+
+
+def test_captions_have_a_long_and_a_short_form():
+    scene = base_scene(0, 0)
+    assert scene.caption(long=True) == f"a {scene.colour} {scene.shape} on a {scene.background} background"
+    assert scene.caption(long=False) == f"a {scene.colour} {scene.shape}"
+
+
+def test_base_data_covers_every_colour_and_shape_in_many_places():
+    scenes = [base_scene(0, i) for i in range(400)]
+    assert {s.colour for s in scenes} == set(BASE_COLOURS)
+    assert {s.shape for s in scenes} == set(BASE_SHAPES)
+    assert len({(round(s.cx / 8), round(s.cy / 8)) for s in scenes}) > 20
+    assert max(s.size for s in scenes) - min(s.size for s in scenes) > 15
+
+
+def test_concept_scenes_are_outside_the_base_vocabulary():
+    for concept in CONCEPTS:
+        for scene in concept_scenes(concept):
+            new = (
+                scene.shape not in BASE_SHAPES or scene.colour not in BASE_COLOURS or scene.texture != "plain"
+            )
+            assert new, (concept.name, scene)
+
+
+def test_shipped_concept_folders_have_captioned_images():
+    for concept in CONCEPTS:
+        folder = ASSETS / concept.name
+        images = sorted(folder.glob("*.png"))
+        assert len(images) == IMAGES_PER_CONCEPT, concept.name
+        for image in images:
+            caption = image.with_suffix(".txt").read_text().strip()
+            assert concept.name in caption.split() or concept.name in caption
