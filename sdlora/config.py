@@ -112,6 +112,7 @@ class TrainConfig:
     preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the trigger word's caption.")
     preview_seeds: tuple[int, ...] = _opt((1, 2), "Fixed seeds for previews, so images are comparable.")
     preview_inference_steps: int = _opt(20, "Denoising steps per preview image.")
+    final_preview: bool = _opt(True, "Render <name>.preview.png beside the adapter when training ends.")
 
     def validate(self) -> None:
         """Raise ConfigError with an actionable message for the first bad setting."""

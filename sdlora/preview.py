@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 
 from sdlora.checkpoints import run_folder
 from sdlora.config import TrainConfig
 from sdlora.events import Preview
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images row by row."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+from sdlora.grid import image_grid
 
 
 @torch.no_grad()

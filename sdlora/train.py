@@ -24,7 +24,7 @@ from sdlora.data import load_concept_images, make_caption, tag_frequency
 from sdlora.encode import EncodedConcepts, encode_concepts
 from sdlora.errors import ConfigError, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
-from sdlora.formats import atomic_write_text, save_adapter, training_metadata
+from sdlora.formats import atomic_write, atomic_write_text, save_adapter, training_metadata
 from sdlora.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.models import inspect_pipeline, load_pipeline
 from sdlora.preview import render_previews
@@ -144,6 +144,11 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
         save_adapter(path, lora_state_dict(accelerator.unwrap_model(unet)), config.lora, metadata)
         atomic_write_text(config_path, config.to_json() + "\n")
         emit(Saved(step, str(path), "adapter"))
+        if config.final_preview:
+            preview = render_previews(pipeline, accelerator, unet, config, preview_prompts, step)
+            atomic_write(path.with_name(f"{config.name}.preview.png"),
+                         lambda tmp: preview.images[0].save(tmp, format="PNG"))
+            emit(preview)
     accelerator.wait_for_everyone()
     stopped = step < config.steps
     emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped))

@@ -1,0 +1,253 @@
+"""Generation over one resident base model with any mix of library adapters.
+
+Adapters stay loaded in an LRU of `max_resident`. A new mix runs unfused (switching is
+just `set_adapters`); when the same mix is asked for again it is fused into the weights,
+so a mix that does not change costs nothing per step. Two diffusers pitfalls shape the
+code: after `fuse_lora`, unloading does not restore the base unless `unfuse_lora` runs
+first; and loading an adapter changes the active set, so the mix is set after every load.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from sdlora import __version__
+from sdlora.errors import ConfigError
+from sdlora.models import ModelInfo, inspect_pipeline, load_pipeline
+from sdlora.store import AdapterLibrary, BaseReference
+
+SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?>")
+
+
+@dataclass(frozen=True)
+class AdapterWeight:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What to draw. Sizes of 0 mean the base model's native resolution; seed -1 picks one at random."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    guidance: float = 7.5
+    width: int = 0
+    height: int = 0
+    scheduler: str = "Euler a"
+    adapters: tuple[AdapterWeight, ...] = ()
+    count: int = 1
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not 1 <= self.steps <= 200:
+            raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
+        if not 1 <= self.count <= 16:
+            raise ConfigError(f"count must be between 1 and 16, got {self.count}")
+        for side in (self.width, self.height):
+            if side and (side < 8 or side % 8):
+                raise ConfigError(f"width and height must be multiples of 8, got {side}")
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image = field(repr=False)
+    seed: int
+    parameters: str  # AUTOMATIC1111's 'parameters' text, also stored in the PNG
+
+    def save(self, path: str | Path) -> Path:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", self.parameters)
+        self.image.save(path, pnginfo=info)
+        return Path(path)
+
+
+def parse_prompt(prompt: str) -> tuple[str, tuple[AdapterWeight, ...]]:
+    """Strip AUTOMATIC1111 `<lora:name:weight>` tags from a prompt and return them as adapter weights."""
+    found = tuple(AdapterWeight(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0)
+                  for m in LORA_TAG.finditer(prompt))
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), found
+
+
+def resolve_mix(config: GenerateConfig) -> tuple[str, tuple[AdapterWeight, ...]]:
+    """Prompt without tags, and the adapter mix: listed adapters, then prompt tags (which win)."""
+    prompt, tagged = parse_prompt(config.prompt)
+    mix = {a.name: a.weight for a in config.adapters}
+    mix.update({a.name: a.weight for a in tagged})
+    return prompt, tuple(AdapterWeight(n, w) for n, w in mix.items())
+
+
+def make_scheduler(name: str, base_config):
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    classes = {"Euler a": EulerAncestralDiscreteScheduler, "DPM++ 2M": DPMSolverMultistepScheduler,
+               "DDIM": DDIMScheduler, "Euler": EulerDiscreteScheduler}
+    return classes[name].from_config(base_config)
+
+
+class Generator:
+    """One base model in memory; adapters loaded on demand and kept in an LRU."""
+
+    def __init__(self, base_model: str, library: AdapterLibrary, max_resident: int = 8,
+                 device: str | None = None) -> None:
+        self.base_model = base_model
+        self.library = library
+        self.max_resident = max(1, max_resident)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._pipeline = None
+        self._resident: OrderedDict[str, tuple[str, float]] = OrderedDict()  # name -> (peft name, file mtime)
+        self._active: tuple[tuple[str, float], ...] = ()
+        self._fused: tuple[tuple[str, float], ...] | None = None
+        self._lock = threading.RLock()
+        self._counter = 0
+
+    @property
+    def pipeline(self):
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = self._load()
+            return self._pipeline
+
+    def _load(self):
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        pipeline = load_pipeline(self.base_model, torch_dtype=dtype).to(self.device)
+        pipeline.vae.to(dtype=torch.float32)  # a half-precision VAE overflows: black images
+        pipeline.set_progress_bar_config(disable=True)
+        from sdlora.lora_files import unet_linear_shapes
+
+        self.library.reference = BaseReference(inspect_pipeline(pipeline).family, unet_linear_shapes(pipeline.unet))
+        return pipeline
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return inspect_pipeline(self.pipeline)
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def generate(self, config: GenerateConfig) -> list[GeneratedImage]:
+        """Images for a prompt and adapter mix; each carries the parameters that made it."""
+        config.validate()
+        prompt, mix = resolve_mix(config)
+        with self._lock:
+            pipeline = self.pipeline
+            self.apply_mix(mix)
+            info = inspect_pipeline(pipeline)
+            width, height = config.width or info.resolution, config.height or info.resolution
+            pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+            first_seed = config.seed if config.seed >= 0 else secrets.randbelow(2**32 - 16)
+            results = []
+            for seed in range(first_seed, first_seed + config.count):
+                image = self._draw(prompt, config, width, height, seed)
+                results.append(GeneratedImage(image, seed, self._parameters(config, mix, prompt, seed, width, height)))
+            return results
+
+    @torch.no_grad()
+    def _draw(self, prompt: str, config: GenerateConfig, width: int, height: int, seed: int) -> Image.Image:
+        pipeline = self.pipeline
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latents = pipeline(prompt, negative_prompt=config.negative_prompt or None, width=width, height=height,
+                           num_inference_steps=config.steps, guidance_scale=config.guidance,
+                           generator=generator, output_type="latent").images
+        vae = pipeline.vae
+        decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
+        return pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    def apply_mix(self, mix: tuple[AdapterWeight, ...]) -> None:
+        """Make `mix` the active adapters: loaded, weighted, and fused once it repeats."""
+        wanted = tuple((a.name, float(a.weight)) for a in mix if a.weight != 0)
+        pipeline = self.pipeline
+        if wanted == self._fused:
+            return
+        if self._fused is not None:
+            pipeline.unfuse_lora()
+            self._fused = None
+        for name, _ in wanted:
+            self._ensure_loaded(name, keep={n for n, _ in wanted})
+        if not wanted:
+            if self._resident:
+                pipeline.disable_lora()
+        else:
+            pipeline.enable_lora()
+            pipeline.set_adapters([self._resident[n][0] for n, _ in wanted], [w for _, w in wanted])
+            if wanted == self._active:
+                pipeline.fuse_lora(adapter_names=[self._resident[n][0] for n, _ in wanted], lora_scale=1.0)
+                self._fused = wanted
+        self._active = wanted
+
+    def _ensure_loaded(self, name: str, keep: set[str]) -> None:
+        info = self.library.get(name)
+        current = self._resident.get(info.name)
+        if current is not None and current[1] == info.modified:
+            self._resident.move_to_end(info.name)
+            return
+        if current is not None:
+            self.forget(info.name)
+        while len(self._resident) >= self.max_resident:
+            victim = next((n for n in self._resident if n not in keep), None)
+            if victim is None:
+                break
+            self.forget(victim)
+        self._counter += 1
+        peft_name = f"adapter{self._counter}"  # peft names must not contain dots; library names may
+        self.pipeline.load_lora_weights(str(info.path), adapter_name=peft_name)
+        self._resident[info.name] = (peft_name, info.modified)
+
+    def forget(self, name: str) -> None:
+        """Unload an adapter (after a rename or delete, or to make room), restoring base weights first."""
+        with self._lock:
+            entry = self._resident.pop(name, None)
+            if entry is None or self._pipeline is None:
+                return
+            if self._fused is not None:
+                self._pipeline.unfuse_lora()
+                self._fused = None
+            self._pipeline.delete_adapters(entry[0])
+            self._active = ()
+
+    def comparison_grid(self, config: GenerateConfig, weights: tuple[float, ...] = (0.0, 0.5, 1.0),
+                        adapters: tuple[str, ...] = ()) -> Image.Image:
+        """One prompt at fixed seeds: columns are weights of one adapter, or base plus each adapter."""
+        from sdlora.grid import labelled_grid
+
+        seed = config.seed if config.seed >= 0 else secrets.randbelow(2**32 - 16)
+        base = replace(config, seed=seed, adapters=())
+        if adapters:
+            columns = [("base", base)] + [(name, replace(base, adapters=(AdapterWeight(name, 1.0),)))
+                                          for name in adapters]
+        else:
+            target = config.adapters[0].name if config.adapters else None
+            if target is None:
+                raise ConfigError("a weight comparison needs one adapter")
+            columns = [(f"{target} {w:g}", replace(base, adapters=(AdapterWeight(target, w),))) for w in weights]
+        cells = [[image.image for image in self.generate(cfg)] for _, cfg in columns]
+        rows = [f"seed {seed + i}" for i in range(config.count)]
+        return labelled_grid(cells, [label for label, _ in columns], rows)
+
+    def _parameters(self, config: GenerateConfig, mix, prompt: str, seed: int, width: int, height: int) -> str:
+        tags = "".join(f" <lora:{a.name}:{a.weight:g}>" for a in mix)
+        lines = [prompt + tags]
+        if config.negative_prompt:
+            lines.append(f"Negative prompt: {config.negative_prompt}")
+        model = Path(self.base_model).name or self.base_model
+        lines.append(f"Steps: {config.steps}, Sampler: {config.scheduler}, CFG scale: {config.guidance:g}, "
+                     f"Seed: {seed}, Size: {width}x{height}, Model: {model}, Version: sdlora {__version__}")
+        return "\n".join(lines)
