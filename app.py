@@ -1,0 +1,100 @@
+"""sdlora's web app: train a LoRA, generate with adapters, manage the library.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS]
+                  [--base-model assets/demo-model] [--adapters-dir ./adapters]
+
+The tabs live in sdlora/ui/; every handler calls one method of sdlora.ui.studio.Studio,
+and every event has an api_name, so gradio_client scripts drive the same API as the page.
+torch and diffusers load in the background after the page is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import gradio as gr  # noqa: E402
+
+from sdlora.ui import generate_tab, library_tab, settings_tab, train_tab  # noqa: E402
+from sdlora.ui.studio import Studio  # noqa: E402
+
+DEFAULT_BASE_MODEL = "assets/demo-model"
+DEFAULT_ADAPTERS_DIR = "./adapters"
+DEFAULT_CONCEPTS_DIR = "assets/concepts"
+MAX_UPLOAD = "1gb"
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """The whole page: four tabs, plus the events that cross tabs (a finished run fills the library)."""
+    schedulers, generate_defaults = generate_tab.engine_defaults()
+    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+        gr.Markdown("## sdlora: train and use Stable Diffusion LoRA adapters")
+        with gr.Tab("Train"):
+            train = train_tab.build(studio)
+        with gr.Tab("Generate"):
+            generate = generate_tab.build(studio, schedulers, generate_defaults)
+        with gr.Tab("Library") as library_page:
+            library = library_tab.build(studio)
+        with gr.Tab("Settings") as settings_page:
+            settings = settings_tab.build(studio)
+
+        def refresh_adapters():
+            table, problems = library.refresh()
+            names = list(table["name"])
+            return table, problems, *[gr.Dropdown(choices=names) for _ in generate.adapter_pickers]
+
+        adapter_views = [library.table, library.problems, *generate.adapter_pickers]
+        demo.load(refresh_adapters, None, adapter_views, api_name="refresh_adapters")
+        train.finished.then(refresh_adapters, None, adapter_views, api_name="refresh_after_training")
+        library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
+        settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
+        # A run lives on the server: a (re)loaded page streams the current run's progress again.
+        demo.load(train.watch, None, train.progress_outputs, api_name="progress", concurrency_limit=None,
+                  show_progress="hidden")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="sdlora web app")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
+                        help="hub id, diffusers folder or .safetensors file (default: %(default)s)")
+    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="the adapter library (default: %(default)s)")
+    parser.add_argument("--concepts-dir", default=DEFAULT_CONCEPTS_DIR, help="example concept folders")
+    args = parser.parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        parser.error("--auth takes USER:PASS")
+    return args
+
+
+def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False) -> gr.Blocks:
+    """Build, queue and serve the app; loading the base model starts once the page is up."""
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
+                allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
+                max_file_size=MAX_UPLOAD, show_error=False, quiet=True)
+    print(f"sdlora is running on {demo.local_url}", flush=True)
+    studio.warm_up()
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    studio = Studio(args.base_model, args.adapters_dir, args.concepts_dir)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    launch(studio, args.host, args.port, args.share, auth)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The Generate tab: prompt and sampler settings, adapters at weights, a gallery with parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from sdlora.ui.messages import readable_errors
+from sdlora.ui.studio import Studio
+
+ADAPTER_SLOTS = 4
+WEIGHT_RANGE = (-1.0, 2.0)
+
+
+@dataclass
+class GenerateTab:
+    adapter_pickers: list[gr.Dropdown]
+
+
+def engine_defaults():
+    """The scheduler names and a default GenerateConfig, from the engine (its one home for them)."""
+    try:  # a light home for the generation settings, so the page builds without importing torch
+        from sdlora.config import SCHEDULERS, GenerateConfig
+    except ImportError:
+        from sdlora.generate import SCHEDULERS, GenerateConfig
+    return SCHEDULERS, GenerateConfig(prompt="")
+
+
+def generate_config(prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
+                    height: float, scheduler: str, count: float, *slots):
+    """Widget values -> GenerateConfig; `slots` alternate adapter name and weight, empty names skipped."""
+    from sdlora.generate import AdapterWeight, GenerateConfig
+
+    pairs = zip(slots[0::2], slots[1::2], strict=True)
+    adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in pairs if n)
+    return GenerateConfig(prompt=prompt, negative_prompt=negative or "", seed=int(seed), steps=int(steps),
+                          guidance=float(guidance), width=int(width or 0), height=int(height or 0),
+                          scheduler=scheduler, adapters=adapters, count=int(count))
+
+
+def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
+    """Lay out the Generate tab; `defaults` is a GenerateConfig whose values the widgets start from."""
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photo of sks, <lora:name:0.8> also works")
+            negative = gr.Textbox(defaults.negative_prompt, label="Negative prompt")
+            with gr.Row():
+                seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1)
+                count = gr.Slider(1, 8, defaults.count, step=1, label="Images")
+            with gr.Row():
+                steps = gr.Slider(1, 100, defaults.steps, step=1, label="Steps")
+                guidance = gr.Slider(0, 20, defaults.guidance, step=0.5, label="Guidance")
+            with gr.Row():
+                width = gr.Number(defaults.width, label="Width (0: model native)", precision=0, minimum=0, step=8)
+                height = gr.Number(defaults.height, label="Height (0: model native)", precision=0, minimum=0,
+                                   step=8)
+                scheduler = gr.Dropdown(list(schedulers), value=defaults.scheduler, label="Scheduler")
+            gr.Markdown("**Adapters** from the library, each at its own weight")
+            slots, pickers = [], []
+            for i in range(ADAPTER_SLOTS):
+                with gr.Row(equal_height=True):
+                    picker = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True,
+                                         scale=2)
+                    weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3)
+                pickers.append(picker)
+                slots += [picker, weight]
+            grid = gr.Checkbox(False, label="Comparison grid: the chosen adapters at weights 0, 0.5 and 1")
+            button = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", preview=True)
+            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"])
+
+    @readable_errors
+    def generate(*values):
+        *settings, with_grid = values
+        config = generate_config(*settings)
+        images = studio.generate(config)
+        if with_grid:
+            chosen = tuple(a.name for a in config.adapters)
+            images.append(studio.comparison_grid(config, chosen))
+        return [(str(i.path), i.parameters) for i in images], images[0].parameters
+
+    def show_parameters(event: gr.SelectData):
+        return (event.value or {}).get("caption") or ""
+
+    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, count, *slots, grid]
+    gr.on([button.click, prompt.submit], generate, inputs, [gallery, parameters], api_name="generate",
+          concurrency_limit=1)
+    gallery.select(show_parameters, None, parameters, api_name="show_parameters")
+    return GenerateTab(adapter_pickers=pickers)

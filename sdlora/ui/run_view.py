@@ -1,0 +1,96 @@
+"""A training run's events folded into what a page shows: state, step, loss curve, speed, previews.
+
+Built from the full event list each time, so a reloaded page shows the same as one that
+watched from the start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from sdlora.events import Event, Failed, Finished, Preview, Started, Step
+
+MAX_CURVE_POINTS = 500
+
+
+@dataclass
+class RunView:
+    state: str = "idle"  # idle, starting, running, stopping, finished, stopped, failed
+    name: str = ""
+    step: int = 0
+    total_steps: int = 0
+    seconds_per_step: float = 0.0
+    eta_seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[tuple[Image.Image, str]] = field(default_factory=list)
+    message: str = ""
+    adapter_path: str = ""
+    skipped_files: tuple[str, ...] = ()
+    device: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running", "stopping")
+
+    def curve(self) -> list[tuple[int, float]]:
+        """The loss curve thinned to at most MAX_CURVE_POINTS points, keeping the last one."""
+        stride = max(1, len(self.losses) // MAX_CURVE_POINTS)
+        points = self.losses[::stride]
+        if self.losses and points[-1] != self.losses[-1]:
+            points.append(self.losses[-1])
+        return points
+
+    def summary(self) -> str:
+        """One or two lines of Markdown: where the run is and how fast it goes."""
+        if self.state == "idle":
+            return "No training run yet on this server."
+        head = f"**{self.name}**: {self.state}"
+        if self.total_steps:
+            head += f", step {self.step}/{self.total_steps}"
+        if self.state in ("running", "stopping") and self.seconds_per_step:
+            head += f", {self.seconds_per_step:.2f} s/step, about {_duration(self.eta_seconds)} left"
+        if self.losses:
+            head += f", loss {self.losses[-1][1]:.4f}"
+        lines = [head]
+        if self.message:
+            lines.append(self.message)
+        if self.skipped_files:
+            lines.append("Skipped: " + "; ".join(self.skipped_files))
+        return "\n\n".join(lines)
+
+
+def view_run(events: list[Event], name: str, running: bool, stop_requested: bool) -> RunView:
+    """Fold the events of one run (in order) into a RunView."""
+    view = RunView(state="starting" if running else "stopped", name=name)
+    for event in events:
+        if isinstance(event, Started):
+            view.state, view.total_steps, view.step = "running", event.total_steps, event.start_step
+            view.skipped_files, view.device = event.skipped_files, event.device
+        elif isinstance(event, Step):
+            view.step, view.total_steps = event.step, event.total_steps
+            view.seconds_per_step, view.eta_seconds = event.seconds_per_step, event.eta_seconds
+            view.losses.append((event.step, event.loss))
+        elif isinstance(event, Preview):
+            labels = [f"{p} · seed {s} · step {event.step}" for p in event.prompts for s in event.seeds]
+            view.previews = list(zip(event.images, labels, strict=False))
+        elif isinstance(event, Finished):
+            view.state = "stopped" if event.stopped_early else "finished"
+            view.adapter_path = event.adapter_path
+            view.message = f"Saved {event.adapter_path} at step {event.step}; it is in the library now."
+        elif isinstance(event, Failed):
+            view.state, view.message = "failed", event.message
+    if running and stop_requested and view.state == "running":
+        view.state = "stopping"
+        view.message = "Stopping after this step; the adapter will be saved."
+    return view
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

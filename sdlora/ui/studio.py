@@ -1,0 +1,226 @@
+"""What the web app works on, without gradio: one base model, one adapter library, one training run.
+
+Every method takes and returns engine types. torch, diffusers and the heavy engine modules
+are imported inside methods, so building the app stays as fast as importing gradio.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlora.config import TrainConfig
+from sdlora.errors import ConfigError, SdloraError
+from sdlora.events import BackgroundRun
+from sdlora.ui.uploads import collect_uploads, is_image, write_captions
+
+
+class TrainingBusy(SdloraError):
+    """A second training job was asked for while one runs."""
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """A generated image on disk, with the parameters that made it."""
+
+    path: Path
+    parameters: str
+
+
+class Studio:
+    """The server's state: the app's handlers call its methods and nothing else."""
+
+    def __init__(self, base_model: str, adapters_dir: str | Path, concepts_dir: str | Path = "assets/concepts",
+                 work_dir: str | Path | None = None) -> None:
+        self.base_model = str(base_model)
+        self.adapters_dir = Path(adapters_dir).resolve()
+        self.concepts_dir = Path(concepts_dir).resolve()
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="sdlora-app-")).resolve()
+        self.run: BackgroundRun | None = None
+        self.run_name = ""
+        self._library = None
+        self._generator = None
+        self._model_error = ""
+        self._model_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._image_count = 0
+
+    # -- folders and examples ------------------------------------------------------------------
+
+    @property
+    def library(self):
+        """The adapter library (sdlora.store.AdapterLibrary), opened on first use."""
+        if self._library is None:
+            from sdlora.store import AdapterLibrary
+
+            self.adapters_dir.mkdir(parents=True, exist_ok=True)
+            self._library = AdapterLibrary(self.adapters_dir)
+        return self._library
+
+    def example_concepts(self) -> list[str]:
+        """Names of the example concept folders shipped with the demo."""
+        if not self.concepts_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.concepts_dir.iterdir() if p.is_dir() and any(map(is_image, p.iterdir())))
+
+    def example_files(self, name: str) -> list[Path]:
+        """The images and captions of one example concept folder."""
+        folder = self.concepts_dir / name
+        if name not in self.example_concepts():
+            raise ConfigError(f"there is no example concept {name!r}; choose one of {self.example_concepts()}")
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def stage_upload(self, files: list[str]) -> list[Path]:
+        """Unpack uploaded files into a fresh folder for viewing; returns the images."""
+        return collect_uploads(files, Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir)))
+
+    # -- the base model ------------------------------------------------------------------------
+
+    def base_model_problem(self) -> str:
+        """Why the base model cannot be used, in words, or '' when it looks usable."""
+        source = self.base_model.strip()
+        if not source:
+            return "no base model is set; enter one in Settings"
+        looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
+        if looks_local and not Path(source).expanduser().exists():
+            return f"the base model {source} does not exist on this server"
+        return ""
+
+    def generator(self):
+        """The resident sdlora.generate.Generator, loading the base model on first use."""
+        with self._model_lock:
+            if self._generator is None:
+                from sdlora.errors import ModelLoadError
+                from sdlora.generate import Generator
+
+                problem = self.base_model_problem()
+                if problem:
+                    self._model_error = problem
+                    raise ModelLoadError(problem)
+                try:
+                    generator = Generator(self.base_model, self.library)
+                    generator.pipeline  # noqa: B018 - load now, so a bad base model is reported here
+                    self._generator, self._model_error = generator, ""
+                except SdloraError as exc:
+                    self._model_error = str(exc)
+                    raise
+            return self._generator
+
+    def set_base_model(self, source: str) -> None:
+        """Switch to another base model and load it now, so a mistake shows at once."""
+        with self._model_lock:
+            self.base_model, self._generator, self._model_error = source.strip(), None, ""
+        self.generator()
+
+    def warm_up(self) -> threading.Thread:
+        """Import torch and load the base model in the background, so the first image comes quickly."""
+        def load() -> None:
+            try:
+                self.generator()
+            except SdloraError:
+                pass  # shown in Settings via model_status()
+
+        thread = threading.Thread(target=load, name="sdlora-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def model_status(self) -> dict[str, str]:
+        """What is loaded now, for the Settings tab; never loads anything itself."""
+        generator = self._generator
+        if generator is not None:
+            info = generator.model_info
+            return {"state": "loaded", "base_model": self.base_model, "family": info.family,
+                    "resolution": str(info.resolution), "prediction": info.prediction_type,
+                    "device": str(generator.device), "precision": _precision(generator)}
+        problem = self._model_error or self.base_model_problem()
+        state = f"not loaded: {problem}" if problem else ("loading" if self._model_lock.locked() else "not loaded yet")
+        return {"state": state, "base_model": self.base_model}
+
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    # -- training ------------------------------------------------------------------------------
+
+    def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> BackgroundRun:
+        """Start the one training job of this server in the background; TrainingBusy if one runs."""
+        from sdlora.train import adapter_path, train
+
+        config = config.replace(base_model=self.base_model, output_dir=str(self.adapters_dir))
+        config.validate()
+        if self.base_model_problem():
+            raise ConfigError(f"cannot train: {self.base_model_problem()}")
+        if adapter_path(config).exists():
+            raise ConfigError(f"an adapter named {config.name!r} is already in the library; "
+                              "choose another name, or delete or rename the old one")
+        with self._run_lock:
+            if self.run is not None and self.run.running:
+                raise TrainingBusy(f"a training job ({self.run_name}) is already running on this server; "
+                                   "wait for it to finish or stop it first")
+            folder = self.adapters_dir / ".runs" / config.name / "concepts"
+            shutil.rmtree(folder, ignore_errors=True)
+            images = collect_uploads(files, folder)
+            write_captions(images, captions)
+            config = config.replace(data=_replace(config.data, images=str(folder)))
+            self.run = BackgroundRun(lambda on_event, stop: train(config, on_event=on_event, stop=stop)).start()
+            self.run_name = config.name
+        return self.run
+
+    def stop_training(self) -> bool:
+        """Ask the running job to save and stop after its current step; False when none runs."""
+        if self.run is None or not self.run.running:
+            return False
+        self.run.stop.request()
+        return True
+
+    def estimate(self, config: TrainConfig):
+        """sdlora.presets.Estimate of time (and GPU memory) for a run with this config."""
+        from sdlora.presets import estimate_training
+
+        generator = self._generator
+        info = generator.model_info if generator is not None else None
+        return estimate_training(config.replace(base_model=self.base_model), info, self.device())
+
+    # -- generation and the library ------------------------------------------------------------
+
+    def generate(self, config) -> list[SavedImage]:
+        """Generate with a sdlora.generate.GenerateConfig; images are saved with their parameters."""
+        return [self._save(g.image, g.parameters) for g in self.generator().generate(config)]
+
+    def comparison_grid(self, config, adapters: tuple[str, ...]) -> SavedImage:
+        """One grid: each chosen adapter at weights 0, 0.5 and 1, same seed."""
+        grid = self.generator().comparison_grid(config, adapters=adapters)
+        names = ", ".join(adapters) or "adapters in the prompt"
+        return self._save(grid, f"comparison grid of {names} at weights 0, 0.5, 1; seed {config.seed}")
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop a renamed, replaced or deleted adapter from the resident model."""
+        if self._generator is not None:
+            self._generator.forget(name)
+
+    def _save(self, image, parameters: str) -> SavedImage:
+        from PIL.PngImagePlugin import PngInfo
+
+        folder = self.work_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._run_lock:
+            self._image_count += 1
+            path = folder / f"{self._image_count:05d}.png"
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(path, pnginfo=info)
+        return SavedImage(path, parameters)
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def _precision(generator) -> str:
+    return str(generator.pipeline.unet.dtype).replace("torch.", "")
