@@ -66,7 +66,59 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from, or 'latest'")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(train)
+    _add_generate_parser(commands)
+    _add_adapters_parser(commands)
     return parser
+
+
+def _weighted(text: str) -> tuple[str, float]:
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
+
+
+def _add_generate_parser(commands) -> None:
+    from sdlora.generate import SCHEDULERS
+
+    gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
+    gen.add_argument("--base-model", required=True, help="hub id, diffusers folder or .safetensors file")
+    gen.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
+    gen.add_argument("--lora", action="append", type=_weighted, default=[], metavar="NAME[:WEIGHT]",
+                     help="an adapter from the library and its weight (negative allowed); repeat for a mix")
+    gen.add_argument("--prompt", required=True, help="the prompt; <lora:name:weight> tags also work")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--width", type=int, default=0, help="0: the model's native size")
+    gen.add_argument("--height", type=int, default=0)
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="Euler a")
+    gen.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
+    gen.add_argument("--grid", nargs="*", type=float, metavar="WEIGHT",
+                     help="instead: one labelled grid of the first --lora at these weights (default 0 0.5 1)")
+    gen.add_argument("--out", required=True, help="output PNG; with --count N, -1, -2 ... are added")
+
+
+def _add_adapters_parser(commands) -> None:
+    lib = commands.add_parser("adapters", help="list, import, export, rename or delete library adapters")
+    lib.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
+    lib.add_argument("--base-model", help="check imports against this base model's architecture")
+    verbs = lib.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="one line per adapter, then any damaged entries")
+    imp = verbs.add_parser("import", help="validate and copy a diffusers or kohya .safetensors LoRA in")
+    imp.add_argument("file")
+    imp.add_argument("--name", help="library name (default: the file name; never overwrites)")
+    exp = verbs.add_parser("export", help="write an adapter in the diffusers or kohya format")
+    exp.add_argument("name")
+    exp.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
+    exp.add_argument("--out", required=True, help="output .safetensors file")
+    ren = verbs.add_parser("rename")
+    ren.add_argument("name")
+    ren.add_argument("new_name")
+    dele = verbs.add_parser("delete")
+    dele.add_argument("name")
 
 
 def quiet_library_progress_bars() -> None:
@@ -110,6 +162,71 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sdlora.generate import AdapterWeight, GenerateConfig, Generator
+    from sdlora.store import AdapterLibrary
+
+    quiet_library_progress_bars()
+    config = GenerateConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                            steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+                            scheduler=args.scheduler, count=args.count,
+                            adapters=tuple(AdapterWeight(n, w) for n, w in args.lora))
+    generator = Generator(args.base_model, AdapterLibrary(args.adapters_dir))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.grid is not None:
+        generator.comparison_grid(config, weights=tuple(args.grid) or (0.0, 0.5, 1.0)).save(out)
+        print(out)
+        return 0
+    for i, image in enumerate(generator.generate(config)):
+        path = out if config.count == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        image.save(path)
+        print(f"{path}  seed {image.seed}")
+    return 0
+
+
+def run_adapters(args: argparse.Namespace) -> int:
+    from datetime import datetime
+    from pathlib import Path
+
+    from sdlora.store import AdapterLibrary
+
+    library = AdapterLibrary(args.adapters_dir)
+    if args.verb == "list":
+        listing = library.list()
+        for a in listing.adapters:
+            when = datetime.fromtimestamp(a.modified).strftime("%Y-%m-%d %H:%M")
+            print(f"{a.name}\t{a.family}\trank {a.rank}\talpha {a.alpha}\tsteps {a.steps}\t"
+                  f"trigger {', '.join(a.trigger_words) or '-'}\t{a.size_bytes / 1e6:.1f} MB\t{when}")
+        for problem in listing.problems:
+            print(f"damaged: {problem}", file=sys.stderr)
+        return 0
+    if args.verb == "import":
+        if args.base_model:
+            from sdlora.models import load_pipeline
+            from sdlora.store import reference_from_pipeline
+
+            library.reference = reference_from_pipeline(load_pipeline(args.base_model))
+        print(library.import_file(args.file, name=args.name).path)
+    elif args.verb == "export":
+        import shutil
+        import tempfile
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+            shutil.move(library.export(args.name, args.format, scratch), out)
+        print(out)
+    elif args.verb == "rename":
+        print(library.rename(args.name, args.new_name).path)
+    elif args.verb == "delete":
+        library.delete(args.name)
+        print(f"deleted {args.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional image backends a trainer never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -118,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "adapters":
+            return run_adapters(args)
     except SdloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

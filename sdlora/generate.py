@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 from sdlora import __version__
 from sdlora.errors import ConfigError
 from sdlora.models import ModelInfo, inspect_pipeline, load_pipeline
-from sdlora.store import AdapterLibrary, BaseReference
+from sdlora.store import AdapterLibrary, reference_from_pipeline
 
 SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?>")
@@ -130,9 +130,7 @@ class Generator:
         pipeline = load_pipeline(self.base_model, torch_dtype=dtype).to(self.device)
         pipeline.vae.to(dtype=torch.float32)  # a half-precision VAE overflows: black images
         pipeline.set_progress_bar_config(disable=True)
-        from sdlora.lora_files import unet_linear_shapes
-
-        self.library.reference = BaseReference(inspect_pipeline(pipeline).family, unet_linear_shapes(pipeline.unet))
+        self.library.reference = reference_from_pipeline(pipeline)
         return pipeline
 
     @property

@@ -43,6 +43,14 @@ class BaseReference:
     unet_shapes: dict[str, tuple[int, ...]]
 
 
+def reference_from_pipeline(pipeline) -> BaseReference:
+    """The family and UNet layer shapes that imported adapters must fit."""
+    from sdlora.lora_files import unet_linear_shapes
+    from sdlora.models import inspect_pipeline
+
+    return BaseReference(inspect_pipeline(pipeline).family, unet_linear_shapes(pipeline.unet))
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str

@@ -78,3 +78,39 @@ def test_two_process_run_writes_exactly_one_adapter(tiny_model, concept_dir, tmp
     assert adapters == ["ddp.safetensors"]
     assert read_metadata(out / "ddp.safetensors")["sdlora.processes"] == "2"
     assert result.stdout.count("finished step 3") == 1
+
+
+def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path):
+    lib = tmp_path / "lib"
+    assert run_cli("train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
+                   "--name", "one", "--steps", "2", "--resolution", "32", "--quiet").returncode == 0
+    listed = run_cli("adapters", "--adapters-dir", str(lib), "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("one\tsd1\trank 8")
+
+    kohya = tmp_path / "exported" / "one-kohya.safetensors"
+    result = run_cli("adapters", "--adapters-dir", str(lib), "export", "one", "--format", "kohya", "--out", str(kohya))
+    assert result.returncode == 0, result.stderr
+    assert any(k.startswith("lora_unet_") for k in read_metadata_keys(kohya))
+    result = run_cli("adapters", "--adapters-dir", str(lib), "--base-model", str(tiny_model), "import", str(kohya),
+                     "--name", "two")
+    assert result.returncode == 0, result.stderr
+    assert run_cli("adapters", "--adapters-dir", str(lib), "rename", "two", "deux").returncode == 0
+
+    out = tmp_path / "img.png"
+    result = run_cli("generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib), "--lora", "one:0.8",
+                     "--lora", "deux:-0.3", "--prompt", "sks", "--seed", "3", "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    assert "<lora:one:0.8> <lora:deux:-0.3>" in Image.open(out).info["parameters"]
+    missing = run_cli("generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib), "--lora", "nope",
+                      "--prompt", "x", "--out", str(out))
+    assert missing.returncode == 2 and "no adapter named 'nope'" in missing.stderr
+    assert run_cli("adapters", "--adapters-dir", str(lib), "delete", "deux").returncode == 0
+
+
+def read_metadata_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
