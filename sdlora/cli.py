@@ -53,7 +53,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         section, _, name = dest.rpartition(".")
         target = values.setdefault(section, {}) if section else values
         target[name] = tuple(value) if isinstance(value, list) else value
+    _fill_demo_preset(values)
     return TrainConfig.from_dict(values, source=args.config or "command line")
+
+
+def _fill_demo_preset(values: dict[str, Any]) -> None:
+    """On the demo model, settings the user did not give come from the demo preset, not generic defaults."""
+    from sdlora.presets import PRESETS, is_demo_model
+
+    if not is_demo_model(str(values.get("base_model", ""))):
+        return
+    preset = PRESETS["Demo"]
+    values.setdefault("steps", preset.steps)
+    values.setdefault("learning_rate", preset.learning_rate)
+    values.setdefault("batch_size", preset.batch_size)
+    values.setdefault("data", {}).setdefault("resolution", preset.resolution)
+    lora = values.setdefault("lora", {})
+    lora.setdefault("rank", preset.rank)
+    lora.setdefault("alpha", preset.alpha)
+    lora.setdefault("extra_target_modules", preset.extra_target_modules)
 
 
 def build_parser() -> argparse.ArgumentParser:

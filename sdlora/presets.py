@@ -1,0 +1,114 @@
+"""Starting points for common concepts, and a rough time and memory estimate before a run.
+
+Presets only fill in numbers the user can still change. The demo model gets its own
+preset: it is tiny, trains at 64 px, and needs more than the attention projections to
+learn a new shape (see docs/benchmarks.md, learning section).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sdlora.config import DataConfig, LoraSpec, TrainConfig
+from sdlora.models import ModelInfo
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+
+
+@dataclass(frozen=True)
+class Preset:
+    rank: int
+    alpha: float
+    steps: int
+    learning_rate: float
+    resolution: int  # 0: the base model's native resolution
+    batch_size: int = 1
+    extra_target_modules: tuple[str, ...] = ()
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "Style": Preset(rank=16, alpha=16, steps=1500, learning_rate=1e-4, resolution=0,
+                    note="a look across many subjects: more steps, higher rank"),
+    "Character": Preset(rank=16, alpha=8, steps=1200, learning_rate=1e-4, resolution=0,
+                        note="a person or character: 10-30 varied images with captions work best"),
+    "Object": Preset(rank=8, alpha=8, steps=800, learning_rate=1e-4, resolution=0,
+                     note="one thing from several angles: low rank is enough"),
+    "Demo": Preset(rank=16, alpha=16, steps=400, learning_rate=2e-3, resolution=64, batch_size=4,
+                   extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+                   note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU"),
+}
+
+
+def is_demo_model(base_model: str) -> bool:
+    """True for the embedded demo model, however its path is written."""
+    try:
+        return Path(base_model).expanduser().resolve() == DEMO_MODEL
+    except OSError:
+        return False
+
+
+def preset_for(base_model: str, kind: str) -> Preset:
+    """The preset for a kind of concept; on the demo model every kind uses the demo preset."""
+    if is_demo_model(base_model):
+        return PRESETS["Demo"]
+    if kind not in PRESETS:
+        raise KeyError(f"unknown preset {kind!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[kind]
+
+
+def apply_preset(config: TrainConfig, preset: Preset, native_resolution: int = 512) -> TrainConfig:
+    """A copy of `config` with the preset's numbers filled in."""
+    data = replace(config.data, resolution=preset.resolution or native_resolution)
+    lora = replace(config.lora, rank=preset.rank, alpha=preset.alpha,
+                   extra_target_modules=preset.extra_target_modules)
+    return replace(config, steps=preset.steps, learning_rate=preset.learning_rate, batch_size=preset.batch_size,
+                   data=data, lora=lora)
+
+
+def default_config(base_model: str, images: str, output_dir: str, name: str, trigger_word: str = "",
+                   kind: str = "Object") -> TrainConfig:
+    """What a first run with no tuning flags uses: the preset of the base model and concept kind."""
+    base = TrainConfig(base_model=base_model, output_dir=output_dir, name=name,
+                       data=DataConfig(images=images, trigger_word=trigger_word), lora=LoraSpec())
+    return apply_preset(base, preset_for(base_model, kind))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    gpu_memory_gb: float | None
+    text: str
+
+
+# Measured on this project's 2-core CPU: a full SD 1.5 UNet step at 512 px took 19 s; work
+# scales with parameters x latent pixels. A GPU is taken as ~80x faster: rough by design.
+CPU_SECONDS_PER_PARAM_PIXEL = 19.0 / (860e6 * 64 * 64)
+GPU_SPEEDUP = 80.0
+STEP_OVERHEAD_SECONDS = 0.01
+
+
+def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo | None, device: str) -> Estimate:
+    """A rough duration (and GPU memory) for a run, shown before it starts."""
+    latent_pixels = (config.data.resolution / 8) ** 2
+    images_per_step = config.batch_size * config.gradient_accumulation_steps
+    per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
+    if device.startswith("cuda"):
+        per_step /= GPU_SPEEDUP
+    seconds = config.steps * (per_step + STEP_OVERHEAD_SECONDS)
+    memory = None
+    if device.startswith("cuda"):
+        weights_gb = unet_parameters * 2 / 1e9 + 0.9  # fp16 UNet + fp32 VAE and text encoder
+        activations_gb = 2.5 * config.batch_size * (config.data.resolution / 512) ** 2
+        if config.gradient_checkpointing:
+            activations_gb /= 3
+        memory = weights_gb + activations_gb
+    minutes = seconds / 60
+    text = f"about {minutes:.0f} min" if minutes >= 1 else f"about {seconds:.0f} s"
+    text += f" for {config.steps} steps on {device}"
+    if memory is not None:
+        text += f", about {memory:.1f} GB of GPU memory"
+        if memory > 10 and not config.gradient_checkpointing:
+            text += " (gradient checkpointing would cut it)"
+    return Estimate(seconds, memory, text + " (rough)")

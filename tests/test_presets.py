@@ -1,0 +1,37 @@
+"""Presets fill numbers the user can change; the demo model gets settings made for it."""
+
+from __future__ import annotations
+
+from sdlora.cli import build_parser, config_from_args
+from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset, default_config, estimate_training, preset_for
+
+
+def test_demo_model_gets_demo_settings_when_no_flags_given():
+    args = build_parser().parse_args(["train", "--base-model", str(DEMO_MODEL), "--images", "x"])
+    config = config_from_args(args)
+    demo = PRESETS["Demo"]
+    assert (config.steps, config.learning_rate, config.data.resolution, config.lora.rank) == (
+        demo.steps, demo.learning_rate, 64, demo.rank)
+    assert config.lora.extra_target_modules == demo.extra_target_modules
+
+
+def test_flags_still_win_over_the_demo_preset():
+    args = build_parser().parse_args(["train", "--base-model", "assets/demo-model", "--images", "x",
+                                      "--steps", "7", "--rank", "2"])
+    config = config_from_args(args)
+    assert (config.steps, config.lora.rank) == (7, 2)
+
+
+def test_other_models_keep_generic_defaults():
+    args = build_parser().parse_args(["train", "--base-model", "some/model", "--images", "x"])
+    assert config_from_args(args).data.resolution == 512
+
+
+def test_presets_apply_and_estimate():
+    assert preset_for("assets/demo-model", "Style") is PRESETS["Demo"]
+    config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=768)
+    assert (config.lora.rank, config.steps, config.data.resolution) == (16, 1500, 768)
+    cpu = estimate_training(config, 860_000_000, None, "cpu")
+    gpu = estimate_training(config, 860_000_000, None, "cuda")
+    assert gpu.seconds < cpu.seconds and gpu.gpu_memory_gb and cpu.gpu_memory_gb is None
+    assert "rough" in gpu.text and "GB" in gpu.text
