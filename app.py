@@ -49,6 +49,8 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         adapter_views = [library.table, library.problems, *generate.adapter_pickers]
         demo.load(refresh_adapters, None, adapter_views, api_name="refresh_adapters")
+        demo.load(*train.on_load, api_name="preset_on_load").success(*train.estimate, api_name="estimate_on_load",
+                                                                    show_progress="hidden")
         train.finished.then(refresh_adapters, None, adapter_views, api_name="refresh_after_training")
         library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")

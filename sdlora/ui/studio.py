@@ -39,6 +39,7 @@ class Studio:
         self.adapters_dir = Path(adapters_dir).resolve()
         self.concepts_dir = Path(concepts_dir).resolve()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="sdlora-app-")).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.run: BackgroundRun | None = None
         self.run_name = ""
         self._library = None
@@ -150,10 +151,10 @@ class Studio:
         """Start the one training job of this server in the background; TrainingBusy if one runs."""
         from sdlora.train import adapter_path, train
 
-        config = config.replace(base_model=self.base_model, output_dir=str(self.adapters_dir))
-        config.validate()
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
+        config = self._resolved(config)
+        config.validate()
         if adapter_path(config).exists():
             raise ConfigError(f"an adapter named {config.name!r} is already in the library; "
                               "choose another name, or delete or rename the old one")
@@ -181,9 +182,18 @@ class Studio:
         """sdlora.presets.Estimate of time (and GPU memory) for a run with this config."""
         from sdlora.presets import estimate_training
 
-        generator = self._generator
-        info = generator.model_info if generator is not None else None
-        return estimate_training(config.replace(base_model=self.base_model), info, self.device())
+        generator = self.generator()
+        unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
+        return estimate_training(self._resolved(config), unet_parameters, generator.model_info,
+                                 str(generator.device))
+
+    def _resolved(self, config: TrainConfig) -> TrainConfig:
+        """The config on this server's base model and library; resolution 0 becomes the model's native one."""
+        config = config.replace(base_model=self.base_model, output_dir=str(self.adapters_dir))
+        if config.data.resolution == 0:
+            native = self.generator().model_info.resolution
+            config = config.replace(data=_replace(config.data, resolution=native))
+        return config
 
     # -- generation and the library ------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
+from sdlora.config import DataConfig, TrainConfig, field_help
+from sdlora.errors import ConceptImagesError, SdloraError
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -17,7 +19,7 @@ from sdlora.ui.uploads import read_captions
 PRESET_KINDS = ("Style", "Character", "Object")
 CAPTION_HEADERS = ["image", "caption"]
 POLL_SECONDS = 0.5
-HELP = {**field_help(TrainConfig), **field_help(DataConfig), **{f"lora.{k}": v for k, v in field_help(LoraSpec).items()}}
+HELP = {**field_help(TrainConfig), **field_help(DataConfig)}
 
 
 @dataclass
@@ -27,17 +29,24 @@ class TrainTab:
     finished: gr.Dependency  # the end of the progress stream that follows a click on Train
     watch: object  # generator handler streaming progress; app.py re-attaches it on page load
     progress_outputs: list
+    on_load: tuple  # (handler, inputs, outputs): the preset for the server's base model, on page load
+    estimate: tuple  # (handler, inputs, outputs) of the time estimate
 
 
-def train_config(name: str, trigger: str, template: str, rank: float, alpha: float, steps: float, lr: float,
-                 resolution: float, preview_every: float, seed: float, flip: bool) -> TrainConfig:
-    """Widget values -> TrainConfig; the base model and output folder are the server's."""
-    return TrainConfig(
-        name=name.strip(), steps=int(steps), learning_rate=float(lr), seed=int(seed),
-        preview_every=int(preview_every),
-        data=DataConfig(trigger_word=trigger.strip(), caption_template=template or "{trigger}",
-                        resolution=int(resolution), flip=bool(flip), images="(uploaded)"),
-        lora=LoraSpec(rank=int(rank), alpha=float(alpha)))
+def train_config(kind: str, base_model: str, name: str, trigger: str, template: str, rank: float, alpha: float,
+                 steps: float, lr: float, resolution: float, preview_every: float, seed: float,
+                 flip: bool) -> TrainConfig:
+    """Widget values -> TrainConfig: the preset's other numbers (batch, extra layers), then the widgets'."""
+    from sdlora.presets import apply_preset, preset_for
+
+    config = TrainConfig(name=name.strip(), seed=int(seed), preview_every=int(preview_every),
+                         data=DataConfig(trigger_word=trigger.strip(), caption_template=template or "{trigger}",
+                                         flip=bool(flip), images="(uploaded)"))
+    config = apply_preset(config, preset_for(base_model, kind))
+    return config.replace(
+        steps=int(steps), learning_rate=float(lr),
+        data=dataclasses.replace(config.data, resolution=int(resolution or 0)),
+        lora=dataclasses.replace(config.lora, rank=int(rank), alpha=float(alpha)))
 
 
 def caption_table(images, captions=None) -> pd.DataFrame:
@@ -59,9 +68,7 @@ def view_outputs(view: RunView) -> tuple:
 
 def build(studio: Studio) -> TrainTab:
     """Lay out the Train tab inside the current Blocks and wire its events."""
-    from sdlora.presets import PRESETS
-
-    defaults, start = TrainConfig(), PRESETS[PRESET_KINDS[0]]
+    defaults = TrainConfig()  # the preset for the server's base model fills the numbers on page load
     examples = studio.example_concepts()
     with gr.Row():
         with gr.Column(scale=1):
@@ -83,16 +90,18 @@ def build(studio: Studio) -> TrainTab:
                 trigger = gr.Textbox("sks", label="Trigger word", info=HELP["trigger_word"]["help"])
             template = gr.Textbox(defaults.data.caption_template, label="Caption template",
                                   info=HELP["caption_template"]["help"])
-            preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[0], label="Preset",
+            preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[-1], label="Preset",
                               info="Fills rank, steps, learning rate and resolution; change them freely.")
+            preset_note = gr.Markdown()
             with gr.Row():
-                rank = gr.Number(start.rank, label="Rank", precision=0, minimum=1, info=HELP["lora.rank"]["help"])
-                alpha = gr.Number(start.alpha, label="Alpha", minimum=0.01, info=HELP["lora.alpha"]["help"])
-                steps = gr.Number(start.steps, label="Steps", precision=0, minimum=1)
+                rank = gr.Number(defaults.lora.rank, label="Rank", precision=0, minimum=1)
+                alpha = gr.Number(defaults.lora.alpha, label="Alpha", minimum=0.01)
+                steps = gr.Number(defaults.steps, label="Steps", precision=0, minimum=1)
             with gr.Row():
-                lr = gr.Number(start.learning_rate, label="Learning rate", minimum=0, step=1e-5)
-                resolution = gr.Number(start.resolution, label="Resolution", precision=0, minimum=8, step=8)
-                preview_every = gr.Number(max(1, start.steps // 5), label="Preview every N steps", precision=0,
+                lr = gr.Number(defaults.learning_rate, label="Learning rate", minimum=0, step=1e-5)
+                resolution = gr.Number(defaults.data.resolution, label="Resolution (0: model native)", precision=0,
+                                       minimum=0, step=8)
+                preview_every = gr.Number(max(1, defaults.steps // 5), label="Preview every N steps", precision=0,
                                           minimum=0, info="0: no previews")
             with gr.Accordion("More", open=False):
                 seed = gr.Number(defaults.seed, label="Seed", precision=0, info=HELP["seed"]["help"])
@@ -108,7 +117,7 @@ def build(studio: Studio) -> TrainTab:
                             height=260, scale=3)
         previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2)
 
-    settings = [name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip]
+    settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip]
     progress_outputs = [status, curve, previews]
 
     @readable_errors
@@ -124,20 +133,24 @@ def build(studio: Studio) -> TrainTab:
 
     @readable_errors
     def fill_preset(kind):
-        from sdlora.presets import preset_for
+        from sdlora.presets import PRESETS, preset_for
 
         p = preset_for(studio.base_model, kind)
-        return p.rank, p.alpha, p.steps, p.learning_rate, p.resolution, max(1, p.steps // 5)
+        note = f"Preset **{kind if p is PRESETS.get(kind) else 'Demo'}**: {p.note}"
+        return p.rank, p.alpha, p.steps, p.learning_rate, p.resolution, max(1, p.steps // 5), note
+
+    def estimate_run(kind, *values):
+        try:
+            return "Estimate: " + studio.estimate(train_config(kind, studio.base_model, *values)).text
+        except SdloraError as exc:
+            return f"No estimate yet: {exc}"
 
     @readable_errors
-    def estimate_run(*values):
-        return studio.estimate(train_config(*values)).text
-
-    @readable_errors
-    def start(paths, table, *values):
+    def start(paths, table, kind, *values):
         if not paths:
-            raise gr.Error("Add concept images first (drop files or a .zip, or use an example).")
-        studio.start_training(train_config(*values), paths, captions_from_table(table))
+            raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
+        config = train_config(kind, studio.base_model, *values)
+        studio.start_training(config, paths, captions_from_table(table))
         return view_outputs(studio_view(studio))
 
     def watch():
@@ -159,14 +172,17 @@ def build(studio: Studio) -> TrainTab:
     files.upload(show_images, files, [thumbnails, captions], api_name="upload_images")
     files.clear(lambda: ([], caption_table([])), None, [thumbnails, captions], api_name="clear_images")
     use_example.click(load_example, example, [files, thumbnails, captions], api_name="use_example")
-    preset.input(fill_preset, preset, [rank, alpha, steps, lr, resolution, preview_every], api_name="apply_preset")
-    gr.on([steps.change, resolution.change, rank.change], estimate_run, settings, estimate, api_name="estimate",
+    preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note]
+    filled = preset.input(fill_preset, preset, preset_outputs, api_name="apply_preset")
+    gr.on([steps.input, resolution.input, rank.input], estimate_run, settings, estimate, api_name="estimate",
           show_progress="hidden", trigger_mode="always_last")
+    filled.success(estimate_run, settings, estimate, api_name="estimate_after_preset", show_progress="hidden")
     started = start_button.click(start, [files, captions, *settings], progress_outputs, api_name="train")
     watched = started.success(watch, None, progress_outputs, api_name="watch_training", concurrency_limit=None,
                               show_progress="hidden")
     stop_button.click(stop, None, progress_outputs, api_name="stop", concurrency_limit=None)
-    return TrainTab(finished=watched, watch=watch, progress_outputs=progress_outputs)
+    return TrainTab(finished=watched, watch=watch, progress_outputs=progress_outputs,
+                    on_load=(fill_preset, preset, preset_outputs), estimate=(estimate_run, settings, estimate))
 
 
 def studio_view(studio: Studio) -> RunView:

@@ -1,0 +1,220 @@
+"""The web app driven the way a script drives it: gradio_client against the launched server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import draw_concept
+from tiny_models import IMAGE_SIZE
+
+pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
+pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import app  # noqa: E402
+from sdlora.ui.studio import Studio  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """The app on a free port over the tiny model, with one example concept folder."""
+    root = tmp_path_factory.mktemp("app")
+    example = root / "concepts" / "red-circles"
+    example.mkdir(parents=True)
+    for i in range(3):
+        draw_concept(example / f"circle{i}.png", i)
+        (example / f"circle{i}.txt").write_text(f"a red circle number {i}")
+    studio = Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
+    demo.close()
+
+
+@pytest.fixture()
+def client(served):
+    return Client(served.url, verbose=False)
+
+
+@pytest.fixture()
+def images(tmp_path) -> list[str]:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    paths = [draw_concept(folder / f"img{i}.png", i, colour=(30, 30, 220)) for i in range(3)]
+    (folder / "img0.txt").write_text("a blue circle")
+    return [str(p) for p in paths] + [str(folder / "img0.txt")]
+
+
+def train_args(files, table, name, steps=6, preview_every=3, rank=4):
+    """Positional inputs of /train: files, captions, then the settings in the tab's order."""
+    return ([handle_file(f) for f in files], table, "Object", name, "sks", "{trigger}, a circle", rank, rank, steps, 1e-3,
+            IMAGE_SIZE, preview_every, 7, False)
+
+
+def train_and_watch(client, files, name, **settings) -> list[tuple]:
+    _, table = client.predict([handle_file(f) for f in files], api_name="/upload_images")
+    client.predict(*train_args(files, table, name, **settings), api_name="/train")
+    job = client.submit(api_name="/progress")
+    return [tuple(out) for out in job]
+
+
+def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images, tmp_path):
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(images[1], "nested/folder/zipped.png")
+        zf.writestr("nested/folder/zipped.txt", "a zipped circle")
+        zf.writestr("notes.md", "ignored")
+    gallery, table = client.predict([handle_file(p) for p in [*images, str(archive)]], api_name="/upload_images")
+    assert len(gallery) == 4
+    captions = dict(table["data"])
+    assert captions == {"img0.png": "a blue circle", "img1.png": "", "img2.png": "", "zipped.png": "a zipped circle"}
+
+
+def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../../outside.png", b"x")
+    with pytest.raises(AppError, match="unsafe path"):
+        client.predict([handle_file(str(archive))], api_name="/upload_images")
+
+
+def test_example_concept_loads_in_one_click(client):
+    files, gallery, table = client.predict("red-circles", api_name="/use_example")
+    assert len(files) == 6 and len(gallery) == 3
+    assert dict(table["data"])["circle1.png"] == "a red circle number 1"
+
+
+def test_preset_fills_settings_and_estimate_is_shown(client):
+    from sdlora.presets import PRESETS
+
+    rank, alpha, steps, lr, resolution, _, note = client.predict("Character", api_name="/apply_preset")
+    preset = PRESETS["Character"]
+    assert (rank, steps, resolution) == (preset.rank, preset.steps, preset.resolution)
+    assert lr == pytest.approx(preset.learning_rate) and preset.note in note
+    text = client.predict("Object", "x", "sks", "{trigger}", 4, 4, 100, 1e-4, 0, 0, 1, False, api_name="/estimate")
+    assert text.startswith("Estimate: about") and "100 steps on cpu" in text
+
+
+def test_upload_train_generate_with_two_adapters_and_download_both_formats(client, served, images, tmp_path):
+    for name in ("blue-circles", "blue-circles-b"):
+        outputs = train_and_watch(client, images, name)
+        summaries = [summary for summary, _, _ in outputs]
+        assert any("step 6/6" in s for s in summaries), summaries
+        final_summary, curve, previews = outputs[-1]
+        assert "finished" in final_summary
+        assert [row[0] for row in curve["data"]] == list(range(1, 7))
+        assert len(previews) == 2  # two fixed seeds, refreshed at steps 3 and 6
+
+    table, _ = client.predict(api_name="/list_adapters")
+    rows = {row[0]: row for row in table["data"]}
+    assert {"blue-circles", "blue-circles-b"} <= set(rows)
+    assert rows["blue-circles"][2:5] == [4, 6, "sks"]
+    preview, _ = client.predict("blue-circles", api_name="/adapter_details")
+    assert preview and Path(preview).is_file()
+
+    slots = ["blue-circles", 0.5, "blue-circles-b", 1.0, None, 1.0, None, 1.0]
+    gallery, parameters = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 1, *slots, True,
+                                         api_name="/generate")
+    assert len(gallery) == 2  # the image and the comparison grid
+    assert "<lora:blue-circles:0.5>" in parameters and "<lora:blue-circles-b:1>" in parameters
+    assert "Seed: 5" in gallery[0]["caption"]
+
+    for fmt, prefix in (("diffusers", "unet."), ("kohya", "lora_unet_")):
+        path = client.predict("blue-circles", fmt, api_name="/export_adapter")
+        assert Path(path).name == "blue-circles.safetensors"
+        with safe_open(path, framework="pt") as handle:
+            assert all(key.startswith(prefix) for key in handle.keys())
+
+
+def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
+    _, table = client.predict([handle_file(f) for f in images], api_name="/upload_images")
+    client.predict(*train_args(images, table, "long-run", steps=100_000, preview_every=0), api_name="/train")
+    with pytest.raises(AppError, match="already running"):
+        client.predict(*train_args(images, table, "second"), api_name="/train")
+
+    reloaded = Client(served.url, verbose=False)  # a new page re-attaches to the run on the server
+    stream = reloaded.submit(api_name="/progress")
+    assert served.studio.run.running
+    summary, _, _ = client.predict(api_name="/stop")
+    final = [tuple(out) for out in stream][-1][0]
+    assert "stopped" in final and "long-run.safetensors" in final
+    table, _ = client.predict(api_name="/list_adapters")
+    assert "long-run" in [row[0] for row in table["data"]]
+
+
+def test_user_errors_read_as_messages_not_tracebacks(client, images):
+    _, table = client.predict([handle_file(f) for f in images], api_name="/upload_images")
+    with pytest.raises(AppError, match="must be a plain file name") as bad_name:
+        client.predict(*train_args(images, table, "a/b"), api_name="/train")
+    assert "Traceback" not in str(bad_name.value)
+    with pytest.raises(AppError, match="concept images"):
+        client.predict([], table, "Object", "x", "sks", "{trigger}", 4, 4, 6, 1e-3, IMAGE_SIZE, 0, 7, False, api_name="/train")
+    with pytest.raises(AppError, match="no adapter named"):
+        client.predict("p", "", 1, 1, 5.0, 0, 0, "Euler", 1, "missing", 1.0, None, 1, None, 1, None, 1, False,
+                       api_name="/generate")
+    with pytest.raises(AppError, match="no adapter named"):
+        client.predict("missing", "kohya", api_name="/export_adapter")
+
+
+def test_import_rename_delete(client, tiny_config, tmp_path):
+    from sdlora.store import AdapterLibrary
+    from sdlora.train import train
+
+    trained = train(tiny_config.replace(name="from-elsewhere")).adapter_path
+    copy = AdapterLibrary(trained.parent).export("from-elsewhere", "kohya", tmp_path / "kohya")
+    table, _, name, _ = client.predict(handle_file(str(copy)), "", api_name="/import_adapter")
+    assert name == "from-elsewhere" and "from-elsewhere" in [r[0] for r in table["data"]]
+    table, _, name, _ = client.predict("from-elsewhere", "renamed", api_name="/rename_adapter")
+    assert name == "renamed" and "from-elsewhere" not in [r[0] for r in table["data"]]
+    table, _, name = client.predict("renamed", api_name="/delete_adapter")
+    assert "renamed" not in [r[0] for r in table["data"]]
+    with pytest.raises(AppError, match="not a"):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"not a safetensors file at all")
+        client.predict(handle_file(str(bad)), "", api_name="/import_adapter")
+
+
+def test_settings_show_model_device_and_folders(client, served):
+    text = client.predict(api_name="/settings")
+    assert "loaded" in text and "cpu" in text and str(served.studio.adapters_dir) in text
+
+
+def test_missing_base_model_still_starts_and_says_why(tmp_path):
+    studio = Studio(str(tmp_path / "no-such-model"), tmp_path / "adapters", tmp_path / "concepts")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    try:
+        text = Client(demo.local_url, verbose=False).predict(api_name="/settings")
+        assert "not loaded" in text and "does not exist" in text
+    finally:
+        demo.close()
+
+
+def test_flags():
+    args = app.parse_args(["--port", "9000", "--auth", "me:secret", "--share", "--base-model", "x",
+                           "--adapters-dir", "y"])
+    assert (args.host, args.port, args.auth, args.share, args.base_model, args.adapters_dir) == (
+        "127.0.0.1", 9000, "me:secret", True, "x", "y")
+    assert app.parse_args([]).base_model == "assets/demo-model"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "no-colon"])
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = "import sys, app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
