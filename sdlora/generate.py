@@ -106,15 +106,17 @@ class Generator:
     """One base model in memory; adapters loaded on demand and kept in an LRU."""
 
     def __init__(self, base_model: str, library: AdapterLibrary, max_resident: int = 8,
-                 device: str | None = None) -> None:
+                 device: str | None = None, fuse_repeated_mixes: bool = True) -> None:
         self.base_model = base_model
         self.library = library
         self.max_resident = max(1, max_resident)
+        self.fuse_repeated_mixes = fuse_repeated_mixes
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pipeline = None
         self._resident: OrderedDict[str, tuple[str, float]] = OrderedDict()  # name -> (peft name, file mtime)
         self._active: tuple[tuple[str, float], ...] = ()
         self._fused: tuple[tuple[str, float], ...] | None = None
+        self._bypassed: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         self._lock = threading.RLock()
         self._counter = 0
 
@@ -175,9 +177,7 @@ class Generator:
         pipeline = self.pipeline
         if wanted == self._fused:
             return
-        if self._fused is not None:
-            pipeline.unfuse_lora()
-            self._fused = None
+        self._unfuse()
         for name, _ in wanted:
             self._ensure_loaded(name, keep={n for n, _ in wanted})
         if not wanted:
@@ -186,10 +186,20 @@ class Generator:
         else:
             pipeline.enable_lora()
             pipeline.set_adapters([self._resident[n][0] for n, _ in wanted], [w for _, w in wanted])
-            if wanted == self._active:
+            if wanted == self._active and self.fuse_repeated_mixes:
                 pipeline.fuse_lora(adapter_names=[self._resident[n][0] for n, _ in wanted], lora_scale=1.0)
+                self._bypassed = bypass_lora_wrappers(pipeline.unet)
                 self._fused = wanted
         self._active = wanted
+
+    def _unfuse(self) -> None:
+        """Put the LoRA layers back and subtract the fused mix: the base weights are restored."""
+        if self._fused is None:
+            return
+        restore_lora_wrappers(self._bypassed)
+        self._bypassed = []
+        self._pipeline.unfuse_lora()
+        self._fused = None
 
     def _ensure_loaded(self, name: str, keep: set[str]) -> None:
         info = self.library.get(name)
@@ -215,9 +225,7 @@ class Generator:
             entry = self._resident.pop(name, None)
             if entry is None or self._pipeline is None:
                 return
-            if self._fused is not None:
-                self._pipeline.unfuse_lora()
-                self._fused = None
+            self._unfuse()
             self._pipeline.delete_adapters(entry[0])
             self._active = ()
 
@@ -249,3 +257,23 @@ class Generator:
         lines.append(f"Steps: {config.steps}, Sampler: {config.scheduler}, CFG scale: {config.guidance:g}, "
                      f"Seed: {seed}, Size: {width}x{height}, Model: {model}, Version: sdlora {__version__}")
         return "\n".join(lines)
+
+
+def bypass_lora_wrappers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """While a mix is fused, point each parent at the merged base layer itself.
+
+    A merged peft layer still runs its own forward (checks, then the base layer); swapping
+    it out makes a fused mix cost exactly what the base model costs. Returns what to undo.
+    """
+    swapped = []
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if getattr(child, "merged", False) and hasattr(child, "base_layer"):
+                setattr(parent, attr, child.base_layer)
+                swapped.append((parent, attr, child))
+    return swapped
+
+
+def restore_lora_wrappers(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    for parent, attr, wrapper in swapped:
+        setattr(parent, attr, wrapper)

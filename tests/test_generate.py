@@ -72,8 +72,10 @@ def test_weight_zero_equals_base_and_fused_equals_unfused(tiny_model, two_adapte
     assert generator._fused is None and not np.array_equal(unfused, base)
     fused = pixels(generator, adapters=(AdapterWeight("reds", 1.0),))  # same mix again: now fused
     assert generator._fused is not None
+    assert not any(hasattr(m, "lora_A") for m in generator.pipeline.unet.modules())  # plain layers: no overhead
     assert np.abs(fused - unfused).max() <= 2.0  # within rounding of 8-bit pixels
     assert np.array_equal(pixels(generator), base)  # unfused before the change: base restored exactly
+    assert any(hasattr(m, "lora_A") for m in generator.pipeline.unet.modules())  # adapters still resident
 
 
 def test_switching_a_b_a_reproduces_the_first_image(tiny_model, two_adapters):

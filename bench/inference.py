@@ -1,0 +1,135 @@
+"""Generation speed with adapters: `python bench/inference.py [--base-model M] [--rounds N]`.
+
+All variants run interleaved in one process, so the ratios to the base compare like with
+like even on a busy machine. Adapters are random rank-8 LoRAs (speed does not depend on
+what they learned). Writes its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import machine, write_section  # noqa: E402
+from sdlora.config import LoraSpec  # noqa: E402
+from sdlora.formats import save_adapter  # noqa: E402
+from sdlora.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
+from sdlora.lora import add_lora, lora_state_dict  # noqa: E402
+from sdlora.models import load_pipeline  # noqa: E402
+from sdlora.store import AdapterLibrary  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+
+
+def make_adapters(base_model: str, folder: Path, count: int) -> list[str]:
+    unet = load_pipeline(base_model).unet
+    spec = LoraSpec(rank=8, alpha=8)
+    add_lora(unet, spec)
+    names = []
+    for i in range(count):
+        torch.manual_seed(i)
+        state = {k: (torch.randn_like(v) * 0.02) for k, v in lora_state_dict(unet).items()}
+        save_adapter(folder / f"a{i:02d}.safetensors", state, spec)
+        names.append(f"a{i:02d}")
+    return names
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_generation(base_model: str, library: AdapterLibrary, names: list[str], rounds: int, steps: int):
+    config = GenerateConfig(prompt="a red circle", seed=1, steps=steps)
+    three = tuple(AdapterWeight(n, 0.5) for n in names[:3])
+    # One generator per variant, so the base never has LoRA layers in it.
+    variants = {"base": (Generator(base_model, library), ()),
+                "1 adapter, unfused": (Generator(base_model, library, fuse_repeated_mixes=False),
+                                       (AdapterWeight(names[0], 1.0),)),
+                "3 adapters, unfused": (Generator(base_model, library, fuse_repeated_mixes=False), three),
+                "3 adapters, fused": (Generator(base_model, library), three)}
+    for generator, mix in variants.values():  # warm-up outside the clock; the repeat fuses the fused one
+        for _ in range(2):
+            generator.generate(replace(config, steps=1, adapters=mix))
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, (generator, mix) in variants.items():
+            times[label].append(timed(lambda g=generator, m=mix: g.generate(replace(config, adapters=m))))
+    return {label: min(samples) for label, samples in times.items()}
+
+
+def measure_switching(base_model: str, library: AdapterLibrary, names: list[str], resident: int, rounds: int):
+    generator = Generator(base_model, library, max_resident=resident, fuse_repeated_mixes=False)
+    for name in names[:resident]:
+        generator.apply_mix((AdapterWeight(name, 1.0),))
+    mix_a = (AdapterWeight(names[0], 1.0), AdapterWeight(names[1], 0.5))
+    mix_b = (AdapterWeight(names[1], 1.0), AdapterWeight(names[0], -0.5))
+    samples = [timed(lambda m=m: generator.apply_mix(m)) for _ in range(rounds) for m in (mix_a, mix_b)]
+    assert len(generator.resident) == resident
+    return min(samples)
+
+
+def measure_load(base_model: str, library: AdapterLibrary, names: list[str], rounds: int) -> float:
+    generator = Generator(base_model, library, max_resident=1, fuse_repeated_mixes=False)
+    generator.pipeline  # noqa: B018 - load the base outside the clock
+    samples = []
+    for i in range(rounds):
+        samples.append(timed(lambda i=i: generator.apply_mix((AdapterWeight(names[i % 2], 1.0),))))
+    return min(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base-model", default=str(DEMO) if (DEMO / "model_index.json").exists() else None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.base_model:
+        parser.error("no demo model in assets/; pass --base-model")
+    with tempfile.TemporaryDirectory() as tmp:
+        library = AdapterLibrary(tmp)
+        names = make_adapters(args.base_model, Path(tmp), 20)
+        gen = measure_generation(args.base_model, library, names, args.rounds, args.steps)
+        switch2 = measure_switching(args.base_model, library, names, 2, args.rounds)
+        switch20 = measure_switching(args.base_model, library, names, 20, args.rounds)
+        load = measure_load(args.base_model, library, names, args.rounds)
+    base = gen["base"]
+    rows = [f"| {label} | {seconds * 1000:.0f} ms | {seconds / base:.3f}x |" for label, seconds in gen.items()]
+    rows += [f"| switch between two resident mixes, 2 resident | {switch2 * 1000:.1f} ms | "
+             f"{switch2 / base:.1%} of a generation |",
+             f"| switch between two resident mixes, 20 resident | {switch20 * 1000:.1f} ms | "
+             f"{switch20 / base:.1%} of a generation |",
+             f"| load one adapter from disk | {load * 1000:.1f} ms | {load / base:.1%} of a generation |"]
+    text = "\n".join([
+        "## Inference with adapters (`python bench/inference.py`)",
+        "",
+        f"{machine()}; base model `{Path(args.base_model).name}`, one image, {args.steps} steps, Euler a, "
+        f"fastest of {args.rounds} interleaved rounds (the least disturbed by other load); adapters: random rank-8 LoRAs on the attention projections.",
+        "",
+        "| variant | time | vs base |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        f"Goals: fused mix within 1.02x of the base (measured {gen['3 adapters, fused'] / base:.3f}x); "
+        f"switching under 5% of one generation (measured {switch2 / base:.1%} with 2 and "
+        f"{switch20 / base:.1%} with 20 adapters resident).",
+    ])
+    print(text)
+    if not args.no_write:
+        print(f"written to {write_section('inference', text)}")
+
+
+if __name__ == "__main__":
+    main()
