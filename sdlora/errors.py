@@ -31,3 +31,7 @@ class CheckpointError(SdloraError):
 
 class AdapterFormatError(SdloraError):
     """An adapter file is not a LoRA this tool can read, or does not fit the base model."""
+
+
+class OutOfMemory(SdloraError):
+    """The device ran out of memory; the message says which settings to change."""

@@ -178,3 +178,14 @@ def test_stop_request_ends_at_next_step_and_saves(tiny_config):
                    on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 2 else None)
     assert result.stopped_early and result.steps == 2
     assert read_metadata(result.adapter_path)["ss_steps"] == "2"
+
+
+def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "diffusion_loss", no_memory)
+    from sdlora.errors import OutOfMemory
+
+    with pytest.raises(OutOfMemory, match="--batch-size 1 --gradient-accumulation-steps 4.*--gradient-checkpointing"):
+        train(tiny_config.replace(batch_size=4))
