@@ -43,7 +43,7 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
     """Lay out the Generate tab; `defaults` is a GenerateConfig whose values the widgets start from."""
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photo of sks, <lora:name:0.8> also works")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a photo of sks, <lora:name:0.8> also works")
             negative = gr.Textbox(defaults.negative_prompt, label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1)
@@ -61,15 +61,18 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
             for i in range(ADAPTER_SLOTS):
                 with gr.Row(equal_height=True):
                     picker = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True,
-                                         scale=2)
-                    weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3)
+                                         scale=2, elem_id=f"adapter-{i + 1}")
+                    weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3,
+                                       elem_id=f"weight-{i + 1}")
                 pickers.append(picker)
                 slots += [picker, weight]
             grid = gr.Checkbox(False, label="Comparison grid: the chosen adapters at weights 0, 0.5 and 1")
-            button = gr.Button("Generate", variant="primary")
+            button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", preview=True)
-            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"])
+            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", preview=True,
+                                 elem_id="results")
+            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],
+                                    elem_id="parameters")
 
     @readable_errors
     def generate(*values):

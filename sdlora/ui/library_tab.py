@@ -47,24 +47,26 @@ def build(studio: Studio) -> LibraryTab:
     with gr.Row():
         with gr.Column(scale=3):
             table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Adapters (click a row)", interactive=False,
-                                 max_height=420, wrap=True)
+                                 max_height=420, wrap=True, elem_id="adapters-table")
             problems = gr.Markdown()
             refresh_button = gr.Button("Refresh", size="sm")
             with gr.Accordion("Import a .safetensors LoRA (diffusers or kohya format)", open=True):
-                upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=100)
+                upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=100, elem_id="import-file")
                 import_name = gr.Textbox(label="Name in the library (empty: from the file name)")
-                import_button = gr.Button("Import")
+                import_button = gr.Button("Import", elem_id="import-button")
         with gr.Column(scale=2):
-            name = gr.Textbox(label="Selected adapter", interactive=True)
-            preview = gr.Image(label="Preview", type="filepath", height=240, interactive=False)
+            name = gr.Textbox(label="Selected adapter", interactive=True, elem_id="selected-adapter")
+            preview = gr.Image(label="Preview", type="filepath", height=240, interactive=False,
+                               elem_id="adapter-preview")
             about = gr.Markdown()
             with gr.Row(equal_height=True):
                 new_name = gr.Textbox(label="New name", scale=3)
                 rename_button = gr.Button("Rename", scale=1)
             with gr.Row(equal_height=True):
-                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Download format", scale=3)
-                export_button = gr.Button("Prepare download", scale=1)
-            download = gr.File(label="Download", interactive=False, height=80)
+                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Download format", scale=3,
+                               elem_id="download-format")
+                export_button = gr.Button("Prepare download", scale=1, elem_id="export-button")
+            download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
             delete_button = gr.Button("Delete adapter", variant="stop")
             with gr.Row(visible=False) as confirm_row:
                 confirm_button = gr.Button("Yes, delete it", variant="stop")

@@ -34,12 +34,12 @@ def status_text(studio: Studio) -> str:
 
 def build(studio: Studio) -> SettingsTab:
     """Lay out the Settings tab and wire its events."""
-    status = gr.Markdown(status_text(studio))
+    status = gr.Markdown(status_text(studio), elem_id="model-status")
     with gr.Row(equal_height=True):
         base_model = gr.Textbox(studio.base_model, label="Base model",
                                 info="A Hugging Face hub id, a local diffusers folder, or a single .safetensors "
-                                     "file. Used for training and generation.", scale=4)
-        load_button = gr.Button("Load", variant="primary", scale=1)
+                                     "file. Used for training and generation.", scale=4, elem_id="base-model")
+        load_button = gr.Button("Load", variant="primary", scale=1, elem_id="load-button")
     refresh_button = gr.Button("Refresh", size="sm")
 
     @readable_errors

@@ -78,44 +78,49 @@ def build(studio: Studio) -> TrainTab:
                                       scale=3)
                 use_example = gr.Button("Use this example", scale=1)
             files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
-                            label="Concept images: drop image files, their .txt captions, or a .zip", height=140)
-            thumbnails = gr.Gallery(label="Thumbnails", columns=6, height=220, format="png", allow_preview=False)
+                            label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
+                            elem_id="concept-files")
+            thumbnails = gr.Gallery(label="Thumbnails", columns=6, height=220, format="png", allow_preview=False,
+                                    elem_id="thumbnails")
             captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str"], interactive=True,
                                     label="Captions (leave empty to use the template)", column_count=2,
-                                    max_height=260, wrap=True)
+                                    max_height=260, wrap=True, elem_id="captions")
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
             with gr.Row():
-                name = gr.Textbox(defaults.name, label="Adapter name", info=HELP["name"]["help"])
-                trigger = gr.Textbox("sks", label="Trigger word", info=HELP["trigger_word"]["help"])
+                name = gr.Textbox(defaults.name, label="Adapter name", info=HELP["name"]["help"],
+                                  elem_id="adapter-name")
+                trigger = gr.Textbox("sks", label="Trigger word", info=HELP["trigger_word"]["help"],
+                                     elem_id="trigger-word")
             template = gr.Textbox(defaults.data.caption_template, label="Caption template",
                                   info=HELP["caption_template"]["help"])
             preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[-1], label="Preset",
                               info="Fills rank, steps, learning rate and resolution; change them freely.")
-            preset_note = gr.Markdown()
+            preset_note = gr.Markdown(elem_id="preset-note")
             with gr.Row():
                 rank = gr.Number(defaults.lora.rank, label="Rank", precision=0, minimum=1)
                 alpha = gr.Number(defaults.lora.alpha, label="Alpha", minimum=0.01)
-                steps = gr.Number(defaults.steps, label="Steps", precision=0, minimum=1)
+                steps = gr.Number(defaults.steps, label="Steps", precision=0, minimum=1, elem_id="steps")
             with gr.Row():
                 lr = gr.Number(defaults.learning_rate, label="Learning rate", minimum=0, step=1e-5)
                 resolution = gr.Number(defaults.data.resolution, label="Resolution (0: model native)", precision=0,
-                                       minimum=0, step=8)
+                                       minimum=0, step=8, elem_id="resolution")
                 preview_every = gr.Number(max(1, defaults.steps // 5), label="Preview every N steps", precision=0,
-                                          minimum=0, info="0: no previews")
+                                          minimum=0, info="0: no previews", elem_id="preview-every")
             with gr.Accordion("More", open=False):
                 seed = gr.Number(defaults.seed, label="Seed", precision=0, info=HELP["seed"]["help"])
                 flip = gr.Checkbox(defaults.data.flip, label="Flip images", info=HELP["flip"]["help"])
-            estimate = gr.Markdown()
+            estimate = gr.Markdown(elem_id="estimate")
             with gr.Row():
-                start_button = gr.Button("Train", variant="primary")
-                stop_button = gr.Button("Stop and save", variant="stop")
+                start_button = gr.Button("Train", variant="primary", elem_id="train-button")
+                stop_button = gr.Button("Stop and save", variant="stop", elem_id="stop-button")
     gr.Markdown("### 3. Progress")
-    status = gr.Markdown(RunView().summary())
+    status = gr.Markdown(RunView().summary(), elem_id="train-status")
     with gr.Row():
         curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
-                            height=260, scale=3)
-        previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2)
+                            height=260, scale=3, elem_id="loss-curve")
+        previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2,
+                              elem_id="previews")
 
     settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip]
     progress_outputs = [status, curve, previews]

@@ -1,0 +1,173 @@
+"""The web app in a real browser: upload, train, generate with the new adapter, download it.
+
+Drives Debian's Chromium through Playwright (its own browser download is not used). The
+setup installs what is missing (`apt-get install chromium`, `pip install playwright==...`)
+and skips, saying why, only where that cannot be done. Screenshots go to the test's tmp
+folder; with SDLORA_UPDATE_SCREENSHOTS=1 the README's docs/screenshots/*.png are rewritten.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import draw_concept
+
+pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
+pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+
+PLAYWRIGHT_VERSION = "1.65.2"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "docs" / "screenshots"
+TIMEOUT_MS = 120_000
+
+
+def _install(command: list[str]) -> str:
+    """Run an install command; '' on success, else why it failed."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(command)}: {exc}"
+    return "" if done.returncode == 0 else f"{' '.join(command)} failed: {(done.stderr or done.stdout)[-500:]}"
+
+
+def browser_setup() -> str:
+    """Install Chromium and Playwright where missing; returns why the browser cannot run, or ''."""
+    if not CHROMIUM.exists():
+        if shutil.which("apt-get") is None:
+            return "no /usr/bin/chromium and no apt-get to install it"
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+            if done.returncode:
+                return f"cannot install chromium: {(done.stderr or done.stdout)[-500:]}"
+    try:
+        importlib.import_module("playwright.sync_api")
+    except ImportError:
+        problem = _install([sys.executable, "-m", "pip", "install", "-q", f"playwright=={PLAYWRIGHT_VERSION}"])
+        if problem:
+            return f"cannot install playwright: {problem}"
+        importlib.invalidate_caches()
+    return ""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = browser_setup()
+    if reason:
+        print(f"skipping the browser test: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        except Exception as exc:  # noqa: BLE001 - any launch failure means this machine has no usable browser
+            print(f"skipping the browser test: chromium does not start: {exc}")
+            pytest.skip(f"chromium does not start: {exc}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    from test_app import free_port
+
+    import app
+    from sdlora.ui.studio import Studio
+
+    root = tmp_path_factory.mktemp("browser-app")
+    base_model = os.environ.get("SDLORA_BROWSER_BASE_MODEL") or str(tiny_model)
+    studio = Studio(base_model, root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    yield demo.local_url
+    demo.close()
+
+
+def shoot(page, name: str, folder: Path) -> None:
+    page.screenshot(path=str(folder / name), full_page=True)
+    if os.environ.get("SDLORA_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / name, SCREENSHOTS / name)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
+    from playwright.sync_api import expect
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    files = [str(draw_concept(uploads / f"circle{i}.png", i, colour=(20, 140, 60))) for i in range(3)]
+    (uploads / "circle0.txt").write_text("a green circle")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server)
+
+    # Train: the page fills the preset on load; then upload, name the adapter, shorten the run.
+    expect(page.locator("#preset-note")).to_contain_text("Preset")
+    page.locator("#concept-files input[type=file]").set_input_files([*files, str(uploads / "circle0.txt")])
+    expect(page.locator("#thumbnails img")).to_have_count(3)
+    expect(page.locator("#captions")).to_contain_text("a green circle")
+    page.locator("#adapter-name textarea, #adapter-name input").first.fill("browser-lora")
+    for field, value in (("steps", "6"), ("preview-every", "3")):
+        page.locator(f"#{field} input").fill(value)
+    if not os.environ.get("SDLORA_BROWSER_BASE_MODEL"):
+        page.locator("#resolution input").fill("32")
+    page.locator("#train-button").click()
+    expect(page.locator("#train-status")).to_contain_text("finished", timeout=10 * TIMEOUT_MS)
+    expect(page.locator("#previews img").first).to_be_visible()
+    shoot(page, "train.png", tmp_path)
+
+    # Generate with the new adapter at a weight.
+    open_tab(page, "Generate")
+    picker = page.locator("#adapter-1 input")
+    picker.click()
+    page.get_by_role("option", name="browser-lora").click()
+    page.locator("#prompt textarea").fill("sks, a circle")
+    page.locator("#generate-button").click()
+    expect(page.locator("#results img").first).to_be_visible()
+    expect(page.locator("#parameters textarea")).to_have_value(containing("<lora:browser-lora:1>"))
+    shoot(page, "generate.png", tmp_path)
+
+    # Library: pick it, download in the kohya format.
+    open_tab(page, "Library")
+    page.locator("#adapters-table [role=gridcell]").filter(has_text=exactly("browser-lora")).first.click()
+    expect(page.locator("#selected-adapter textarea, #selected-adapter input").first).to_have_value("browser-lora")
+    page.locator("#download-format").get_by_text("kohya").click()
+    page.locator("#export-button").click()
+    link = page.locator("#download a").first
+    expect(link).to_be_visible()
+    with page.expect_download() as download_info:
+        link.click()
+    saved = tmp_path / "downloaded.safetensors"
+    download_info.value.save_as(saved)
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:
+        assert all(key.startswith("lora_unet_") for key in handle.keys())
+    shoot(page, "library.png", tmp_path)
+
+    open_tab(page, "Settings")
+    expect(page.locator("#model-status")).to_contain_text("loaded")
+    shoot(page, "settings.png", tmp_path)
+    page.close()
+
+
+def containing(text: str) -> re.Pattern:
+    return re.compile(".*" + re.escape(text) + ".*", re.S)
+
+
+def exactly(text: str) -> re.Pattern:
+    return re.compile(r"^\s*" + re.escape(text) + r"\s*$")
