@@ -32,13 +32,12 @@ class BuildConfig:
     seed: int = 0  # every image, initial weight and noise draw derives from it
     out: Path = Path("assets/demo-model")  # exported fp16 diffusers folder
     work: Path = Path("build/demo")  # full checkpoint, latent cache, log
-    vae_steps: tuple[int, int] = (450, 350)  # steps of stage vae1 and vae2
+    vae_steps: tuple[int, int] = (700, 500)  # steps of stage vae1 and vae2
     vae_lr: tuple[float, float] = (1e-3, 2e-4)
-    vae_kl: tuple[float, float] = (
-        1e-5,
-        1e-6,
-    )  # the second stage trades latent regularity for colour fidelity
-    vae_batch: int = 32
+    # KL weight per latent value, relative to one pixel's squared error. A weight on the KL summed
+    # over the latent (unnormalised) made the KL dominate and capped reconstructions near 18 dB.
+    vae_kl: tuple[float, float] = (1e-3, 1e-4)  # stage two trades latent regularity for colour fidelity
+    vae_batch: int = 16  # many small steps beat few large ones for this autoencoder
     cache_images: int = 20000  # base images encoded once for the UNet stage
     unet_steps: int = 40000  # upper bound; the time budget usually ends a run first
     unet_lr: float = 3e-4
@@ -116,7 +115,11 @@ def train_vae(state: BuildState, cfg: BuildConfig, run: Run) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step + 1_000_000 * which)
         posterior = state.vae.encode(x).latent_dist
         recon = state.vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl[which] * posterior.kl().mean()
+        loss = (
+            F.mse_loss(recon, x)
+            + 0.5 * F.l1_loss(recon, x)
+            + cfg.vae_kl[which] * posterior.kl().mean() / x[0].numel()
+        )
         state.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         state.vae_opt.step()
