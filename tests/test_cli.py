@@ -80,33 +80,45 @@ def test_two_process_run_writes_exactly_one_adapter(tiny_model, concept_dir, tmp
     assert result.stdout.count("finished step 3") == 1
 
 
-def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path):
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (a subprocess per command would spend most of the time importing torch)."""
+    from sdlora.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path, capsys):
     lib = tmp_path / "lib"
-    assert run_cli("train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
-                   "--name", "one", "--steps", "2", "--resolution", "32", "--quiet").returncode == 0
-    listed = run_cli("adapters", "--adapters-dir", str(lib), "list")
-    assert listed.returncode == 0 and listed.stdout.startswith("one\tsd1\trank 8")
+    assert cli(capsys, "train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
+               "--name", "one", "--steps", "2", "--resolution", "32", "--quiet")[0] == 0
+    code, out, _ = cli(capsys, "adapters", "--adapters-dir", str(lib), "list")
+    assert code == 0 and out.startswith("one\tsd1\trank 8")
 
     kohya = tmp_path / "exported" / "one-kohya.safetensors"
-    result = run_cli("adapters", "--adapters-dir", str(lib), "export", "one", "--format", "kohya", "--out", str(kohya))
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli(capsys, "adapters", "--adapters-dir", str(lib), "export", "one", "--format", "kohya",
+                       "--out", str(kohya))
+    assert code == 0, err
     assert any(k.startswith("lora_unet_") for k in read_metadata_keys(kohya))
-    result = run_cli("adapters", "--adapters-dir", str(lib), "--base-model", str(tiny_model), "import", str(kohya),
-                     "--name", "two")
-    assert result.returncode == 0, result.stderr
-    assert run_cli("adapters", "--adapters-dir", str(lib), "rename", "two", "deux").returncode == 0
+    code, _, err = cli(capsys, "adapters", "--adapters-dir", str(lib), "--base-model", str(tiny_model), "import",
+                       str(kohya), "--name", "two")
+    assert code == 0, err
+    assert cli(capsys, "adapters", "--adapters-dir", str(lib), "rename", "two", "deux")[0] == 0
 
-    out = tmp_path / "img.png"
-    result = run_cli("generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib), "--lora", "one:0.8",
-                     "--lora", "deux:-0.3", "--prompt", "sks", "--seed", "3", "--steps", "2", "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    out_png = tmp_path / "img.png"
+    code, _, err = cli(capsys, "generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib),
+                       "--lora", "one:0.8", "--lora", "deux:-0.3", "--prompt", "sks", "--seed", "3", "--steps", "2",
+                       "--out", str(out_png))
+    assert code == 0, err
     from PIL import Image
 
-    assert "<lora:one:0.8> <lora:deux:-0.3>" in Image.open(out).info["parameters"]
-    missing = run_cli("generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib), "--lora", "nope",
-                      "--prompt", "x", "--out", str(out))
-    assert missing.returncode == 2 and "no adapter named 'nope'" in missing.stderr
-    assert run_cli("adapters", "--adapters-dir", str(lib), "delete", "deux").returncode == 0
+    assert "<lora:one:0.8> <lora:deux:-0.3>" in Image.open(out_png).info["parameters"]
+    code, _, err = cli(capsys, "generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib),
+                       "--lora", "nope", "--prompt", "x", "--out", str(out_png))
+    assert code == 2 and "no adapter named 'nope'" in err
+    assert cli(capsys, "adapters", "--adapters-dir", str(lib), "delete", "deux")[0] == 0
+    assert cli(capsys, "adapters", "--adapters-dir", str(lib), "list")[1].count("\n") == 1
 
 
 def read_metadata_keys(path: Path) -> list[str]:

@@ -189,3 +189,20 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
 
     with pytest.raises(OutOfMemory, match="--batch-size 1 --gradient-accumulation-steps 4.*--gradient-checkpointing"):
         train(tiny_config.replace(batch_size=4))
+
+
+def test_min_snr_weighting_and_noise_offset_change_the_loss_as_defined(tiny_model):
+    pipeline = load_pipeline(str(tiny_model))
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+
+    def loss(**kwargs):
+        with torch.no_grad():
+            return diffusion_loss(pipeline.unet, scheduler, latents, embeddings, torch.Generator().manual_seed(2),
+                                  "epsilon", **kwargs).item()
+
+    plain = loss()
+    assert loss(min_snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weight 1
+    assert loss(min_snr_gamma=0.5) < plain  # low-noise steps (high SNR) are down-weighted
+    assert loss(noise_offset=0.1) != pytest.approx(plain, rel=1e-4)
