@@ -26,6 +26,11 @@ DEFAULT_BASE_MODEL = "assets/demo-model"
 DEFAULT_ADAPTERS_DIR = "./adapters"
 DEFAULT_CONCEPTS_DIR = "assets/concepts"
 MAX_UPLOAD = "1gb"
+# Demo-model images are 64 px: show them enlarged with crisp pixels rather than as stamps.
+CSS = """
+#thumbnails img, #previews img, #results img, #adapter-preview img { image-rendering: pixelated; }
+#adapter-preview img { width: 100%; height: 100%; object-fit: contain; }
+"""
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -83,7 +88,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
                 allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
-                max_file_size=MAX_UPLOAD, show_error=False, quiet=True)
+                max_file_size=MAX_UPLOAD, show_error=False, quiet=True, css=CSS)
     print(f"sdlora is running on {demo.local_url}", flush=True)
     studio.warm_up()
     if not prevent_thread_lock:

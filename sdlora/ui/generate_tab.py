@@ -39,11 +39,22 @@ def generate_config(prompt: str, negative: str, seed: float, steps: float, guida
                           scheduler=scheduler, adapters=adapters, count=int(count))
 
 
+def adapter_slot(i: int, pickers: list) -> list:
+    """One adapter picker with its weight slider; returns both as event inputs."""
+    with gr.Row(equal_height=True):
+        picker = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True, scale=2,
+                             elem_id=f"adapter-{i + 1}")
+        weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3, elem_id=f"weight-{i + 1}")
+    pickers.append(picker)
+    return [picker, weight]
+
+
 def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
     """Lay out the Generate tab; `defaults` is a GenerateConfig whose values the widgets start from."""
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a photo of sks, <lora:name:0.8> also works")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                placeholder="a photo of sks; tags like <lora:name:0.8> work too")
             negative = gr.Textbox(defaults.negative_prompt, label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1)
@@ -58,15 +69,14 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
                 scheduler = gr.Dropdown(list(schedulers), value=defaults.scheduler, label="Scheduler")
             gr.Markdown("**Adapters** from the library, each at its own weight")
             slots, pickers = [], []
-            for i in range(ADAPTER_SLOTS):
-                with gr.Row(equal_height=True):
-                    picker = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True,
-                                         scale=2, elem_id=f"adapter-{i + 1}")
-                    weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3,
-                                       elem_id=f"weight-{i + 1}")
-                pickers.append(picker)
-                slots += [picker, weight]
-            grid = gr.Checkbox(False, label="Comparison grid: the chosen adapters at weights 0, 0.5 and 1")
+            with gr.Group():
+                for i in range(2):
+                    slots += adapter_slot(i, pickers)
+            with gr.Accordion("More adapters", open=False), gr.Group():
+                for i in range(2, ADAPTER_SLOTS):
+                    slots += adapter_slot(i, pickers)
+            grid = gr.Checkbox(False, label="Also a comparison grid",
+                               info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", preview=True,
@@ -80,8 +90,7 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
         config = generate_config(*settings)
         images = studio.generate(config)
         if with_grid:
-            chosen = tuple(a.name for a in config.adapters)
-            images.append(studio.comparison_grid(config, chosen))
+            images.append(studio.comparison_grid(config))
         return [(str(i.path), i.parameters) for i in images], images[0].parameters
 
     def show_parameters(event: gr.SelectData):

@@ -19,17 +19,15 @@ class SettingsTab:
 def status_text(studio: Studio) -> str:
     """Markdown: the base model's state, the device and precision, and the folders in use."""
     model = studio.model_status()
-    lines = [f"**Base model**: `{model['base_model'] or '(none)'}`: {model['state']}"]
+    rows = [("Base model", f"`{model['base_model'] or '(none)'}`"), ("State", model["state"])]
     if model["state"] == "loaded":
-        lines.append(f"Stable Diffusion family `{model['family']}`, native size {model['resolution']} px, "
-                     f"{model['prediction']} prediction")
-        lines.append(f"**Device**: `{model['device']}`, **precision**: `{model['precision']}`")
-    lines.append("**Folders**\n\n"
-                 f"- adapters (the library): `{studio.adapters_dir}`\n"
-                 f"- example concepts: `{studio.concepts_dir}`"
-                 f"{'' if studio.example_concepts() else ' (none found)'}\n"
-                 f"- generated images, uploads and downloads: `{studio.work_dir}`")
-    return "\n\n".join(lines)
+        rows += [("Family", f"{model['family']}, native size {model['resolution']} px, {model['prediction']} prediction"),
+                 ("Device", f"`{model['device']}`"), ("Precision", f"`{model['precision']}`")]
+    examples = ", ".join(studio.example_concepts()) or "none found"
+    rows += [("Adapter library", f"`{studio.adapters_dir}`"),
+             ("Example concepts", f"`{studio.concepts_dir}` ({examples})"),
+             ("Images, uploads, downloads", f"`{studio.work_dir}`")]
+    return "| | |\n| --- | --- |\n" + "\n".join(f"| **{k}** | {v} |" for k, v in rows)
 
 
 def build(studio: Studio) -> SettingsTab:
@@ -39,8 +37,9 @@ def build(studio: Studio) -> SettingsTab:
         base_model = gr.Textbox(studio.base_model, label="Base model",
                                 info="A Hugging Face hub id, a local diffusers folder, or a single .safetensors "
                                      "file. Used for training and generation.", scale=4, elem_id="base-model")
-        load_button = gr.Button("Load", variant="primary", scale=1, elem_id="load-button")
-    refresh_button = gr.Button("Refresh", size="sm")
+        with gr.Column(scale=1, min_width=120):
+            load_button = gr.Button("Load", variant="primary", elem_id="load-button")
+            refresh_button = gr.Button("Refresh", size="sm")
 
     @readable_errors
     def load(source):

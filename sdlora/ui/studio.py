@@ -201,11 +201,13 @@ class Studio:
         """Generate with a sdlora.generate.GenerateConfig; images are saved with their parameters."""
         return [self._save(g.image, g.parameters) for g in self.generator().generate(config)]
 
-    def comparison_grid(self, config, adapters: tuple[str, ...]) -> SavedImage:
-        """One grid: each chosen adapter at weights 0, 0.5 and 1, same seed."""
-        grid = self.generator().comparison_grid(config, adapters=adapters)
-        names = ", ".join(adapters) or "adapters in the prompt"
-        return self._save(grid, f"comparison grid of {names} at weights 0, 0.5, 1; seed {config.seed}")
+    def comparison_grid(self, config) -> SavedImage:
+        """One grid at the same seeds: one adapter at weights 0, 0.5 and 1, or the base beside each adapter."""
+        names = tuple(a.name for a in config.adapters)
+        grid = self.generator().comparison_grid(config, adapters=names if len(names) > 1 else ())
+        what = f"{names[0]} at weights 0, 0.5, 1" if len(names) == 1 else "base beside " + ", ".join(names)
+        seed = f", first seed {config.seed}" if config.seed >= 0 else ""
+        return self._save(grid, f"comparison grid: {what}; prompt {config.prompt!r}{seed}")
 
     def forget_adapter(self, name: str) -> None:
         """Drop a renamed, replaced or deleted adapter from the resident model."""
