@@ -94,9 +94,12 @@ def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path)
 
 
 def test_example_concept_loads_in_one_click(client):
-    files, gallery, table = client.predict("red-circles", api_name="/use_example")
+    files, gallery, table, name, trigger = client.predict("red-circles", api_name="/use_example")
     assert len(files) == 6 and len(gallery) == 3
     assert dict(table["data"])["circle1.png"] == "a red circle number 1"
+    assert (name, trigger) == ("red-circles", "red-circles")
+    with pytest.raises(AppError, match="not in the list of choices|no example concept"):
+        client.predict("../../etc", api_name="/use_example")
 
 
 def test_preset_fills_settings_and_estimate_is_shown(client):

@@ -134,7 +134,9 @@ def build(studio: Studio) -> TrainTab:
     def load_example(example_name):
         paths = studio.example_files(example_name)
         images = [p for p in paths if p.suffix.lower() != ".txt"]
-        return [str(p) for p in paths], images, caption_table(images)
+        # The example's folder name is the word its captions teach: it becomes the trigger word.
+        name = studio.library.unique_name(example_name)
+        return [str(p) for p in paths], images, caption_table(images), name, example_name
 
     @readable_errors
     def fill_preset(kind):
@@ -176,7 +178,7 @@ def build(studio: Studio) -> TrainTab:
 
     files.upload(show_images, files, [thumbnails, captions], api_name="upload_images")
     files.clear(lambda: ([], caption_table([])), None, [thumbnails, captions], api_name="clear_images")
-    use_example.click(load_example, example, [files, thumbnails, captions], api_name="use_example")
+    use_example.click(load_example, example, [files, thumbnails, captions, name, trigger], api_name="use_example")
     preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note]
     filled = preset.input(fill_preset, preset, preset_outputs, api_name="apply_preset")
     gr.on([steps.input, resolution.input, rank.input], estimate_run, settings, estimate, api_name="estimate",
