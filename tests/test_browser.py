@@ -128,6 +128,11 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     page.locator("#train-button").click()
     expect(page.locator("#train-status")).to_contain_text("finished", timeout=10 * TIMEOUT_MS)
     expect(page.locator("#previews img").first).to_be_visible()
+    page.reload()  # the run lives on the server: a reloaded page shows it again
+    expect(page.locator("#train-status")).to_contain_text("browser-lora: finished, step 6/6")
+    expect(page.locator("#previews img").first).to_be_visible()
+    page.locator("#concept-files input[type=file]").set_input_files([*files, str(uploads / "circle0.txt")])
+    expect(page.locator("#thumbnails img")).to_have_count(3)
     shoot(page, "train.png", tmp_path)
 
     # Generate with the new adapter at a weight.
