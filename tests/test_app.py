@@ -73,6 +73,16 @@ def train_and_watch(client, files, name, **settings) -> list[tuple]:
     return [tuple(out) for out in job]
 
 
+STABLE_API = {"/upload_images", "/use_example", "/apply_preset", "/estimate", "/train", "/progress", "/stop",
+              "/generate", "/list_adapters", "/adapter_details", "/import_adapter", "/export_adapter",
+              "/rename_adapter", "/delete_adapter", "/load_base_model", "/settings"}
+
+
+def test_scripts_find_the_documented_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert STABLE_API <= set(endpoints), STABLE_API - set(endpoints)
+
+
 def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images, tmp_path):
     archive = tmp_path / "more.zip"
     with zipfile.ZipFile(archive, "w") as zf:

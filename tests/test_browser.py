@@ -14,10 +14,12 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import draw_concept
+from tiny_models import IMAGE_SIZE
 
 pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
 pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
@@ -29,6 +31,37 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "docs" / "screenshots"
 TIMEOUT_MS = 120_000
+# SDLORA_UPDATE_SCREENSHOTS=1 rewrites the README's screenshots: the same steps on the demo model
+# with one of its example concepts and a longer run (SDLORA_SCREENSHOT_STEPS, default 120).
+README_MODE = os.environ.get("SDLORA_UPDATE_SCREENSHOTS") == "1"
+DEMO_MODEL = REPO / "assets" / "demo-model"
+README_CONCEPT = REPO / "assets" / "concepts" / "star"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the test uploads and how long it trains."""
+
+    files: list[str]
+    name: str
+    trigger: str
+    prompt: str
+    steps: int
+    preview_every: int
+    resolution: int | None  # None: keep the preset's
+
+
+def scenario(tmp_path: Path) -> Scenario:
+    if README_MODE:
+        files = sorted(str(p) for p in README_CONCEPT.iterdir())
+        prompt = next(p for p in sorted(README_CONCEPT.iterdir()) if p.suffix == ".txt").read_text().strip()
+        steps = int(os.environ.get("SDLORA_SCREENSHOT_STEPS", "120"))
+        return Scenario(files, "star", "star", prompt, steps, max(1, steps // 4), None)
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    files = [str(draw_concept(uploads / f"circle{i}.png", i, colour=(20, 140, 60))) for i in range(3)]
+    (uploads / "circle0.txt").write_text("a green circle")
+    return Scenario([*files, str(uploads / "circle0.txt")], "browser-lora", "sks", "sks, a circle", 6, 3, IMAGE_SIZE)
 
 
 def _install(command: list[str]) -> str:
@@ -86,7 +119,9 @@ def server(tiny_model, tmp_path_factory):
     from sdlora.ui.studio import Studio
 
     root = tmp_path_factory.mktemp("browser-app")
-    base_model = os.environ.get("SDLORA_BROWSER_BASE_MODEL") or str(tiny_model)
+    if README_MODE and not DEMO_MODEL.is_dir():
+        pytest.skip(f"the README screenshots need the demo model at {DEMO_MODEL}")
+    base_model = str(DEMO_MODEL) if README_MODE else str(tiny_model)
     studio = Studio(base_model, root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
     demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
     yield demo.local_url
@@ -107,49 +142,48 @@ def open_tab(page, name: str) -> None:
 def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     from playwright.sync_api import expect
 
-    uploads = tmp_path / "uploads"
-    uploads.mkdir()
-    files = [str(draw_concept(uploads / f"circle{i}.png", i, colour=(20, 140, 60))) for i in range(3)]
-    (uploads / "circle0.txt").write_text("a green circle")
+    run = scenario(tmp_path)
+    images = [f for f in run.files if not f.endswith(".txt")]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(server)
 
     # Train: the page fills the preset on load; then upload, name the adapter, shorten the run.
     expect(page.locator("#preset-note")).to_contain_text("Preset")
-    page.locator("#concept-files input[type=file]").set_input_files([*files, str(uploads / "circle0.txt")])
-    expect(page.locator("#thumbnails img")).to_have_count(3)
-    expect(page.locator("#captions")).to_contain_text("a green circle")
-    page.locator("#adapter-name textarea, #adapter-name input").first.fill("browser-lora")
-    for field, value in (("steps", "6"), ("preview-every", "3")):
-        page.locator(f"#{field} input").fill(value)
-    if not os.environ.get("SDLORA_BROWSER_BASE_MODEL"):
-        page.locator("#resolution input").fill("32")
+    page.locator("#concept-files input[type=file]").set_input_files(run.files)
+    expect(page.locator("#thumbnails img")).to_have_count(len(images))
+    expect(page.locator("#captions")).to_contain_text(Path(images[0]).name)
+    page.locator("#adapter-name textarea, #adapter-name input").first.fill(run.name)
+    page.locator("#trigger-word textarea, #trigger-word input").first.fill(run.trigger)
+    for field, value in (("steps", run.steps), ("preview-every", run.preview_every), ("resolution", run.resolution)):
+        if value is not None:
+            page.locator(f"#{field} input").fill(str(value))
     page.locator("#train-button").click()
-    expect(page.locator("#train-status")).to_contain_text("finished", timeout=10 * TIMEOUT_MS)
+    expect(page.locator("#train-status")).to_contain_text("finished", timeout=30 * TIMEOUT_MS)
     expect(page.locator("#previews img").first).to_be_visible()
     page.reload()  # the run lives on the server: a reloaded page shows it again
-    expect(page.locator("#train-status")).to_contain_text("browser-lora: finished, step 6/6")
+    expect(page.locator("#train-status")).to_contain_text(f"{run.name}: finished, step {run.steps}/{run.steps}")
     expect(page.locator("#previews img").first).to_be_visible()
-    page.locator("#concept-files input[type=file]").set_input_files([*files, str(uploads / "circle0.txt")])
-    expect(page.locator("#thumbnails img")).to_have_count(3)
+    page.locator("#concept-files input[type=file]").set_input_files(run.files)
+    expect(page.locator("#thumbnails img")).to_have_count(len(images))
     shoot(page, "train.png", tmp_path)
 
-    # Generate with the new adapter at a weight.
+    # Generate with the new adapter at a weight, and the comparison grid.
     open_tab(page, "Generate")
-    picker = page.locator("#adapter-1 input")
-    picker.click()
-    page.get_by_role("option", name="browser-lora").click()
-    page.locator("#prompt textarea").fill("sks, a circle")
+    page.locator("#adapter-1 input").click()
+    page.get_by_role("option", name=run.name).click()
+    page.locator("#prompt textarea").fill(run.prompt)
+    page.locator("#seed input").fill("3")
+    page.locator("#comparison-grid input").check()
     page.locator("#generate-button").click()
     expect(page.locator("#results img").first).to_be_visible()
-    expect(page.locator("#parameters textarea")).to_have_value(containing("<lora:browser-lora:1>"))
+    expect(page.locator("#parameters textarea")).to_have_value(containing(f"<lora:{run.name}:1>"))
     shoot(page, "generate.png", tmp_path)
 
     # Library: pick it, download in the kohya format.
     open_tab(page, "Library")
-    page.locator("#adapters-table [role=gridcell]").filter(has_text=exactly("browser-lora")).first.click()
-    expect(page.locator("#selected-adapter textarea, #selected-adapter input").first).to_have_value("browser-lora")
+    page.locator("#adapters-table [role=gridcell]").filter(has_text=exactly(run.name)).first.click()
+    expect(page.locator("#selected-adapter textarea, #selected-adapter input").first).to_have_value(run.name)
     page.locator("#download-format").get_by_text("kohya").click()
     page.locator("#export-button").click()
     link = page.locator("#download a").first

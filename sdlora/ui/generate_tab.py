@@ -57,7 +57,8 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
                                 placeholder="a photo of sks; tags like <lora:name:0.8> work too")
             negative = gr.Textbox(defaults.negative_prompt, label="Negative prompt")
             with gr.Row():
-                seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1)
+                seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1,
+                                 elem_id="seed")
                 count = gr.Slider(1, 8, defaults.count, step=1, label="Images")
             with gr.Row():
                 steps = gr.Slider(1, 100, defaults.steps, step=1, label="Steps")
@@ -75,11 +76,11 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
             with gr.Accordion("More adapters", open=False), gr.Group():
                 for i in range(2, ADAPTER_SLOTS):
                     slots += adapter_slot(i, pickers)
-            grid = gr.Checkbox(False, label="Also a comparison grid",
+            grid = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
                                info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", preview=True,
+            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", object_fit="contain",
                                  elem_id="results")
             parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],
                                     elem_id="parameters")
