@@ -217,6 +217,18 @@ def test_missing_base_model_still_starts_and_says_why(tmp_path):
         demo.close()
 
 
+def test_auth_keeps_strangers_out(tmp_path):
+    studio = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts")
+    demo = app.launch(studio, port=free_port(), auth=("me", "secret"), prevent_thread_lock=True)
+    try:
+        assert "Base model" in Client(demo.local_url, auth=("me", "secret"), verbose=False).predict(
+            api_name="/settings")
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain error for a refused login
+            Client(demo.local_url, auth=("me", "wrong"), verbose=False)
+    finally:
+        demo.close()
+
+
 def test_flags():
     args = app.parse_args(["--port", "9000", "--auth", "me:secret", "--share", "--base-model", "x",
                            "--adapters-dir", "y"])
