@@ -36,11 +36,4 @@ def readable_errors(fn: Callable) -> Callable:
 
 def _shown(exc: SdloraError) -> gr.Error:
     log.info("%s: %s", type(exc).__name__, exc)
-    return gr.Error(str(exc), title=_title(exc), print_exception=False)
-
-
-def _title(exc: SdloraError) -> str:
-    """'ConceptImagesError' -> 'Concept images'."""
-    words = "".join(f" {c}" if c.isupper() else c for c in type(exc).__name__).split()
-    words = [w for w in words if w not in ("Error",)]
-    return " ".join(words).capitalize() or "Error"
+    return gr.Error(str(exc), print_exception=False)

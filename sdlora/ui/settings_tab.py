@@ -27,7 +27,8 @@ def status_text(studio: Studio) -> str:
     rows += [("Adapter library", f"`{studio.adapters_dir}`"),
              ("Example concepts", f"`{studio.concepts_dir}` ({examples})"),
              ("Images, uploads, downloads", f"`{studio.work_dir}`")]
-    return "| | |\n| --- | --- |\n" + "\n".join(f"| **{k}** | {v} |" for k, v in rows)
+    lines = [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join([lines[0], "| --- | --- |", *lines[1:]])
 
 
 def build(studio: Studio) -> SettingsTab:

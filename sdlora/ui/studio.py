@@ -85,9 +85,12 @@ class Studio:
         source = self.base_model.strip()
         if not source:
             return "no base model is set; enter one in Settings"
-        looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
-        if looks_local and not Path(source).expanduser().exists():
-            return f"the base model {source} does not exist on this server"
+        path = Path(source).expanduser()
+        # "org/name" is a hub id, unless its first part is a local folder (as in assets/demo-model).
+        looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source.split("/")[0]).is_dir()
+        if looks_local and not path.exists():
+            hint = " (the demo model is built with `python -m sdlora.demo.build`)" if path.name == "demo-model" else ""
+            return f"the base model {source} does not exist on this server{hint}"
         return ""
 
     def generator(self):
