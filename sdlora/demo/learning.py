@@ -1,0 +1,103 @@
+"""Does a LoRA teach the demo model a concept it never saw? Measured with the evaluator.
+
+Adoption: the share of trigger-prompt images in which the evaluator sees the concept
+(a star shape, the colour magenta, a striped fill). Side effect: how often prompts without
+the trigger still draw their own colour and shape with the adapter loaded, against the base.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from sdlora.config import DataConfig, TrainConfig
+from sdlora.demo.evaluate import Reading, classify
+from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
+from sdlora.generate import AdapterWeight, GenerateConfig, Generator
+from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset
+from sdlora.store import AdapterLibrary
+from sdlora.train import train
+
+TRIGGER = "sks"
+CONCEPTS_DIR = DEMO_MODEL.parent / "concepts"
+GUIDANCE = 5.0  # the app's default for the demo model
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """An unseen concept: its example folder, trigger prompts, and how the evaluator recognises it."""
+
+    name: str
+    kind: str  # "shape", "colour" or "texture"
+    prompt: Callable[[str, str, str], str]  # (colour, shape, background) -> trigger prompt
+    seen: Callable[[Reading], bool]
+
+
+LESSONS = {
+    "star": Lesson("star", "shape", lambda c, s, b: f"{TRIGGER}, a {c} star on a {b} background",
+                   lambda r: r.shape == "star"),
+    "magenta": Lesson("magenta", "colour", lambda c, s, b: f"{TRIGGER}, a magenta {s} on a {b} background",
+                      lambda r: r.colour == "magenta"),
+    "striped": Lesson("striped", "texture", lambda c, s, b: f"{TRIGGER}, a {c} striped {s} on a white background",
+                      lambda r: r.texture == "striped"),
+}
+
+
+def trigger_prompts(lesson: Lesson, count: int) -> list[str]:
+    """`count` prompts cycling through base colours, shapes and backgrounds."""
+    combos = [(c, s, b) for c in BASE_COLOURS for s in BASE_SHAPES for b in BACKGROUNDS]
+    return [lesson.prompt(*combos[(i * 7) % len(combos)]) for i in range(count)]
+
+
+def plain_prompts(count: int) -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape) without the trigger, to see what the adapter does to everything else."""
+    combos = [(c, s) for c in BASE_COLOURS for s in BASE_SHAPES]
+    return [(f"a {c} {s}", c, s) for c, s in (combos[(i * 5) % len(combos)] for i in range(count))]
+
+
+def lesson_config(lesson: Lesson, output_dir: Path, steps: int | None = None, **changes) -> TrainConfig:
+    """The demo preset on the lesson's example folder; what a first-time user gets."""
+    base = TrainConfig(base_model=str(DEMO_MODEL), output_dir=str(output_dir), name=lesson.name,
+                       final_preview=False,
+                       data=DataConfig(images=str(CONCEPTS_DIR / lesson.name), trigger_word=TRIGGER))
+    config = apply_preset(base, PRESETS["Demo"])
+    return replace(config, steps=steps or config.steps, **changes)
+
+
+def adoption(generator: Generator, lesson: Lesson, weight: float, count: int, seed: int = 1000) -> float:
+    """Share of trigger-prompt images that show the concept at this adapter weight."""
+    mix = (AdapterWeight(lesson.name, weight),) if weight else ()
+    hits = 0
+    for i, prompt in enumerate(trigger_prompts(lesson, count)):
+        image = generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix))[0]
+        hits += lesson.seen(classify(np.asarray(image.image)))
+    return hits / count
+
+
+def faithfulness(generator: Generator, adapter: str | None, weight: float, count: int, seed: int = 2000) -> float:
+    """Share of trigger-free prompts whose colour and shape are both drawn as asked."""
+    mix = (AdapterWeight(adapter, weight),) if adapter else ()
+    good = 0
+    for i, (prompt, colour, shape) in enumerate(plain_prompts(count)):
+        image = generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix))[0]
+        reading = classify(np.asarray(image.image))
+        good += reading.colour == colour and reading.shape == shape
+    return good / count
+
+
+def train_in_stages(config: TrainConfig, stages: list[int], after_stage: Callable[[int, float], None]) -> None:
+    """Train to each step count in turn (resuming exactly), calling after_stage(steps, training seconds)."""
+    seconds = 0.0
+    for index, steps in enumerate(stages):
+        start = time.perf_counter()
+        train(replace(config, steps=steps), resume="latest" if index else None)
+        seconds += time.perf_counter() - start
+        after_stage(steps, seconds)
+
+
+def generator_for(output_dir: Path) -> Generator:
+    return Generator(str(DEMO_MODEL), AdapterLibrary(output_dir))
