@@ -80,7 +80,7 @@ def build(studio: Studio) -> TrainTab:
             files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
                             label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
                             elem_id="concept-files")
-            thumbnails = gr.Gallery(label="Thumbnails", columns=6, height=220, format="png", allow_preview=False,
+            thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
                                     elem_id="thumbnails")
             captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str"], interactive=True,
                                     label="Captions (leave empty to use the template)", column_count=2,
