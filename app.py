@@ -4,7 +4,9 @@
                   [--base-model assets/demo-model] [--adapters-dir ./adapters]
 
 The tabs live in sdlora/ui/; every handler calls one method of sdlora.ui.studio.Studio,
-and every event has an api_name, so gradio_client scripts drive the same API as the page.
+and every event has an api_name, so gradio_client scripts drive the same API as the page
+(`Client(url).view_api()` lists them: /upload_images, /train, /progress, /stop, /generate,
+/list_adapters, /import_adapter, /export_adapter, /rename_adapter, /delete_adapter, ...).
 torch and diffusers load in the background after the page is served.
 """
 
@@ -61,7 +63,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
         # A run lives on the server: a (re)loaded page streams the current run's progress again.
         demo.load(train.watch, None, train.progress_outputs, api_name="progress", concurrency_limit=None,
-                  show_progress="hidden")
+                  show_progress="hidden").then(refresh_adapters, None, adapter_views,
+                                               api_name="refresh_after_progress")
     return demo
 
 
