@@ -184,6 +184,14 @@ def test_user_errors_read_as_messages_not_tracebacks(client, images):
         client.predict("missing", "kohya", api_name="/export_adapter")
 
 
+def test_a_run_that_fails_says_why_in_its_progress(client, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    final_summary = train_and_watch(client, [str(broken)], "broken-run")[-1][0]
+    assert "failed" in final_summary and "not a readable image" in final_summary
+    assert "Traceback" not in final_summary
+
+
 def test_import_rename_delete(client, tiny_config, tmp_path):
     from sdlora.store import AdapterLibrary
     from sdlora.train import train
