@@ -49,12 +49,13 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Tab("Settings") as settings_page:
             settings = settings_tab.build(studio)
 
-        def refresh_adapters():
-            table, problems = library.refresh()
-            names = list(table["name"])
-            return table, problems, *[gr.Dropdown(choices=names) for _ in generate.adapter_pickers]
+        def adapter_choices(table):
+            names = list(table["name"]) if table is not None and len(table) else []
+            return [gr.Dropdown(choices=names) for _ in generate.adapter_pickers]
 
-        adapter_views = [library.table, library.problems, *generate.adapter_pickers]
+        # Whatever changes the library table (training, import, rename, delete) updates the pickers too.
+        library.table.change(adapter_choices, library.table, generate.adapter_pickers, api_name="adapter_choices")
+        refresh_adapters, adapter_views = library.refresh, [library.table, library.problems]
         demo.load(refresh_adapters, None, adapter_views, api_name="refresh_adapters")
         demo.load(*train.on_load, api_name="preset_on_load").success(*train.estimate, api_name="estimate_on_load",
                                                                     show_progress="hidden")
