@@ -247,7 +247,18 @@ def test_flags():
         app.parse_args(["--auth", "no-colon"])
 
 
+def torch_imported_by(code: str) -> bool:
+    out = subprocess.run([sys.executable, "-c", f"import sys; {code}; print('torch' in sys.modules)"], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().endswith("True")
+
+
 def test_importing_the_app_does_not_import_torch():
-    code = "import sys, app; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert not torch_imported_by("import app")
+
+
+@pytest.mark.skipif(not hasattr(__import__("sdlora.config").config, "GenerateConfig"),
+                    reason="GenerateConfig still lives in sdlora.generate, which imports torch")
+def test_building_the_page_does_not_import_torch(tmp_path):
+    assert not torch_imported_by(f"import app; from sdlora.ui.studio import Studio; "
+                                 f"app.build_app(Studio('none', {str(tmp_path)!r}))")
