@@ -67,7 +67,7 @@ def first_image(url: str, prompt: str) -> None:
 
     client = Client(url, verbose=False)
     slots = [None, 1.0] * 4
-    gallery, _ = client.predict(prompt, "", 1, 20, 7.5, 0, 0, "Euler a", 1, *slots, False, api_name="/generate")
+    gallery, _, _ = client.predict(prompt, "", 1, 20, 7.5, 0, 0, "Euler a", 1, *slots, False, api_name="/generate")
     if not gallery:
         raise RuntimeError("the app returned no image")
 

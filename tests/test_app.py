@@ -141,9 +141,9 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
     assert preview and Path(preview).is_file()
 
     slots = ["blue-circles", 0.5, "blue-circles-b", 1.0, None, 1.0, None, 1.0]
-    gallery, parameters = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 1, *slots, True,
-                                         api_name="/generate")
-    assert len(gallery) == 2  # the image and the comparison grid
+    gallery, parameters, grid = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 2, *slots, True,
+                                               api_name="/generate")
+    assert len(gallery) == 2 and Path(grid).is_file()  # two seeds, and the base beside each adapter
     assert "<lora:blue-circles:0.5>" in parameters and "<lora:blue-circles-b:1>" in parameters
     assert "Seed: 5" in gallery[0]["caption"]
 

@@ -176,6 +176,7 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     page.locator("#comparison-grid input").check()
     page.locator("#generate-button").click()
     expect(page.locator("#results img").first).to_be_visible()
+    expect(page.locator("#comparison img")).to_be_visible()
     expect(page.locator("#parameters textarea")).to_have_value(containing(f"<lora:{run.name}:1>"))
     shoot(page, "generate.png", tmp_path)
 

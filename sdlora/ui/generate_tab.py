@@ -76,12 +76,14 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
             with gr.Accordion("More adapters", open=False), gr.Group():
                 for i in range(2, ADAPTER_SLOTS):
                     slots += adapter_slot(i, pickers)
-            grid = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
-                               info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
+            grid_wanted = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
+                                      info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Results", columns=2, height=520, format="png", object_fit="contain",
+            gallery = gr.Gallery(label="Results", columns=2, height=400, format="png", object_fit="contain",
                                  elem_id="results")
+            grid_image = gr.Image(label="Comparison grid", type="filepath", interactive=False, elem_id="comparison",
+                                  height=300)
             parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],
                                     elem_id="parameters")
 
@@ -90,15 +92,14 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
         *settings, with_grid = values
         config = generate_config(*settings)
         images = studio.generate(config)
-        if with_grid:
-            images.append(studio.comparison_grid(config))
-        return [(str(i.path), i.parameters) for i in images], images[0].parameters
+        grid = studio.comparison_grid(config) if with_grid else None
+        return [(str(i.path), i.parameters) for i in images], images[0].parameters, grid and str(grid.path)
 
     def show_parameters(event: gr.SelectData):
         return (event.value or {}).get("caption") or ""
 
-    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, count, *slots, grid]
-    gr.on([button.click, prompt.submit], generate, inputs, [gallery, parameters], api_name="generate",
+    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, count, *slots, grid_wanted]
+    gr.on([button.click, prompt.submit], generate, inputs, [gallery, parameters, grid_image], api_name="generate",
           concurrency_limit=1)
     gallery.select(show_parameters, None, parameters, api_name="show_parameters")
     return GenerateTab(adapter_pickers=pickers)
