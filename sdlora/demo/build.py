@@ -32,7 +32,7 @@ class BuildConfig:
     seed: int = 0  # every image, initial weight and noise draw derives from it
     out: Path = Path("assets/demo-model")  # exported fp16 diffusers folder
     work: Path = Path("build/demo")  # full checkpoint, latent cache, log
-    vae_steps: tuple[int, int] = (700, 500)  # steps of stage vae1 and vae2
+    vae_steps: tuple[int, int] = (700, 1500)  # steps of stage vae1 and vae2
     vae_lr: tuple[float, float] = (1e-3, 2e-4)
     # KL weight per latent value, relative to one pixel's squared error. A weight on the KL summed
     # over the latent (unnormalised) made the KL dominate and capped reconstructions near 18 dB.
