@@ -98,7 +98,7 @@ def _weighted(text: str) -> tuple[str, float]:
 
 
 def _add_generate_parser(commands) -> None:
-    from sdlora.generate import SCHEDULERS
+    from sdlora.config import SCHEDULERS
 
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
     gen.add_argument("--base-model", required=True, help="hub id, diffusers folder or .safetensors file")

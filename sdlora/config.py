@@ -19,6 +19,7 @@ from sdlora.errors import ConfigError
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULE_CHOICES = ("constant", "cosine")
+SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
@@ -224,3 +225,36 @@ def field_help(cls: type) -> dict[str, dict[str, Any]]:
             default = f.default_factory()
         out[f.name] = {"type": f.type, "default": default, **f.metadata}
     return out
+
+
+@dataclass(frozen=True)
+class AdapterWeight:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What to draw. Sizes of 0 mean the base model's native resolution; seed -1 picks one at random."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    guidance: float = 7.5
+    width: int = 0
+    height: int = 0
+    scheduler: str = "Euler a"
+    adapters: tuple[AdapterWeight, ...] = ()
+    count: int = 1
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not 1 <= self.steps <= 200:
+            raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
+        if not 1 <= self.count <= 16:
+            raise ConfigError(f"count must be between 1 and 16, got {self.count}")
+        for side in (self.width, self.height):
+            if side and (side < 8 or side % 8):
+                raise ConfigError(f"width and height must be multiples of 8, got {side}")

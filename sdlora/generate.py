@@ -20,45 +20,12 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sdlora import __version__
+from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F401 - re-exported for callers
 from sdlora.errors import ConfigError
 from sdlora.models import ModelInfo, inspect_pipeline, load_pipeline
 from sdlora.store import AdapterLibrary, reference_from_pipeline
 
-SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?>")
-
-
-@dataclass(frozen=True)
-class AdapterWeight:
-    name: str
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """What to draw. Sizes of 0 mean the base model's native resolution; seed -1 picks one at random."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    guidance: float = 7.5
-    width: int = 0
-    height: int = 0
-    scheduler: str = "Euler a"
-    adapters: tuple[AdapterWeight, ...] = ()
-    count: int = 1
-
-    def validate(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if not 1 <= self.steps <= 200:
-            raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
-        if not 1 <= self.count <= 16:
-            raise ConfigError(f"count must be between 1 and 16, got {self.count}")
-        for side in (self.width, self.height):
-            if side and (side < 8 or side % 8):
-                raise ConfigError(f"width and height must be multiples of 8, got {side}")
 
 
 @dataclass(frozen=True)
