@@ -132,7 +132,8 @@ class BackgroundRun:
             self.result = job(on_event=self._record, stop=self.stop)
         except BaseException as exc:  # noqa: BLE001 - reported to the viewer, never lost in a thread
             self.error = exc
-            self._record(Failed(step=-1, message=str(exc) or type(exc).__name__))
+            if not (self.events and isinstance(self.events[-1], Failed)):  # the job may have said it already
+                self._record(Failed(step=-1, message=str(exc) or type(exc).__name__))
         finally:
             self._new.put(None)
 
