@@ -37,13 +37,12 @@ CSS = """
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The whole page: four tabs, plus the events that cross tabs (a finished run fills the library)."""
-    schedulers, generate_defaults = generate_tab.engine_defaults()
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
         gr.Markdown("## sdlora: train and use Stable Diffusion LoRA adapters")
         with gr.Tab("Train"):
             train = train_tab.build(studio)
         with gr.Tab("Generate"):
-            generate = generate_tab.build(studio, schedulers, generate_defaults)
+            generate = generate_tab.build(studio)
         with gr.Tab("Library") as library_page:
             library = library_tab.build(studio)
         with gr.Tab("Settings") as settings_page:

@@ -139,9 +139,8 @@ def main() -> None:
         "",
         "The base model loads in a background thread once the page is served, so the first image waits "
         "for it; the page does not. "
-        + ("Building the page still imports torch (the Generate tab's defaults come from sdlora.generate); "
-           "with GenerateConfig in sdlora.config it would not." if torch_early
-           else "torch is not imported before the page is served."),
+        + ("Building the page imports torch: that is a regression (bench/startup.py checks it)."
+           if torch_early else "torch is not imported before the page is served."),
     ])
     print(text)
     if not args.no_write:

@@ -257,8 +257,6 @@ def test_importing_the_app_does_not_import_torch():
     assert not torch_imported_by("import app")
 
 
-@pytest.mark.skipif(not hasattr(__import__("sdlora.config").config, "GenerateConfig"),
-                    reason="GenerateConfig still lives in sdlora.generate, which imports torch")
 def test_building_the_page_does_not_import_torch(tmp_path):
     assert not torch_imported_by(f"import app; from sdlora.ui.studio import Studio; "
                                  f"app.build_app(Studio('none', {str(tmp_path)!r}))")

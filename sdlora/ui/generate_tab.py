@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -18,20 +19,9 @@ class GenerateTab:
     adapter_pickers: list[gr.Dropdown]
 
 
-def engine_defaults():
-    """The scheduler names and a default GenerateConfig, from the engine (its one home for them)."""
-    try:  # a light home for the generation settings, so the page builds without importing torch
-        from sdlora.config import SCHEDULERS, GenerateConfig
-    except ImportError:
-        from sdlora.generate import SCHEDULERS, GenerateConfig
-    return SCHEDULERS, GenerateConfig(prompt="")
-
-
 def generate_config(prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
                     height: float, scheduler: str, count: float, *slots):
     """Widget values -> GenerateConfig; `slots` alternate adapter name and weight, empty names skipped."""
-    from sdlora.generate import AdapterWeight, GenerateConfig
-
     pairs = zip(slots[0::2], slots[1::2], strict=True)
     adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in pairs if n)
     return GenerateConfig(prompt=prompt, negative_prompt=negative or "", seed=int(seed), steps=int(steps),
@@ -49,8 +39,9 @@ def adapter_slot(i: int, pickers: list) -> list:
     return [picker, weight]
 
 
-def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
-    """Lay out the Generate tab; `defaults` is a GenerateConfig whose values the widgets start from."""
+def build(studio: Studio) -> GenerateTab:
+    """Lay out the Generate tab and wire its events; the widgets start from GenerateConfig's defaults."""
+    defaults = GenerateConfig(prompt="")
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -67,7 +58,7 @@ def build(studio: Studio, schedulers: tuple[str, ...], defaults) -> GenerateTab:
                 width = gr.Number(defaults.width, label="Width (0: model native)", precision=0, minimum=0, step=8)
                 height = gr.Number(defaults.height, label="Height (0: model native)", precision=0, minimum=0,
                                    step=8)
-                scheduler = gr.Dropdown(list(schedulers), value=defaults.scheduler, label="Scheduler")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
             gr.Markdown("**Adapters** from the library, each at its own weight")
             slots, pickers = [], []
             with gr.Group():
