@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     has_model = (REPO / args.base_model).exists() or Path(args.base_model).exists()
+    load = os.getloadavg()[0]  # other work on the machine slows the first image far more than the page
 
     imports, pages, images = [], [], []
     for _ in range(args.runs):  # interleaved, so a busy moment weighs on both sides alike
@@ -127,8 +128,8 @@ def main() -> None:
         "## Web app startup (bench/startup.py)",
         "",
         f"Median of {args.runs} runs on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, base model `{args.base_model}`; each figure is wall time "
-        "from starting the process.",
+        f"Python {platform.python_version()}, base model `{args.base_model}`, load average {load:.1f} at the "
+        "start; each figure is wall time from starting the process.",
         "",
         "| what | seconds |",
         "| --- | --- |",
