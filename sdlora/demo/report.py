@@ -78,7 +78,7 @@ def run(model: Path, per_pair: int, steps: int, guidance: float, seed: int) -> R
     return report
 
 
-def grid(report: Report, columns: int, scale: int = 2) -> Image.Image:
+def grid(report: Report, columns: int, scale: int = 1) -> Image.Image:
     """Images laid out one colour x shape pair per row, with a label column."""
     pairs = [(c, s) for c in BASE_COLOURS for s in BASE_SHAPES]
     cell, label = 64 * scale, 110
