@@ -72,7 +72,7 @@ def build(studio: Studio) -> GenerateTab:
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Results", columns=2, height=400, format="png", object_fit="contain",
-                                 elem_id="results")
+                                 fit_columns=False, elem_id="results")
             grid_image = gr.Image(label="Comparison grid", type="filepath", interactive=False, elem_id="comparison",
                                   height=300)
             parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],

@@ -51,7 +51,7 @@ def build(studio: Studio) -> LibraryTab:
             problems = gr.Markdown()
             refresh_button = gr.Button("Refresh", size="sm")
             with gr.Accordion("Import a .safetensors LoRA (diffusers or kohya format)", open=True):
-                upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=100, elem_id="import-file")
+                upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=150, elem_id="import-file")
                 import_name = gr.Textbox(label="Name in the library (empty: from the file name)")
                 import_button = gr.Button("Import", elem_id="import-button")
         with gr.Column(scale=2):
