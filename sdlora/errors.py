@@ -35,3 +35,7 @@ class AdapterFormatError(SdloraError):
 
 class OutOfMemory(SdloraError):
     """The device ran out of memory; the message says which settings to change."""
+
+
+class TrainingBusy(SdloraError):
+    """A second training job was asked for while one runs on the same server."""

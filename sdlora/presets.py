@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
-from sdlora.models import ModelInfo
+
+if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
+    from sdlora.models import ModelInfo
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
@@ -83,20 +86,24 @@ class Estimate:
 
 
 # Measured on this project's 2-core CPU: a full SD 1.5 UNet step at 512 px took 19 s; work
-# scales with parameters x latent pixels. A GPU is taken as ~80x faster: rough by design.
+# scales with parameters x latent pixels. Small models are dominated by a fixed cost per
+# step (the demo model: 120 steps at batch 4 in about 25 s). A GPU is taken as ~80x
+# faster: rough by design.
 CPU_SECONDS_PER_PARAM_PIXEL = 19.0 / (860e6 * 64 * 64)
 GPU_SPEEDUP = 80.0
-STEP_OVERHEAD_SECONDS = 0.01
+STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
 
 
-def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo | None, device: str) -> Estimate:
+def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo | None,
+                      device: str) -> Estimate:
     """A rough duration (and GPU memory) for a run, shown before it starts."""
     latent_pixels = (config.data.resolution / 8) ** 2
     images_per_step = config.batch_size * config.gradient_accumulation_steps
     per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
     if device.startswith("cuda"):
         per_step /= GPU_SPEEDUP
-    seconds = config.steps * (per_step + STEP_OVERHEAD_SECONDS)
+    overhead = STEP_OVERHEAD_SECONDS["cuda" if device.startswith("cuda") else "cpu"]
+    seconds = config.steps * (per_step + overhead * config.gradient_accumulation_steps)
     memory = None
     if device.startswith("cuda"):
         weights_gb = unet_parameters * 2 / 1e9 + 0.9  # fp16 UNet + fp32 VAE and text encoder

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from sdlora.demo.learning import LESSONS, adoption, generator_for, lesson_config
-from sdlora.presets import DEMO_MODEL
+from sdlora.demo.learning import LESSONS, adoption, base_not_ready, generator_for, lesson_config
 from sdlora.train import train
 
-pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not built yet")
+needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
 LESSON = LESSONS["magenta"]
 PROMPTS = 20
 
@@ -20,13 +19,31 @@ def trained(tmp_path_factory):
     return generator_for(out)
 
 
+@needs_ready_base
 def test_trigger_prompts_show_the_new_concept(trained):
     assert adoption(trained, LESSON, 1.0, PROMPTS) >= 0.7
 
 
+@needs_ready_base
 def test_weight_zero_does_not_and_half_is_in_between(trained):
     at_zero = adoption(trained, LESSON, 0.0, PROMPTS)
     at_half = adoption(trained, LESSON, 0.5, PROMPTS)
     at_one = adoption(trained, LESSON, 1.0, PROMPTS)
     assert at_zero <= 0.1
     assert at_zero <= at_half <= at_one
+
+
+def test_learning_checks_wait_for_a_base_that_meets_its_targets(tmp_path):
+    import json
+
+    assert "not built" in base_not_ready(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    info = {"steps": {"unet": 100}}
+    (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
+    assert "no report" in base_not_ready(tmp_path)
+    info["report"] = {"unet_step": 100, "colour": 0.95, "shape": 0.5}
+    (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
+    assert "still training: colour 95%, shape 50%" in base_not_ready(tmp_path)
+    info["report"]["shape"] = 0.85
+    (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
+    assert base_not_ready(tmp_path) is None

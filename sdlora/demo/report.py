@@ -159,7 +159,24 @@ def main(argv: list[str] | None = None) -> None:
     grid(report, args.per_pair).save(DOC.parent / "demo-grid.png", optimize=True)
     block = summary(report, args.model, args.steps, args.guidance)
     write_summary(block)
+    record_in_model(report, args.model, args.steps, args.guidance)
     print(block)
+
+
+def record_in_model(report: Report, model: Path, steps: int, guidance: float) -> None:
+    """Note the figures beside the weights they measure; the next export replaces both."""
+    info_path = model / "sdlora_demo.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["report"] = {
+        "unet_step": info.get("steps", {}).get("unet"),
+        "colour": round(report.accuracy("colour"), 4),
+        "shape": round(report.accuracy("shape"), 4),
+        "prompts": len(report.rows),
+        "steps": steps,
+        "guidance": guidance,
+        "seconds_per_image": round(float(np.median([r["seconds"] for r in report.rows])), 3),
+    }
+    info_path.write_text(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

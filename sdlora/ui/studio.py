@@ -13,13 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.config import TrainConfig
-from sdlora.errors import ConfigError, SdloraError
+from sdlora.errors import ConfigError, SdloraError, TrainingBusy
 from sdlora.events import BackgroundRun
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
-
-
-class TrainingBusy(SdloraError):
-    """A second training job was asked for while one runs."""
 
 
 @dataclass(frozen=True)
