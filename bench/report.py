@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from datetime import date
@@ -15,7 +16,9 @@ TITLE = "# Benchmarks\n\nEach section is written by the script named in it; rati
 
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return f"{date.today().isoformat()}, {device}, {platform.machine()}, torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    return (f"{date.today().isoformat()}, {device}, {platform.machine()}, torch {torch.__version__}, "
+            f"load average {load:.1f} at the start")
 
 
 def write_section(name: str, markdown: str) -> Path:
