@@ -97,7 +97,8 @@ class Generator:
     def _load(self):
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         pipeline = load_pipeline(self.base_model, torch_dtype=dtype).to(self.device)
-        pipeline.vae.to(dtype=torch.float32)  # a half-precision VAE overflows: black images
+        if pipeline.vae.dtype != torch.float32:
+            pipeline.vae.to(dtype=torch.float32)  # a half-precision VAE overflows: black images
         pipeline.set_progress_bar_config(disable=True)
         self.library.reference = reference_from_pipeline(pipeline)
         return pipeline
