@@ -206,3 +206,15 @@ def test_min_snr_weighting_and_noise_offset_change_the_loss_as_defined(tiny_mode
     assert loss(min_snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weight 1
     assert loss(min_snr_gamma=0.5) < plain  # low-noise steps (high SNR) are down-weighted
     assert loss(noise_offset=0.1) != pytest.approx(plain, rel=1e-4)
+
+
+def test_broken_files_are_reported_once_each_and_training_uses_the_rest(tiny_config, concept_dir):
+    (concept_dir / "truncated.png").write_bytes((concept_dir / "img1.png").read_bytes()[:60])
+    (concept_dir / "notes.jpg").write_text("not a jpeg")
+    (concept_dir / "scan.psd").write_bytes(b"8BPS")
+    events = []
+    result = train(tiny_config.replace(steps=2), on_event=events.append)
+    (started,) = [e for e in events if isinstance(e, Started)]
+    assert sorted(p.split(":")[0] for p in started.skipped_files) == ["notes.jpg", "scan.psd", "truncated.png"]
+    assert started.image_count == 4
+    assert read_metadata(result.adapter_path)["sdlora.image_count"] == "4"
