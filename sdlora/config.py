@@ -104,6 +104,8 @@ class TrainConfig:
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
     )
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet (helps on small GPUs).")
+    cpu_threads: int = _opt(0, "torch threads when training on a CPU; 0: one for small models (measured "
+                                 "faster, docs/benchmarks.md), all cores for full-size ones.")
     seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
     min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
     noise_offset: float = _opt(0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).")
@@ -124,7 +126,8 @@ class TrainConfig:
         for attr in ("steps", "batch_size", "gradient_accumulation_steps", "preview_inference_steps"):
             if getattr(self, attr) < 1:
                 raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
-        for attr in ("warmup_steps", "checkpoint_every", "preview_every", "min_snr_gamma", "noise_offset"):
+        for attr in ("warmup_steps", "checkpoint_every", "preview_every", "min_snr_gamma", "noise_offset",
+                     "cpu_threads"):
             if getattr(self, attr) < 0:
                 raise ConfigError(f"{attr} must not be negative, got {getattr(self, attr)}")
         if self.checkpoints_to_keep < 1:

@@ -52,6 +52,7 @@ def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: S
     keeps the adapter attached); by default `config.base_model` is loaded.
     """
     emit = on_event or (lambda event: None)
+    threads = torch.get_num_threads()
     try:
         return _train(config, emit, stop or StopFlag(), resume, files, pipeline)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
@@ -61,6 +62,8 @@ def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: S
     except SdloraError as exc:
         emit(Failed(step=getattr(exc, "step", 0), message=str(exc)))
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def out_of_memory_advice(config: TrainConfig) -> str:
@@ -82,6 +85,7 @@ def out_of_memory_advice(config: TrainConfig) -> str:
 
 def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str | None,
            files: list[str] | None, pipeline) -> TrainResult:
+    threads = torch.get_num_threads()
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
@@ -100,6 +104,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
 
     # 3. Adapter, optimizer, schedule.
     unet = pipeline.unet
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.cpu_threads, sum(p.numel() for p in unet.parameters()), threads))
     if unet.dtype != frozen_weight_dtype(accelerator):
         unet.to(dtype=frozen_weight_dtype(accelerator))
     unet.to(accelerator.device)
@@ -226,6 +232,16 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: tor
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+SMALL_UNET_PARAMETERS = 100_000_000
+
+
+def cpu_threads(requested: int, unet_parameters: int, available: int) -> int:
+    """Threads for CPU training: small UNets ran faster on one (bench/train_speed.py), full-size ones use all."""
+    if requested:
+        return requested
+    return 1 if unet_parameters < SMALL_UNET_PARAMETERS else available
 
 
 def cpu_only() -> bool:

@@ -218,3 +218,19 @@ def test_broken_files_are_reported_once_each_and_training_uses_the_rest(tiny_con
     assert sorted(p.split(":")[0] for p in started.skipped_files) == ["notes.jpg", "scan.psd", "truncated.png"]
     assert started.image_count == 4
     assert read_metadata(result.adapter_path)["sdlora.image_count"] == "4"
+
+
+def test_small_models_train_on_one_cpu_thread_and_the_setting_is_restored(tiny_config):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        train(tiny_config.replace(steps=1), on_event=lambda e: seen.append(torch.get_num_threads())
+              if isinstance(e, Step) else None)
+        assert seen == [1] and torch.get_num_threads() == 2
+        train(tiny_config.replace(steps=1, cpu_threads=2, name="two"),
+              on_event=lambda e: seen.append(torch.get_num_threads()) if isinstance(e, Step) else None)
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+    assert train_module.cpu_threads(0, 860_000_000, 2) == 2

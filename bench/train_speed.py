@@ -1,0 +1,122 @@
+"""Training-loop overhead: `python bench/train_speed.py [--base-model M]`.
+
+Measured in one run, at 1 and at 2 torch threads:
+- the full loop: seconds per step of `sdlora.train.train` (from its own step events);
+- the floor: a bare UNet forward + backward + optimizer step on the same cached batch;
+- the loop if latents and text embeddings were not cached: the floor plus encoding the
+  batch with the VAE and the text encoder every step.
+Writes its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import machine, write_section  # noqa: E402
+from sdlora.config import DataConfig, TrainConfig  # noqa: E402
+from sdlora.data import load_concept_images  # noqa: E402
+from sdlora.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
+from sdlora.events import Step  # noqa: E402
+from sdlora.lora import add_lora, trainable_parameters  # noqa: E402
+from sdlora.models import load_pipeline  # noqa: E402
+from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
+from sdlora.train import diffusion_loss, train  # noqa: E402
+
+CONCEPTS = DEMO_MODEL.parent / "concepts" / "star"
+
+
+def full_loop(config: TrainConfig) -> float:
+    stamps: list[float] = []
+    train(config, on_event=lambda e: stamps.append(time.perf_counter()) if isinstance(e, Step) else None)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][3:]  # skip warm-up steps
+    return statistics.median(gaps)
+
+
+def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
+    """Median seconds of a bare step on the cached batch, and of the same step plus re-encoding."""
+    pipeline = load_pipeline(config.base_model)
+    concepts = load_concept_images(config.data).images[: config.batch_size]
+    device = torch.device("cpu")
+    cached = encode_concepts(pipeline, concepts, False, device)
+    latents, embeddings = cached.latents, cached.embeddings
+    unet = pipeline.unet
+    add_lora(unet, config.lora)
+    unet.train()
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=config.learning_rate)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def bare_step() -> None:
+        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(0), "epsilon")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def encode_batch() -> None:
+        encode_images(pipeline.vae, [c.image for c in concepts], device)
+        encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [c.caption for c in concepts], device)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        bare_step()
+    floor = statistics.median(timed(bare_step) for _ in range(steps))
+    encode = statistics.median(timed(encode_batch) for _ in range(steps))
+    return floor, floor + encode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base-model", default=str(DEMO_MODEL))
+    parser.add_argument("--images", default=str(CONCEPTS))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = apply_preset(TrainConfig(base_model=args.base_model, output_dir=tmp, name="speed",
+                                          final_preview=False, data=DataConfig(images=args.images, trigger_word="sks")),
+                              PRESETS["Demo"])
+        config = replace(config, steps=args.steps)
+        rows = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            loop = full_loop(replace(config, name=f"speed{threads}"))
+            floor, uncached = floor_and_uncached(config, args.steps // 2)
+            rows.append(f"| {threads} | {loop * 1000:.0f} | {floor * 1000:.0f} | {loop / floor:.2f}x | "
+                        f"{uncached * 1000:.0f} ({uncached / loop:.2f}x the cached loop) |")
+            print(rows[-1], flush=True)
+    text = "\n".join([
+        "## Training loop overhead (`python bench/train_speed.py`)",
+        "",
+        f"{machine()}; base model `{Path(args.base_model).name}`, demo preset (batch {config.batch_size}, "
+        f"{config.data.resolution} px, rank {config.lora.rank}, attention projections + "
+        f"{', '.join(config.lora.extra_target_modules)}), {args.steps} steps, medians.",
+        "",
+        "| torch threads | full loop, ms/step | floor: bare UNet fwd+bwd+AdamW on the cached batch, ms | loop / floor "
+        "| without the cache: floor + VAE and text encoding per step, ms |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "Goal: the full loop within 1.10x of the floor.",
+    ])
+    print(text)
+    if not args.no_write:
+        print(f"written to {write_section('train_speed', text)}")
+
+
+if __name__ == "__main__":
+    main()
