@@ -72,6 +72,19 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
     return final
 
 
+def claim_name(config: TrainConfig, overwrite: bool) -> None:
+    """Before a fresh run: refuse to mix with an earlier run of the same name, or clear it when asked."""
+    adapter = Path(config.output_dir) / f"{config.name}.safetensors"
+    old = list_checkpoints(checkpoint_folder(config))
+    if not (adapter.exists() or old):
+        return
+    if not overwrite:
+        what = f"an adapter {adapter}" if adapter.exists() else f"checkpoints up to step {old[-1].name}"
+        raise CheckpointError(f"{config.name!r} already has {what}; continue it with --resume latest, "
+                              "pick another --name, or pass --overwrite to start over")
+    shutil.rmtree(checkpoint_folder(config), ignore_errors=True)
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not folder.is_dir():

@@ -48,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge a --config file with the flags that were given on the command line."""
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     for dest, value in vars(args).items():
-        if value is None or dest in ("config", "resume", "command", "quiet", "preset"):
+        if value is None or dest in ("config", "resume", "command", "quiet", "overwrite"):
             continue
         section, _, name = dest.rpartition(".")
         target = values.setdefault(section, {}) if section else values
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "under `accelerate launch` on several GPUs.")
     train.add_argument("--config", help="JSON or TOML file of settings (as saved beside every adapter)")
     train.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from, or 'latest'")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over although this --name already has an adapter or checkpoints in --output")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(train)
     _add_generate_parser(commands)
@@ -170,7 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, first_ctrl_c_stops_cleanly)
     try:
-        result = train(config, on_event=progress, stop=stop, resume=args.resume)
+        result = train(config, on_event=progress, stop=stop, resume=args.resume, overwrite=args.overwrite)
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()

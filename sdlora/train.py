@@ -45,15 +45,20 @@ def adapter_path(config: TrainConfig) -> Path:
 
 
 def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: StopFlag | None = None,
-          resume: str | None = None, files: list[str] | None = None, pipeline=None) -> TrainResult:
+          resume: str | None = None, files: list[str] | None = None, pipeline=None,
+          overwrite: bool = False) -> TrainResult:
     """Train one adapter; `resume` is a checkpoint folder or 'latest'. Raises SdloraError on bad input.
 
-    `pipeline` may pass in an already loaded base model (it is then trained in place and
-    keeps the adapter attached); by default `config.base_model` is loaded.
+    A fresh run refuses a name that already has an adapter or checkpoints in the output
+    folder unless `overwrite` (then the old checkpoints go; the old adapter is replaced at
+    the end). `pipeline` may pass in an already loaded base model (it is then trained in
+    place and keeps the adapter attached); by default `config.base_model` is loaded.
     """
     emit = on_event or (lambda event: None)
     threads = torch.get_num_threads()
     try:
+        if not resume:
+            checkpoints.claim_name(config, overwrite)
         return _train(config, emit, stop or StopFlag(), resume, files, pipeline)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = OutOfMemory(out_of_memory_advice(config))

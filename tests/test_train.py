@@ -234,3 +234,12 @@ def test_small_models_train_on_one_cpu_thread_and_the_setting_is_restored(tiny_c
     finally:
         torch.set_num_threads(before)
     assert train_module.cpu_threads(0, 860_000_000, 2) == 2
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one_of_the_same_name(tiny_config):
+    train(tiny_config.replace(steps=4))
+    with pytest.raises(CheckpointError, match="already has an adapter.*--resume latest.*--overwrite"):
+        train(tiny_config.replace(steps=2))
+    result = train(tiny_config.replace(steps=2), overwrite=True)
+    steps = [p.name for p in (Path(tiny_config.output_dir) / ".runs/tiny/checkpoints").iterdir()]
+    assert steps == ["step-000002"] and read_metadata(result.adapter_path)["ss_steps"] == "2"
