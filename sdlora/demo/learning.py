@@ -62,6 +62,8 @@ class Lesson:
 LESSONS = {
     "star": Lesson("star", "shape", lambda c, s, b: f"{TRIGGER}, a {c} star on a {b} background",
                    lambda r: r.shape == "star"),
+    "heart": Lesson("heart", "shape", lambda c, s, b: f"{TRIGGER}, a {c} heart on a {b} background",
+                    lambda r: r.shape == "heart"),
     "magenta": Lesson("magenta", "colour", lambda c, s, b: f"{TRIGGER}, a magenta {s} on a {b} background",
                       lambda r: r.colour == "magenta"),
     "striped": Lesson("striped", "texture", lambda c, s, b: f"{TRIGGER}, a {c} striped {s} on a white background",
