@@ -59,7 +59,7 @@ def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: S
     try:
         if not resume:
             checkpoints.claim_name(config, overwrite)
-        return _train(config, emit, stop or StopFlag(), resume, files, pipeline)
+        return _train(config, emit, stop or StopFlag(), resume, files, pipeline, threads)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = OutOfMemory(out_of_memory_advice(config))
         emit(Failed(step=0, message=str(error)))
@@ -89,8 +89,7 @@ def out_of_memory_advice(config: TrainConfig) -> str:
 
 
 def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str | None,
-           files: list[str] | None, pipeline) -> TrainResult:
-    threads = torch.get_num_threads()
+           files: list[str] | None, pipeline, threads: int) -> TrainResult:
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
