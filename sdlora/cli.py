@@ -59,19 +59,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _fill_demo_preset(values: dict[str, Any]) -> None:
     """On the demo model, settings the user did not give come from the demo preset, not generic defaults."""
-    from sdlora.presets import PRESETS, is_demo_model
+    from sdlora.presets import PRESETS, is_demo_model, preset_settings
 
     if not is_demo_model(str(values.get("base_model", ""))):
         return
-    preset = PRESETS["Demo"]
-    values.setdefault("steps", preset.steps)
-    values.setdefault("learning_rate", preset.learning_rate)
-    values.setdefault("batch_size", preset.batch_size)
-    values.setdefault("data", {}).setdefault("resolution", preset.resolution)
-    lora = values.setdefault("lora", {})
-    lora.setdefault("rank", preset.rank)
-    lora.setdefault("alpha", preset.alpha)
-    lora.setdefault("extra_target_modules", preset.extra_target_modules)
+    for key, value in preset_settings(PRESETS["Demo"]).items():
+        if isinstance(value, dict):
+            section = values.setdefault(key, {})
+            for name, setting in value.items():
+                section.setdefault(name, setting)
+        else:
+            values.setdefault(key, value)
 
 
 def build_parser() -> argparse.ArgumentParser:

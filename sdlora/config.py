@@ -75,6 +75,10 @@ class DataConfig:
     )
     resolution: int = _opt(512, "Training resolution in pixels (images are resized and centre-cropped).")
     flip: bool = _opt(False, "Also train on horizontally flipped copies (not for text or asymmetric subjects).")
+    regularization_images: str = _opt(
+        "", "Folder of regularisation images with captions (kohya's reg folder): ordinary images of what "
+            "prompts without the trigger should keep drawing; trained beside the concept to stop it leaking.",
+        flag="--reg-images")
 
     def validate(self) -> None:
         if not self.images:
@@ -108,6 +112,8 @@ class TrainConfig:
                                  "faster, docs/benchmarks.md), all cores for full-size ones.")
     seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
     min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
+    prior_loss_weight: float = _opt(1.0, "Weight of the regularisation images' loss against the concept's "
+                                         "(used only with --reg-images).")
     noise_offset: float = _opt(0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).")
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
@@ -127,7 +133,7 @@ class TrainConfig:
             if getattr(self, attr) < 1:
                 raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
         for attr in ("warmup_steps", "checkpoint_every", "preview_every", "min_snr_gamma", "noise_offset",
-                     "cpu_threads"):
+                     "cpu_threads", "prior_loss_weight"):
             if getattr(self, attr) < 0:
                 raise ConfigError(f"{attr} must not be negative, got {getattr(self, attr)}")
         if self.checkpoints_to_keep < 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,10 @@ class ConceptSet:
     problems: list[FileProblem] = field(default_factory=list)
 
 
-def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None = None) -> ConceptSet:
+def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None = None,
+                        what: str = "concept images") -> ConceptSet:
     """Read a folder (or an explicit list of files) of concept images with their captions."""
-    paths = sorted(Path(p) for p in files) if files is not None else _list_folder(Path(config.images))
+    paths = sorted(Path(p) for p in files) if files is not None else _list_folder(Path(config.images), what)
     result = ConceptSet()
     for path in paths:
         if path.suffix.lower() == CAPTION_EXTENSION or path.name.startswith("."):
@@ -72,13 +73,21 @@ def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None =
         result.images.append(ConceptImage(path, image, caption))
     if not result.images:
         details = "; ".join(str(p) for p in result.problems) or "the folder has no image files"
-        raise ConceptImagesError(f"no usable concept images in {config.images or 'the given files'}: {details}")
+        raise ConceptImagesError(f"no usable {what} in {config.images or 'the given files'}: {details}")
     return result
 
 
-def _list_folder(folder: Path) -> list[Path]:
+def load_regularization_images(config: DataConfig) -> ConceptSet | None:
+    """The regularisation folder's images with their own captions (no trigger added), or None when unset."""
+    if not config.regularization_images:
+        return None
+    reg_config = replace(config, images=config.regularization_images, trigger_word="", caption_template="")
+    return load_concept_images(reg_config, what="regularisation images")
+
+
+def _list_folder(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
-        raise ConceptImagesError(f"concept image folder {folder} does not exist or is not a folder")
+        raise ConceptImagesError(f"{what} folder {folder} does not exist or is not a folder")
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 

@@ -54,7 +54,8 @@ def diffusers_adapter_metadata(spec: LoraSpec) -> dict[str, Any]:
 
 
 def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions: list[str],
-                      tag_frequency: dict[str, int], processes: int = 1) -> dict[str, str]:
+                      tag_frequency: dict[str, int], processes: int = 1,
+                      regularization_images: int = 0) -> dict[str, str]:
     """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*."""
     now = datetime.now(UTC)
     res = config.data.resolution
@@ -82,6 +83,8 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
         "ss_max_train_steps": str(config.steps),
         "ss_resolution": f"({res}, {res})",
         "ss_num_train_images": str(len(captions)),
+        "ss_num_reg_images": str(regularization_images),
+        "ss_prior_loss_weight": repr(config.prior_loss_weight),
         "ss_learning_rate": repr(config.learning_rate),
         "ss_unet_lr": repr(config.learning_rate),
         "ss_text_encoder_lr": "0.0",

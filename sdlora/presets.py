@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is
     from sdlora.models import ModelInfo
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+DEMO_REGULARIZATION = DEMO_MODEL.parent / "regularization"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Preset:
     resolution: int  # 0: the base model's native resolution
     batch_size: int = 1
     extra_target_modules: tuple[str, ...] = ()
+    regularization_images: str = ""
     note: str = ""
 
 
@@ -61,13 +63,25 @@ def preset_for(base_model: str, kind: str) -> Preset:
     return PRESETS[kind]
 
 
+def preset_settings(preset: Preset, native_resolution: int = 512) -> dict[str, Any]:
+    """The preset as nested TrainConfig settings: the one mapping from presets to configs."""
+    data: dict[str, Any] = {"resolution": preset.resolution or native_resolution}
+    if preset.regularization_images:
+        data["regularization_images"] = preset.regularization_images
+    return {
+        "steps": preset.steps,
+        "learning_rate": preset.learning_rate,
+        "batch_size": preset.batch_size,
+        "data": data,
+        "lora": {"rank": preset.rank, "alpha": preset.alpha, "extra_target_modules": preset.extra_target_modules},
+    }
+
+
 def apply_preset(config: TrainConfig, preset: Preset, native_resolution: int = 512) -> TrainConfig:
-    """A copy of `config` with the preset's numbers filled in."""
-    data = replace(config.data, resolution=preset.resolution or native_resolution)
-    lora = replace(config.lora, rank=preset.rank, alpha=preset.alpha,
-                   extra_target_modules=preset.extra_target_modules)
-    return replace(config, steps=preset.steps, learning_rate=preset.learning_rate, batch_size=preset.batch_size,
-                   data=data, lora=lora)
+    """A copy of `config` with the preset's settings filled in."""
+    settings = preset_settings(preset, native_resolution)
+    data, lora = replace(config.data, **settings.pop("data")), replace(config.lora, **settings.pop("lora"))
+    return replace(config, data=data, lora=lora, **settings)
 
 
 def default_config(base_model: str, images: str, output_dir: str, name: str, trigger_word: str = "",

@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_snr
 
 from sdlora import checkpoints
 from sdlora.config import TrainConfig
-from sdlora.data import load_concept_images, make_caption, tag_frequency
+from sdlora.data import load_concept_images, load_regularization_images, make_caption, tag_frequency
 from sdlora.encode import EncodedConcepts, encode_concepts
 from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
@@ -101,10 +101,14 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     if info.family == "sdxl":
         raise ConfigError(f"{config.base_model} is SDXL; this version trains SD 1.x and 2.x adapters only")
     concepts = load_concept_images(config.data, files)
+    regularization = load_regularization_images(config.data)
+    skipped = tuple(str(p) for p in concepts.problems + (regularization.problems if regularization else []))
 
     # 2. Encode once: the VAE (always float32: a half-precision VAE overflows into NaN)
     #    and the frozen text encoder are not trained, so their outputs are cached.
     encoded = encode_concepts(pipeline, concepts.images, config.data.flip, accelerator.device)
+    encoded_prior = (encode_concepts(pipeline, regularization.images, config.data.flip, accelerator.device)
+                     if regularization else None)
 
     # 3. Adapter, optimizer, schedule.
     unet = pipeline.unet
@@ -133,7 +137,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
         start = checkpoints.checkpoint_step(resume_path)
     emit(Started(total_steps=config.steps, start_step=start, image_count=len(concepts.images),
                  trainable_parameters=trainable, total_parameters=total,
-                 skipped_files=tuple(str(p) for p in concepts.problems),
+                 skipped_files=skipped,
                  device=str(accelerator.device), mixed_precision=accelerator.mixed_precision))
 
     # 4. The loop.
@@ -144,7 +148,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     unet.train()
     while step < config.steps and not stop.requested:
         loss_value = _optimizer_step(config, accelerator, unet, optimizer, lr_schedule, noise_scheduler,
-                                     encoded, info.prediction_type, step)
+                                     encoded, encoded_prior, info.prediction_type, step)
         if not math.isfinite(loss_value):
             last = checkpoints.list_checkpoints(checkpoints.checkpoint_folder(config))
             error = TrainingDiverged(
@@ -171,7 +175,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     if accelerator.is_main_process:
         captions = [c.caption for c in concepts.images]
         metadata = training_metadata(config, info, step, captions, tag_frequency(captions),
-                                     processes=accelerator.num_processes)
+                                     processes=accelerator.num_processes,
+                                     regularization_images=len(regularization.images) if regularization else 0)
         save_adapter(path, lora_state_dict(accelerator.unwrap_model(unet)), config.lora, metadata)
         atomic_write_text(config_path, config.to_json() + "\n")
         emit(Saved(step, str(path), "adapter"))
@@ -184,12 +189,17 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     stopped = step < config.steps
     emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped))
     accelerator.end_training()
-    return TrainResult(path, config_path, step, stopped, loss_value, tuple(str(p) for p in concepts.problems))
+    return TrainResult(path, config_path, step, stopped, loss_value, skipped)
 
 
 def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimizer, lr_schedule,
-                    noise_scheduler, encoded: EncodedConcepts, prediction_type: str, step: int) -> float:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+                    noise_scheduler, encoded: EncodedConcepts, encoded_prior: EncodedConcepts | None,
+                    prediction_type: str, step: int) -> float:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss.
+
+    With regularisation images, each micro-batch also holds as many of them as concept
+    images (DreamBooth's prior preservation), weighted by `prior_loss_weight`.
+    """
     losses = []
     for micro in range(config.gradient_accumulation_steps):
         # Noise, timesteps and image order are a pure function of (seed, step, process):
@@ -199,9 +209,18 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimiz
         index = encoded.batch_indices(config.seed, step * config.gradient_accumulation_steps + micro,
                                       config.batch_size, accelerator.process_index, accelerator.num_processes)
         latents, embeddings = encoded.batch(index, accelerator.device)
+        prior_samples = 0
+        if encoded_prior is not None:
+            prior_index = encoded_prior.batch_indices(config.seed + 1, step * config.gradient_accumulation_steps
+                                                      + micro, config.batch_size, accelerator.process_index,
+                                                      accelerator.num_processes)
+            prior_latents, prior_embeddings = encoded_prior.batch(prior_index, accelerator.device)
+            latents, embeddings = torch.cat([latents, prior_latents]), torch.cat([embeddings, prior_embeddings])
+            prior_samples = len(prior_index)
         with accelerator.accumulate(unet):
             loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, prediction_type,
-                                  config.min_snr_gamma, config.noise_offset)
+                                  config.min_snr_gamma, config.noise_offset, prior_samples,
+                                  config.prior_loss_weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable_parameters(unet), config.max_grad_norm)
@@ -214,8 +233,12 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimiz
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
                    generator: torch.Generator, prediction_type: str, min_snr_gamma: float = 0.0,
-                   noise_offset: float = 0.0) -> torch.Tensor:
-    """MSE between the UNet's prediction and the epsilon or v target, optionally Min-SNR weighted."""
+                   noise_offset: float = 0.0, prior_samples: int = 0, prior_loss_weight: float = 1.0) -> torch.Tensor:
+    """MSE between the UNet's prediction and the epsilon or v target, optionally Min-SNR weighted.
+
+    The last `prior_samples` rows are regularisation images: their mean loss is added with
+    weight `prior_loss_weight` to the mean loss of the others.
+    """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if noise_offset:
@@ -235,6 +258,9 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: tor
         snr = compute_snr(noise_scheduler, timesteps)
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
+    if prior_samples:
+        concept, prior = per_sample[:-prior_samples], per_sample[-prior_samples:]
+        return concept.mean() + prior_loss_weight * prior.mean()
     return per_sample.mean()
 
 

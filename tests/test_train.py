@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGE_SIZE, draw_concept
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_lora import unet_output
 
 from sdlora import train as train_module
-from sdlora.config import LoraSpec, TrainConfig
-from sdlora.errors import CheckpointError, TrainingDiverged
+from sdlora.config import DataConfig, LoraSpec, TrainConfig
+from sdlora.data import load_concept_images
+from sdlora.encode import encode_concepts
+from sdlora.errors import CheckpointError, ConceptImagesError, TrainingDiverged
 from sdlora.events import Started, Step, StopFlag
 from sdlora.formats import read_metadata
 from sdlora.lora import add_lora, trainable_parameters
@@ -243,3 +247,66 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_of_the_same_name(tiny_confi
     result = train(tiny_config.replace(steps=2), overwrite=True)
     steps = [p.name for p in (Path(tiny_config.output_dir) / ".runs/tiny/checkpoints").iterdir()]
     assert steps == ["step-000002"] and read_metadata(result.adapter_path)["ss_steps"] == "2"
+
+
+def test_regularisation_rows_are_added_with_the_prior_loss_weight(tiny_model):
+    pipeline = load_pipeline(str(tiny_model))
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+
+    def loss(**kwargs):
+        with torch.no_grad():
+            return diffusion_loss(pipeline.unet, scheduler, latents, embeddings, torch.Generator().manual_seed(2),
+                                  "epsilon", **kwargs).item()
+
+    concept_only, concept_and_prior = loss(prior_samples=2, prior_loss_weight=0.0), loss(prior_samples=2)
+    prior = concept_and_prior - concept_only
+    assert prior > 0
+    assert loss() == pytest.approx(concept_and_prior / 2, rel=1e-5)  # two equal halves, plain mean
+    assert loss(prior_samples=2, prior_loss_weight=3.0) == pytest.approx(concept_only + 3 * prior, rel=1e-5)
+
+
+def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_path, monkeypatch):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in range(3):
+        draw_concept(reg / f"square{i}.png", i, colour=(40, 70, 220))
+        (reg / f"square{i}.txt").write_text("a blue square")
+    (reg / "broken.png").write_bytes(b"\x89PNG not really")
+    batches = []
+    real_loss = train_module.diffusion_loss
+
+    def recording_loss(unet, scheduler, latents, embeddings, *args):
+        batches.append((latents.clone(), embeddings.clone(), args[-2:]))
+        return real_loss(unet, scheduler, latents, embeddings, *args)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    config = tiny_config.replace(steps=3, batch_size=2, prior_loss_weight=0.5,
+                                 data=replace(tiny_config.data, regularization_images=str(reg)))
+    events = []
+    result = train(config, on_event=events.append)
+
+    (started,) = [e for e in events if isinstance(e, Started)]
+    assert [p.split(":")[0] for p in started.skipped_files] == ["broken.png"]
+    header = read_metadata(result.adapter_path)
+    assert header["ss_num_reg_images"] == "3" and header["sdlora.image_count"] == "4"
+    # Every step: 2 concept rows, then 2 regularisation rows with their own captions (no trigger added).
+    pipe = load_pipeline(config.base_model)
+    reg_set = encode_concepts(pipe, load_concept_images(DataConfig(images=str(reg), resolution=IMAGE_SIZE)).images,
+                              False, torch.device("cpu"))
+    assert len(batches) == 3
+    for latents, embeddings, (prior_samples, weight) in batches:
+        assert latents.shape[0] == 4 and (prior_samples, weight) == (2, 0.5)
+        for row in (2, 3):
+            assert torch.allclose(embeddings[row], reg_set.embeddings[0], atol=1e-5)
+            assert any(torch.allclose(latents[row], r, atol=1e-5) for r in reg_set.latents)
+        assert not any(torch.allclose(embeddings[row], reg_set.embeddings[0], atol=1e-3) for row in (0, 1))
+
+
+def test_a_missing_regularisation_folder_is_named(tiny_config, tmp_path):
+    missing = tmp_path / "no-such-reg"
+    config = tiny_config.replace(data=replace(tiny_config.data, regularization_images=str(missing)))
+    with pytest.raises(ConceptImagesError, match=f"regularisation images folder {missing}"):
+        train(config)
+    assert not Path(tiny_config.output_dir, "tiny.safetensors").exists()
