@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from sdlora.demo import build
 from sdlora.demo.components import BUILD_INFO, folder_size_mb
 
-TINY = ["--vae-steps", "1", "1", "--cache-images", "40", "--eval-per-pair", "0"]
+TINY = ["--vae-steps", "1", "1", "--decoder-steps", "2", "--cache-images", "40", "--eval-per-pair", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_build_exports_a_loadable_small_pipeline(built):
 def test_build_records_each_stage(built):
     root, _ = built
     doc = (root / "doc.md").read_text()
-    assert "| vae1 |" in doc and "| vae2 |" in doc and "| unet |" in doc
+    assert all(f"| {stage} |" in doc for stage in ("vae1", "vae2", "decoder", "unet"))
 
 
 def test_build_resumes_from_checkpoint(built):
@@ -54,3 +54,18 @@ def test_build_resumes_from_exported_model_without_checkpoint(built):
     (root / "work" / "checkpoint.pt").unlink()
     build.main(args + ["--unet-steps", "4"])
     assert _unet_step(root / "model") == 4
+
+
+def test_an_older_build_catches_up_the_decoder_stage_without_moving_the_latents(built):
+    root, args = built
+    path = root / "work" / "checkpoint.pt"
+    old = torch.load(path, weights_only=False)
+    del old["steps"]["decoder"]  # as saved before the decoder stage existed
+    torch.save(old, path)
+    build.main(args + ["--unet-steps", "5"])
+    new = torch.load(path, weights_only=False)
+    assert new["steps"]["decoder"] == 2 and new["steps"]["unet"] == 5 and new["stage"] == "done"
+    encoder = [k for k in old["vae"] if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in old["vae"] if k.startswith("decoder.")]
+    assert encoder and all(torch.equal(old["vae"][k], new["vae"][k]) for k in encoder)
+    assert any(not torch.equal(old["vae"][k], new["vae"][k]) for k in decoder)

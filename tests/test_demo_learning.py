@@ -38,10 +38,13 @@ def test_learning_checks_wait_for_a_base_that_meets_its_targets(tmp_path):
 
     assert "not built" in base_not_ready(tmp_path)
     (tmp_path / "model_index.json").write_text("{}")
-    info = {"steps": {"unet": 100}}
+    info = {"steps": {"decoder": 10, "unet": 100}}
     (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
     assert "no report" in base_not_ready(tmp_path)
-    info["report"] = {"unet_step": 100, "colour": 0.95, "shape": 0.5}
+    info["report"] = {"build_steps": {"decoder": 5, "unet": 100}, "colour": 0.95, "shape": 0.5}
+    (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
+    assert "no report" in base_not_ready(tmp_path)  # measured before the decoder's last steps
+    info["report"]["build_steps"] = {"decoder": 10, "unet": 100}
     (tmp_path / "sdlora_demo.json").write_text(json.dumps(info))
     assert "still training: colour 95%, shape 50%" in base_not_ready(tmp_path)
     info["report"]["shape"] = 0.85

@@ -1,7 +1,8 @@
 """Build the demo model from scratch: `python -m sdlora.demo.build [--budget-minutes N]`.
 
-Stages: vae1, vae2 (autoencoder on a wide range of images), cache (encode the base
-dataset), unet (text encoder + UNet with EMA). The run checkpoints to build/demo/,
+Stages: vae1, vae2 (autoencoder on a wide range of images), decoder (the decoder alone,
+encoder frozen, so latents keep their meaning), cache (encode the base dataset), unet
+(text encoder + UNet with EMA). The run checkpoints to build/demo/,
 exports assets/demo-model/ every few minutes, and stops cleanly on SIGINT/SIGTERM or
 when its time budget is spent; running the same command again carries on.
 """
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 from sdlora.demo import records
 from sdlora.demo.components import export_pipeline, make_pipeline
+from sdlora.demo.concepts import CONCEPTS, concept_scenes
 from sdlora.demo.shapes import base_scene, render, wide_scene
-from sdlora.demo.state import BuildState, fresh_state, load_checkpoint, load_exported
+from sdlora.demo.state import STAGES, BuildState, fresh_state, load_checkpoint, load_exported
 from sdlora.demo.tokenizer import save_tokenizer
 
 
@@ -38,6 +40,11 @@ class BuildConfig:
     # over the latent (unnormalised) made the KL dominate and capped reconstructions near 18 dB.
     vae_kl: tuple[float, float] = (1e-3, 1e-4)  # stage two trades latent regularity for colour fidelity
     vae_batch: int = 16  # many small steps beat few large ones for this autoencoder
+    # Stage "decoder": with the encoder frozen the latent space stays put, so this stage can
+    # sharpen colours and edges even after the UNet is trained (measured: magenta survived a
+    # round trip in 67% of images before, 100% after 600 steps; cyan 50% -> 100%).
+    decoder_steps: int = 1000
+    decoder_lr: float = 2e-4
     cache_images: int = 20000  # base images encoded once for the UNet stage
     unet_steps: int = 40000  # upper bound; the time budget usually ends a run first
     unet_lr: float = 3e-4
@@ -133,12 +140,50 @@ def train_vae(state: BuildState, cfg: BuildConfig, run: Run) -> None:
     _finish_stage_slice(state, cfg, tic, losses, step >= cfg.vae_steps[which])
 
 
+def train_decoder(state: BuildState, cfg: BuildConfig, run: Run) -> None:
+    """Stage decoder: the decoder alone on base, anything-goes and LoRA-concept-like images."""
+    frozen = [*state.vae.encoder.parameters(), *state.vae.quant_conv.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    if state.vae_opt is None:
+        trainable = [p for p in state.vae.parameters() if p.requires_grad]
+        state.vae_opt = torch.optim.AdamW(trainable, lr=cfg.decoder_lr, weight_decay=0.0)
+        if state.pending_opt.get("vae"):
+            state.vae_opt.load_state_dict(state.pending_opt.pop("vae"))
+    state.vae.train()
+    step, losses, tic = state.steps.get("decoder", 0), [], time.monotonic()
+    while step < cfg.decoder_steps and not run.out_of_time():
+        quarter = cfg.vae_batch // 4
+        scenes = [base_scene(cfg.seed + 3, step * cfg.vae_batch + k) for k in range(quarter)]
+        scenes += [wide_scene(cfg.seed + 3, step * cfg.vae_batch + k) for k in range(2 * quarter)]
+        scenes += concept_scenes(CONCEPTS[step % len(CONCEPTS)], seed=cfg.seed + 1000 + step, count=quarter)
+        x = images_tensor(scenes)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step + 2_000_000)
+            latents = state.vae.encode(x).latent_dist.sample(generator=gen)
+        recon = state.vae.decode(latents).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        state.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state.vae_opt.step()
+        step += 1
+        losses.append(loss.item())
+        state.steps["decoder"] = step
+        if step % 25 == 0:
+            log(f"decoder step {step} loss {np.mean(losses[-25:]):.4f}")
+        if run.due("last_checkpoint", cfg.checkpoint_minutes):
+            state.save(cfg.work / "checkpoint.pt")
+    for p in frozen:
+        p.requires_grad_(True)
+    _finish_stage_slice(state, cfg, tic, losses, step >= cfg.decoder_steps)
+
+
 def _finish_stage_slice(state: BuildState, cfg: BuildConfig, tic: float, losses: list, done: bool) -> None:
     """Account wall time, record the figures and advance if the stage is complete."""
     seconds = time.monotonic() - tic
     state.seconds[state.stage] = state.seconds.get(state.stage, 0.0) + seconds
     extra = {}
-    if state.stage.startswith("vae"):
+    if state.stage in ("vae1", "vae2", "decoder"):
         extra["psnr_db"] = records.vae_psnr(state.vae, cfg.seed + 99)
     records.append_row(cfg.doc, state.stage, state.steps.get(state.stage, 0), seconds, losses, extra)
     if done:
@@ -154,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop cleanly after this long")
     parser.add_argument("--unet-steps", type=int, default=BuildConfig.unet_steps)
     parser.add_argument("--vae-steps", type=int, nargs=2, default=BuildConfig.vae_steps)
+    parser.add_argument("--decoder-steps", type=int, default=BuildConfig.decoder_steps)
     parser.add_argument("--cache-images", type=int, default=BuildConfig.cache_images)
     parser.add_argument("--out", type=Path, default=BuildConfig.out)
     parser.add_argument("--work", type=Path, default=BuildConfig.work)
@@ -166,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         budget_minutes=args.budget_minutes,
         unet_steps=args.unet_steps,
         vae_steps=tuple(args.vae_steps),
+        decoder_steps=args.decoder_steps,
         cache_images=args.cache_images,
         doc=args.doc,
         eval_per_pair=args.eval_per_pair,
@@ -190,6 +237,8 @@ def _build(cfg: BuildConfig, run: Run) -> None:
     while state.stage != "done" and not run.out_of_time():
         if state.stage in ("vae1", "vae2"):
             train_vae(state, cfg, run)
+        elif state.stage == "decoder":
+            train_decoder(state, cfg, run)
         elif state.stage == "cache":
             build_cache(state, cfg, tokenizer)
             state.next_stage()
@@ -206,11 +255,16 @@ def _restore(cfg: BuildConfig, tokenizer) -> BuildState:
         state = load_checkpoint(checkpoint, tokenizer)
         if state.stage == "done" and state.steps.get("unet", 0) < cfg.unet_steps:
             state.stage = "unet"  # asked for more steps than the finished build had
-        return state
-    if (cfg.out / "model_index.json").exists():
+    elif (cfg.out / "model_index.json").exists():
         log(f"no checkpoint; continuing from the weights in {cfg.out}")
-        return load_exported(cfg.out, tokenizer)
-    return fresh_state(tokenizer, cfg.seed)
+        state = load_exported(cfg.out, tokenizer)
+    else:
+        return fresh_state(tokenizer, cfg.seed)
+    if "decoder" not in state.steps and STAGES.index(state.stage) > STAGES.index("decoder"):
+        # Built before the decoder stage existed: it leaves the latents as they are, so catch it up.
+        log(f"catching up stage decoder, then back to {state.stage}")
+        state.return_to, state.stage = state.stage, "decoder"
+    return state
 
 
 def _finish_unet(state: BuildState, cfg: BuildConfig, run: Run, tokenizer, tic: float, losses: list) -> None:

@@ -41,7 +41,7 @@ def base_not_ready(model: Path = DEMO_MODEL) -> str | None:
         return "the demo model is not built yet (python -m sdlora.demo.build)"
     info = json.loads(info_path.read_text())
     report = info.get("report") or {}
-    if report.get("unet_step") != info.get("steps", {}).get("unet"):
+    if report.get("build_steps") != info.get("steps"):
         return "the shipped demo weights have no report yet (python -m sdlora.demo.report)"
     if report["colour"] < COLOUR_TARGET or report["shape"] < SHAPE_TARGET:
         return (f"the demo base is still training: colour {report['colour']:.0%}, shape {report['shape']:.0%} "

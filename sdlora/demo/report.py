@@ -98,6 +98,10 @@ def grid(report: Report, columns: int, scale: int = 1) -> Image.Image:
     return sheet
 
 
+def _steps_text(info: dict) -> str:
+    return ", ".join(f"{stage} {steps}" for stage, steps in info.get("steps", {}).items()) or "?"
+
+
 def summary(report: Report, model: Path, steps: int, guidance: float) -> str:
     """Markdown block with overall and per-pair figures."""
     info_path = model / "sdlora_demo.json"
@@ -108,7 +112,7 @@ def summary(report: Report, model: Path, steps: int, guidance: float) -> str:
         "## Latest report",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on `{model}` "
-        f"(UNet step {info.get('steps', {}).get('unet', '?')}), {len(report.rows)} prompts, "
+        f"(build steps {_steps_text(info)}), {len(report.rows)} prompts, "
         f"{steps} steps, guidance {guidance}, new seeds, CPU with {torch.get_num_threads()} threads.",
         "",
         f"- colour accuracy: **{report.accuracy('colour'):.1%}** (target >= 90%)",
@@ -144,8 +148,8 @@ def write_summary(block: str) -> None:
     DOC.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line entry point."""
+def main(argv: list[str] | None = None) -> str:
+    """Command line entry point; returns the markdown block it wrote."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("assets/demo-model"))
     parser.add_argument("--per-pair", type=int, default=9, help="images per colour x shape pair")
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     write_summary(block)
     record_in_model(report, args.model, args.steps, args.guidance)
     print(block)
+    return block
 
 
 def record_in_model(report: Report, model: Path, steps: int, guidance: float) -> None:
@@ -169,6 +174,7 @@ def record_in_model(report: Report, model: Path, steps: int, guidance: float) ->
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info["report"] = {
         "unet_step": info.get("steps", {}).get("unet"),
+        "build_steps": info.get("steps", {}),  # every stage: a new decoder needs a new report too
         "colour": round(report.accuracy("colour"), 4),
         "shape": round(report.accuracy("shape"), 4),
         "prompts": len(report.rows),

@@ -70,7 +70,8 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) ->
     return tuple(int(v) for v in np.clip(np.array(rgb) + noise, 0, 255))
 
 
-def _place(rng: np.random.Generator, size: int) -> tuple[float, float]:
+def place(rng: np.random.Generator, size: int) -> tuple[float, float]:
+    """A random centre that keeps a shape of this size fully inside the image."""
     half = size / 2 + 2
     return float(rng.uniform(half, SIZE - half)), float(rng.uniform(half, SIZE - half))
 
@@ -88,7 +89,7 @@ def make_scene(
     background = str(rng.choice(sorted(backgrounds)))
     texture = str(rng.choice(textures))
     size = int(rng.integers(20, 47))
-    cx, cy = _place(rng, size)
+    cx, cy = place(rng, size)
     return Scene(
         shape=shape,
         colour=colour,

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdlora.demo.components import BUILD_INFO, make_text_encoder, make_unet, make_vae
 
-STAGES = ("vae1", "vae2", "cache", "unet", "done")
+STAGES = ("vae1", "vae2", "decoder", "cache", "unet", "done")
 
 
 @dataclass
@@ -33,10 +33,13 @@ class BuildState:
     unet_opt: torch.optim.Optimizer | None = None
     # Optimiser states read from a checkpoint, applied once the stage builds its optimiser.
     pending_opt: dict[str, dict | None] = field(default_factory=dict)
+    # Set when a stage added to the recipe later is caught up on an older build: where to go back to.
+    return_to: str | None = None
 
     def next_stage(self) -> None:
         """Move to the following stage, dropping optimiser state that is no longer needed."""
-        self.stage = STAGES[STAGES.index(self.stage) + 1]
+        self.stage = self.return_to or STAGES[STAGES.index(self.stage) + 1]
+        self.return_to = None
         self.vae_opt = None
 
     def save(self, path: Path) -> None:
