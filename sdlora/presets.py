@@ -42,7 +42,10 @@ PRESETS: dict[str, Preset] = {
                      note="one thing from several angles: low rank is enough"),
     "Demo": Preset(rank=16, alpha=16, steps=400, learning_rate=2e-3, resolution=64, batch_size=4,
                    extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
-                   note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU"),
+                   regularization_images=str(DEMO_REGULARIZATION),
+                   note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "
+                        "trains beside 24 of the base's own scenes (assets/regularization) so prompts without "
+                        "the trigger keep drawing what they asked for"),
 }
 
 
@@ -113,6 +116,8 @@ def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo
     """A rough duration (and GPU memory) for a run, shown before it starts."""
     latent_pixels = (config.data.resolution / 8) ** 2
     images_per_step = config.batch_size * config.gradient_accumulation_steps
+    if config.data.regularization_images:
+        images_per_step *= 2  # as many regularisation images as concept images in every step
     per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
     if device.startswith("cuda"):
         per_step /= GPU_SPEEDUP

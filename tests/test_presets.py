@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 from sdlora.cli import build_parser, config_from_args
 from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset, default_config, estimate_training, preset_for
 
@@ -13,6 +16,17 @@ def test_demo_model_gets_demo_settings_when_no_flags_given():
     assert (config.steps, config.learning_rate, config.data.resolution, config.lora.rank) == (
         demo.steps, demo.learning_rate, 64, demo.rank)
     assert config.lora.extra_target_modules == demo.extra_target_modules
+    assert config.data.regularization_images == demo.regularization_images
+    assert len(list(Path(demo.regularization_images).glob("*.png"))) == len(
+        list(Path(demo.regularization_images).glob("*.txt"))) > 0
+
+
+def test_regularisation_images_given_by_the_user_win_over_the_demo_presets():
+    args = build_parser().parse_args(["train", "--base-model", str(DEMO_MODEL), "--images", "x",
+                                      "--reg-images", "my-reg", "--prior-loss-weight", "0.5"])
+    config = config_from_args(args)
+    assert (config.data.regularization_images, config.prior_loss_weight) == ("my-reg", 0.5)
+    assert config.data.resolution == 64  # the rest of the demo preset still applies
 
 
 def test_flags_still_win_over_the_demo_preset():
@@ -35,3 +49,6 @@ def test_presets_apply_and_estimate():
     gpu = estimate_training(config, 860_000_000, None, "cuda")
     assert gpu.seconds < cpu.seconds and gpu.gpu_memory_gb and cpu.gpu_memory_gb is None
     assert "rough" in gpu.text and "GB" in gpu.text
+    with_reg = estimate_training(config.replace(data=replace(config.data, regularization_images="r")),
+                                 860_000_000, None, "cpu")
+    assert with_reg.seconds > 1.5 * cpu.seconds  # twice the images per step
