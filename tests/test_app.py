@@ -63,7 +63,7 @@ def images(tmp_path) -> list[str]:
 def train_args(files, table, name, steps=6, preview_every=3, rank=4):
     """Positional inputs of /train: files, captions, then the settings in the tab's order."""
     return ([handle_file(f) for f in files], table, "Object", name, "sks", "{trigger}, a circle", rank, rank, steps, 1e-3,
-            IMAGE_SIZE, preview_every, 7, False)
+            IMAGE_SIZE, preview_every, 7, False, "")
 
 
 def train_and_watch(client, files, name, **settings) -> list[tuple]:
@@ -115,11 +115,12 @@ def test_example_concept_loads_in_one_click(client):
 def test_preset_fills_settings_and_estimate_is_shown(client):
     from sdlora.presets import PRESETS
 
-    rank, alpha, steps, lr, resolution, _, note = client.predict("Character", api_name="/apply_preset")
+    rank, alpha, steps, lr, resolution, _, note, reg = client.predict("Character", api_name="/apply_preset")
     preset = PRESETS["Character"]
     assert (rank, steps, resolution) == (preset.rank, preset.steps, preset.resolution)
-    assert lr == pytest.approx(preset.learning_rate) and preset.note in note
-    text = client.predict("Object", "x", "sks", "{trigger}", 4, 4, 100, 1e-4, 0, 0, 1, False, api_name="/estimate")
+    assert lr == pytest.approx(preset.learning_rate) and preset.note in note and reg == ""
+    text = client.predict("Object", "x", "sks", "{trigger}", 4, 4, 100, 1e-4, 0, 0, 1, False, "",
+                          api_name="/estimate")
     assert text.startswith("Estimate: about") and "100 steps on cpu" in text
 
 
@@ -175,8 +176,13 @@ def test_user_errors_read_as_messages_not_tracebacks(client, images):
     with pytest.raises(AppError, match="must be a plain file name") as bad_name:
         client.predict(*train_args(images, table, "a/b"), api_name="/train")
     assert "Traceback" not in str(bad_name.value)
+    args = list(train_args(images, table, "with-reg"))
+    args[-1] = "/no/such/reg-folder"
+    with pytest.raises(AppError, match="regularisation images folder /no/such/reg-folder does not exist"):
+        client.predict(*args, api_name="/train")
     with pytest.raises(AppError, match="concept images"):
-        client.predict([], table, "Object", "x", "sks", "{trigger}", 4, 4, 6, 1e-3, IMAGE_SIZE, 0, 7, False, api_name="/train")
+        client.predict([], table, "Object", "x", "sks", "{trigger}", 4, 4, 6, 1e-3, IMAGE_SIZE, 0, 7, False, "",
+                       api_name="/train")
     with pytest.raises(AppError, match="no adapter named"):
         client.predict("p", "", 1, 1, 5.0, 0, 0, "Euler", 1, "missing", 1.0, None, 1, None, 1, None, 1, False,
                        api_name="/generate")

@@ -148,12 +148,14 @@ class Studio:
 
     def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> BackgroundRun:
         """Start the one training job of this server in the background; TrainingBusy if one runs."""
+        from sdlora.data import load_regularization_images
         from sdlora.train import adapter_path, train
 
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         config = self._resolved(config)
         config.validate()
+        load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
         if adapter_path(config).exists():
             raise ConfigError(f"an adapter named {config.name!r} is already in the library; "
                               "choose another name, or delete or rename the old one")

@@ -35,7 +35,7 @@ class TrainTab:
 
 def train_config(kind: str, base_model: str, name: str, trigger: str, template: str, rank: float, alpha: float,
                  steps: float, lr: float, resolution: float, preview_every: float, seed: float,
-                 flip: bool) -> TrainConfig:
+                 flip: bool, regularization_images: str = "") -> TrainConfig:
     """Widget values -> TrainConfig: the preset's other numbers (batch, extra layers), then the widgets'."""
     from sdlora.presets import apply_preset, preset_for
 
@@ -45,7 +45,8 @@ def train_config(kind: str, base_model: str, name: str, trigger: str, template: 
     config = apply_preset(config, preset_for(base_model, kind))
     return config.replace(
         steps=int(steps), learning_rate=float(lr),
-        data=dataclasses.replace(config.data, resolution=int(resolution or 0)),
+        data=dataclasses.replace(config.data, resolution=int(resolution or 0),
+                                 regularization_images=(regularization_images or "").strip()),
         lora=dataclasses.replace(config.lora, rank=int(rank), alpha=float(alpha)))
 
 
@@ -110,6 +111,8 @@ def build(studio: Studio) -> TrainTab:
             with gr.Accordion("More", open=False):
                 seed = gr.Number(defaults.seed, label="Seed", precision=0, info=HELP["seed"]["help"])
                 flip = gr.Checkbox(defaults.data.flip, label="Flip images", info=HELP["flip"]["help"])
+                reg_images = gr.Textbox("", label="Regularisation images folder (optional, on this machine)",
+                                        info=HELP["regularization_images"]["help"], elem_id="reg-images")
             estimate = gr.Markdown(elem_id="estimate")
             with gr.Row():
                 start_button = gr.Button("Train", variant="primary", elem_id="train-button")
@@ -122,7 +125,8 @@ def build(studio: Studio) -> TrainTab:
         previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2,
                               elem_id="previews")
 
-    settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip]
+    settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip,
+                reg_images]
     progress_outputs = [status, curve, previews]
 
     @readable_errors
@@ -144,7 +148,8 @@ def build(studio: Studio) -> TrainTab:
 
         p = preset_for(studio.base_model, kind)
         note = f"Preset **{kind if p is PRESETS.get(kind) else 'Demo'}**: {p.note}"
-        return p.rank, p.alpha, p.steps, p.learning_rate, p.resolution, max(1, p.steps // 5), note
+        return (p.rank, p.alpha, p.steps, p.learning_rate, p.resolution, max(1, p.steps // 5), note,
+                p.regularization_images)
 
     def estimate_run(kind, *values):
         try:
@@ -179,7 +184,7 @@ def build(studio: Studio) -> TrainTab:
     files.upload(show_images, files, [thumbnails, captions], api_name="upload_images")
     files.clear(lambda: ([], caption_table([])), None, [thumbnails, captions], api_name="clear_images")
     use_example.click(load_example, example, [files, thumbnails, captions, name, trigger], api_name="use_example")
-    preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note]
+    preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note, reg_images]
     filled = preset.input(fill_preset, preset, preset_outputs, api_name="apply_preset")
     gr.on([steps.input, resolution.input, rank.input], estimate_run, settings, estimate, api_name="estimate",
           show_progress="hidden", trigger_mode="always_last")
