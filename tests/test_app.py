@@ -266,3 +266,15 @@ def test_importing_the_app_does_not_import_torch():
 def test_building_the_page_does_not_import_torch(tmp_path):
     assert not torch_imported_by(f"import app; from sdlora.ui.studio import Studio; "
                                  f"app.build_app(Studio('none', {str(tmp_path)!r}))")
+
+
+def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path):
+    own = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts")
+    (own.work_dir / "images").mkdir()
+    given = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
+    (tmp_path / "adapters").mkdir(exist_ok=True)
+    (tmp_path / "adapters" / "keep.safetensors").write_bytes(b"adapter")
+    assert own.work_dir.is_dir() and given.remove_work_dir is None
+    own.remove_work_dir()  # what interpreter exit runs
+    assert not own.work_dir.exists() and given.work_dir.is_dir()
+    assert (tmp_path / "adapters" / "keep.safetensors").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class Studio:
         self.concepts_dir = Path(concepts_dir).resolve()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="sdlora-app-")).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # A folder the studio made itself (uploads, generated images, exports) goes when the server
+        # exits; adapters live in adapters_dir and are never touched. A folder given by the caller stays.
+        self.remove_work_dir = (weakref.finalize(self, shutil.rmtree, str(self.work_dir), ignore_errors=True)
+                                if work_dir is None else None)
         self.run: BackgroundRun | None = None
         self.run_name = ""
         self._library = None
