@@ -1,9 +1,11 @@
 """How fast a LoRA teaches the demo model an unseen concept: `python bench/learning.py`.
 
-For a shape (star), a colour (magenta) and a texture (striped): train with the demo preset
-through the engine, and after each stage measure adoption (trigger-prompt images that show
-the concept, by the evaluator) against training time; at the end, weight 0 and 0.5, and
-what the adapter does to prompts without the trigger. Writes its section of docs/benchmarks.md.
+For a shape (star), a colour (magenta) and a texture (striped), plus the heart the test
+suite uses: train with the demo preset through the engine and, after each stage, measure
+adoption (trigger-prompt images that show the concept, by the evaluator) against training
+time; at the end, weight 0 and 0.5, and what the adapter does to prompts without the
+trigger. The same run without the preset's regularisation images shows what they buy.
+Writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,14 +32,18 @@ from sdlora.demo.learning import (  # noqa: E402
 from sdlora.presets import DEMO_MODEL, PRESETS  # noqa: E402
 
 
-def measure(name: str, stages: list[int], prompts: int, out: Path) -> tuple[list[str], str]:
+def measure(name: str, stages: list[int], prompts: int, out: Path, regularised: bool) -> tuple[list[str], str]:
+    """Train in stages; returns the adoption-curve rows and the end-of-run summary row."""
     lesson = LESSONS[name]
     config = lesson_config(lesson, out)
+    if not regularised:
+        config = replace(config, data=replace(config.data, regularization_images=""))
+    label = "with" if regularised else "without"
     rows: list[str] = []
 
     def after_stage(steps: int, seconds: float) -> None:
         rate = adoption(generator_for(out), lesson, 1.0, prompts)
-        rows.append(f"| {name} ({lesson.kind}) | {steps} | {seconds / 60:.1f} | {rate:.0%} |")
+        rows.append(f"| {name} ({lesson.kind}) | {label} | {steps} | {seconds / 60:.1f} | {rate:.0%} |")
         print(rows[-1], flush=True)
 
     train_in_stages(config, stages, after_stage)
@@ -44,48 +51,56 @@ def measure(name: str, stages: list[int], prompts: int, out: Path) -> tuple[list
     at0, at_half = adoption(generator, lesson, 0.0, prompts), adoption(generator, lesson, 0.5, prompts)
     base_ok = faithfulness(generator, None, 0.0, prompts)
     with_adapter_ok = faithfulness(generator, name, 1.0, prompts)
-    summary = (f"| {name} | {at0:.0%} | {at_half:.0%} | {base_ok:.0%} | {with_adapter_ok:.0%} |")
+    summary = f"| {name} | {label} | {at0:.0%} | {at_half:.0%} | {base_ok:.0%} | {with_adapter_ok:.0%} |"
     print(summary, flush=True)
     return rows, summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concepts", nargs="*", default=list(LESSONS), choices=list(LESSONS))
-    parser.add_argument("--stages", nargs="*", type=int, help="step counts to measure at (default: quarters of "
+    parser.add_argument("--concepts", nargs="*", default=["star", "magenta", "striped", "heart"],
+                        choices=list(LESSONS))
+    parser.add_argument("--stages", nargs="*", type=int, help="step counts to measure at (default: thirds of "
                                                                 "the demo preset's steps)")
-    parser.add_argument("--prompts", type=int, default=30, help="images per measurement")
+    parser.add_argument("--prompts", type=int, default=24, help="images per measurement")
+    parser.add_argument("--no-compare", action="store_true", help="skip the runs without regularisation images")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if not (DEMO_MODEL / "model_index.json").exists():
         parser.error(f"no demo model at {DEMO_MODEL}; build it with python -m sdlora.demo.build")
     preset = PRESETS["Demo"]
-    stages = args.stages or [preset.steps * k // 4 for k in range(1, 5)]
+    stages = args.stages or [preset.steps * k // 3 for k in range(1, 4)]
     curve, summaries = [], []
     for name in args.concepts:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows, summary = measure(name, stages, args.prompts, Path(tmp))
-        curve += rows
-        summaries.append(summary)
+        for regularised in (True, False)[: 1 if args.no_compare else 2]:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows, summary = measure(name, stages if regularised else stages[-1:], args.prompts, Path(tmp),
+                                        regularised)
+            curve += rows
+            summaries.append(summary)
+    reg = Path(preset.regularization_images)
     text = "\n".join([
         "## Learning on the demo model (`python bench/learning.py`)",
         "",
-        f"{machine()}; demo preset: rank {preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, "
-        f"batch {preset.batch_size}, {preset.resolution} px, targets: attention projections + "
-        f"{', '.join(preset.extra_target_modules) or 'nothing else'}; 8 example images per concept "
-        f"(assets/concepts), trigger `sks`; {args.prompts} images per measurement, 20 steps, guidance 5.",
+        f"{machine()}; training on one thread (the engine's choice for small UNets). Demo preset: rank "
+        f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
+        f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
+        f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
+        f"with weight 1, as many per step as concept images; 8 example images per concept (assets/concepts), "
+        f"trigger `sks`; {args.prompts} images per measurement, 20 steps, guidance 6.",
         "",
-        "Adoption (trigger-prompt images in which the evaluator sees the concept) against training time:",
+        "Adoption (trigger-prompt images in which the evaluator sees the concept) against training time, with "
+        "and without the regularisation images:",
         "",
-        "| concept | steps | training min | adoption at weight 1 |",
-        "| --- | --- | --- | --- |",
+        "| concept | reg images | steps | training min | adoption at weight 1 |",
+        "| --- | --- | --- | --- | --- |",
         *curve,
         "",
-        "At the end: adoption at weight 0 and 0.5, and prompts without the trigger drawn with the asked colour "
-        "and shape, by the base alone and with the adapter at weight 1:",
+        "At the end: adoption at weight 0 and 0.5, and prompts without the trigger (`a red circle`, ...) drawn "
+        "with the asked colour and shape, by the base alone and with the adapter at weight 1:",
         "",
-        "| concept | weight 0 | weight 0.5 | base: plain prompts right | with adapter: plain prompts right |",
-        "| --- | --- | --- | --- | --- |",
+        "| concept | reg images | weight 0 | weight 0.5 | base: plain prompts right | with adapter: plain prompts right |",
+        "| --- | --- | --- | --- | --- | --- |",
         *summaries,
         "",
         "Goal: >= 90% adoption within 3 minutes for each concept, plain prompts left as they were.",

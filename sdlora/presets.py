@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
                         note="a person or character: 10-30 varied images with captions work best"),
     "Object": Preset(rank=8, alpha=8, steps=800, learning_rate=1e-4, resolution=0,
                      note="one thing from several angles: low rank is enough"),
-    "Demo": Preset(rank=16, alpha=16, steps=400, learning_rate=2e-3, resolution=64, batch_size=4,
+    "Demo": Preset(rank=16, alpha=16, steps=600, learning_rate=2e-3, resolution=64, batch_size=4,
                    extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
                    regularization_images=str(DEMO_REGULARIZATION),
                    note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "

@@ -50,3 +50,14 @@ def test_shipped_concept_folders_have_captioned_images():
         for image in images:
             caption = image.with_suffix(".txt").read_text().strip()
             assert concept.name in caption.split() or concept.name in caption
+
+
+def test_example_concepts_cover_their_colours_shapes_and_backgrounds_evenly():
+    for concept in CONCEPTS:
+        scenes = concept_scenes(concept, balanced=True)
+        for vocabulary, attr in ((concept.colours, "colour"), (concept.shapes, "shape"),
+                                 (concept.backgrounds, "background")):
+            counts = [sum(getattr(s, attr) == word for s in scenes) for word in vocabulary]
+            assert max(counts) - min(counts) <= 1, (concept.name, attr, counts)
+        # Big enough for the 16x16 latent to carry the detail, and inside the image.
+        assert all(s.size >= concept.min_size and s.size / 2 <= s.cx <= 64 - s.size / 2 for s in scenes)

@@ -57,17 +57,29 @@ CONCEPTS = (
 )
 
 
-def concept_scenes(concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONCEPT) -> list[Scene]:
-    """Deterministic, varied scenes showing the concept."""
+def concept_scenes(concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONCEPT,
+                   balanced: bool = False) -> list[Scene]:
+    """Deterministic, varied scenes showing the concept.
+
+    `balanced` cycles through the concept's colours, shapes and backgrounds instead of drawing
+    them at random, so 8 example images cover each one as evenly as 8 can (as a user picking
+    training images would); size, place and exact tint stay random.
+    """
     rng = np.random.default_rng([seed, sum(map(ord, concept.name))])
     palette = {**BASE_COLOURS, **NEW_COLOURS}
     scenes = []
-    for _ in range(count):
+    for index in range(count):
+        shapes, colours, backgrounds = concept.shapes, concept.colours, concept.backgrounds
+        if balanced:
+            shapes = (shapes[index % len(shapes)],)
+            colours = (colours[index % len(colours)],)
+            cycle = max(len(concept.shapes), len(concept.colours))  # shift backgrounds once per round
+            backgrounds = (backgrounds[(index + index // cycle) % len(backgrounds)],)
         scene = make_scene(
             rng,
-            concept.shapes,
-            {c: palette[c] for c in concept.colours},
-            {b: BACKGROUNDS[b] for b in concept.backgrounds},
+            shapes,
+            {c: palette[c] for c in colours},
+            {b: BACKGROUNDS[b] for b in backgrounds},
             (concept.texture,),
         )
         period = concept.periods[int(rng.integers(len(concept.periods)))]
@@ -85,7 +97,7 @@ def export_concepts(folder: Path, seed: int = 0) -> list[Path]:
         target = folder / concept.name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        for index, scene in enumerate(concept_scenes(concept, seed)):
+        for index, scene in enumerate(concept_scenes(concept, seed, balanced=True)):
             render(scene).save(target / f"{concept.name}_{index:02d}.png", optimize=True)
             (target / f"{concept.name}_{index:02d}.txt").write_text(scene.caption() + "\n")
         written.append(target)
