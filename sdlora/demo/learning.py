@@ -92,14 +92,23 @@ def lesson_config(lesson: Lesson, output_dir: Path, steps: int | None = None, **
     return replace(config, steps=steps or config.steps, **changes)
 
 
+def trigger_images(generator: Generator, lesson: Lesson, weight: float, count: int,
+                   seed: int = 1000) -> list[np.ndarray]:
+    """Images of `count` trigger prompts at this adapter weight, as HxWx3 arrays."""
+    mix = (AdapterWeight(lesson.name, weight),) if weight else ()
+    return [np.asarray(generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE,
+                                                         adapters=mix))[0].image)
+            for i, prompt in enumerate(trigger_prompts(lesson, count))]
+
+
 def adoption(generator: Generator, lesson: Lesson, weight: float, count: int, seed: int = 1000) -> float:
     """Share of trigger-prompt images that show the concept at this adapter weight."""
-    mix = (AdapterWeight(lesson.name, weight),) if weight else ()
-    hits = 0
-    for i, prompt in enumerate(trigger_prompts(lesson, count)):
-        image = generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix))[0]
-        hits += lesson.seen(classify(np.asarray(image.image)))
-    return hits / count
+    return shown(lesson, trigger_images(generator, lesson, weight, count, seed))
+
+
+def shown(lesson: Lesson, images: list[np.ndarray]) -> float:
+    """Share of these images in which the evaluator sees the lesson's concept."""
+    return sum(lesson.seen(classify(image)) for image in images) / len(images)
 
 
 def faithfulness(generator: Generator, adapter: str | None, weight: float, count: int, seed: int = 2000) -> float:
