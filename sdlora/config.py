@@ -118,7 +118,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
     preview_every: int = _opt(0, "Render preview images every N steps (0 disables).")
-    preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the trigger word's caption.")
+    preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the first image's caption.")
     preview_seeds: tuple[int, ...] = _opt((1, 2), "Fixed seeds for previews, so images are comparable.")
     preview_inference_steps: int = _opt(20, "Denoising steps per preview image.")
     final_preview: bool = _opt(True, "Render <name>.preview.png beside the adapter when training ends.")

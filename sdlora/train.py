@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_snr
 
 from sdlora import checkpoints
 from sdlora.config import TrainConfig
-from sdlora.data import load_concept_images, load_regularization_images, make_caption, tag_frequency
+from sdlora.data import load_concept_images, load_regularization_images, tag_frequency
 from sdlora.encode import EncodedConcepts, encode_concepts
 from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
@@ -141,8 +141,9 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
                  device=str(accelerator.device), mixed_precision=accelerator.mixed_precision))
 
     # 4. The loop.
-    preview_prompts = config.preview_prompts or (
-        make_caption(None, config.data.trigger_word, config.data.caption_template) or concepts.images[0].caption,)
+    # Default preview: a caption the adapter was trained on (with the trigger), so the previews
+    # show the concept as it was taught rather than a bare trigger word the base cannot draw.
+    preview_prompts = config.preview_prompts or (concepts.images[0].caption,)
     throughput, loss_value, step = Throughput(), float("nan"), start
     throughput.tick()
     unet.train()

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "docs" / "screenshots"
 TIMEOUT_MS = 120_000
 # SDLORA_UPDATE_SCREENSHOTS=1 rewrites the README's screenshots: the same steps on the demo model
-# with one of its example concepts and a longer run (SDLORA_SCREENSHOT_STEPS, default 120;
+# with one of its example concepts and a longer run (SDLORA_SCREENSHOT_STEPS, default 600;
 # SDLORA_SCREENSHOT_MODEL names another base model).
 README_MODE = os.environ.get("SDLORA_UPDATE_SCREENSHOTS") == "1"
 DEMO_MODEL = Path(os.environ.get("SDLORA_SCREENSHOT_MODEL") or REPO / "assets" / "demo-model")
@@ -56,7 +56,7 @@ def scenario(tmp_path: Path) -> Scenario:
     if README_MODE:
         files = sorted(str(p) for p in README_CONCEPT.iterdir())
         prompt = next(p for p in sorted(README_CONCEPT.iterdir()) if p.suffix == ".txt").read_text().strip()
-        steps = int(os.environ.get("SDLORA_SCREENSHOT_STEPS", "120"))
+        steps = int(os.environ.get("SDLORA_SCREENSHOT_STEPS", "600"))  # the demo preset's
         return Scenario(files, "star", "star", prompt, steps, max(1, steps // 4), None)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
@@ -151,7 +151,12 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
 
     # Train: the page fills the preset on load; then upload, name the adapter, shorten the run.
     expect(page.locator("#preset-note")).to_contain_text("Preset")
-    page.locator("#concept-files input[type=file]").set_input_files(run.files)
+    if README_MODE:  # what a first-time user does: one of the example concepts, in one click
+        page.locator("#example-concept input").click()
+        page.get_by_role("option", name=README_CONCEPT.name, exact=True).click()
+        page.locator("#use-example").click()
+    else:
+        page.locator("#concept-files input[type=file]").set_input_files(run.files)
     expect(page.locator("#thumbnails img")).to_have_count(len(images))
     expect(page.locator("#captions")).to_contain_text(Path(images[0]).name)
     page.locator("#adapter-name textarea, #adapter-name input").first.fill(run.name)

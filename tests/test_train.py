@@ -18,7 +18,7 @@ from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.data import load_concept_images
 from sdlora.encode import encode_concepts
 from sdlora.errors import CheckpointError, ConceptImagesError, TrainingDiverged
-from sdlora.events import Started, Step, StopFlag
+from sdlora.events import Preview, Started, Step, StopFlag
 from sdlora.formats import read_metadata
 from sdlora.lora import add_lora, trainable_parameters
 from sdlora.models import load_pipeline
@@ -310,3 +310,13 @@ def test_a_missing_regularisation_folder_is_named(tiny_config, tmp_path):
     with pytest.raises(ConceptImagesError, match=f"regularisation images folder {missing}"):
         train(config)
     assert not Path(tiny_config.output_dir, "tiny.safetensors").exists()
+
+
+def test_previews_draw_a_trained_caption_at_fixed_seeds(tiny_config):
+    events = []
+    train(tiny_config.replace(steps=2, preview_every=2, preview_inference_steps=2, final_preview=False),
+          on_event=events.append)
+    (preview,) = [e for e in events if isinstance(e, Preview)]
+    # img0.txt says "a red circle": the first image's caption with the trigger put in front.
+    assert preview.prompts == ("sks, a red circle",) and preview.seeds == (1, 2)
+    assert len(preview.images) == 2 and Path(preview.path).exists()

@@ -76,8 +76,8 @@ def build(studio: Studio) -> TrainTab:
             gr.Markdown("### 1. Concept images")
             with gr.Row(visible=bool(examples)):
                 example = gr.Dropdown(examples, value=examples[0] if examples else None, label="Example concepts",
-                                      scale=3)
-                use_example = gr.Button("Use this example", scale=1)
+                                      scale=3, elem_id="example-concept")
+                use_example = gr.Button("Use this example", scale=1, elem_id="use-example")
             files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
                             label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
                             elem_id="concept-files")
