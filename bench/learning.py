@@ -35,7 +35,7 @@ from sdlora.presets import DEMO_MODEL, PRESETS  # noqa: E402
 def measure(name: str, stages: list[int], prompts: int, out: Path, regularised: bool) -> tuple[list[str], str]:
     """Train in stages; returns the adoption-curve rows and the end-of-run summary row."""
     lesson = LESSONS[name]
-    config = lesson_config(lesson, out)
+    config = lesson_config(lesson, out, cpu_threads=1)  # the setting these figures were first measured with
     if not regularised:
         config = replace(config, data=replace(config.data, regularization_images=""))
     label = "with" if regularised else "without"
@@ -82,7 +82,8 @@ def main() -> None:
     text = "\n".join([
         "## Learning on the demo model (`python bench/learning.py`)",
         "",
-        f"{machine()}; training on one thread (the engine's choice for small UNets). Demo preset: rank "
+        f"{machine()}; training on one thread (`cpu_threads=1`; two are ~1.4x faster on an idle machine, "
+        f"see the training loop section). Demo preset: rank "
         f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
         f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
         f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "

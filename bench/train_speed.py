@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import DataConfig, TrainConfig  # noqa: E402
-from sdlora.data import load_concept_images  # noqa: E402
+from sdlora.data import load_concept_images, load_regularization_images  # noqa: E402
 from sdlora.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
 from sdlora.events import Step  # noqa: E402
 from sdlora.lora import add_lora, trainable_parameters  # noqa: E402
@@ -46,8 +46,11 @@ def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
     """Median seconds of a bare step on the cached batch, and of the same step plus re-encoding."""
     pipeline = load_pipeline(config.base_model)
     concepts = load_concept_images(config.data).images[: config.batch_size]
+    # The loop trains on as many regularisation images as concept images each step: so does the floor.
+    regularization = load_regularization_images(config.data)
+    prior = regularization.images[: config.batch_size] if regularization else []
     device = torch.device("cpu")
-    cached = encode_concepts(pipeline, concepts, False, device)
+    cached = encode_concepts(pipeline, concepts + prior, False, device)
     latents, embeddings = cached.latents, cached.embeddings
     unet = pipeline.unet
     add_lora(unet, config.lora)
@@ -58,14 +61,15 @@ def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     def bare_step() -> None:
-        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(0), "epsilon")
+        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(0), "epsilon",
+                              prior_samples=len(prior))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def encode_batch() -> None:
-        encode_images(pipeline.vae, [c.image for c in concepts], device)
-        encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [c.caption for c in concepts], device)
+        encode_images(pipeline.vae, [c.image for c in concepts + prior], device)
+        encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [c.caption for c in concepts + prior], device)
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -104,15 +108,17 @@ def main() -> None:
         "",
         f"{machine()}; base model `{Path(args.base_model).name}`, demo preset (batch {config.batch_size}, "
         f"{config.data.resolution} px, rank {config.lora.rank}, attention projections + "
-        f"{', '.join(config.lora.extra_target_modules)}), {args.steps} steps, medians.",
+        f"{', '.join(config.lora.extra_target_modules)}, plus {config.batch_size} regularisation images per step "
+        f"in both the loop and the floor), {args.steps} steps, medians.",
         "",
         "| torch threads | full loop, ms/step | floor: bare UNet fwd+bwd+AdamW on the cached batch, ms | loop / floor "
         "| without the cache: floor + VAE and text encoding per step, ms |",
         "| --- | --- | --- | --- | --- |",
         *rows,
         "",
-        "Goal: the full loop within 1.10x of the floor. The default thread count on a CPU follows these figures "
-        "(`TrainConfig.cpu_threads`: one thread for UNets under 100M parameters).",
+        "Goal: the full loop within 1.10x of the floor. On a CPU the default (`TrainConfig.cpu_threads` 0) keeps "
+        "torch's thread count, every core: on an idle machine that was faster for every UNet measured; an "
+        "earlier run that favoured one thread was taken while another process held both cores.",
     ])
     print(text)
     if not args.no_write:

@@ -108,8 +108,8 @@ class TrainConfig:
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
     )
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet (helps on small GPUs).")
-    cpu_threads: int = _opt(0, "torch threads when training on a CPU; 0: one for small models (measured "
-                                 "faster, docs/benchmarks.md), all cores for full-size ones.")
+    cpu_threads: int = _opt(0, "torch threads when training on a CPU; 0: torch's count (every core). Set 1 "
+                                 "when other work shares the CPU: idle threads then spin and slow every step.")
     seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
     min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
     prior_loss_weight: float = _opt(1.0, "Weight of the regularisation images' loss against the concept's "

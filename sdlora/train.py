@@ -113,7 +113,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     # 3. Adapter, optimizer, schedule.
     unet = pipeline.unet
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(config.cpu_threads, sum(p.numel() for p in unet.parameters()), threads))
+        torch.set_num_threads(cpu_threads(config.cpu_threads, threads))
     if unet.dtype != frozen_weight_dtype(accelerator):
         unet.to(dtype=frozen_weight_dtype(accelerator))
     unet.to(accelerator.device)
@@ -265,14 +265,14 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: tor
     return per_sample.mean()
 
 
-SMALL_UNET_PARAMETERS = 100_000_000
+def cpu_threads(requested: int, available: int) -> int:
+    """Threads for CPU training: the requested count, else the caller's (torch's default: every core).
 
-
-def cpu_threads(requested: int, unet_parameters: int, available: int) -> int:
-    """Threads for CPU training: small UNets ran faster on one (bench/train_speed.py), full-size ones use all."""
-    if requested:
-        return requested
-    return 1 if unet_parameters < SMALL_UNET_PARAMETERS else available
+    On an idle machine more threads won for every UNet measured, the tiny test models and the
+    demo model included (bench/train_speed.py); only when other work holds the cores do extra
+    OpenMP threads spin and lose, and then the user (or OMP_NUM_THREADS) says so.
+    """
+    return requested or available
 
 
 def cpu_only() -> bool:
