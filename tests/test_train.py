@@ -195,17 +195,24 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
         train(tiny_config.replace(batch_size=4))
 
 
-def test_min_snr_weighting_and_noise_offset_change_the_loss_as_defined(tiny_model):
+@pytest.fixture()
+def fixed_batch_loss(tiny_model):
+    """The diffusion loss of the tiny UNet on one fixed batch of 4 and fixed noise, for given options."""
     pipeline = load_pipeline(str(tiny_model))
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
 
-    def loss(**kwargs):
+    def loss(**options) -> float:
         with torch.no_grad():
             return diffusion_loss(pipeline.unet, scheduler, latents, embeddings, torch.Generator().manual_seed(2),
-                                  "epsilon", **kwargs).item()
+                                  "epsilon", **options).item()
 
+    return loss
+
+
+def test_min_snr_weighting_and_noise_offset_change_the_loss_as_defined(fixed_batch_loss):
+    loss = fixed_batch_loss
     plain = loss()
     assert loss(min_snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)  # gamma above every SNR: weight 1
     assert loss(min_snr_gamma=0.5) < plain  # low-noise steps (high SNR) are down-weighted
@@ -251,17 +258,8 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_of_the_same_name(tiny_confi
     assert steps == ["step-000002"] and read_metadata(result.adapter_path)["ss_steps"] == "2"
 
 
-def test_regularisation_rows_are_added_with_the_prior_loss_weight(tiny_model):
-    pipeline = load_pipeline(str(tiny_model))
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
-
-    def loss(**kwargs):
-        with torch.no_grad():
-            return diffusion_loss(pipeline.unet, scheduler, latents, embeddings, torch.Generator().manual_seed(2),
-                                  "epsilon", **kwargs).item()
-
+def test_regularisation_rows_are_added_with_the_prior_loss_weight(fixed_batch_loss):
+    loss = fixed_batch_loss
     concept_only, concept_and_prior = loss(prior_samples=2, prior_loss_weight=0.0), loss(prior_samples=2)
     prior = concept_and_prior - concept_only
     assert prior > 0
