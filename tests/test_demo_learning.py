@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from sdlora.demo.evaluate import measure
 from sdlora.demo.learning import LESSONS, base_not_ready, generator_for, lesson_config, shown, trigger_images
 from sdlora.train import train
 
 needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
-LESSON = LESSONS["star"]  # the scoping's hard case; bench/learning.py: 100% at 400 steps of the preset's 600
+LESSON = LESSONS["magenta"]  # bench/learning.py: 100% at the preset's 600 steps, half weight in between
 PROMPTS = 20
 
 
@@ -28,13 +26,9 @@ def test_trigger_prompts_show_the_new_concept(trained):
 
 @needs_ready_base
 def test_weight_zero_does_not_and_half_is_in_between(trained):
-    images = {weight: trigger_images(trained, LESSON, weight, PROMPTS) for weight in (0.0, 0.5, 1.0)}
-    assert shown(LESSON, images[0.0]) <= 0.1
-    assert shown(LESSON, images[0.0]) <= shown(LESSON, images[0.5]) <= shown(LESSON, images[1.0])
-    # Shape is all or nothing for the classifier, so "in between" is measured on the feature
-    # that separates stars: solidity (area over convex hull) falls as the points grow.
-    solidity = {w: np.mean([f.solidity for f in map(measure, imgs) if f]) for w, imgs in images.items()}
-    assert solidity[0.0] > solidity[0.5] > solidity[1.0], solidity
+    at = {weight: shown(LESSON, trigger_images(trained, LESSON, weight, PROMPTS)) for weight in (0.0, 0.5, 1.0)}
+    assert at[0.0] <= 0.1
+    assert at[0.0] < at[0.5] < at[1.0], at
 
 
 def test_learning_checks_wait_for_a_base_that_meets_its_targets(tmp_path):

@@ -30,6 +30,7 @@ class Features:
     hue: float  # chroma-weighted circular mean hue, degrees
     stripe_score: float  # share of luminance variance explained by rows or by columns
     contrast: float  # luminance spread inside the blob
+    points: int = 0  # tips of the outline around the centroid: 5 for a star, 3 for a triangle
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,30 @@ def _hull_area(mask: np.ndarray) -> float:
     return 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1], strict=True)))
 
 
+ANGLE_BINS = 72
+
+
+def _points(mask: np.ndarray) -> int:
+    """Tips of the outline: peaks of the distance from the centroid, taken around the full circle.
+
+    Every clean star has five; a shape torn into a bar and a stem (what a half-learned star
+    often looks like) has two to four, so low solidity alone does not make a star.
+    """
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    angles = ((np.degrees(np.arctan2(ys - cy, xs - cx)) + 360) % 360 * ANGLE_BINS / 360).astype(int)
+    radius = np.zeros(ANGLE_BINS)
+    np.maximum.at(radius, angles % ANGLE_BINS, np.hypot(ys - cy, xs - cx))
+    radius = np.convolve(np.tile(radius, 3), np.ones(3) / 3, mode="same")[ANGLE_BINS:2 * ANGLE_BINS]
+    threshold = radius.min() + 0.3 * (radius.max() - radius.min())
+    peaks = 0
+    for i in range(ANGLE_BINS):
+        window = radius[[(i + k) % ANGLE_BINS for k in range(-4, 5)]]
+        if radius[i] > threshold and radius[i] == window.max() and radius[i] > radius[(i - 1) % ANGLE_BINS]:
+            peaks += 1
+    return peaks
+
+
 def _cross(o: tuple, a: tuple, b: tuple) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
@@ -178,6 +203,7 @@ def measure(image: np.ndarray) -> Features | None:
         hue=hue,
         stripe_score=stripe_score,
         contrast=contrast,
+        points=_points(mask),
     )
 
 
@@ -190,8 +216,8 @@ def colour_name(f: Features) -> str:
 
 
 def shape_name(f: Features) -> str:
-    """Star, square, triangle, heart or circle from fill, solidity and top-heaviness."""
-    if f.solidity < 0.75:
+    """Star, square, triangle, heart or circle from fill, solidity, points and top-heaviness."""
+    if f.solidity < 0.75 and f.points == 5:
         return "star"
     if f.fill > 0.9:
         return "square"
