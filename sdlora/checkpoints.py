@@ -72,9 +72,14 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
     return final
 
 
+def adapter_path(config: TrainConfig) -> Path:
+    """Where a run's finished adapter goes: <output>/<name>.safetensors."""
+    return Path(config.output_dir) / f"{config.name}.safetensors"
+
+
 def claim_name(config: TrainConfig, overwrite: bool) -> None:
     """Before a fresh run: refuse to mix with an earlier run of the same name, or clear it when asked."""
-    adapter = Path(config.output_dir) / f"{config.name}.safetensors"
+    adapter = adapter_path(config)
     old = list_checkpoints(checkpoint_folder(config))
     if not (adapter.exists() or old):
         return

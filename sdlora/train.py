@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from sdlora import checkpoints
+from sdlora.checkpoints import adapter_path
 from sdlora.config import TrainConfig
 from sdlora.data import load_concept_images, load_regularization_images, tag_frequency
 from sdlora.encode import EncodedConcepts, encode_concepts
@@ -38,10 +39,6 @@ class TrainResult:
     stopped_early: bool
     final_loss: float
     skipped_files: tuple[str, ...]
-
-
-def adapter_path(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / f"{config.name}.safetensors"
 
 
 def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: StopFlag | None = None,
