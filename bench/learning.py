@@ -11,8 +11,10 @@ Writes its section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +58,13 @@ def measure(name: str, stages: list[int], prompts: int, out: Path, regularised: 
     return rows, summary
 
 
+def measure_in_tmp(name: str, stages: list[int], prompts: int, regularised: bool) -> tuple[list[str], str]:
+    """One run in its own scratch folder, on one torch thread (also when run side by side)."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        return measure(name, stages if regularised else stages[-1:], prompts, Path(tmp), regularised)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concepts", nargs="*", default=["star", "magenta", "striped", "heart"],
@@ -64,26 +73,30 @@ def main() -> None:
                                                                 "the demo preset's steps)")
     parser.add_argument("--prompts", type=int, default=24, help="images per measurement")
     parser.add_argument("--no-compare", action="store_true", help="skip the runs without regularisation images")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (2 on a 2-core "
+                                                              "machine halves the wall time)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if not (DEMO_MODEL / "model_index.json").exists():
         parser.error(f"no demo model at {DEMO_MODEL}; build it with python -m sdlora.demo.build")
     preset = PRESETS["Demo"]
     stages = args.stages or [preset.steps * k // 3 for k in range(1, 4)]
-    curve, summaries = [], []
-    for name in args.concepts:
-        for regularised in (True, False)[: 1 if args.no_compare else 2]:
-            with tempfile.TemporaryDirectory() as tmp:
-                rows, summary = measure(name, stages if regularised else stages[-1:], args.prompts, Path(tmp),
-                                        regularised)
+    where = machine()  # the load before these runs add their own
+    runs = [(name, regularised) for name in args.concepts
+            for regularised in (True, False)[: 1 if args.no_compare else 2]]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = [pool.submit(measure_in_tmp, name, stages, args.prompts, regularised) for name, regularised in runs]
+        curve, summaries = [], []
+        for result in results:  # in submission order, whatever finishes first
+            rows, summary = result.result()
             curve += rows
             summaries.append(summary)
     reg = Path(preset.regularization_images)
     text = "\n".join([
         "## Learning on the demo model (`python bench/learning.py`)",
         "",
-        f"{machine()}; training on one thread (`cpu_threads=1`; two are ~1.4x faster on an idle machine, "
-        f"see the training loop section). Demo preset: rank "
+        f"{where}; training on one thread (`cpu_threads=1`; two are faster on an idle machine, "
+        f"see the training loop section), {args.jobs} run(s) side by side. Demo preset: rank "
         f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
         f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
         f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "

@@ -2,7 +2,8 @@
 
 Presets only fill in numbers the user can still change. The demo model gets its own
 preset: it is tiny, trains at 64 px, and needs more than the attention projections to
-learn a new shape (see docs/benchmarks.md, learning section).
+learn a new shape: the ResNet convolutions are what draw a star's points (see
+docs/demo-model.md and docs/benchmarks.md, learning section).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ PRESETS: dict[str, Preset] = {
     "Object": Preset(rank=8, alpha=8, steps=800, learning_rate=1e-4, resolution=0,
                      note="one thing from several angles: low rank is enough"),
     "Demo": Preset(rank=16, alpha=16, steps=600, learning_rate=2e-3, resolution=64, batch_size=4,
-                   extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+                   extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
                    regularization_images=str(DEMO_REGULARIZATION),
                    note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "
+                        "adapts the ResNet convolutions and feed-forward layers as well as attention (a new shape "
+                        "needs them); "
                         "trains beside 24 of the base's own scenes (assets/regularization) so prompts without "
                         "the trigger keep drawing what they asked for"),
 }

@@ -40,8 +40,12 @@ def test_only_attention_projections_are_adapted_and_counted(tiny_model):
 
 def test_extra_target_modules_are_adapted(tiny_model):
     unet = load_pipeline(str(tiny_model)).unet
-    add_lora(unet, LoraSpec(rank=2, alpha=2, extra_target_modules=("proj_in",)))
-    assert any(".proj_in.lora_A" in k for k in lora_state_dict(unet))
+    add_lora(unet, LoraSpec(rank=2, alpha=2, extra_target_modules=("proj_in", "conv1")))
+    state = lora_state_dict(unet)
+    assert any(".proj_in.lora_A" in k for k in state)
+    conv_a = state["down_blocks.0.resnets.0.conv1.lora_A.weight"]
+    assert conv_a.shape[0] == 2 and conv_a.shape[2:] == (3, 3)  # a 3x3 conv's A keeps the kernel
+    assert not any(k.startswith("conv_in.") for k in state)  # "conv1" does not match conv_in
 
 
 def test_update_is_alpha_over_rank_times_b_a(tiny_model):
@@ -61,7 +65,7 @@ def test_update_is_alpha_over_rank_times_b_a(tiny_model):
 
 def test_merge_into_weights_equals_unmerged_output(tiny_model):
     unet = load_pipeline(str(tiny_model)).unet
-    add_lora(unet, LoraSpec(rank=4, alpha=8))
+    add_lora(unet, LoraSpec(rank=4, alpha=8, extra_target_modules=("conv1", "conv2", "ff.net.2")))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:

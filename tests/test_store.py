@@ -20,7 +20,8 @@ from sdlora.train import train
 
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory, tiny_model):
-    """One adapter trained on the tiny model (alpha != rank), shared by this module's tests."""
+    """One adapter trained on the tiny model (alpha != rank, ResNet convolutions adapted too, as the demo
+    preset does), shared by this module's tests."""
     from conftest import draw_concept
 
     from sdlora.config import DataConfig, LoraSpec, TrainConfig
@@ -32,7 +33,7 @@ def trained_adapter(tmp_path_factory, tiny_model):
         draw_concept(images / f"{i}.png", i)
     config = TrainConfig(base_model=str(tiny_model), output_dir=str(root / "trained"), name="red", steps=4,
                          learning_rate=5e-3, data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
-                         lora=LoraSpec(rank=4, alpha=2.0))
+                         lora=LoraSpec(rank=4, alpha=2.0, extra_target_modules=("conv1", "conv2")))
     return train(config).adapter_path
 
 
@@ -65,6 +66,8 @@ def test_kohya_export_roundtrip_and_loads_in_diffusers(library, trained_adapter,
     kohya = load_file(str(kohya_path))
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= kohya.keys()
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 convolutions keep their kernel in lora_down
+    assert kohya[f"{conv}.lora_down.weight"].shape[2:] == (3, 3) and kohya[f"{conv}.lora_up.weight"].ndim == 4
     assert all(v.item() == 2.0 for k, v in kohya.items() if k.endswith(".alpha"))  # true alpha, not the rank
     original, again = read_lora(trained_adapter), read_lora(kohya_path)
     assert original.tensors.keys() == again.tensors.keys()
