@@ -147,6 +147,8 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     images = [f for f in run.files if not f.endswith(".txt")]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
+    # expect() keeps its own 5 s default; a comparison grid on a loaded 2-core machine took longer
+    expect.set_options(timeout=TIMEOUT_MS)
     page.goto(server)
 
     # Train: the page fills the preset on load; then upload, name the adapter, shorten the run.
