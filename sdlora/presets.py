@@ -31,6 +31,7 @@ class Preset:
     batch_size: int = 1
     extra_target_modules: tuple[str, ...] = ()
     regularization_images: str = ""
+    prior_loss_weight: float = 1.0  # the regularisation images' loss against the concept's
     note: str = ""
 
 
@@ -43,12 +44,12 @@ PRESETS: dict[str, Preset] = {
                      note="one thing from several angles: low rank is enough"),
     "Demo": Preset(rank=16, alpha=16, steps=600, learning_rate=2e-3, resolution=64, batch_size=4,
                    extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
-                   regularization_images=str(DEMO_REGULARIZATION),
+                   regularization_images=str(DEMO_REGULARIZATION), prior_loss_weight=2.0,
                    note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "
                         "adapts the ResNet convolutions and feed-forward layers as well as attention (a new shape "
                         "needs them); "
-                        "trains beside 24 of the base's own scenes (assets/regularization) so prompts without "
-                        "the trigger keep drawing what they asked for"),
+                        "trains beside 24 of the base's own scenes (assets/regularization), their loss weighted 2x, "
+                        "so prompts without the trigger keep drawing what they asked for"),
 }
 
 
@@ -72,9 +73,11 @@ def preset_for(base_model: str, kind: str) -> Preset:
 def preset_settings(preset: Preset, native_resolution: int = 512) -> dict[str, Any]:
     """The preset as nested TrainConfig settings: the one mapping from presets to configs."""
     data: dict[str, Any] = {"resolution": preset.resolution or native_resolution}
+    settings: dict[str, Any] = {}
     if preset.regularization_images:
         data["regularization_images"] = preset.regularization_images
-    return {
+        settings["prior_loss_weight"] = preset.prior_loss_weight
+    return settings | {
         "steps": preset.steps,
         "learning_rate": preset.learning_rate,
         "batch_size": preset.batch_size,

@@ -17,6 +17,7 @@ def test_demo_model_gets_demo_settings_when_no_flags_given():
         demo.steps, demo.learning_rate, 64, demo.rank)
     assert config.lora.extra_target_modules == demo.extra_target_modules
     assert config.data.regularization_images == demo.regularization_images
+    assert config.prior_loss_weight == demo.prior_loss_weight != 1.0  # the demo's weighting, not the default
     assert len(list(Path(demo.regularization_images).glob("*.png"))) == len(
         list(Path(demo.regularization_images).glob("*.txt"))) > 0
 
@@ -52,3 +53,14 @@ def test_presets_apply_and_estimate():
     with_reg = estimate_training(config.replace(data=replace(config.data, regularization_images="r")),
                                  860_000_000, None, "cpu")
     assert with_reg.seconds > 1.5 * cpu.seconds  # twice the images per step
+
+
+def test_the_apps_widgets_keep_the_demo_presets_prior_loss_weight():
+    from sdlora.ui.train_tab import train_config
+
+    demo = PRESETS["Demo"]
+    config = train_config("Object", str(DEMO_MODEL), "n", "sks", "{trigger}", demo.rank, demo.alpha, demo.steps,
+                          demo.learning_rate, 64, 100, 0, False, demo.regularization_images)
+    assert config.prior_loss_weight == demo.prior_loss_weight
+    generic = train_config("Object", "some/model", "n", "sks", "{trigger}", 8, 8, 800, 1e-4, 512, 100, 0, False, "")
+    assert generic.prior_loss_weight == 1.0
