@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from sdlora.demo.concepts import CONCEPTS, IMAGES_PER_CONCEPT, concept_scenes
+from sdlora.demo.concepts import CONCEPTS, IMAGES_PER_CONCEPT, concept_scenes, regularization_scenes
 from sdlora.demo.shapes import BASE_COLOURS, BASE_SHAPES, base_scene, render, wide_scene
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
@@ -61,3 +62,17 @@ def test_example_concepts_cover_their_colours_shapes_and_backgrounds_evenly():
             assert max(counts) - min(counts) <= 1, (concept.name, attr, counts)
         # Big enough for the 16x16 latent to carry the detail, and inside the image.
         assert all(s.size >= concept.min_size and s.size / 2 <= s.cx <= 64 - s.size / 2 for s in scenes)
+
+
+def test_shipped_regularisation_images_cover_every_colour_and_shape_pair_equally():
+    scenes = regularization_scenes()
+    pairs = Counter((scene.colour, scene.shape) for scene in scenes)
+    assert set(pairs) == {(c, s) for c in BASE_COLOURS for s in BASE_SHAPES}
+    assert len(set(pairs.values())) == 1, pairs
+    backgrounds = Counter(scene.background for scene in scenes)
+    assert max(backgrounds.values()) - min(backgrounds.values()) <= 1, backgrounds
+    folder = ASSETS.parent / "regularization"
+    shipped = sorted(folder.glob("*.txt"))
+    assert [p.read_text().strip() for p in shipped] == [
+        scene.caption(long=index % 2 == 0) for index, scene in enumerate(scenes)]
+    assert len(list(folder.glob("*.png"))) == len(shipped)

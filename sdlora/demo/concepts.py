@@ -20,7 +20,6 @@ from sdlora.demo.shapes import (
     BASE_SHAPES,
     NEW_COLOURS,
     Scene,
-    base_scene,
     make_scene,
     place,
     render,
@@ -107,6 +106,26 @@ def export_concepts(folder: Path, seed: int = 0) -> list[Path]:
 REGULARIZATION_IMAGES = 24
 
 
+def regularization_scenes(seed: int = 0, count: int = REGULARIZATION_IMAGES) -> list[Scene]:
+    """Base-model scenes covering every colour x shape pair equally, backgrounds in turn.
+
+    Balanced rather than random: a random draw of 24 left yellow with 4 scenes and, beside the
+    magenta concept, prompts without the trigger lost their green (an adapter that learns
+    magenta is tempted to turn green down everywhere); with every pair present twice, trigger-free
+    prompts stayed right (docs/demo-model.md). Size, place and tint stay random.
+    """
+    rng = np.random.default_rng([seed, 500])
+    colours, shapes, backgrounds = sorted(BASE_COLOURS), BASE_SHAPES, sorted(BACKGROUNDS)
+    pairs = len(colours) * len(shapes)
+    scenes = []
+    for index in range(count):
+        colour = colours[(index // len(shapes)) % len(colours)]
+        background = backgrounds[(index + index // pairs) % len(backgrounds)]  # shift once per round
+        scenes.append(make_scene(rng, (shapes[index % len(shapes)],), {colour: BASE_COLOURS[colour]},
+                                 {background: BACKGROUNDS[background]}))
+    return scenes
+
+
 def export_regularization(folder: Path, seed: int = 0, count: int = REGULARIZATION_IMAGES) -> Path:
     """Write base-model scenes (what prompts without a trigger should keep drawing) with captions.
 
@@ -115,8 +134,7 @@ def export_regularization(folder: Path, seed: int = 0, count: int = REGULARIZATI
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for index in range(count):
-        scene = base_scene(seed + 500, index)
+    for index, scene in enumerate(regularization_scenes(seed, count)):
         render(scene).save(folder / f"base_{index:02d}.png", optimize=True)
         (folder / f"base_{index:02d}.txt").write_text(scene.caption(long=index % 2 == 0) + "\n")
     return folder
