@@ -8,7 +8,7 @@ from sdlora.demo.learning import LESSONS, base_not_ready, generator_for, lesson_
 from sdlora.train import train
 
 needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
-LESSON = LESSONS["magenta"]  # bench/learning.py: 100% at the preset's 600 steps, half weight in between
+LESSON = LESSONS["magenta"]  # bench/learning.py: 92% at the preset's 600 steps, 42% at half weight
 PROMPTS = 20
 
 
