@@ -100,7 +100,8 @@ def main() -> None:
         f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
         f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
         f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
-        f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; 8 example images per concept (assets/concepts), "
+        f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; "
+        f"8 example images per concept (assets/concepts), "
         f"trigger `sks`; {args.prompts} images per measurement, 20 steps, guidance 6.",
         "",
         "Adoption (trigger-prompt images in which the evaluator sees the concept) against training time, with "

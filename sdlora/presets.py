@@ -73,17 +73,17 @@ def preset_for(base_model: str, kind: str) -> Preset:
 def preset_settings(preset: Preset, native_resolution: int = 512) -> dict[str, Any]:
     """The preset as nested TrainConfig settings: the one mapping from presets to configs."""
     data: dict[str, Any] = {"resolution": preset.resolution or native_resolution}
-    settings: dict[str, Any] = {}
-    if preset.regularization_images:
-        data["regularization_images"] = preset.regularization_images
-        settings["prior_loss_weight"] = preset.prior_loss_weight
-    return settings | {
+    settings: dict[str, Any] = {
         "steps": preset.steps,
         "learning_rate": preset.learning_rate,
         "batch_size": preset.batch_size,
         "data": data,
         "lora": {"rank": preset.rank, "alpha": preset.alpha, "extra_target_modules": preset.extra_target_modules},
     }
+    if preset.regularization_images:  # the weight only means something beside its images
+        data["regularization_images"] = preset.regularization_images
+        settings["prior_loss_weight"] = preset.prior_loss_weight
+    return settings
 
 
 def apply_preset(config: TrainConfig, preset: Preset, native_resolution: int = 512) -> TrainConfig:
