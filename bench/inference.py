@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import LoraSpec  # noqa: E402
-from sdlora.formats import save_adapter  # noqa: E402
+from sdlora.formats import Adapter, write_adapter  # noqa: E402
 from sdlora.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
 from sdlora.lora import add_lora, lora_state_dict  # noqa: E402
 from sdlora.models import load_pipeline  # noqa: E402
@@ -37,7 +37,7 @@ def make_adapters(base_model: str, folder: Path, count: int) -> list[str]:
     for i in range(count):
         torch.manual_seed(i)
         state = {k: (torch.randn_like(v) * 0.02) for k, v in lora_state_dict(unet).items()}
-        save_adapter(folder / f"a{i:02d}.safetensors", state, spec)
+        write_adapter(folder / f"a{i:02d}.safetensors", Adapter.from_peft(state, spec.alpha), "kohya")
         names.append(f"a{i:02d}")
     return names
 

@@ -120,23 +120,37 @@ def _add_generate_parser(commands) -> None:
 
 
 def _add_adapters_parser(commands) -> None:
+    from sdlora.formats import FORMATS
+
     lib = commands.add_parser("adapters", help="list, import, export, rename or delete library adapters")
-    lib.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
-    lib.add_argument("--base-model", help="check imports against this base model's architecture")
+    _library_options(lib, argparse.SUPPRESS)
+    lib.set_defaults(adapters_dir="adapters", base_model=None)
     verbs = lib.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("list", help="one line per adapter, then any damaged entries")
-    imp = verbs.add_parser("import", help="validate and copy a diffusers or kohya .safetensors LoRA in")
+    imp = _verb(verbs, "import", "check a LoRA file (kohya, LyCORIS, ComfyUI, diffusers or PEFT) and bring it in")
     imp.add_argument("file")
     imp.add_argument("--name", help="library name (default: the file name; never overwrites)")
-    exp = verbs.add_parser("export", help="write an adapter in the diffusers or kohya format")
+    exp = _verb(verbs, "export", "write an adapter in the kohya (every tool) or diffusers format")
     exp.add_argument("name")
-    exp.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
+    exp.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     exp.add_argument("--out", required=True, help="output .safetensors file")
-    ren = verbs.add_parser("rename")
+    _verb(verbs, "list", "one line per adapter, then any damaged entries")
+    ren = _verb(verbs, "rename", "rename an adapter (its files and the name inside it)")
     ren.add_argument("name")
     ren.add_argument("new_name")
-    dele = verbs.add_parser("delete")
+    dele = _verb(verbs, "delete", "delete an adapter and its side files")
     dele.add_argument("name")
+
+
+def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A verb that also takes the library options after it, as people type them."""
+    parser = verbs.add_parser(name, help=help_text)
+    _library_options(parser, argparse.SUPPRESS)
+    return parser
+
+
+def _library_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--adapters-dir", default=default, help="the adapter library folder (default: adapters)")
+    parser.add_argument("--base-model", default=default, help="check imports against this base model")
 
 
 def quiet_library_progress_bars() -> None:

@@ -22,6 +22,7 @@ from PIL import Image, PngImagePlugin
 from sdlora import __version__
 from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F401 - re-exported for callers
 from sdlora.errors import ConfigError
+from sdlora.formats import load_into_pipeline
 from sdlora.models import ModelInfo, inspect_pipeline, load_pipeline
 from sdlora.store import AdapterLibrary, reference_from_pipeline
 
@@ -184,7 +185,7 @@ class Generator:
             self.forget(victim)
         self._counter += 1
         peft_name = f"adapter{self._counter}"  # peft names must not contain dots; library names may
-        self.pipeline.load_lora_weights(str(info.path), adapter_name=peft_name)
+        load_into_pipeline(self.pipeline, self.library.read(info.name), peft_name)
         self._resident[info.name] = (peft_name, info.modified)
 
     def forget(self, name: str) -> None:

@@ -1,13 +1,16 @@
 """The adapter library on disk: one flat folder, laid out like AUTOMATIC1111's models/Lora.
 
-    <root>/<name>.safetensors    the adapter, user metadata in its header (ss_*, modelspec.*)
+    <root>/<name>.safetensors    the adapter in the kohya format, metadata in its header (ss_*, modelspec.*)
     <root>/<name>.preview.png    its preview image
     <root>/<name>.config.json    the config that trained it (adapters trained here)
     <root>/.runs/<name>/         checkpoints and previews of its training run
     <root>/.exports/<format>/    downloads, each named after its adapter
 
-A damaged entry is reported and skipped; it never breaks the listing. Nothing is ever
-overwritten silently, and no name can reach outside the folder.
+Point AUTOMATIC1111's models/Lora, ComfyUI's models/loras or kohya at the folder: they read
+its files as they are. Foreign kohya and LyCORIS files are kept byte for byte (their hashes
+stay what Civitai knows); other formats are converted on import. A damaged entry is reported
+and skipped; it never breaks the listing. Nothing is ever overwritten silently, and no name
+can reach outside the folder.
 """
 
 from __future__ import annotations
@@ -18,37 +21,36 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from sdlora.errors import AdapterFormatError, SdloraError
-from sdlora.formats import atomic_write
-from sdlora.lora_files import check_fits, check_header, read_lora, write_lora
+from sdlora.formats import (
+    Adapter,
+    ModelLayout,
+    atomic_write,
+    check_header,
+    family_of,
+    header_metadata,
+    read_adapter,
+    save_tensors,
+    write_adapter,
+)
+from sdlora.formats.files import load_tensors
+from sdlora.formats.read import claimed_family, describe, group_keys
 
 SUFFIX = ".safetensors"
 SIDE_FILES = (".preview.png", ".config.json")
 USER_FIELDS = {"title": "modelspec.title", "author": "modelspec.author", "description": "modelspec.description",
                "license": "modelspec.license", "tags": "modelspec.tags", "trigger_words": "modelspec.trigger_phrase"}
-FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2"}
 
 
 class AdapterNotFound(SdloraError):
     """No adapter of that name in the library."""
 
 
-@dataclass(frozen=True)
-class BaseReference:
-    """What an adapter must fit: the base model's family and its UNet layer shapes."""
-
-    family: str
-    unet_shapes: dict[str, tuple[int, ...]]
-
-
-def reference_from_pipeline(pipeline) -> BaseReference:
-    """The family and UNet layer shapes that imported adapters must fit."""
-    from sdlora.lora_files import unet_linear_shapes
+def reference_from_pipeline(pipeline) -> ModelLayout:
+    """The family and layer shapes that imported adapters must fit."""
     from sdlora.models import inspect_pipeline
 
-    return BaseReference(inspect_pipeline(pipeline).family, unet_linear_shapes(pipeline.unet))
+    return ModelLayout.of(pipeline, inspect_pipeline(pipeline).family)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class AdapterInfo:
     size_bytes: int
     modified: float
     preview: Path | None
+    kind: str = "kohya LoRA"  # what the file is, as its users name it
     title: str = ""
     author: str = ""
     description: str = ""
@@ -95,7 +98,7 @@ def _split(text: str) -> tuple[str, ...]:
 class AdapterLibrary:
     """List, import, export, rename, delete and annotate the adapters in one folder."""
 
-    def __init__(self, root: str | Path, reference: BaseReference | None = None) -> None:
+    def __init__(self, root: str | Path, reference: ModelLayout | None = None) -> None:
         self.root = Path(root)
         self.reference = reference
 
@@ -125,10 +128,12 @@ class AdapterLibrary:
 
     def _info(self, path: Path) -> AdapterInfo:
         header = check_header(path)
-        meta = {k: str(v) for k, v in (header.get("__metadata__") or {}).items()}
-        ranks = [info["shape"][0] for key, info in header.items()
-                 if key != "__metadata__" and (".lora_A." in key or ".lora_down." in key)]
-        if not ranks:
+        meta = header_metadata(header)
+        groups, _ = group_keys([key for key in header if key != "__metadata__"])
+        ranks = [header[roles.get("down") or roles.get("hada_w1_b") or roles.get("lokr_w2_b") or
+                        roles.get("lokr_w1_b")]["shape"][0]
+                 for roles in groups.values() if {"down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"} & set(roles)]
+        if not groups:
             raise AdapterFormatError(f"{path.name} is not a LoRA adapter")
         name = path.name[: -len(SUFFIX)]
         preview = path.with_name(f"{name}.preview.png")
@@ -136,10 +141,11 @@ class AdapterLibrary:
         stat = path.stat()
         return AdapterInfo(
             name=name, path=path, base_model=meta.get("sdlora.base_model") or meta.get("ss_sd_model_name", ""),
-            family=meta.get("sdlora.family") or _family(meta), rank=max(ranks),
+            family=claimed_family(meta) or "unknown", rank=max(ranks, default=None),
             alpha=_number(meta.get("sdlora.alpha") or meta.get("ss_network_alpha")),
             steps=_int(meta.get("sdlora.steps") or meta.get("ss_steps")), trigger_words=triggers,
             size_bytes=stat.st_size, modified=stat.st_mtime, preview=preview if preview.is_file() else None,
+            kind=describe(groups),
             title=meta.get("modelspec.title", ""), author=meta.get("modelspec.author", ""),
             description=meta.get("modelspec.description", ""), license=meta.get("modelspec.license", ""),
             tags=_split(meta.get("modelspec.tags", "")))
@@ -151,25 +157,34 @@ class AdapterLibrary:
             name, n = f"{base}-{n}", n + 1
         return name
 
+    def read(self, name: str) -> Adapter:
+        """An adapter of the library in memory, checked against the base model when one is known."""
+        return read_adapter(self.get(name).path, self.reference)
+
     def import_file(self, source: str | Path, name: str | None = None) -> AdapterInfo:
-        """Validate a diffusers or kohya file and copy it in; the library is unchanged on any error."""
+        """Check a LoRA file of any supported format and bring it in; the library is unchanged on any error."""
         source = Path(source)
-        weights = read_lora(source)
-        if self.reference is not None:
-            check_fits(weights, source.name, self.reference.unet_shapes, self.reference.family)
+        adapter = read_adapter(source, self.reference)
         target = self.path_of(self.unique_name(name or source.name))
-        self.root.mkdir(parents=True, exist_ok=True)
-        if weights.source_format == "kohya":
-            shutil.copyfile(source, target)  # keep a foreign file byte for byte
+        if adapter.source_format.startswith(("kohya", "LyCORIS")):
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # other tools read it as it is
         else:
-            write_lora(weights, target, "diffusers")
+            write_adapter(target, adapter, "kohya", family=self._family(adapter), blocks=self._blocks())
         return self._info(target)
 
-    def export(self, name: str, fmt: str = "diffusers", out_dir: str | Path | None = None) -> Path:
-        """Write the adapter in 'diffusers' or 'kohya' format as <out_dir>/<name>.safetensors."""
+    def export(self, name: str, fmt: str = "kohya", out_dir: str | Path | None = None) -> Path:
+        """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors."""
         info = self.get(name)
+        adapter = read_adapter(info.path, self.reference)
         out = Path(out_dir) if out_dir else self.root / ".exports" / fmt
-        return write_lora(read_lora(info.path), out / f"{info.name}{SUFFIX}", fmt)
+        return write_adapter(out / f"{info.name}{SUFFIX}", adapter, fmt, family=self._family(adapter),
+                             blocks=self._blocks())
+
+    def _family(self, adapter: Adapter) -> str:
+        return self.reference.family if self.reference is not None else family_of(adapter)
+
+    def _blocks(self):
+        return self.reference.blocks if self.reference is not None else None
 
     def rename(self, name: str, new_name: str) -> AdapterInfo:
         old, new = self.get(name).path, self.path_of(new_name)
@@ -179,6 +194,15 @@ class AdapterLibrary:
             side = old.with_name(old.name[: -len(SUFFIX)] + suffix)
             if side.exists():
                 side.rename(new.with_name(new.name[: -len(SUFFIX)] + suffix))
+        new_stem = new.name[: -len(SUFFIX)]
+        old_stem = old.name[: -len(SUFFIX)]
+
+        def rename_inside(metadata: dict[str, str]) -> None:
+            metadata["ss_output_name"] = new_stem  # the name AUTOMATIC1111 shows
+            if metadata.get("modelspec.title", old_stem) in (old_stem, ""):
+                metadata["modelspec.title"] = new_stem
+
+        _rewrite_header(new, rename_inside)
         return self._info(new)
 
     def delete(self, name: str) -> None:
@@ -195,24 +219,23 @@ class AdapterLibrary:
         if unknown:
             raise SdloraError(f"unknown adapter field(s) {', '.join(sorted(unknown))}; known: {', '.join(USER_FIELDS)}")
         path = self.get(name).path
-        metadata = {k: str(v) for k, v in (check_header(path).get("__metadata__") or {}).items()}
-        for key, value in fields.items():
-            text = ", ".join(value) if isinstance(value, (tuple, list)) else str(value)
-            metadata[USER_FIELDS[key]] = text
-            if key == "trigger_words":
-                metadata["sdlora.trigger_word"] = text
-        tensors = load_file(str(path))  # tensors unchanged: only the header is rewritten
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+        def write_fields(metadata: dict[str, str]) -> None:
+            for key, value in fields.items():
+                text = ", ".join(value) if isinstance(value, (tuple, list)) else str(value)
+                metadata[USER_FIELDS[key]] = text
+                if key == "trigger_words":
+                    metadata["sdlora.trigger_word"] = text
+
+        _rewrite_header(path, write_fields)
         return self._info(path)
 
 
-def _family(meta: dict[str, str]) -> str:
-    claimed = meta.get("ss_base_model_version") or meta.get("modelspec.architecture", "")
-    if "xl" in claimed.lower():
-        return "sdxl"
-    if meta.get("ss_v2") == "True":
-        return "sd2"
-    return next((family for key, family in FAMILIES.items() if claimed.startswith(key)), "unknown")
+def _rewrite_header(path: Path, change) -> None:
+    """Rewrite a file's metadata in place; its tensors stay exactly as they were."""
+    metadata = header_metadata(check_header(path))
+    change(metadata)
+    save_tensors(path, load_tensors(path), metadata)
 
 
 def _number(text: str | None) -> float | None:

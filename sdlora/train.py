@@ -25,7 +25,8 @@ from sdlora.data import load_concept_images, load_regularization_images, tag_fre
 from sdlora.encode import EncodedConcepts, encode_concepts
 from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
-from sdlora.formats import atomic_write, atomic_write_text, save_adapter, training_metadata
+from sdlora.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
+from sdlora.formats.names import UNetBlocks
 from sdlora.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.models import inspect_pipeline, load_pipeline
 from sdlora.preview import render_previews
@@ -175,7 +176,10 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
         metadata = training_metadata(config, info, step, captions, tag_frequency(captions),
                                      processes=accelerator.num_processes,
                                      regularization_images=len(regularization.images) if regularization else 0)
-        save_adapter(path, lora_state_dict(accelerator.unwrap_model(unet)), config.lora, metadata)
+        trained = accelerator.unwrap_model(unet)
+        adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha)
+        write_adapter(path, adapter, "kohya", family=info.family, blocks=UNetBlocks.of(trained.config),
+                      metadata=metadata)
         atomic_write_text(config_path, config.to_json() + "\n")
         emit(Saved(step, str(path), "adapter"))
         if config.final_preview:

@@ -9,8 +9,8 @@ from conftest import draw_concept
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import ConfigError
+from sdlora.formats import read_adapter
 from sdlora.generate import AdapterWeight, GenerateConfig, Generator, parse_prompt
-from sdlora.lora_files import read_lora
 from sdlora.models import load_pipeline
 from sdlora.store import AdapterLibrary
 from sdlora.train import train
@@ -43,10 +43,8 @@ def hand_fused_pipeline(tiny_model, library, mix):
     modules = dict(pipe.unet.named_modules())
     with torch.no_grad():
         for name, weight in mix:
-            lora = read_lora(library.get(name).path)
-            for module in lora.modules():
-                layer = modules[module.removeprefix("unet.")]
-                layer.weight += weight * lora.delta(module).reshape(layer.weight.shape)
+            for path, layer in read_adapter(library.get(name).path).in_part("unet").items():
+                modules[path].weight += weight * layer.delta().reshape(modules[path].weight.shape)
     return pipe
 
 

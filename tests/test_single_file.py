@@ -196,8 +196,9 @@ def _resnet(rest: str) -> str:
     return f"{RESNET_NAMES[name]}.{tail}"
 
 
-def unet_key_to_ldm(key: str, up_blocks_with_attention: set[int]) -> str:
-    """diffusers UNet key -> LDM key: blocks are numbered flat, LAYERS + 1 slots per level."""
+def unet_key_to_ldm(key: str, up_blocks_with_attention: set[int], layers: int = LAYERS) -> str:
+    """diffusers UNet key -> LDM key: blocks are numbered flat, layers + 1 slots per level."""
+    LAYERS = layers  # noqa: N806 - the formulas below read as the LDM layout does
     p = key.split(".")
     if ".".join(p[:-1]) in UNET_TOP:
         return f"{UNET_TOP['.'.join(p[:-1])]}.{p[-1]}"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_lora import unet_output
 
 from sdlora.errors import AdapterFormatError, SdloraError
-from sdlora.lora_files import read_lora, unet_linear_shapes
+from sdlora.formats import read_adapter, read_metadata
 from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary, BaseReference, safe_name
+from sdlora.store import AdapterLibrary, reference_from_pipeline, safe_name
 from sdlora.train import train
 
 
@@ -39,8 +39,7 @@ def trained_adapter(tmp_path_factory, tiny_model):
 
 @pytest.fixture()
 def library(tmp_path, tiny_model):
-    unet = load_pipeline(str(tiny_model)).unet
-    return AdapterLibrary(tmp_path / "lib", BaseReference("sd1", unet_linear_shapes(unet)))
+    return AdapterLibrary(tmp_path / "lib", reference_from_pipeline(load_pipeline(str(tiny_model))))
 
 
 def test_trained_adapter_is_listed_with_its_facts(trained_adapter):
@@ -59,33 +58,34 @@ def test_damaged_entry_is_reported_and_skipped(library, trained_adapter):
     assert len(listing.problems) == 1 and "broken.safetensors" in listing.problems[0]
 
 
-def test_kohya_export_roundtrip_and_loads_in_diffusers(library, trained_adapter, tiny_model, tmp_path):
-    library.import_file(trained_adapter)
-    kohya_path = library.export("red", "kohya", tmp_path / "k")
-    assert kohya_path.name == "red.safetensors"
-    kohya = load_file(str(kohya_path))
+def test_library_file_is_kohya_with_true_alpha_and_loads_in_diffusers(library, trained_adapter, tiny_model,
+                                                                       tmp_path):
+    kohya = load_file(str(trained_adapter))  # what training writes into the library
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= kohya.keys()
+    assert all(k.startswith("lora_unet_") for k in kohya)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 convolutions keep their kernel in lora_down
     assert kohya[f"{conv}.lora_down.weight"].shape[2:] == (3, 3) and kohya[f"{conv}.lora_up.weight"].ndim == 4
     assert all(v.item() == 2.0 for k, v in kohya.items() if k.endswith(".alpha"))  # true alpha, not the rank
-    original, again = read_lora(trained_adapter), read_lora(kohya_path)
-    assert original.tensors.keys() == again.tensors.keys()
-    assert all(torch.equal(original.tensors[k], again.tensors[k]) for k in original.tensors)
-    assert again.alphas == original.alphas
+    assert read_metadata(trained_adapter)["ss_network_alpha"] == "2.0"
 
+    library.import_file(trained_adapter)
+    diffusers_path = library.export("red", "diffusers", tmp_path / "d")
+    assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(diffusers_path)))
     outputs = []
-    for path in (trained_adapter, kohya_path):
+    for path in (trained_adapter, diffusers_path):
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
         pipe.load_lora_weights(str(path))
         outputs.append(unet_output(pipe.unet))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
 
-    reimported = library.import_file(kohya_path, name="red-from-kohya")
-    assert reimported.name == "red-from-kohya"
-    diffusers_again = read_lora(library.export("red-from-kohya", "diffusers", tmp_path / "d"))
-    assert all(torch.equal(original.tensors[k], diffusers_again.tensors[k]) for k in original.tensors)
-    assert diffusers_again.alphas == original.alphas
+    reimported = library.import_file(diffusers_path, name="red-from-diffusers")
+    assert all(k.startswith("lora_unet_") for k in load_file(str(reimported.path)))  # converted on the way in
+    original, again = read_adapter(trained_adapter), read_adapter(reimported.path)
+    assert original.layers.keys() == again.layers.keys()
+    for key, layer in original.layers.items():
+        assert torch.equal(layer.down, again.layers[key].down) and torch.equal(layer.up, again.layers[key].up)
+        assert layer.alpha == again.layers[key].alpha == 2.0
 
 
 def _write_pickle(path):
@@ -120,7 +120,7 @@ def _lying_header() -> bytes:
 
 def test_wrong_architecture_and_wrong_shape_are_refused(library, trained_adapter, tmp_path):
     tensors = load_file(str(trained_adapter))
-    wrong_shape = {k: (torch.zeros(v.shape[0], v.shape[1] + 1) if k.endswith("attn2.to_k.lora_A.weight") else v)
+    wrong_shape = {k: (torch.zeros(v.shape[0], v.shape[1] + 1) if k.endswith("attn2_to_k.lora_down.weight") else v)
                    for k, v in tensors.items()}
     save_file(wrong_shape, str(tmp_path / "shape.safetensors"))
     with pytest.raises(AdapterFormatError, match="shape.safetensors.*different base model"):
@@ -162,8 +162,6 @@ def test_user_metadata_is_written_into_the_header(library, trained_adapter):
                                tags=["shapes", "red"], trigger_words=["sks", "ohwx"])
     assert (info.title, info.author, info.tags, info.trigger_words) == ("Red things", "me", ("shapes", "red"),
                                                                          ("sks", "ohwx"))
-    from sdlora.formats import read_metadata
-
     meta = read_metadata(info.path)
     assert meta["modelspec.title"] == "Red things" and meta["modelspec.license"] == "CC-BY-4.0"
     assert meta["ss_network_dim"] == "4"  # training metadata kept

@@ -10,11 +10,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from sdlora.formats import FORMATS, TOOLS
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
 COLUMNS = ["name", "base model", "rank", "steps", "trigger word", "size", "date"]
-FORMATS = ("diffusers", "kohya")
 
 
 @dataclass
@@ -33,7 +33,7 @@ def adapter_rows(adapters) -> pd.DataFrame:
 
 
 def details(info) -> str:
-    lines = [f"**{info.title or info.name}**", f"file: `{info.path.name}`, family {info.family or 'unknown'}, "
+    lines = [f"**{info.title or info.name}**", f"file: `{info.path.name}` ({info.kind}), family {info.family or 'unknown'}, "
              f"rank {info.rank}, alpha {info.alpha if info.alpha is not None else 'unknown'}"]
     lines += [f"{label}: {value}" for label, value in (("author", info.author), ("license", info.license),
                                                        ("tags", ", ".join(info.tags))) if value]
@@ -50,7 +50,8 @@ def build(studio: Studio) -> LibraryTab:
                                  max_height=420, wrap=True, elem_id="adapters-table")
             problems = gr.Markdown()
             refresh_button = gr.Button("Refresh", size="sm")
-            with gr.Accordion("Import a .safetensors LoRA (diffusers or kohya format)", open=True):
+            with gr.Accordion("Import a .safetensors LoRA (kohya, LyCORIS LoHa/LoKr, ComfyUI, diffusers or PEFT)",
+                              open=True):
                 upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=150, elem_id="import-file")
                 import_name = gr.Textbox(label="Name in the library (empty: from the file name)")
                 import_button = gr.Button("Import", elem_id="import-button")
@@ -66,6 +67,7 @@ def build(studio: Studio) -> LibraryTab:
                 fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Download format", scale=3,
                                elem_id="download-format")
                 export_button = gr.Button("Prepare download", scale=1, elem_id="export-button")
+            gr.Markdown(" · ".join(f"**{fmt}**: {TOOLS[fmt]}" for fmt in FORMATS), elem_id="format-note")
             download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
             delete_button = gr.Button("Delete adapter", variant="stop")
             with gr.Row(visible=False) as confirm_row:

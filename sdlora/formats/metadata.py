@@ -1,56 +1,23 @@
-"""Adapter files: safetensors in the diffusers (PEFT) format with metadata in the header.
+"""The header of an adapter trained here: sdlora's own keys, kohya's ss_* and modelspec.*.
 
-The header carries both diffusers' own `lora_adapter_metadata` (so `load_lora_weights`
-rebuilds the adapter with its true alpha) and the `ss_*` / `modelspec.*` keys that
-kohya, AUTOMATIC1111 and Civitai read. Writes are atomic: temp file, then rename.
+AUTOMATIC1111, Civitai and kohya's tools read the ss_* and modelspec.* keys; sdlora reads its
+own `sdlora.*` keys back (the config that trained it, the family of its base model).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from sdlora.config import LoraSpec, TrainConfig
-from sdlora.errors import AdapterFormatError
+from sdlora.config import TrainConfig
 from sdlora.models import ModelInfo
 
-UNET_PREFIX = "unet."
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers' loaders read
 MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                           "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def diffusers_adapter_metadata(spec: LoraSpec) -> dict[str, Any]:
-    """peft LoraConfig arguments, under the 'unet.' prefix as diffusers packs them."""
-    config = {"r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-              "target_modules": sorted(spec.all_target_modules)}
-    return {f"{UNET_PREFIX}{key}": value for key, value in config.items()}
+# modelspec names the layer naming: SD 1.x/2.x kohya files use diffusers' paths, SDXL's the original ones.
+MODELSPEC_IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers",
+                            "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions: list[str],
@@ -73,6 +40,7 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
         "sdlora.processes": str(processes),
         "sdlora.train_config": config.to_json(),
         "ss_network_module": "networks.lora",
+        **_network_args(config),
         "ss_network_dim": str(config.lora.rank),
         "ss_network_alpha": repr(float(config.lora.alpha)),
         "ss_base_model_version": info.kohya_version,
@@ -101,7 +69,7 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
         "ss_training_comment": f"trained with sdlora; trigger word: {config.data.trigger_word}".strip(),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[info.family],
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[info.family],
         "modelspec.title": config.name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": now.strftime("%Y-%m-%d"),
@@ -109,20 +77,11 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
     }
 
 
-def save_adapter(path: Path, lora_state: dict[str, torch.Tensor], spec: LoraSpec,
-                 metadata: dict[str, str] | None = None) -> Path:
-    """Write PEFT-format adapter tensors (keys without 'unet.') as a diffusers LoRA file."""
-    tensors = {f"{UNET_PREFIX}{key}": value.contiguous() for key, value in lora_state.items()}
-    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(diffusers_adapter_metadata(spec), sort_keys=True)}
-    header.update({key: str(value) for key, value in (metadata or {}).items()})
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
-    return path
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header's string metadata; AdapterFormatError if it is not a safetensors file."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise AdapterFormatError(f"{Path(path).name} is not a readable safetensors file: {exc}") from None
+def _network_args(config: TrainConfig) -> dict[str, str]:
+    """kohya records convolution LoRA (LoCon) settings in ss_network_args."""
+    convolutions = {"conv1", "conv2", "conv_shortcut", "conv"} & set(config.lora.extra_target_modules)
+    if not convolutions:
+        return {}
+    return {"ss_network_args": json.dumps({"conv_dim": str(config.lora.rank), "conv_alpha": repr(config.lora.alpha)})}
