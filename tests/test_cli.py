@@ -126,3 +126,29 @@ def read_metadata_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return list(handle.keys())
+
+
+def test_library_options_after_the_verb_and_foreign_files(tiny_model, concept_dir, tmp_path, capsys):
+    """`adapters export NAME --adapters-dir DIR` works as people type it; a diffusers-written file comes in;
+    a refused one is one line on stderr and exit 2, never a traceback."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    lib = tmp_path / "lib"
+    assert cli(capsys, "train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
+               "--name", "one", "--steps", "2", "--resolution", "32", "--quiet")[0] == 0
+    out = tmp_path / "one-diffusers.safetensors"
+    code, _, err = cli(capsys, "adapters", "export", "one", "--format", "diffusers", "--out", str(out),
+                       "--adapters-dir", str(lib))
+    assert code == 0, err
+    peft = {k.removeprefix("unet."): v for k, v in load_file(str(out)).items()}
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "dl"), unet_lora_layers=convert_state_dict_to_diffusers(peft),
+                                              weight_name="pytorch_lora_weights.safetensors")
+    code, printed, err = cli(capsys, "adapters", "import", str(tmp_path / "dl" / "pytorch_lora_weights.safetensors"),
+                             "--name", "from-diffusers", "--adapters-dir", str(lib), "--base-model", str(tiny_model))
+    assert code == 0, err
+    assert printed.strip().endswith("from-diffusers.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    code, _, err = cli(capsys, "adapters", "import", str(tmp_path / "bad.safetensors"), "--adapters-dir", str(lib))
+    assert code == 2 and err.count("\n") == 1 and "bad.safetensors" in err and "Traceback" not in err

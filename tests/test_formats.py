@@ -259,3 +259,17 @@ def test_files_are_readable_by_other_users_and_rename_updates_the_name_inside(so
     meta = read_metadata(renamed.path)
     assert meta["ss_output_name"] == "after" and meta["modelspec.title"] == "after"
     assert_same_deltas(sources["attention"], library.read("after"), "renamed")
+
+
+def test_tucker_locon_mid_is_folded_exactly(layout, tmp_path):
+    """LoCon's lora_mid: ΔW[o,i,h,w] = alpha/r · Σ up[o,n]·mid[n,m,h,w]·down[m,i] (AUTOMATIC1111, ComfyUI)."""
+    key = next(k for k, s in layout.shapes.items() if k.endswith("resnets.0.conv1") and len(s) == 4)
+    out, inp, kh, kw = layout.shapes[key]
+    g = torch.Generator().manual_seed(5)
+    down, mid, up = torch.randn(3, inp, 1, 1, generator=g), torch.randn(3, 3, kh, kw, generator=g), torch.randn(
+        out, 3, 1, 1, generator=g)
+    stem = "lora_unet_" + key.split(".", 1)[1].replace(".", "_")
+    path = ff.save(tmp_path / "tucker.safetensors", {f"{stem}.lora_down.weight": down, f"{stem}.lora_mid.weight": mid,
+                                                    f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.5)})
+    expected = 1.5 / 3 * torch.einsum("nmhw,on,mi->oihw", mid, up.flatten(1), down.flatten(1))
+    assert torch.allclose(read_adapter(path, layout).layers[key].delta(), expected, atol=TOLERANCE)
