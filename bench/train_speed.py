@@ -5,7 +5,7 @@ Measured in one run, at 1 and at 2 torch threads:
 - the floor: a bare UNet forward + backward + optimizer step on the same cached batch;
 - the loop if latents and text embeddings were not cached: the floor plus encoding the
   batch with the VAE and the text encoder every step.
-Writes its section of docs/benchmarks.md.
+Writes its section of docs/benchmarks.md. Real-size SD 1.5 and SDXL UNets: bench/real_size.py.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
     prior = regularization.images[: config.batch_size] if regularization else []
     device = torch.device("cpu")
     cached = encode_concepts(pipeline, concepts + prior, False, device)
-    latents, embeddings = cached.latents, cached.embeddings
+    batch = cached.batch(torch.arange(len(cached)), device)  # one bucket: the demo images are square
+    latents, embeddings = batch.latents, batch.embeddings
     unet = pipeline.unet
     add_lora(unet, config.lora)
     unet.train()

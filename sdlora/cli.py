@@ -46,6 +46,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge a --config file with the flags that were given on the command line."""
+    return config_and_defaults(args)[0]
+
+
+def config_and_defaults(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The config, and the line that says which model defaults filled what the user did not give."""
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     for dest, value in vars(args).items():
         if value is None or dest in ("config", "resume", "command", "quiet", "overwrite"):
@@ -53,23 +58,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         section, _, name = dest.rpartition(".")
         target = values.setdefault(section, {}) if section else values
         target[name] = tuple(value) if isinstance(value, list) else value
-    _fill_demo_preset(values)
-    return TrainConfig.from_dict(values, source=args.config or "command line")
+    label = _fill_model_defaults(values)
+    return TrainConfig.from_dict(values, source=args.config or "command line"), label
 
 
-def _fill_demo_preset(values: dict[str, Any]) -> None:
-    """On the demo model, settings the user did not give come from the demo preset, not generic defaults."""
-    from sdlora.presets import PRESETS, is_demo_model, preset_settings
+def _fill_model_defaults(values: dict[str, Any]) -> str:
+    """Settings the user did not give come from what the base model is (the demo preset on the demo model)."""
+    from sdlora.presets import model_defaults
 
-    if not is_demo_model(str(values.get("base_model", ""))):
-        return
-    for key, value in preset_settings(PRESETS["Demo"]).items():
+    label, settings = model_defaults(str(values.get("base_model", "")))
+    for key, value in settings.items():
         if isinstance(value, dict):
             section = values.setdefault(key, {})
             for name, setting in value.items():
                 section.setdefault(name, setting)
         else:
             values.setdefault(key, value)
+    return label
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +175,10 @@ def run_train(args: argparse.Namespace) -> int:
     from sdlora.train import cpu_only, train
 
     quiet_library_progress_bars()
-    config = config_from_args(args)
+    config, defaults = config_and_defaults(args)
     is_main = PartialState(cpu=cpu_only()).is_main_process
+    if is_main and not args.quiet:
+        print(defaults)
     progress = ConsoleProgress(enabled=is_main and not args.quiet)
     stop = StopFlag()
 

@@ -19,6 +19,7 @@ from sdlora.errors import ConfigError
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULE_CHOICES = ("constant", "cosine")
+OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "adafactor", "prodigy")
 SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 
 
@@ -73,7 +74,9 @@ class DataConfig:
     caption_template: str = _opt(
         "{trigger}", "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
     )
-    resolution: int = _opt(512, "Training resolution in pixels (images are resized and centre-cropped).")
+    resolution: int = _opt(512, "Training resolution in pixels: images train at about resolution² pixels.")
+    buckets: bool = _opt(True, "Keep each image's aspect ratio: train it in the bucket of about resolution² "
+                               "pixels nearest its shape (kohya's buckets); off: centre-crop every image square.")
     flip: bool = _opt(False, "Also train on horizontally flipped copies (not for text or asymmetric subjects).")
     regularization_images: str = _opt(
         "", "Folder of regularisation images with captions (kohya's reg folder): ordinary images of what "
@@ -99,10 +102,13 @@ class TrainConfig:
     steps: int = _opt(1000, "Optimizer steps to train.")
     batch_size: int = _opt(1, "Images per step on each device.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches summed into one optimizer step.")
-    learning_rate: float = _opt(1e-4, "Peak learning rate of AdamW.", flag="--lr")
+    learning_rate: float = _opt(1e-4, "Peak learning rate (Prodigy finds its own: use 1.0 with it).", flag="--lr")
+    optimizer: str = _opt("adamw", "adamw; adamw8bit (bitsandbytes, CUDA: a quarter of AdamW's state memory); "
+                                   "adafactor (factored state, in transformers); prodigy (prodigyopt, adapts "
+                                   "the step size).", choices=OPTIMIZER_CHOICES)
     lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup.", choices=LR_SCHEDULE_CHOICES)
     warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay on the LoRA weights.")
+    weight_decay: float = _opt(1e-2, "Weight decay on the LoRA weights.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
     mixed_precision: str = _opt(
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
@@ -142,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}")
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULE_CHOICES:
             raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}")
         self.data.validate()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdlora.buckets import Bucket, Placement, fit_to_bucket, make_buckets, square_bucket
 from sdlora.config import DataConfig
 from sdlora.errors import ConceptImagesError
 
@@ -29,8 +30,9 @@ class ConceptImage:
     """One training example: the normalised image and its final caption."""
 
     path: Path
-    image: Image.Image
+    image: Image.Image  # at its bucket's size
     caption: str
+    placement: Placement
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,19 @@ class ConceptSet:
     problems: list[FileProblem] = field(default_factory=list)
 
 
+def training_buckets(config: DataConfig, step: int = 64) -> list[Bucket]:
+    """The buckets images train in: aspect-ratio buckets of about resolution² pixels, or one square."""
+    return make_buckets(config.resolution, step) if config.buckets else square_bucket(config.resolution)
+
+
 def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None = None,
-                        what: str = "concept images") -> ConceptSet:
-    """Read a folder (or an explicit list of files) of concept images with their captions."""
+                        what: str = "concept images", bucket_step: int = 64) -> ConceptSet:
+    """Read a folder (or an explicit list of files) of concept images with their captions.
+
+    `bucket_step` is 8 latent pixels of the model that will train on them (64 px for SD).
+    """
     paths = sorted(Path(p) for p in files) if files is not None else _list_folder(Path(config.images), what)
+    buckets = training_buckets(config, bucket_step)
     result = ConceptSet()
     for path in paths:
         if path.suffix.lower() == CAPTION_EXTENSION or path.name.startswith("."):
@@ -65,24 +76,32 @@ def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None =
                                                      f"use one of {', '.join(sorted(IMAGE_EXTENSIONS))}"))
             continue
         try:
-            image = normalise_image(open_image(path), config.resolution)
+            image, placement = fit_to_bucket(normalise_image(open_image(path)), buckets)
             caption = make_caption(read_caption(path), config.trigger_word, config.caption_template)
         except ImageProblem as exc:
             result.problems.append(FileProblem(path, str(exc)))
             continue
-        result.images.append(ConceptImage(path, image, caption))
+        result.images.append(ConceptImage(path, image, caption, placement))
     if not result.images:
         details = "; ".join(str(p) for p in result.problems) or "the folder has no image files"
         raise ConceptImagesError(f"no usable {what} in {config.images or 'the given files'}: {details}")
     return result
 
 
-def load_regularization_images(config: DataConfig) -> ConceptSet | None:
+def load_regularization_images(config: DataConfig, bucket_step: int = 64) -> ConceptSet | None:
     """The regularisation folder's images with their own captions (no trigger added), or None when unset."""
     if not config.regularization_images:
         return None
     reg_config = replace(config, images=config.regularization_images, trigger_word="", caption_template="")
-    return load_concept_images(reg_config, what="regularisation images")
+    return load_concept_images(reg_config, what="regularisation images", bucket_step=bucket_step)
+
+
+def bucket_counts(images: Iterable[ConceptImage]) -> dict[str, int]:
+    """How many images each bucket holds, largest first: what the estimate and the first message list."""
+    counts: dict[str, int] = {}
+    for image in images:
+        counts[str(image.placement.bucket)] = counts.get(str(image.placement.bucket), 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _list_folder(folder: Path, what: str) -> list[Path]:
@@ -138,8 +157,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def normalise_image(image: Image.Image, resolution: int) -> Image.Image:
-    """EXIF orientation, RGB, then resize the short side and centre-crop to a square."""
+def normalise_image(image: Image.Image) -> Image.Image:
+    """EXIF orientation and RGB; bucketing then sizes and crops it."""
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the image
@@ -147,7 +166,7 @@ def normalise_image(image: Image.Image, resolution: int) -> Image.Image:
     image = to_rgb(image)
     if min(image.size) < 8:
         raise ImageProblem(f"image is only {image.size[0]}x{image.size[1]} pixels")
-    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    return image
 
 
 def read_caption(image_path: Path) -> str | None:

@@ -26,6 +26,7 @@ class Started:
     skipped_files: tuple[str, ...]  # "name: reason" for every concept image that was left out
     device: str
     mixed_precision: str
+    buckets: tuple[str, ...] = ()  # "768x512: 3" per bucket, largest first
 
 
 @dataclass(frozen=True)

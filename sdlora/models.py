@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from sdlora.errors import ModelLoadError
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# diffusers builds models under accelerate's empty-weights context, which patches torch for the whole
+# process: two loads at once (the app's warm-up beside a training run) left one with meta tensors.
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,12 @@ def offline() -> bool:
 
 
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline for `source` with the safety checker left out."""
+    """A diffusers pipeline for `source` with the safety checker left out; one load at a time."""
+    with _LOADING:
+        return _load_pipeline(str(source).strip(), torch_dtype)
+
+
+def _load_pipeline(source: str, torch_dtype: torch.dtype):
     source = str(source).strip()
     if not source:
         raise ModelLoadError("no base model given: pass a hub id, a diffusers folder or a .safetensors file")

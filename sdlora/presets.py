@@ -53,12 +53,58 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+DEMO_MARKER = "sdlora_demo.json"  # the demo builder's record, kept beside the weights
+
+
 def is_demo_model(base_model: str) -> bool:
-    """True for the embedded demo model, however its path is written."""
+    """True for the embedded demo model wherever it lives: its folder carries the builder's record."""
     try:
-        return Path(base_model).expanduser().resolve() == DEMO_MODEL
+        folder = Path(base_model).expanduser()
+        return (folder / DEMO_MARKER).is_file() and (folder / "model_index.json").is_file()
     except OSError:
         return False
+
+
+def model_defaults(base_model: str) -> tuple[str, dict[str, Any]]:
+    """Settings a run takes from what the base model is, and a line saying so.
+
+    The demo model (by its marker) gets the demo preset; a diffusers folder or single-file
+    checkpoint gets its own native resolution (1024 px for SDXL, 768 for SD 2.x-v); anything
+    unreadable keeps the generic defaults.
+    """
+    if is_demo_model(base_model):
+        return f"defaults: the demo preset (demo model, {DEMO_MARKER} in {base_model})", preset_settings(PRESETS["Demo"])
+    family, resolution = _read_family_and_resolution(base_model)
+    if resolution is None:
+        return "defaults: generic (the base model's config could not be read before loading)", {}
+    return (f"defaults: {FAMILY_NAMES.get(family, family)} at its native {resolution} px (from the model's config)",
+            {"data": {"resolution": resolution}})
+
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def _read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
+    import json
+
+    path = Path(base_model).expanduser()
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from sdlora.single_file import CONFIG_ROOT, inspect_checkpoint  # reads the header only
+
+        try:
+            path = CONFIG_ROOT / inspect_checkpoint(path).architecture
+        except Exception:  # noqa: BLE001 - loading reports a damaged file properly; here only defaults are at stake
+            return "", None
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "", None
+    resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    cross = unet.get("cross_attention_dim")
+    family = ("sdxl" if unet.get("addition_embed_type") == "text_time" else
+              "sd2" if cross == 1024 else "sd1")
+    return family, resolution
 
 
 def preset_for(base_model: str, kind: str) -> Preset:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from sdlora.checkpoints import run_folder
 from sdlora.config import TrainConfig
+from sdlora.encode import frozen_parts_to
 from sdlora.events import Preview
 from sdlora.grid import image_grid
 
@@ -16,9 +16,8 @@ def render_previews(pipeline, accelerator, unet, config: TrainConfig, prompts: t
     """One image per (prompt, seed) with the adapter as trained so far; the grid is saved in the run folder."""
     model = accelerator.unwrap_model(unet)
     model.eval()
-    preview = StableDiffusionPipeline(
-        vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=model,
-        scheduler=pipeline.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    frozen_parts_to(pipeline, accelerator.device)
+    preview = type(pipeline).from_pipe(pipeline, unet=model)  # SD 1.x/2.x and SDXL alike
     preview.set_progress_bar_config(disable=True)
     images = []
     with accelerator.autocast():
@@ -28,6 +27,8 @@ def render_previews(pipeline, accelerator, unet, config: TrainConfig, prompts: t
                 images.append(preview(prompt, num_inference_steps=config.preview_inference_steps,
                                       height=config.data.resolution, width=config.data.resolution,
                                       generator=generator).images[0])
+    if accelerator.device.type == "cuda":
+        frozen_parts_to(pipeline, torch.device("cpu"))
     path = run_folder(config) / "previews" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, columns=len(config.preview_seeds)).save(path)

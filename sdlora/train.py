@@ -19,16 +19,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from sdlora import checkpoints
+from sdlora.buckets import bucket_step
 from sdlora.checkpoints import adapter_path
 from sdlora.config import TrainConfig
-from sdlora.data import load_concept_images, load_regularization_images, tag_frequency
-from sdlora.encode import EncodedConcepts, encode_concepts
+from sdlora.data import bucket_counts, load_concept_images, load_regularization_images, tag_frequency
+from sdlora.encode import Batch, EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
 from sdlora.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
 from sdlora.formats.names import UNetBlocks
 from sdlora.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.models import inspect_pipeline, load_pipeline
+from sdlora.optimizers import check_available, make_optimizer
 from sdlora.preview import render_previews
 
 
@@ -78,8 +80,10 @@ def out_of_memory_advice(config: TrainConfig) -> str:
         hints.append("--gradient-checkpointing (about a third of the activation memory, ~20% slower)")
     if config.mixed_precision in ("auto", "no") and torch.cuda.is_available():
         hints.append("--mixed-precision fp16 or bf16")
+    if config.optimizer == "adamw":
+        hints.append("--optimizer adamw8bit or adafactor (smaller optimizer state)")
     if config.data.resolution > 512:
-        hints.append(f"--resolution 512 (now {config.data.resolution})")
+        hints.append(f"--resolution {config.data.resolution * 3 // 4 // 64 * 64} (now {config.data.resolution})")
     if config.lora.rank > 16:
         hints.append(f"--rank 16 (now {config.lora.rank})")
     advice = "; ".join(hints) or "a smaller base model or a machine with more memory"
@@ -90,16 +94,16 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
            files: list[str] | None, pipeline, threads: int) -> TrainResult:
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
+    check_available(config)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     accelerator = Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(config.mixed_precision),
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
     info = inspect_pipeline(pipeline)
-    if info.family == "sdxl":
-        raise ConfigError(f"{config.base_model} is SDXL; this version trains SD 1.x and 2.x adapters only")
-    concepts = load_concept_images(config.data, files)
-    regularization = load_regularization_images(config.data)
+    step_px = bucket_step(pipeline.vae_scale_factor)
+    concepts = load_concept_images(config.data, files, bucket_step=step_px)
+    regularization = load_regularization_images(config.data, bucket_step=step_px)
     skipped = tuple(str(p) for p in concepts.problems + (regularization.problems if regularization else []))
 
     # 2. Encode once: the VAE (always float32: a half-precision VAE overflows into NaN)
@@ -107,6 +111,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     encoded = encode_concepts(pipeline, concepts.images, config.data.flip, accelerator.device)
     encoded_prior = (encode_concepts(pipeline, regularization.images, config.data.flip, accelerator.device)
                      if regularization else None)
+
+    frozen_parts_to(pipeline, torch.device("cpu") if accelerator.device.type == "cuda" else accelerator.device)
 
     # 3. Adapter, optimizer, schedule.
     unet = pipeline.unet
@@ -119,8 +125,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable, total = parameter_counts(unet)
-    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, trainable_parameters(unet))
     lr_schedule = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else "cosine",
                                 optimizer=optimizer,
                                 num_warmup_steps=config.warmup_steps * accelerator.num_processes,
@@ -136,7 +141,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     emit(Started(total_steps=config.steps, start_step=start, image_count=len(concepts.images),
                  trainable_parameters=trainable, total_parameters=total,
                  skipped_files=skipped,
-                 device=str(accelerator.device), mixed_precision=accelerator.mixed_precision))
+                 device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
+                 buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items())))
 
     # 4. The loop.
     # Default preview: a caption the adapter was trained on (with the trigger), so the previews
@@ -210,19 +216,15 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimiz
             ((config.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index)
         index = encoded.batch_indices(config.seed, step * config.gradient_accumulation_steps + micro,
                                       config.batch_size, accelerator.process_index, accelerator.num_processes)
-        latents, embeddings = encoded.batch(index, accelerator.device)
-        prior_samples = 0
+        batch = encoded.batch(index, accelerator.device)
+        prior = None
         if encoded_prior is not None:
             prior_index = encoded_prior.batch_indices(config.seed + 1, step * config.gradient_accumulation_steps
                                                       + micro, config.batch_size, accelerator.process_index,
                                                       accelerator.num_processes)
-            prior_latents, prior_embeddings = encoded_prior.batch(prior_index, accelerator.device)
-            latents, embeddings = torch.cat([latents, prior_latents]), torch.cat([embeddings, prior_embeddings])
-            prior_samples = len(prior_index)
+            prior = encoded_prior.batch(prior_index, accelerator.device)
         with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, prediction_type,
-                                  config.min_snr_gamma, config.noise_offset, prior_samples,
-                                  config.prior_loss_weight)
+            loss = batch_loss(config, unet, noise_scheduler, batch, prior, generator, prediction_type)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable_parameters(unet), config.max_grad_norm)
@@ -233,13 +235,31 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimiz
     return sum(losses) / len(losses)
 
 
+def batch_loss(config: TrainConfig, unet, noise_scheduler, batch: Batch, prior: Batch | None,
+               generator: torch.Generator, prediction_type: str) -> torch.Tensor:
+    """The concept batch's loss plus the weighted loss of its regularisation rows: one UNet call when
+    both are the same size, two when their buckets differ (the sum is the same)."""
+    def loss_of(rows: Batch, prior_samples: int = 0) -> torch.Tensor:
+        return diffusion_loss(unet, noise_scheduler, rows.latents, rows.embeddings, generator, prediction_type,
+                              config.min_snr_gamma, config.noise_offset, prior_samples, config.prior_loss_weight,
+                              added_cond_kwargs=rows.added_cond_kwargs())
+
+    if prior is None:
+        return loss_of(batch)
+    if batch.fits(prior):
+        return loss_of(batch.cat(prior), prior_samples=len(prior.latents))
+    return loss_of(batch) + config.prior_loss_weight * loss_of(prior)
+
+
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
                    generator: torch.Generator, prediction_type: str, min_snr_gamma: float = 0.0,
-                   noise_offset: float = 0.0, prior_samples: int = 0, prior_loss_weight: float = 1.0) -> torch.Tensor:
+                   noise_offset: float = 0.0, prior_samples: int = 0, prior_loss_weight: float = 1.0,
+                   added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """MSE between the UNet's prediction and the epsilon or v target, optionally Min-SNR weighted.
 
     The last `prior_samples` rows are regularisation images: their mean loss is added with
-    weight `prior_loss_weight` to the mean loss of the others.
+    weight `prior_loss_weight` to the mean loss of the others. SDXL's pooled embedding and size
+    conditioning come in `added_cond_kwargs`.
     """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -254,7 +274,8 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeddings: tor
         target = noise
     else:
         raise ConfigError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+    prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings, **extra).sample
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         snr = compute_snr(noise_scheduler, timesteps)

@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from tiny_models import IMAGE_SIZE, save_tiny_model  # noqa: E402
+from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and CI has two cores
 
@@ -30,6 +30,12 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-v", "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A diffusers folder of a tiny SDXL (two text encoders, text_time conditioning) with random weights."""
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def draw_concept(path: Path, index: int, colour=(220, 30, 30)) -> Path:

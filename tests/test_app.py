@@ -214,6 +214,15 @@ def test_import_rename_delete(client, tiny_config, tmp_path):
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"not a safetensors file at all")
         client.predict(handle_file(str(bad)), "", api_name="/import_adapter")
+    import torch
+    from safetensors.torch import save_file
+
+    dora = tmp_path / "dora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+               "lora_unet_x.dora_scale": torch.ones(1, 4)}, str(dora))
+    with pytest.raises(AppError, match="dora.safetensors is a DoRA adapter") as refused:
+        client.predict(handle_file(str(dora)), "", api_name="/import_adapter")
+    assert "\n" not in str(refused.value).strip()
 
 
 def test_settings_show_model_device_and_folders(client, served):
@@ -278,3 +287,23 @@ def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path
     own.remove_work_dir()  # what interpreter exit runs
     assert not own.work_dir.exists() and given.work_dir.is_dir()
     assert (tmp_path / "adapters" / "keep.safetensors").exists()
+
+
+def test_the_train_tab_trains_and_generates_on_an_sdxl_base(tiny_sdxl_model, tmp_path, images):
+    """The same tab and API over an SDXL base: the adapter is SDXL's, and generation uses it."""
+    studio = Studio(str(tiny_sdxl_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        outputs = train_and_watch(client, images, "xl-circles", steps=3, preview_every=0)
+        assert "finished" in outputs[-1][0], outputs[-1][0]
+        from sdlora.formats import read_metadata
+
+        header = read_metadata(tmp_path / "adapters" / "xl-circles.safetensors")
+        assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["sdlora.family"] == "sdxl"
+        gallery, parameters, _ = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 1, "xl-circles", 1.0,
+                                                None, 1.0, None, 1.0, None, 1.0, False, api_name="/generate")
+        assert len(gallery) == 1 and "<lora:xl-circles:1>" in parameters and "Size: 32x32" in parameters
+        assert "sdxl" in client.predict(api_name="/settings").lower()
+    finally:
+        demo.close()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sdlora.cli import build_parser, config_from_args
 from sdlora.formats import read_metadata
 
@@ -64,8 +66,10 @@ def test_flags_override_config_file(tmp_path):
     assert (config.steps, config.lora.rank, config.lora.alpha, config.data.flip) == (10, 4, 8.0, False)
 
 
-def test_two_process_run_writes_exactly_one_adapter(tiny_model, concept_dir, tmp_path):
-    """Two CPU processes over gloo (torchrun): gradients are shared and only the main process saves."""
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model"])
+def test_two_process_run_writes_exactly_one_adapter(model, request, concept_dir, tmp_path):
+    """Two CPU processes over gloo (torchrun), SD 1.x and SDXL: gradients are shared, only the main process saves."""
+    tiny_model = request.getfixturevalue(model)
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -76,7 +80,9 @@ def test_two_process_run_writes_exactly_one_adapter(tiny_model, concept_dir, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     adapters = sorted(p.name for p in out.glob("*.safetensors"))
     assert adapters == ["ddp.safetensors"]
-    assert read_metadata(out / "ddp.safetensors")["sdlora.processes"] == "2"
+    header = read_metadata(out / "ddp.safetensors")
+    assert header["sdlora.processes"] == "2"
+    assert header["ss_base_model_version"] == ("sdxl_base_v1-0" if model == "tiny_sdxl_model" else "sd_v1")
     assert result.stdout.count("finished step 3") == 1
 
 

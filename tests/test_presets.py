@@ -64,3 +64,27 @@ def test_the_apps_widgets_keep_the_demo_presets_prior_loss_weight():
     assert config.prior_loss_weight == demo.prior_loss_weight
     generic = train_config("Object", "some/model", "n", "sks", "{trigger}", 8, 8, 800, 1e-4, 512, 100, 0, False, "")
     assert generic.prior_loss_weight == 1.0
+
+
+def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_sdxl_model, tiny_model):
+    import shutil
+
+    from sdlora.cli import build_parser, config_and_defaults
+    from sdlora.presets import DEMO_MODEL
+
+    copy = tmp_path / "somewhere" / "my-demo"
+    copy.mkdir(parents=True)
+    for name in ("model_index.json", "sdlora_demo.json"):  # what marks it; the weights do not matter here
+        shutil.copy(DEMO_MODEL / name, copy / name)
+
+    def run(base):
+        return config_and_defaults(build_parser().parse_args(["train", "--base-model", str(base), "--images", "x"]))
+
+    config, line = run(copy)
+    assert (config.data.resolution, config.lora.rank, config.steps) == (64, 16, 600) and "demo preset" in line
+    config, line = run(tiny_sdxl_model)  # an SDXL folder: its own native size (1024 for the real one)
+    assert config.data.resolution == 32 and line.startswith("defaults: SDXL at its native 32 px")
+    config, line = run(tiny_model)
+    assert config.data.resolution == 32 and "SD 1.x" in line and config.lora.rank == 8
+    config, line = run(tmp_path / "not-a-model")
+    assert config.data.resolution == 512 and "generic" in line

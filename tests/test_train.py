@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sdlora import train as train_module
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.data import load_concept_images
 from sdlora.encode import encode_concepts
-from sdlora.errors import CheckpointError, ConceptImagesError, TrainingDiverged
+from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
 from sdlora.events import Preview, Started, Step, StopFlag
 from sdlora.formats import read_metadata
 from sdlora.lora import add_lora, trainable_parameters
@@ -277,9 +278,9 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
     batches = []
     real_loss = train_module.diffusion_loss
 
-    def recording_loss(unet, scheduler, latents, embeddings, *args):
+    def recording_loss(unet, scheduler, latents, embeddings, *args, **kwargs):
         batches.append((latents.clone(), embeddings.clone(), args[-2:]))
-        return real_loss(unet, scheduler, latents, embeddings, *args)
+        return real_loss(unet, scheduler, latents, embeddings, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
     config = tiny_config.replace(steps=3, batch_size=2, prior_loss_weight=0.5,
@@ -320,3 +321,16 @@ def test_previews_draw_a_trained_caption_at_fixed_seeds(tiny_config):
     # img0.txt says "a red circle": the first image's caption with the trigger put in front.
     assert preview.prompts == ("sks, a red circle",) and preview.seeds == (1, 2)
     assert len(preview.images) == 2 and Path(preview.path).exists()
+
+
+def test_adafactor_trains_and_a_missing_optimizer_package_is_named_before_loading(tiny_config, monkeypatch):
+    result = train(tiny_config.replace(steps=2, optimizer="adafactor", final_preview=False))
+    assert read_metadata(result.adapter_path)["ss_optimizer"] == "adafactor" and math.isfinite(result.final_loss)
+    import sys
+
+    for package in ("bitsandbytes", "prodigyopt"):
+        monkeypatch.setitem(sys.modules, package, None)  # as if not installed, wherever this runs
+    monkeypatch.setattr("sdlora.train.load_pipeline", lambda *a, **k: pytest.fail("loaded the model first"))
+    for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
+        with pytest.raises(ConfigError, match=f"--optimizer {name} needs the {package} package.*pip install {package}"):
+            train(tiny_config.replace(optimizer=name, name=f"x-{name}"))

@@ -69,3 +69,43 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> Stab
 def save_tiny_model(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     build_tiny_pipeline(prediction_type, seed).save_pretrained(folder)
     return folder
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny SDXL: two CLIP text encoders (the second with a projection), text_time conditioning."""
+    import tempfile
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=(2, 4), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=IMAGE_SIZE)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
+    config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  vocab_size=len(tokenizer), max_position_embeddings=16, hidden_act="gelu",
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1,
+                                       timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def save_tiny_sdxl_model(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    build_tiny_sdxl_pipeline(seed, prediction_type).save_pretrained(folder)
+    return folder

@@ -54,6 +54,7 @@ def training_metadata(config: TrainConfig, info: ModelInfo, steps: int, captions
         "ss_num_reg_images": str(regularization_images),
         "ss_prior_loss_weight": repr(config.prior_loss_weight),
         "ss_learning_rate": repr(config.learning_rate),
+        "ss_optimizer": config.optimizer,
         "ss_unet_lr": repr(config.learning_rate),
         "ss_text_encoder_lr": "0.0",
         "ss_lr_scheduler": config.lr_schedule,
