@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import draw_concept
@@ -112,8 +113,9 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny_model", "tiny_sdxl_model"])
+def server(request, tmp_path_factory):
+    """The app on the tiny SD 1.x model, then on the tiny SDXL (the same steps in the browser on both)."""
     from test_app import free_port
 
     import app
@@ -122,10 +124,12 @@ def server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-app")
     if README_MODE and not DEMO_MODEL.is_dir():
         pytest.skip(f"the README screenshots need the demo model at {DEMO_MODEL}")
-    base_model = str(DEMO_MODEL) if README_MODE else str(tiny_model)
+    if README_MODE and request.param != "tiny_model":
+        pytest.skip("the README screenshots are taken on the demo model")
+    base_model = str(DEMO_MODEL) if README_MODE else str(request.getfixturevalue(request.param))
     studio = Studio(base_model, root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
     demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield demo.local_url
+    yield SimpleNamespace(url=demo.local_url, family="sdxl" if request.param == "tiny_sdxl_model" else "sd1")
     demo.close()
 
 
@@ -149,7 +153,7 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     page.set_default_timeout(TIMEOUT_MS)
     # expect() keeps its own 5 s default; a comparison grid on a loaded 2-core machine took longer
     expect.set_options(timeout=TIMEOUT_MS)
-    page.goto(server)
+    page.goto(server.url)
 
     # Train: the page fills the preset on load; then upload, name the adapter, shorten the run.
     expect(page.locator("#preset-note")).to_contain_text("Preset")
@@ -207,6 +211,7 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
 
     open_tab(page, "Settings")
     expect(page.locator("#model-status")).to_contain_text("loaded")
+    expect(page.locator("#model-status")).to_contain_text(server.family)
     shoot(page, "settings.png", tmp_path)
     page.close()
 
