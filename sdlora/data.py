@@ -96,6 +96,18 @@ def load_regularization_images(config: DataConfig, bucket_step: int = 64) -> Con
     return load_concept_images(reg_config, what="regularisation images", bucket_step=bucket_step)
 
 
+def bucket_labels(paths: Iterable[Path], config: DataConfig, bucket_step: int = 64) -> list[str]:
+    """Each image's bucket ('832x1216') as training would choose it, or why it would be skipped."""
+    buckets = training_buckets(config, bucket_step)
+    labels = []
+    for path in paths:
+        try:
+            labels.append(str(fit_to_bucket(normalise_image(open_image(Path(path))), buckets)[1].bucket))
+        except ImageProblem as exc:
+            labels.append(f"skipped: {exc}")
+    return labels
+
+
 def bucket_counts(images: Iterable[ConceptImage]) -> dict[str, int]:
     """How many images each bucket holds, largest first: what the estimate and the first message list."""
     counts: dict[str, int] = {}

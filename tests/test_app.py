@@ -91,8 +91,9 @@ def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images,
         zf.writestr("notes.md", "ignored")
     gallery, table = client.predict([handle_file(p) for p in [*images, str(archive)]], api_name="/upload_images")
     assert len(gallery) == 4
-    captions = dict(table["data"])
+    captions = {row[0]: row[1] for row in table["data"]}
     assert captions == {"img0.png": "a blue circle", "img1.png": "", "img2.png": "", "zipped.png": "a zipped circle"}
+    assert {row[2] for row in table["data"]} == {"32x32"}  # the bucket each trains in (48x40 images: square here)
 
 
 def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path):
@@ -106,7 +107,7 @@ def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path)
 def test_example_concept_loads_in_one_click(client):
     files, gallery, table, name, trigger = client.predict("red-circles", api_name="/use_example")
     assert len(files) == 6 and len(gallery) == 3
-    assert dict(table["data"])["circle1.png"] == "a red circle number 1"
+    assert {row[0]: row[1] for row in table["data"]}["circle1.png"] == "a red circle number 1"
     assert (name, trigger) == ("red-circles", "red-circles")
     with pytest.raises(AppError, match="not in the list of choices|no example concept"):
         client.predict("../../etc", api_name="/use_example")

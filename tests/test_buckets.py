@@ -94,3 +94,14 @@ def test_training_in_mixed_buckets_lists_them_first(tiny_model, tmp_path):
     train(config, on_event=events.append)
     (started,) = [e for e in events if isinstance(e, Started)]
     assert started.buckets == ("48x80: 2", "80x48: 2", "64x64: 1")
+
+
+def test_bucket_labels_say_where_each_upload_trains_or_why_it_is_skipped(tmp_path):
+    from sdlora.data import bucket_labels
+
+    folder = concept_folder(tmp_path / "c", {"portrait": 1, "landscape": 1})
+    (folder / "broken.png").write_bytes(b"not an image")
+    paths = sorted(folder.iterdir())
+    labels = dict(zip([p.name for p in paths], bucket_labels(paths, DataConfig(resolution=64), 16), strict=True))
+    assert labels["portrait0.png"] == "48x80" and labels["landscape0.png"] == "80x48"
+    assert labels["broken.png"].startswith("skipped: not a readable image")

@@ -79,6 +79,19 @@ class Studio:
         """Unpack uploaded files into a fresh folder for viewing; returns the images."""
         return collect_uploads(files, Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir)))
 
+    def buckets_of(self, images: list[Path]) -> list[str]:
+        """The bucket each image trains in at the base model's native size ('' while no model is loaded)."""
+        from sdlora.buckets import bucket_step
+        from sdlora.config import DataConfig
+        from sdlora.data import bucket_labels
+
+        try:
+            generator = self.generator()
+            info, scale = generator.model_info, generator.pipeline.vae_scale_factor
+        except SdloraError:
+            return [""] * len(images)
+        return bucket_labels(images, DataConfig(resolution=info.resolution), bucket_step(scale))
+
     # -- the base model ------------------------------------------------------------------------
 
     def base_model_problem(self) -> str:

@@ -17,7 +17,7 @@ from sdlora.ui.studio import Studio
 from sdlora.ui.uploads import read_captions
 
 PRESET_KINDS = ("Style", "Character", "Object")
-CAPTION_HEADERS = ["image", "caption"]
+CAPTION_HEADERS = ["image", "caption", "bucket"]  # bucket: at the model's native size, as training picks it
 POLL_SECONDS = 0.5
 HELP = {**field_help(TrainConfig), **field_help(DataConfig)}
 
@@ -50,15 +50,18 @@ def train_config(kind: str, base_model: str, name: str, trigger: str, template: 
         lora=dataclasses.replace(config.lora, rank=int(rank), alpha=float(alpha)))
 
 
-def caption_table(images, captions=None) -> pd.DataFrame:
+def caption_table(images, captions=None, buckets=None) -> pd.DataFrame:
     captions = captions if captions is not None else read_captions(images)
-    return pd.DataFrame({"image": [p.name for p in images], "caption": captions}, columns=CAPTION_HEADERS)
+    buckets = buckets if buckets is not None else [""] * len(images)
+    return pd.DataFrame({"image": [p.name for p in images], "caption": captions, "bucket": buckets},
+                        columns=CAPTION_HEADERS)
 
 
 def captions_from_table(table) -> dict[str, str]:
     if table is None or len(table) == 0:
         return {}
-    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table, columns=CAPTION_HEADERS)
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+    frame.columns = CAPTION_HEADERS[: len(frame.columns)]
     return {str(r["image"]): "" if pd.isna(r["caption"]) else str(r["caption"]) for _, r in frame.iterrows()}
 
 
@@ -83,8 +86,9 @@ def build(studio: Studio) -> TrainTab:
                             elem_id="concept-files")
             thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
                                     elem_id="thumbnails")
-            captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str"], interactive=True,
-                                    label="Captions (leave empty to use the template)", column_count=2,
+            captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str", "str"], interactive=True,
+                                    label="Captions (leave empty to use the template; bucket: the shape each image "
+                                          "trains at, at the model's native size)", column_count=3,
                                     max_height=260, wrap=True, elem_id="captions")
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
@@ -132,7 +136,7 @@ def build(studio: Studio) -> TrainTab:
     @readable_errors
     def show_images(paths):
         images = studio.stage_upload(paths or [])
-        return images, caption_table(images)
+        return images, caption_table(images, buckets=studio.buckets_of(images))
 
     @readable_errors
     def load_example(example_name):
@@ -140,7 +144,8 @@ def build(studio: Studio) -> TrainTab:
         images = [p for p in paths if p.suffix.lower() != ".txt"]
         # The example's folder name is the word its captions teach: it becomes the trigger word.
         name = studio.library.unique_name(example_name)
-        return [str(p) for p in paths], images, caption_table(images), name, example_name
+        return [str(p) for p in paths], images, caption_table(images, buckets=studio.buckets_of(images)), name, \
+            example_name
 
     @readable_errors
     def fill_preset(kind):
