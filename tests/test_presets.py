@@ -88,3 +88,26 @@ def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_
     assert config.data.resolution == 32 and "SD 1.x" in line and config.lora.rank == 8
     config, line = run(tmp_path / "not-a-model")
     assert config.data.resolution == 512 and "generic" in line
+
+
+def test_gpu_memory_estimate_follows_model_size_and_memory_settings():
+    from sdlora.models import ModelInfo
+
+    sdxl, sd15 = ModelInfo("sdxl", "epsilon", 1024, 2048), ModelInfo("sd1", "epsilon", 512, 768)
+    xl = TrainConfigFor(1024)
+    base = estimate_training(xl, 2_567_000_000, sdxl, "cuda").gpu_memory_gb
+    assert 10 < base < 16  # SimpleTuner's published SDXL LoRA run at batch 1: 13 GiB
+    checkpointed = estimate_training(xl.replace(gradient_checkpointing=True), 2_567_000_000, sdxl, "cuda")
+    assert checkpointed.gpu_memory_gb < 0.7 * base and "SDXL at 1024 px" in checkpointed.text
+    small_state = estimate_training(xl.replace(optimizer="adamw8bit"), 2_567_000_000, sdxl, "cuda").gpu_memory_gb
+    assert small_state < base
+    sd = estimate_training(TrainConfigFor(512), 860_000_000, sd15, "cuda").gpu_memory_gb
+    assert 2 < sd < 4  # published SD 1.5 LoRA at 512 px: 2.9 GiB
+    assert estimate_training(xl, 2_567_000_000, sdxl, "cpu").gpu_memory_gb is None
+
+
+def TrainConfigFor(resolution: int):  # noqa: N802 - reads as the config it builds
+    from sdlora.config import DataConfig, LoraSpec, TrainConfig
+
+    return TrainConfig(base_model="m", data=DataConfig(images="x", resolution=resolution),
+                       lora=LoraSpec(rank=16, alpha=16))
