@@ -76,7 +76,7 @@ def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None =
                                                      f"use one of {', '.join(sorted(IMAGE_EXTENSIONS))}"))
             continue
         try:
-            image, placement = fit_to_bucket(normalise_image(open_image(path)), buckets)
+            image, placement = prepare_image(path, buckets)
             caption = make_caption(read_caption(path), config.trigger_word, config.caption_template)
         except ImageProblem as exc:
             result.problems.append(FileProblem(path, str(exc)))
@@ -102,7 +102,7 @@ def bucket_labels(paths: Iterable[Path], config: DataConfig, bucket_step: int = 
     labels = []
     for path in paths:
         try:
-            labels.append(str(fit_to_bucket(normalise_image(open_image(Path(path))), buckets)[1].bucket))
+            labels.append(str(prepare_image(Path(path), buckets)[1].bucket))
         except ImageProblem as exc:
             labels.append(f"skipped: {exc}")
     return labels
@@ -167,6 +167,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def prepare_image(path: Path, buckets: list[Bucket]) -> tuple[Image.Image, Placement]:
+    """One file as training sees it: decoded, upright, RGB, fitted to its bucket; ImageProblem if unusable."""
+    return fit_to_bucket(normalise_image(open_image(path)), buckets)
 
 
 def normalise_image(image: Image.Image) -> Image.Image:

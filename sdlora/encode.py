@@ -156,11 +156,12 @@ def encode_concepts(pipeline, concepts: list[ConceptImage], flip: bool, device: 
     images = [c.image for c in concepts]
     captions = [c.caption for c in concepts]
     time_ids = [c.placement.time_ids() for c in concepts]
-    if flip:
+    buckets = [str(c.placement.bucket) for c in concepts]
+    if flip:  # a mirror image keeps its bucket; its crop mirrors
         images += [im.transpose(0) for im in images]  # 0 = FLIP_LEFT_RIGHT
         captions += captions
         time_ids += [c.placement.time_ids(mirrored=True) for c in concepts]
-    buckets = [f"{im.size[0]}x{im.size[1]}" for im in images]
+        buckets += buckets
     latents = encode_images(pipeline.vae, images, device)
     if getattr(pipeline, "text_encoder_2", None) is not None:
         pipeline.text_encoder.to(device)

@@ -115,19 +115,24 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
 
 def inspect_pipeline(pipeline) -> ModelInfo:
     """Family, prediction type and native resolution from the pipeline's own configs."""
-    unet_config = pipeline.unet.config
-    cross_dim = int(unet_config.cross_attention_dim if not isinstance(unet_config.cross_attention_dim, (list, tuple))
-                    else unet_config.cross_attention_dim[0])
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        family = "sdxl"
+    prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
+    family, resolution, cross_dim = family_and_resolution(dict(pipeline.unet.config), dict(pipeline.vae.config))
+    return ModelInfo(family, prediction_type, resolution, cross_dim)
+
+
+def family_and_resolution(unet_config: dict, vae_config: dict) -> tuple[str, int, int]:
+    """(family, native resolution in pixels, cross-attention width) from the UNet's and VAE's configs,
+    whether they come from a loaded model or straight from its JSON files."""
+    cross = unet_config.get("cross_attention_dim")
+    cross_dim = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
+    if unet_config.get("addition_embed_type") == "text_time":
+        family = "sdxl"  # the size and pooled-text conditioning only SDXL has
     elif cross_dim == 1024:
         family = "sd2"
     else:
         family = "sd1"  # 768 for real SD 1.x; tiny test and demo models share its layout
-    prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    resolution = int(unet_config.sample_size) * vae_scale
-    return ModelInfo(family, prediction_type, resolution, cross_dim)
+    resolution = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return family, resolution, cross_dim
 
 
 def training_components(pipeline) -> dict:

@@ -95,15 +95,14 @@ def _read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
             path = CONFIG_ROOT / inspect_checkpoint(path).architecture
         except Exception:  # noqa: BLE001 - loading reports a damaged file properly; here only defaults are at stake
             return "", None
+    from sdlora.models import family_and_resolution
+
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
+        family, resolution, _ = family_and_resolution(unet, vae)
+    except (OSError, ValueError, KeyError, TypeError):
         return "", None
-    resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    cross = unet.get("cross_attention_dim")
-    family = ("sdxl" if unet.get("addition_embed_type") == "text_time" else
-              "sd2" if cross == 1024 else "sd1")
     return family, resolution
 
 

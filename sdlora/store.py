@@ -34,7 +34,7 @@ from sdlora.formats import (
     write_adapter,
 )
 from sdlora.formats.files import load_tensors
-from sdlora.formats.read import claimed_family, describe, group_keys
+from sdlora.formats.read import claimed_family, summarize
 
 SUFFIX = ".safetensors"
 SIDE_FILES = (".preview.png", ".config.json")
@@ -129,11 +129,8 @@ class AdapterLibrary:
     def _info(self, path: Path) -> AdapterInfo:
         header = check_header(path)
         meta = header_metadata(header)
-        groups, _ = group_keys([key for key in header if key != "__metadata__"])
-        ranks = [header[roles.get("down") or roles.get("hada_w1_b") or roles.get("lokr_w2_b") or
-                        roles.get("lokr_w1_b")]["shape"][0]
-                 for roles in groups.values() if {"down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"} & set(roles)]
-        if not groups:
+        kind, rank = summarize(header)
+        if not kind:
             raise AdapterFormatError(f"{path.name} is not a LoRA adapter")
         name = path.name[: -len(SUFFIX)]
         preview = path.with_name(f"{name}.preview.png")
@@ -141,11 +138,11 @@ class AdapterLibrary:
         stat = path.stat()
         return AdapterInfo(
             name=name, path=path, base_model=meta.get("sdlora.base_model") or meta.get("ss_sd_model_name", ""),
-            family=claimed_family(meta) or "unknown", rank=max(ranks, default=None),
+            family=claimed_family(meta) or "unknown", rank=rank,
             alpha=_number(meta.get("sdlora.alpha") or meta.get("ss_network_alpha")),
             steps=_int(meta.get("sdlora.steps") or meta.get("ss_steps")), trigger_words=triggers,
             size_bytes=stat.st_size, modified=stat.st_mtime, preview=preview if preview.is_file() else None,
-            kind=describe(groups),
+            kind=kind,
             title=meta.get("modelspec.title", ""), author=meta.get("modelspec.author", ""),
             description=meta.get("modelspec.description", ""), license=meta.get("modelspec.license", ""),
             tags=_split(meta.get("modelspec.tags", "")))

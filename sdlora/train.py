@@ -112,7 +112,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     encoded_prior = (encode_concepts(pipeline, regularization.images, config.data.flip, accelerator.device)
                      if regularization else None)
 
-    frozen_parts_to(pipeline, torch.device("cpu") if accelerator.device.type == "cuda" else accelerator.device)
+    if accelerator.device.type == "cuda":
+        frozen_parts_to(pipeline, torch.device("cpu"))
 
     # 3. Adapter, optimizer, schedule.
     unet = pipeline.unet

@@ -14,6 +14,11 @@ import torch
 from sdlora.formats.names import PARTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNetBlocks, canonical_text_path
 
 
+def alpha_or_rank(alpha: float | None, rank: int) -> float:
+    """kohya and LyCORIS: a layer without alpha (or with 0) has alpha = rank, a scale of 1."""
+    return float(alpha) if alpha else float(rank)
+
+
 @dataclass
 class LoraLayer:
     """One adapted layer: down (r, in[, kh, kw]), up (out, r[, 1, 1]) and its true alpha."""
@@ -93,12 +98,11 @@ def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Weight shape of every Linear and Conv2d, by module path (peft wrappers see through to the base)."""
     shapes = {}
     for name, module in model.named_modules():
+        if {"base_layer", "lora_A", "lora_B"} & set(name.split(".")):
+            continue  # the insides of a peft wrapper; the wrapper itself stands for the layer
         base = getattr(module, "base_layer", module)
         if isinstance(base, torch.nn.Linear):
             shapes[name] = (base.out_features, base.in_features)
         elif isinstance(base, torch.nn.Conv2d):
             shapes[name] = (base.out_channels, base.in_channels // base.groups, *base.kernel_size)
-        name_parts = name.split(".")
-        if "base_layer" in name_parts or "lora_A" in name_parts or "lora_B" in name_parts:
-            shapes.pop(name, None)
     return shapes

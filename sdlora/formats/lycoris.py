@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.formats.adapter import LoraLayer
+from sdlora.formats.adapter import LoraLayer, alpha_or_rank
 
 HADA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -37,7 +37,7 @@ def loha(parts: dict[str, torch.Tensor], alpha: float | None, shape: tuple[int, 
     """A LoHa layer as an exact LoRA of rank r1·r2 (or the full ΔW where that is smaller)."""
     w1a, w1b, w2a, w2b = (parts[k].float() for k in HADA_KEYS)
     rank = w1b.shape[0]
-    scale = (alpha if alpha else rank) / rank
+    scale = alpha_or_rank(alpha, rank) / rank
     if "hada_t1" in parts:
         delta = _tucker(parts["hada_t1"], w1a, w1b) * _tucker(parts["hada_t2"], w2a, w2b)
         return _full(delta.reshape(shape), scale)
@@ -63,7 +63,7 @@ def lokr(parts: dict[str, torch.Tensor], alpha: float | None, shape: tuple[int, 
     else:
         a2, b2 = parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float().flatten(1)
         rank = b2.shape[0]
-    scale = 1.0 if rank is None else (alpha if alpha else rank) / rank
+    scale = 1.0 if rank is None else alpha_or_rank(alpha, rank) / rank
     # kron of the flattened factors equals the flattened kron of (W1 as (o1, i1, 1, 1)) and W2 (o2, i2, kh, kw).
     return _low_rank(torch.kron(a1, a2), torch.kron(b1, b2), scale, shape)
 

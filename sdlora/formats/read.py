@@ -16,10 +16,9 @@ import torch
 
 from sdlora.errors import AdapterFormatError
 from sdlora.formats import lycoris
-from sdlora.formats.adapter import Adapter, LoraLayer, ModelLayout
+from sdlora.formats.adapter import Adapter, LoraLayer, ModelLayout, alpha_or_rank
 from sdlora.formats.files import check_header, header_metadata, load_tensors
 from sdlora.formats.names import (
-    PARTS,
     SDXL_BLOCKS,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -50,6 +49,7 @@ OTHER_NETWORKS = (  # (part of a key, what the file is), for a one-line refusal
     (".diff_b", "a LyCORIS full (weight difference) adapter"), (".diff", "a LyCORIS full (weight difference) adapter"),
     (".a1.weight", "a GLoRA adapter"), (".b1.weight", "a GLoRA adapter"),
 )
+RANK_ROLES = ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")  # the tensor whose rows are a layer's rank
 LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
 UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
               "add_embedding")
@@ -120,6 +120,19 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     for stem in alpha_only:  # alphas of layers whose weights are missing: reported as strays
         strays.append(groups.pop(stem)["alpha"])
     return groups, strays
+
+
+def summarize(header: dict) -> tuple[str, int | None]:
+    """What a file is and its largest rank, from a checked header alone (no tensor is read)."""
+    groups, _ = group_keys([key for key in header if key != "__metadata__"])
+    if not groups:
+        return "", None
+    ranks = []
+    for roles in groups.values():
+        role = next((r for r in RANK_ROLES if r in roles), None)
+        if role is not None:
+            ranks.append(header[roles[role]]["shape"][0])
+    return describe(groups), max(ranks, default=None)
 
 
 def _is_lokr(roles: dict[str, str]) -> bool:
@@ -213,7 +226,7 @@ def build_layer(name: str, key: str, parts: dict[str, torch.Tensor], alpha: floa
         raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has no {missing} weight; damaged file")
     down, up = parts["down"].float(), parts["up"].float()
     rank = down.shape[0]
-    alpha = alpha if alpha else float(rank)  # kohya and LyCORIS: no alpha (or 0) means alpha = rank
+    alpha = alpha_or_rank(alpha, rank)
     if "mid" in parts:
         layer = lycoris.locon_with_mid(down, parts["mid"], up, alpha)
     else:
@@ -314,5 +327,3 @@ def describe(groups: dict[str, dict[str, str]]) -> str:
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-__all__ = ["DIFFUSERS_METADATA_KEY", "PARTS", "read_adapter"]

@@ -61,7 +61,7 @@ def captions_from_table(table) -> dict[str, str]:
     if table is None or len(table) == 0:
         return {}
     frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
-    frame.columns = CAPTION_HEADERS[: len(frame.columns)]
+    frame = frame.set_axis(CAPTION_HEADERS[: len(frame.columns)], axis=1)  # a script may send two columns
     return {str(r["image"]): "" if pd.isna(r["caption"]) else str(r["caption"]) for _, r in frame.iterrows()}
 
 
