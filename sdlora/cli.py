@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     _add_generate_parser(commands)
     _add_adapters_parser(commands)
+    _add_caption_parser(commands)
     return parser
 
 
@@ -144,6 +145,27 @@ def _add_adapters_parser(commands) -> None:
     ren.add_argument("new_name")
     dele = _verb(verbs, "delete", "delete an adapter and its side files")
     dele.add_argument("name")
+
+
+def _add_caption_parser(commands) -> None:
+    from sdlora.captioners import captioner_names
+    from sdlora.captions import CaptionOptions
+
+    cap = commands.add_parser("caption", help="write a same-name .txt caption for every image in a folder",
+                              description="Caption concept images. Existing captions are kept unless "
+                                          "--overwrite; files are written atomically.")
+    cap.add_argument("--images", required=True, help="folder of concept images")
+    cap.add_argument("--captioner", choices=captioner_names(),
+                     help="default: the demo captioner for the demo model, else the first one present here")
+    cap.add_argument("--base-model", default="assets/demo-model", help="picks the default captioner")
+    help_of = field_help(CaptionOptions)
+    for name in ("prefix", "max_words", "batch_size"):
+        info = help_of[name]
+        cap.add_argument("--" + name.replace("_", "-"), type=type(info["default"]), default=info["default"],
+                         help=f"{info['help']} (default: {info['default']!r})")
+    cap.add_argument("--drop", nargs="*", default=list(help_of["drop_words"]["default"]), metavar="WORD",
+                     help=help_of["drop_words"]["help"])
+    cap.add_argument("--overwrite", action="store_true", help=help_of["overwrite"]["help"])
 
 
 def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -266,6 +288,32 @@ def run_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_caption(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sdlora.captioners import default_captioner, load_captioner
+    from sdlora.captions import CaptionOptions, caption_images, write_caption_files
+    from sdlora.data import IMAGE_EXTENSIONS
+    from sdlora.errors import ConceptImagesError
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise ConceptImagesError(f"{folder} is not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise ConceptImagesError(f"{folder} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    name = args.captioner or default_captioner(args.base_model)
+    options = CaptionOptions(prefix=args.prefix, overwrite=args.overwrite, max_words=args.max_words,
+                             drop_words=tuple(args.drop), batch_size=args.batch_size)
+    print(f"captioner: {name}", flush=True)
+    captioner = load_captioner(name)
+    result = caption_images(captioner, images, options,
+                            on_caption=lambda c: print(f"{c.path.name}: {c.caption}", flush=True))
+    write_caption_files(result)
+    print(result.summary(), file=sys.stderr if result.problems else sys.stdout)
+    return 0 if result.captions or not result.problems else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional image backends a trainer never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -278,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "adapters":
             return run_adapters(args)
+        if args.command == "caption":
+            return run_caption(args)
     except SdloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
