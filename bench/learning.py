@@ -23,9 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
+from sdlora.captions import CaptionOptions  # noqa: E402
 from sdlora.demo.learning import (  # noqa: E402
+    CONCEPTS_DIR,
     LESSONS,
     adoption,
+    captioned_copy,
     faithfulness,
     generator_for,
     lesson_config,
@@ -65,6 +68,58 @@ def measure_in_tmp(name: str, stages: list[int], prompts: int, regularised: bool
         return measure(name, stages if regularised else stages[-1:], prompts, Path(tmp), regularised)
 
 
+# Who writes the captions: the shipped hand-written files, the demo captioner, or the demo captioner
+# told to drop the concept's own word (so that only the trigger can carry it).
+CAPTION_VARIANTS = {
+    "hand": lambda concept: None,
+    "demo captioner": lambda concept: CaptionOptions(),
+    "demo captioner, concept word dropped": lambda concept: CaptionOptions(drop_words=(concept,)),
+}
+
+
+def measure_captions(name: str, variant: str, prompts: int) -> str:
+    """Train the demo preset on the concept folder captioned one way; one table row."""
+    torch.set_num_threads(1)
+    lesson = LESSONS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        options = CAPTION_VARIANTS[variant](name)
+        folder = CONCEPTS_DIR / name if options is None else captioned_copy(lesson, Path(tmp) / "images", options)
+        example = (sorted(folder.glob("*.txt"))[0]).read_text().strip()
+        config = lesson_config(lesson, Path(tmp) / "out", images=folder, cpu_threads=1)
+        train_in_stages(config, [config.steps], lambda steps, seconds: None)
+        generator = generator_for(Path(tmp) / "out")
+        rate = adoption(generator, lesson, 1.0, prompts)
+        kept = faithfulness(generator, name, 1.0, prompts)
+    row = f"| {name} | {variant} | `{example}` | {rate:.0%} | {kept:.0%} |"
+    print(row, flush=True)
+    return row
+
+
+def captions_main(args, where: str) -> None:
+    """The captions comparison: the same folders, captioned by hand and by the demo captioner."""
+    runs = [(name, variant) for name in args.concepts for variant in CAPTION_VARIANTS
+            if not (variant.endswith("dropped") and name not in args.drop_for)]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = [r.result() for r in [pool.submit(measure_captions, name, variant, args.prompts)
+                                     for name, variant in runs]]
+    text = "\n".join([
+        "## Captions: by hand and by the demo captioner (`python bench/learning.py --captions`)",
+        "",
+        f"{where}; training on one thread, {args.jobs} run(s) side by side; the demo preset's "
+        f"{PRESETS['Demo'].steps} steps on the concept's 8 example images, trigger `sks`; {args.prompts} images "
+        "per measurement, 20 steps, guidance 6.",
+        "",
+        "| concept | captions | first caption | adoption at weight 1 | plain prompts right with the adapter |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "Goal: the demo captioner within 10 points of the hand-written captions.",
+    ])
+    print(text)
+    if not args.no_write:
+        print(f"written to {write_section('learning_captions', text)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concepts", nargs="*", default=["star", "magenta", "striped", "heart"],
@@ -76,12 +131,18 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (2 on a 2-core "
                                                               "machine halves the wall time)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--captions", action="store_true",
+                        help="instead: compare hand-written captions with the demo captioner's")
+    parser.add_argument("--drop-for", nargs="*", default=["striped"],
+                        help="with --captions: concepts also trained with their own word dropped from the captions")
     args = parser.parse_args()
     if not (DEMO_MODEL / "model_index.json").exists():
         parser.error(f"no demo model at {DEMO_MODEL}; build it with python -m sdlora.demo.build")
     preset = PRESETS["Demo"]
     stages = args.stages or [preset.steps * k // 3 for k in range(1, 4)]
     where = machine()  # the load before these runs add their own
+    if args.captions:
+        return captions_main(args, where)
     runs = [(name, regularised) for name in args.concepts
             for regularised in (True, False)[: 1 if args.no_compare else 2]]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -184,9 +184,19 @@ def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | N
     return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
 
 
+def captioning_seconds(images: int, seconds_per_image: float, on_gpu: bool, needs_weights: bool) -> float:
+    """Time to caption `images` with a captioner of this speed on this project's CPU; weighted
+    captioners (BLIP, Florence-2) run on the GPU when there is one, the demo captioner never needs it."""
+    return images * seconds_per_image / (GPU_SPEEDUP if on_gpu and needs_weights else 1.0)
+
+
 def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo | None,
-                      device: str) -> Estimate:
-    """A rough duration (and GPU memory) for a run, shown before it starts."""
+                      device: str, captioning: tuple[int, str, float] = (0, "", 0.0)) -> Estimate:
+    """A rough duration (and GPU memory) for a run, shown before it starts.
+
+    `captioning` is (uncaptioned images, captioner name, its seconds for them): the time the
+    "Caption images" step adds before training, counted in the total.
+    """
     latent_pixels = (config.data.resolution / 8) ** 2
     images_per_step = config.batch_size * config.gradient_accumulation_steps
     if config.data.regularization_images:
@@ -195,11 +205,15 @@ def estimate_training(config: TrainConfig, unet_parameters: int, info: ModelInfo
     if device.startswith("cuda"):
         per_step /= GPU_SPEEDUP
     overhead = STEP_OVERHEAD_SECONDS["cuda" if device.startswith("cuda") else "cpu"]
-    seconds = config.steps * (per_step + overhead * config.gradient_accumulation_steps)
+    uncaptioned, captioner, caption_seconds = captioning
+    seconds = config.steps * (per_step + overhead * config.gradient_accumulation_steps) + caption_seconds
     memory = gpu_memory_gb(config, unet_parameters, info) if device.startswith("cuda") else None
     minutes = seconds / 60
     text = f"about {minutes:.0f} min" if minutes >= 1 else f"about {seconds:.0f} s"
     text += f" for {config.steps} steps on {device}"
+    if uncaptioned:
+        text += (f", captioning {uncaptioned} image{'s' * (uncaptioned != 1)} with {captioner} included "
+                 f"(about {caption_seconds:.0f} s)")
     if memory is not None:
         text += f", about {memory:.1f} GB of GPU memory"
         if memory > 10 and not config.gradient_checkpointing:

@@ -10,14 +10,10 @@ from PIL import Image
 
 from sdlora.captioners import default_captioner, load_captioner, spec_of
 from sdlora.captions import CaptionOptions, caption_images, finish_caption, write_caption_files
-from sdlora.demo.captioner import DemoCaptioner, describe
-from sdlora.demo.concepts import CONCEPTS, concept_scenes
+from sdlora.demo.captioner import DemoCaptioner, describe, every_kind_of_scene
 from sdlora.demo.shapes import (
     BACKGROUNDS,
     BASE_COLOURS,
-    BASE_SHAPES,
-    NEW_COLOURS,
-    NEW_SHAPES,
     make_scene,
     render,
 )
@@ -28,21 +24,8 @@ from sdlora.presets import DEMO_MODEL
 STAR_FOLDER = DEMO_MODEL.parent / "concepts" / "star"
 
 
-def new_demo_scenes() -> list:
-    """Two fresh scenes of every colour x shape x background, plus the example concepts' textures."""
-    palette = {**BASE_COLOURS, **NEW_COLOURS}
-    rng = np.random.default_rng([2026, 12, 2])  # not the seeds the example folders were drawn with
-    scenes = [make_scene(rng, (shape,), {colour: palette[colour]}, {background: BACKGROUNDS[background]})
-              for colour in palette for shape in BASE_SHAPES + NEW_SHAPES for background in BACKGROUNDS
-              for _ in range(2)]
-    for concept in CONCEPTS:
-        if concept.texture != "plain":
-            scenes += concept_scenes(concept, seed=77, count=20)
-    return scenes
-
-
 def test_demo_captioner_names_colour_shape_and_background_of_new_images():
-    scenes = new_demo_scenes()
+    scenes = every_kind_of_scene(seed=2026)
     assert len(scenes) >= 200
     right = textures = 0
     for scene in scenes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from sdlora.cli import build_parser, config_from_args
 from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset, default_config, estimate_training, preset_for
 
@@ -53,6 +55,21 @@ def test_presets_apply_and_estimate():
     with_reg = estimate_training(config.replace(data=replace(config.data, regularization_images="r")),
                                  860_000_000, None, "cpu")
     assert with_reg.seconds > 1.5 * cpu.seconds  # twice the images per step
+
+
+def test_estimate_counts_captioning_time():
+    from sdlora.captioners import spec_of
+    from sdlora.presets import captioning_seconds
+
+    config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=512)
+    plain = estimate_training(config, 860_000_000, None, "cpu")
+    demo = spec_of("demo")
+    seconds = captioning_seconds(30, demo.seconds_per_image, on_gpu=False, needs_weights=bool(demo.source))
+    captioned = estimate_training(config, 860_000_000, None, "cpu", captioning=(30, "demo", seconds))
+    assert captioned.seconds == pytest.approx(plain.seconds + 30 * demo.seconds_per_image)
+    assert "captioning 30 images with demo" in captioned.text and "captioning" not in plain.text
+    # A weighted captioner moves to the GPU with the training; the demo one has no weights to move.
+    assert captioning_seconds(30, 1.0, on_gpu=True, needs_weights=True) < captioning_seconds(30, 1.0, True, False)
 
 
 def test_the_apps_widgets_keep_the_demo_presets_prior_loss_weight():

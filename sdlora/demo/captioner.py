@@ -9,8 +9,18 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from sdlora.demo.concepts import CONCEPTS, concept_scenes
 from sdlora.demo.evaluate import background_colour, classify
-from sdlora.demo.shapes import BACKGROUNDS, SIZE
+from sdlora.demo.shapes import (
+    BACKGROUNDS,
+    BASE_COLOURS,
+    BASE_SHAPES,
+    NEW_COLOURS,
+    NEW_SHAPES,
+    SIZE,
+    Scene,
+    make_scene,
+)
 
 
 class DemoCaptioner:
@@ -40,3 +50,17 @@ def background_name(pixels: np.ndarray) -> str:
     """The named background nearest to the median colour of the image's border."""
     border = background_colour(pixels)
     return min(BACKGROUNDS, key=lambda name: float(np.linalg.norm(border - np.array(BACKGROUNDS[name]))))
+
+
+def every_kind_of_scene(seed: int, per_kind: int = 2, per_texture: int = 20) -> list[Scene]:
+    """Scenes of every colour x shape x background, plus the example concepts' textures: what the
+    captioner is checked on (with seeds the example folders were not drawn with)."""
+    palette = {**BASE_COLOURS, **NEW_COLOURS}
+    rng = np.random.default_rng([seed, 31])
+    scenes = [make_scene(rng, (shape,), {colour: palette[colour]}, {background: BACKGROUNDS[background]})
+              for colour in palette for shape in BASE_SHAPES + NEW_SHAPES for background in BACKGROUNDS
+              for _ in range(per_kind)]
+    for concept in CONCEPTS:
+        if concept.texture != "plain":
+            scenes += concept_scenes(concept, seed=seed, count=per_texture)
+    return scenes

@@ -8,6 +8,7 @@ the trigger still draw their own colour and shape with the adapter loaded, again
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sdlora.captions import CaptionOptions, caption_images, write_caption_files
 from sdlora.config import DataConfig, TrainConfig
+from sdlora.demo.captioner import DemoCaptioner
 from sdlora.demo.evaluate import Reading, classify
 from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
 from sdlora.generate import AdapterWeight, GenerateConfig, Generator
@@ -83,13 +86,25 @@ def plain_prompts(count: int) -> list[tuple[str, str, str]]:
     return [(f"a {c} {s}", c, s) for c, s in (combos[(i * 5) % len(combos)] for i in range(count))]
 
 
-def lesson_config(lesson: Lesson, output_dir: Path, steps: int | None = None, **changes) -> TrainConfig:
-    """The demo preset on the lesson's example folder; what a first-time user gets."""
+def lesson_config(lesson: Lesson, output_dir: Path, steps: int | None = None, images: Path | None = None,
+                  **changes) -> TrainConfig:
+    """The demo preset on the lesson's example folder (or `images`); what a first-time user gets."""
+    folder = images or CONCEPTS_DIR / lesson.name
     base = TrainConfig(base_model=str(DEMO_MODEL), output_dir=str(output_dir), name=lesson.name,
-                       final_preview=False,
-                       data=DataConfig(images=str(CONCEPTS_DIR / lesson.name), trigger_word=TRIGGER))
+                       final_preview=False, data=DataConfig(images=str(folder), trigger_word=TRIGGER))
     config = apply_preset(base, PRESETS["Demo"])
     return replace(config, steps=steps or config.steps, **changes)
+
+
+def captioned_copy(lesson: Lesson, target: Path, options: CaptionOptions | None = None) -> Path:
+    """The lesson's example images without their hand-written captions, captioned by the demo captioner."""
+    target.mkdir(parents=True, exist_ok=True)
+    images = sorted((CONCEPTS_DIR / lesson.name).glob("*.png"))
+    for image in images:
+        shutil.copyfile(image, target / image.name)
+    write_caption_files(caption_images(DemoCaptioner(), [target / image.name for image in images],
+                                       options or CaptionOptions()))
+    return target
 
 
 def trigger_images(generator: Generator, lesson: Lesson, weight: float, count: int,
