@@ -6,7 +6,6 @@ display leaks into the loop.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -115,7 +114,6 @@ class BackgroundRun:
         self.stop = StopFlag()
         self.result: Any = None
         self.error: BaseException | None = None
-        self._new = queue.Queue()
         self._thread = threading.Thread(target=self._run, args=(job,), daemon=True)
         self._lock = threading.Lock()
 
@@ -126,7 +124,6 @@ class BackgroundRun:
     def _record(self, event: Event) -> None:
         with self._lock:
             self.events.append(event)
-        self._new.put(event)
 
     def _run(self, job: Callable[..., Any]) -> None:
         try:
@@ -135,8 +132,6 @@ class BackgroundRun:
             self.error = exc
             if not (self.events and isinstance(self.events[-1], Failed)):  # the job may have said it already
                 self._record(Failed(step=-1, message=str(exc) or type(exc).__name__))
-        finally:
-            self._new.put(None)
 
     @property
     def running(self) -> bool:

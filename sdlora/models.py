@@ -133,13 +133,3 @@ def family_and_resolution(unet_config: dict, vae_config: dict) -> tuple[str, int
         family = "sd1"  # 768 for real SD 1.x; tiny test and demo models share its layout
     resolution = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
     return family, resolution, cross_dim
-
-
-def training_components(pipeline) -> dict:
-    """Frozen copies of the parts training needs, in float32 and eval mode."""
-    parts = {"tokenizer": pipeline.tokenizer, "text_encoder": pipeline.text_encoder,
-             "vae": pipeline.vae, "unet": pipeline.unet}
-    for name in ("text_encoder", "vae", "unet"):
-        parts[name].requires_grad_(False)
-        parts[name].eval()
-    return parts

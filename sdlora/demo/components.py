@@ -140,8 +140,3 @@ def _halve_weights(part: Path) -> None:
 def folder_size_mb(folder: Path) -> float:
     """Total size of a folder's files in MB."""
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of parameters, for the build log."""
-    return sum(p.numel() for p in module.parameters())

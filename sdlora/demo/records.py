@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdlora.demo.run import images_tensor
 from sdlora.demo.shapes import BASE_COLOURS, BASE_SHAPES, base_scene, wide_scene
 
 HEADER = """# The embedded demo model
@@ -37,8 +38,6 @@ def append_row(doc: Path, stage: str, steps: int, seconds: float, losses: list[f
 
 
 def _images(seed: int, count: int, wide: bool) -> torch.Tensor:
-    from sdlora.demo.build import images_tensor
-
     make = wide_scene if wide else base_scene
     return images_tensor([make(seed, i) for i in range(count)])
 

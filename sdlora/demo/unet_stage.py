@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,11 +10,9 @@ import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from sdlora.demo.components import make_train_scheduler
+from sdlora.demo.run import BuildConfig, Run, images_tensor, log
 from sdlora.demo.shapes import base_scene
 from sdlora.demo.state import BuildState, Ema
-
-if TYPE_CHECKING:
-    from sdlora.demo.build import BuildConfig, Run
 
 
 def _cache_path(cfg: BuildConfig):
@@ -36,8 +33,6 @@ def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def build_cache(state: BuildState, cfg: BuildConfig, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
     """Encode the base images once (posterior mean and std) and tokenize both caption forms."""
-    from sdlora.demo.build import images_tensor, log
-
     path = _cache_path(cfg)
     fingerprint = torch.tensor(sum(p.double().sum().item() for p in state.vae.encoder.parameters()))
     if path.exists():
@@ -90,8 +85,6 @@ def train_unet(
     state: BuildState, cfg: BuildConfig, run: Run, tokenizer: CLIPTokenizer
 ) -> tuple[list[float], float]:
     """Train until the next export is due, the budget ends or the step target is reached."""
-    from sdlora.demo.build import log
-
     cache = build_cache(state, cfg, tokenizer)
     params = list(state.unet.parameters()) + list(state.text_encoder.parameters())
     if state.unet_opt is None:

@@ -157,11 +157,6 @@ class Studio:
         state = f"not loaded: {problem}" if problem else ("loading" if self._model_lock.locked() else "not loaded yet")
         return {"state": state, "base_model": self.base_model}
 
-    def device(self) -> str:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
     # -- training ------------------------------------------------------------------------------
 
     def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> BackgroundRun:
