@@ -26,6 +26,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff check only (pyproject.toml; TID251 keeps gradio out of the engine). `ruff format` is not applied.
 lint: $(STAMP)
 	$(PY) -m ruff check sdlora tests app.py bench
 
