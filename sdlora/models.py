@@ -43,6 +43,18 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def looks_like_path(source: str) -> bool:
+    """True when `source` names a file or folder rather than an "org/name" hub id."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def not_in_cache(what: str, repo_id: str, local_hint: str) -> ModelLoadError:
+    """The one error for a hub model missing from the local cache while HF_HUB_OFFLINE=1 forbids fetching it."""
+    return ModelLoadError(f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                          f"downloading it; download it once online (huggingface-cli download {repo_id}), "
+                          f"or {local_hint}")
+
+
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
     """A diffusers pipeline for `source` with the safety checker left out; one load at a time."""
     with _LOADING:
@@ -63,8 +75,7 @@ def _load_pipeline(source: str, torch_dtype: torch.dtype):
         return load_single_file_pipeline(path, torch_dtype)
     if path.is_dir():
         return _load_folder(path, torch_dtype)
-    looks_like_path = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(source):
         raise ModelLoadError(f"base model {source} is not a diffusers folder or a .safetensors file")
     return _load_hub(source, torch_dtype)
 
@@ -92,10 +103,7 @@ def _load_hub(repo_id: str, torch_dtype: torch.dtype):
         raise ModelLoadError(f"{repo_id!r} is neither an existing folder or file nor a valid hub id") from None
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
         if offline():
-            raise ModelLoadError(
-                f"base model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                "downloading it; download it once online (huggingface-cli download " + repo_id + "), "
-                "or pass a local diffusers folder or .safetensors file") from None
+            raise not_in_cache("base model", repo_id, "pass a local diffusers folder or .safetensors file") from None
         raise ModelLoadError(f"base model {repo_id} could not be fetched from the hub: {exc}") from None
     return _from_pretrained(repo_id, class_name, torch_dtype, local_only=offline())
 
