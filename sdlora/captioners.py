@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdlora.captions import Captioner
 from sdlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdlora.captions import Captioner
 
 
 @dataclass(frozen=True)

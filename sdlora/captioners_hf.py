@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from sdlora.errors import ModelLoadError
-from sdlora.models import _LOADING, looks_like_path, not_in_cache, offline
+from sdlora.hub import looks_like_path, not_in_cache, offline
+from sdlora.models import _LOADING
 
 # CLIP reads 77 tokens of a caption; words generated past that never reach training.
 MAX_NEW_TOKENS = 75

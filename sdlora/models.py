@@ -7,7 +7,6 @@ one ModelLoadError that names the model and says what to do.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import ModelLoadError
+from sdlora.hub import looks_like_path, not_in_cache, offline
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -37,22 +37,6 @@ class ModelInfo:
     def kohya_version(self) -> str:
         """The value kohya writes in ss_base_model_version."""
         return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def looks_like_path(source: str) -> bool:
-    """True when `source` names a file or folder rather than an "org/name" hub id."""
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
-def not_in_cache(what: str, repo_id: str, local_hint: str) -> ModelLoadError:
-    """The one error for a hub model missing from the local cache while HF_HUB_OFFLINE=1 forbids fetching it."""
-    return ModelLoadError(f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                          f"downloading it; download it once online (huggingface-cli download {repo_id}), "
-                          f"or {local_hint}")
 
 
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
