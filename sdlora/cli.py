@@ -157,6 +157,9 @@ def _add_caption_parser(commands) -> None:
     cap.add_argument("--images", required=True, help="folder of concept images")
     cap.add_argument("--captioner", choices=captioner_names(),
                      help="default: the demo captioner for the demo model, else the first one present here")
+    cap.add_argument("--captioner-model", default="", metavar="HUB_ID_OR_FOLDER",
+                     help="the captioner's weights from another hub id or a local folder saved with "
+                          "save_pretrained (default: the captioner's own hub id, from the local cache offline)")
     cap.add_argument("--base-model", default="assets/demo-model", help="picks the default captioner")
     help_of = field_help(CaptionOptions)
     for name in ("prefix", "max_words", "batch_size"):
@@ -291,7 +294,7 @@ def run_adapters(args: argparse.Namespace) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sdlora.captioners import default_captioner, load_captioner
+    from sdlora.captioners import captioner_of_folder, default_captioner, load_captioner
     from sdlora.captions import CaptionOptions, caption_images, write_caption_files
     from sdlora.data import IMAGE_EXTENSIONS
     from sdlora.errors import ConceptImagesError
@@ -302,11 +305,14 @@ def run_caption(args: argparse.Namespace) -> int:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
         raise ConceptImagesError(f"{folder} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    name = args.captioner or default_captioner(args.base_model)
+    if args.captioner:
+        name = args.captioner
+    else:  # weights given without a name: the kind of model in them says which captioner they are
+        name = captioner_of_folder(args.captioner_model) if args.captioner_model else default_captioner(args.base_model)
     options = CaptionOptions(prefix=args.prefix, overwrite=args.overwrite, max_words=args.max_words,
                              drop_words=tuple(args.drop), batch_size=args.batch_size)
-    print(f"captioner: {name}", flush=True)
-    captioner = load_captioner(name)
+    print(f"captioner: {name}" + (f" ({args.captioner_model})" if args.captioner_model else ""), flush=True)
+    captioner = load_captioner(name, source=args.captioner_model or None)
     result = caption_images(captioner, images, options,
                             on_caption=lambda c: print(f"{c.path.name}: {c.caption}", flush=True))
     write_caption_files(result)

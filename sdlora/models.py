@@ -7,7 +7,6 @@ one ModelLoadError that names the model and says what to do.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import ModelLoadError
+from sdlora.hub import looks_like_path, not_in_cache, offline
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -39,10 +39,6 @@ class ModelInfo:
         return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
     """A diffusers pipeline for `source` with the safety checker left out; one load at a time."""
     with _LOADING:
@@ -63,8 +59,7 @@ def _load_pipeline(source: str, torch_dtype: torch.dtype):
         return load_single_file_pipeline(path, torch_dtype)
     if path.is_dir():
         return _load_folder(path, torch_dtype)
-    looks_like_path = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(source):
         raise ModelLoadError(f"base model {source} is not a diffusers folder or a .safetensors file")
     return _load_hub(source, torch_dtype)
 
@@ -92,10 +87,7 @@ def _load_hub(repo_id: str, torch_dtype: torch.dtype):
         raise ModelLoadError(f"{repo_id!r} is neither an existing folder or file nor a valid hub id") from None
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
         if offline():
-            raise ModelLoadError(
-                f"base model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                "downloading it; download it once online (huggingface-cli download " + repo_id + "), "
-                "or pass a local diffusers folder or .safetensors file") from None
+            raise not_in_cache("base model", repo_id, "pass a local diffusers folder or .safetensors file") from None
         raise ModelLoadError(f"base model {repo_id} could not be fetched from the hub: {exc}") from None
     return _from_pretrained(repo_id, class_name, torch_dtype, local_only=offline())
 

@@ -222,3 +222,49 @@ def containing(text: str) -> re.Pattern:
 
 def exactly(text: str) -> re.Pattern:
     return re.compile(r"^\s*" + re.escape(text) + r"\s*$")
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The app on the demo model, whose default captioner (the demo one) needs no weights."""
+    from test_app import free_port
+
+    import app
+    from sdlora.ui.studio import Studio
+
+    if not DEMO_MODEL.is_dir():
+        pytest.skip(f"captioning in the browser needs the demo model at {DEMO_MODEL}")
+    root = tmp_path_factory.mktemp("browser-captions")
+    studio = Studio(str(DEMO_MODEL), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    yield demo.local_url
+    demo.close()
+
+
+def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from sdlora.demo.captioner import describe
+
+    images = [shutil.copy(p, tmp_path) for p in sorted(README_CONCEPT.glob("*.png"))[:4]]  # no .txt beside them
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    page.goto(demo_server)
+    expect(page.locator("#preset-note")).to_contain_text("Preset")
+    page.locator("#concept-files input[type=file]").set_input_files(images)
+    expect(page.locator("#thumbnails img")).to_have_count(len(images))
+    expect(page.locator("#captions")).to_contain_text(Path(images[0]).name)
+    page.locator("#trigger-word textarea, #trigger-word input").first.fill("star")
+    expect(page.locator("#caption-prefix textarea, #caption-prefix input").first).to_have_value("star")
+    page.locator("#caption-button").click()
+    for image in images:
+        expect(page.locator("#captions")).to_contain_text("star, " + describe(Image.open(image).convert("RGB")))
+    expect(page.locator("#caption-summary")).to_contain_text(f"captioned {len(images)} images")
+    shoot(page, "captions.png", tmp_path)
+    open_tab(page, "Settings")  # which captioners this server has, and which one the button used
+    expect(page.locator("#model-status")).to_contain_text("Captioner demo, used by Caption images")
+    expect(page.locator("#model-status")).to_contain_text("Captioner blip")
+    page.screenshot(path=str(tmp_path / "settings-captioners.png"), full_page=True)
+    page.close()

@@ -1,4 +1,4 @@
-"""The Settings tab: the base model and what is loaded now, device, precision and folders."""
+"""The Settings tab: the base model and what is loaded now, device, precision, folders and captioners."""
 
 from __future__ import annotations
 
@@ -27,8 +27,28 @@ def status_text(studio: Studio) -> str:
     rows += [("Adapter library", f"`{studio.adapters_dir}`"),
              ("Example concepts", f"`{studio.concepts_dir}` ({examples})"),
              ("Images, uploads, downloads", f"`{studio.work_dir}`")]
+    rows += captioner_rows(studio)
     lines = [f"| {k} | {v} |" for k, v in rows]
     return "\n".join([lines[0], "| --- | --- |", *lines[1:]])
+
+
+def captioner_rows(studio: Studio) -> list[tuple[str, str]]:
+    """One row per captioner: present here or missing (and how to fetch it), the one "Caption images" uses."""
+    from sdlora.captioners import CAPTIONERS, NOT_OFFERED, default_captioner, is_present
+    from sdlora.hub import fetch_command
+
+    default = default_captioner(studio.base_model)
+    rows = []
+    for spec in CAPTIONERS.values():
+        if not spec.model_class:
+            state = "present (built in)"
+        elif is_present(spec):
+            state = f"present: `{spec.source}` in the Hugging Face cache"
+        else:
+            state = f"missing: `{spec.source}`; fetch it once online with `{fetch_command(spec.source)}`"
+        used = ", used by Caption images" if spec.name == default else ""
+        rows.append((f"Captioner {spec.name}{used}", f"{state}; writes {spec.writes}"))
+    return [*rows, ("Captioner not offered", NOT_OFFERED)]
 
 
 def build(studio: Studio) -> SettingsTab:

@@ -49,6 +49,8 @@ class Studio:
         self._model_lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._image_count = 0
+        self._captioner = None  # loaded on the first "Caption images" and kept, like the base model
+        self._captioner_lock = threading.Lock()
 
     # -- folders and examples ------------------------------------------------------------------
 
@@ -91,6 +93,30 @@ class Studio:
         except SdloraError:
             return [""] * len(images)
         return bucket_labels(images, DataConfig(resolution=info.resolution), bucket_step(scale))
+
+    def captioner_name(self) -> str:
+        """The captioner "Caption images" uses: the demo one for the demo model, else the first one present."""
+        from sdlora.captioners import default_captioner
+
+        return default_captioner(self.base_model)
+
+    def caption_images(self, images: list[Path], captions: dict[str, str], options=None, on_caption=None):
+        """sdlora.captions.CaptionResult for staged images, honouring the captions typed so far (by file name).
+
+        The default captioner of the base model does the work; nothing is written to disk,
+        since the caption table is what trains.
+        """
+        from sdlora.captioners import load_captioner
+        from sdlora.captions import CaptionOptions, caption_images
+
+        name = self.captioner_name()
+        with self._captioner_lock:
+            if self._captioner is None or self._captioner.name != name:
+                self._captioner = load_captioner(name)
+            captioner = self._captioner
+        existing = {Path(p): captions.get(Path(p).name, "") for p in images}
+        return caption_images(captioner, list(existing), options or CaptionOptions(), existing=existing,
+                              on_caption=on_caption)
 
     # -- the base model ------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from sdlora.ui.uploads import read_captions
 PRESET_KINDS = ("Style", "Character", "Object")
 CAPTION_HEADERS = ["image", "caption", "bucket"]  # bucket: at the model's native size, as training picks it
 POLL_SECONDS = 0.5
+TRIGGER_WORD = "sks"  # the trigger word a new page starts with; captions written for it start with it too
 HELP = {**field_help(TrainConfig), **field_help(DataConfig)}
 
 
@@ -86,6 +87,13 @@ def build(studio: Studio) -> TrainTab:
                             elem_id="concept-files")
             thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
                                     elem_id="thumbnails")
+            with gr.Row(equal_height=True):
+                caption_prefix = gr.Textbox(TRIGGER_WORD, label="Caption prefix", scale=2, elem_id="caption-prefix",
+                                            info="Put first in every written caption; follows the trigger word.")
+                caption_overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id="caption-overwrite",
+                                                info="Replace captions already in the table.")
+                caption_button = gr.Button("Caption images", scale=1, elem_id="caption-button")
+            caption_summary = gr.Markdown(elem_id="caption-summary")
             captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str", "str"], interactive=True,
                                     label="Captions (leave empty to use the template; bucket: the shape each image "
                                           "trains at, at the model's native size)", column_count=3,
@@ -95,7 +103,7 @@ def build(studio: Studio) -> TrainTab:
             with gr.Row():
                 name = gr.Textbox(defaults.name, label="Adapter name", info=HELP["name"]["help"],
                                   elem_id="adapter-name")
-                trigger = gr.Textbox("sks", label="Trigger word", info=HELP["trigger_word"]["help"],
+                trigger = gr.Textbox(TRIGGER_WORD, label="Trigger word", info=HELP["trigger_word"]["help"],
                                      elem_id="trigger-word")
             template = gr.Textbox(defaults.data.caption_template, label="Caption template",
                                   info=HELP["caption_template"]["help"])
@@ -148,6 +156,22 @@ def build(studio: Studio) -> TrainTab:
             example_name
 
     @readable_errors
+    def caption_uploads(images, captions, prefix, overwrite, progress=gr.Progress()):  # noqa: B008 - gradio finds it by its default
+        """Fill the caption table with the captioner's words; the user edits them before training."""
+        from sdlora.captions import CaptionOptions
+
+        if not images:
+            raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
+        staged = studio.stage_upload(images)
+        typed = captions_from_table(captions)
+        options = CaptionOptions(prefix=prefix or "", overwrite=bool(overwrite))
+        result = studio.caption_images(staged, typed, options,
+                                       on_caption=lambda c: progress((c.done, c.total), desc="Captioning"))
+        words = [result.captions.get(p, typed.get(p.name, "")) for p in staged]
+        summary = f"Captions by **{studio.captioner_name()}**: {result.summary()}. Edit them in the table."
+        return caption_table(staged, words, studio.buckets_of(staged)), summary
+
+    @readable_errors
     def fill_preset(kind):
         from sdlora.presets import PRESETS, preset_for
 
@@ -189,6 +213,9 @@ def build(studio: Studio) -> TrainTab:
     files.upload(show_images, files, [thumbnails, captions], api_name="upload_images")
     files.clear(lambda: ([], caption_table([])), None, [thumbnails, captions], api_name="clear_images")
     use_example.click(load_example, example, [files, thumbnails, captions, name, trigger], api_name="use_example")
+    caption_button.click(caption_uploads, [files, captions, caption_prefix, caption_overwrite],
+                         [captions, caption_summary], api_name="caption_images")
+    trigger.change(lambda word: word, trigger, caption_prefix, api_visibility="private", show_progress="hidden")
     preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note, reg_images]
     filled = preset.input(fill_preset, preset, preset_outputs, api_name="apply_preset")
     gr.on([steps.input, resolution.input, rank.input], estimate_run, settings, estimate, api_name="estimate",
