@@ -130,8 +130,9 @@ def summarize(header: dict) -> tuple[str, int | None]:
     ranks = []
     for roles in groups.values():
         role = next((r for r in RANK_ROLES if r in roles), None)
-        if role is not None:
-            ranks.append(header[roles[role]]["shape"][0])
+        shape = header[roles[role]]["shape"] if role is not None else []
+        if shape:  # a 0-d "down" is damaged; reading the file says so, listing it must not crash
+            ranks.append(shape[0])
     return describe(groups), max(ranks, default=None)
 
 
@@ -216,7 +217,22 @@ def _dotted_part(stem: str) -> tuple[str, str]:
 
 def build_layer(name: str, key: str, parts: dict[str, torch.Tensor], alpha: float | None,
                 shape: tuple[int, ...] | None) -> LoraLayer:
-    """One layer of any algorithm as an exact LoRA layer, shaped to fit `shape` when known."""
+    """One layer of any algorithm as an exact LoRA layer, shaped to fit `shape` when known; a layer
+    with a missing or inconsistent tensor is refused in one line."""
+    try:
+        layer = _build_layer(name, key, parts, alpha, shape)
+    except KeyError as exc:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has no {exc.args[0]} tensor; "
+                                 "damaged file") from None
+    except (RuntimeError, IndexError, ValueError):
+        shapes = ", ".join(f"{role}{tuple(t.shape)}" for role, t in parts.items())
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has tensors that do not fit together "
+                                 f"({_short(shapes, 90)}); damaged file") from None
+    return layer
+
+
+def _build_layer(name: str, key: str, parts: dict[str, torch.Tensor], alpha: float | None,
+                 shape: tuple[int, ...] | None) -> LoraLayer:
     if "hada_w1_a" in parts:
         return _checked(name, key, lycoris.loha(parts, alpha, shape or _loha_shape(parts)), shape)
     if _is_lokr(parts):
@@ -253,6 +269,9 @@ def _lokr_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 def _checked(name: str, key: str, layer: LoraLayer, shape: tuple[int, ...] | None) -> LoraLayer:
     """Reshape a layer to its weight's shape (1x1 convolutions vs linear), refusing what cannot fit."""
+    if layer.up.ndim < 2 or layer.up.shape[0] == 0 or layer.up[0].numel() != layer.rank:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has up{tuple(layer.up.shape)} for "
+                                 f"down{tuple(layer.down.shape)}; their ranks differ, damaged file")
     if shape is None:
         return layer
     rank, out = layer.rank, shape[0]
