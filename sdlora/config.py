@@ -51,8 +51,8 @@ def check_adapter_name(name: str, what: str = "adapter name") -> None:
         raise ConfigError(f"{what} {shown} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
     bad = ILLEGAL_NAME_CHARS.search(name)
     if bad:
-        raise ConfigError(f"{what} {shown} contains {bad.group()!r}; names must not contain "
-                          '/ \\ : * ? " < > | or control characters')
+        raise ConfigError(f"{what} {shown} must be a plain file name: it contains {bad.group()!r} "
+                          '(no / \\ : * ? " < > | or control characters)')
     if name.startswith(".") or name.startswith(" ") or name.endswith((".", " ")):
         raise ConfigError(f"{what} {shown} starts with a dot or a space or ends with one; "
                           "Windows and the library's hidden files forbid that")
