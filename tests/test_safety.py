@@ -112,6 +112,10 @@ def test_nan_alpha_is_refused_through_the_cli(library, reference, tmp_path, tiny
     ({f"{STEM}.hada_w1_a": torch.zeros(16, 2), f"{STEM}.hada_w1_b": torch.zeros(2, 16),
       f"{STEM}.hada_w2_a": torch.zeros(15, 2), f"{STEM}.hada_w2_b": torch.zeros(2, 16)}, "do not fit together"),
     ({f"{STEM}.lora_down.weight": torch.zeros(4, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 5)}, "ranks differ"),
+    ({f"{STEM}.lora_down.weight": torch.zeros(0, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 0)}, "ranks differ"),
+    ({f"{STEM}.lokr_w1": torch.zeros(4, 4), f"{STEM}.lokr_w2_a": torch.zeros(4, 2)}, "no lokr_w2_b tensor"),
+    ({f"{STEM}.lora_down.weight": torch.zeros(4, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 4),
+      f"{STEM}.alpha": torch.tensor([1.0, 2.0])}, "not one number"),
 ])
 @pytest.mark.parametrize("checked", [True, False])
 def test_malformed_layers_are_one_line_refusals(library, tmp_path, tensors, words, checked):

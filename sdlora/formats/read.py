@@ -87,7 +87,7 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
             unmatched.append(stem)
             continue
         parts = {role: tensors[k] for role, k in roles.items()}
-        alpha = float(parts.pop("alpha").item()) if "alpha" in parts else peft_alphas.get(key)
+        alpha = _alpha(name, key, parts.pop("alpha")) if "alpha" in parts else peft_alphas.get(key)
         shape = layout.shapes.get(key) if layout is not None else None
         layers[key] = build_layer(name, key, parts, alpha, shape)
     if unmatched:
@@ -95,6 +95,13 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
         raise AdapterFormatError(f"{name}: {len(unmatched)} of {len(groups)} layers match nothing in {where} "
                                  f"(first: {_short(unmatched[0], 70)}); made for a different architecture")
     return Adapter(layers, metadata, describe(groups))
+
+
+def _alpha(name: str, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has an alpha of shape {tuple(tensor.shape)}, "
+                                 "not one number; damaged file")
+    return float(tensor.item())
 
 
 def refuse_other_networks(name: str, keys: list[str]) -> None:
@@ -269,7 +276,7 @@ def _lokr_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 def _checked(name: str, key: str, layer: LoraLayer, shape: tuple[int, ...] | None) -> LoraLayer:
     """Reshape a layer to its weight's shape (1x1 convolutions vs linear), refusing what cannot fit."""
-    if layer.up.ndim < 2 or layer.up.shape[0] == 0 or layer.up[0].numel() != layer.rank:
+    if layer.rank < 1 or layer.up.ndim < 2 or layer.up.shape[0] == 0 or layer.up[0].numel() != layer.rank:
         raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has up{tuple(layer.up.shape)} for "
                                  f"down{tuple(layer.down.shape)}; their ranks differ, damaged file")
     if shape is None:
