@@ -34,7 +34,7 @@ ILLEGAL_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 # Adapter weights: useful mixes stay within about [-2, 2]; 10 leaves room to push a weak adapter,
 # while 1e15 (or NaN) only turns every pixel into noise and overflows a half-precision fused UNet.
 MAX_ADAPTER_WEIGHT = 10.0
-MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's and ComfyUI's CFG range; beyond it images burn out
+MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's CFG slider; far beyond it images only burn out
 # Sizes: a UNet works at up to about twice its native side (hires-fix territory); beyond that it only
 # repeats its subject and costs quadratically more (1024 px on the 64-px demo model: 169 s a step on
 # a CPU). The pixel cap bounds any model, SDXL included: 4 MP is (2 x 1024)^2.
