@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from sdlora.config import TrainConfig
 from sdlora.errors import CheckpointError
-from sdlora.lora import load_lora_state_dict, lora_state_dict
 
 LORA_FILE = "lora.safetensors"
 STATE_FILE = "sdlora_state.json"
@@ -32,6 +32,7 @@ def checkpoint_folder(config: TrainConfig) -> Path:
 
 def register_lora_only_hooks(accelerator) -> None:
     """Make accelerate's save_state/load_state store just the adapter, not the whole UNet."""
+    from sdlora.lora import load_lora_state_dict, lora_state_dict  # peft: only a training run needs it
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -50,11 +51,32 @@ def register_lora_only_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def partial_folder(folder: Path, step: int) -> Path:
+    """Where step-N is written before it is complete (a kill leaves it; remove_stale_partials clears it)."""
+    return folder / f".{PREFIX}{step:06d}.partial"
+
+
+def remove_stale_partials(runs: Path, max_age_s: float) -> list[Path]:
+    """Delete checkpoints that a killed run left half-written under <library>/.runs, if older than max_age_s."""
+    runs, removed = Path(runs), []
+    if not runs.is_dir():
+        return removed
+    cutoff = time.time() - max_age_s
+    for path in runs.glob(f"*/checkpoints/.{PREFIX}*.partial"):
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
     """Write step-N atomically (all processes take part) and prune old ones; returns its path."""
     folder = checkpoint_folder(config)
     final = folder / f"{PREFIX}{step:06d}"
-    partial = folder / f".{PREFIX}{step:06d}.partial"
+    partial = partial_folder(folder, step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -75,6 +97,30 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
 def adapter_path(config: TrainConfig) -> Path:
     """Where a run's finished adapter goes: <output>/<name>.safetensors."""
     return Path(config.output_dir) / f"{config.name}.safetensors"
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, or None: tells whether it was replaced or rewritten since."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def free_adapter_path(config: TrainConfig, replaceable: tuple | None) -> tuple[Path, str]:
+    """Where the finished adapter goes, and a one-line notice when that is not <name>.safetensors:
+    a file that took the name during the run (an import) is never overwritten."""
+    path = adapter_path(config)
+    if file_identity(path) == replaceable:
+        return path, ""
+    n = 2
+    while any(path.with_name(f"{config.name}-{n}{suffix}").exists()
+              for suffix in (".safetensors", ".config.json", ".preview.png")):
+        n += 1
+    free = path.with_name(f"{config.name}-{n}.safetensors")
+    return free, (f"another adapter took the name {config.name!r} during the run and was kept; "
+                  f"this run's adapter is saved as {free.name}")
 
 
 def claim_name(config: TrainConfig, overwrite: bool) -> None:
@@ -112,11 +158,44 @@ def resolve_resume(config: TrainConfig, resume: str) -> Path:
     if not state_path.is_file():
         raise CheckpointError(f"--resume {resume}: {path} is not a complete sdlora checkpoint (no {STATE_FILE})")
     saved = json.loads(state_path.read_text(encoding="utf-8"))
-    saved_lora = TrainConfig.from_dict(saved["config"]).lora
-    if saved_lora != config.lora:
-        raise CheckpointError(f"checkpoint {path} was trained with {saved_lora}, this run asks for {config.lora}; "
-                              "the adapter shapes must match to resume")
+    changed = changed_settings(TrainConfig.from_dict(saved["config"], source=str(state_path)), config)
+    if changed:
+        why = "the adapter shapes must match to resume" if any(c.startswith("lora.") for c in changed) else (
+            "a resumed run must train as the checkpoint did")
+        raise CheckpointError(f"--resume: {path.name} of {config.name!r} was trained with other settings: "
+                              f"{_short(', '.join(changed))}; {why} (only steps and the checkpoint, preview and "
+                              "thread settings may change)")
     return path
+
+
+# What may differ on resume: how long to go on and what to save or show along the way, and how the
+# machine runs it; everything else decides the adapter's weights.
+RESUMABLE_CHANGES = ("steps", "output_dir", "checkpoint_every", "checkpoints_to_keep", "preview_every",
+                     "preview_prompts", "preview_seeds", "preview_inference_steps", "final_preview", "cpu_threads",
+                     "gradient_checkpointing")
+
+
+def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """'name old -> new' for every setting of `wanted` that differs from `saved` and may not change on resume."""
+    old, new = _flat(saved.to_dict()), _flat(wanted.to_dict())
+    changed = [key for key in new if key not in RESUMABLE_CHANGES and old.get(key) != new[key]]
+    # Values are shown where short (a learning rate, a seed); a changed folder is named only.
+    return [f"{key} {old.get(key)!r} -> {new[key]!r}" if len(repr(old.get(key)) + repr(new[key])) <= 30 else
+            f"{key} (changed)" for key in changed]
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def checkpoint_step(path: Path) -> int:

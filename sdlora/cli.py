@@ -222,7 +222,8 @@ def run_train(args: argparse.Namespace) -> int:
         progress.close()
     if is_main:
         state = "stopped early at" if result.stopped_early else "finished"
-        print(f"{state} step {result.steps}: adapter {result.adapter_path}, config {result.config_path}")
+        saved = f"adapter {result.adapter_path}, config {result.config_path}" if result.adapter_path else result.message
+        print(f"{state} step {result.steps}: {saved}")
     return 0
 
 
@@ -251,10 +252,23 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_base_model(given: str | None) -> str:
+    """The model an import is checked against: --base-model, else the app's default (the demo model)."""
+    from sdlora.presets import DEMO_MODEL
+
+    if given:
+        return given
+    if not DEMO_MODEL.is_dir():
+        raise SdloraError("adapters import: pass --base-model; without it the file is checked against the "
+                          f"default base model {DEMO_MODEL}, which is not installed here")
+    return str(DEMO_MODEL)
+
+
 def run_adapters(args: argparse.Namespace) -> int:
     from datetime import datetime
     from pathlib import Path
 
+    from sdlora.errors import AdapterFormatError
     from sdlora.store import AdapterLibrary
 
     library = AdapterLibrary(args.adapters_dir)
@@ -268,12 +282,17 @@ def run_adapters(args: argparse.Namespace) -> int:
             print(f"damaged: {problem}", file=sys.stderr)
         return 0
     if args.verb == "import":
-        if args.base_model:
-            from sdlora.models import load_pipeline
-            from sdlora.store import reference_from_pipeline
+        from sdlora.models import load_pipeline
+        from sdlora.store import reference_from_pipeline
 
-            library.reference = reference_from_pipeline(load_pipeline(args.base_model))
-        print(library.import_file(args.file, name=args.name).path)
+        quiet_library_progress_bars()
+        library.reference = reference_from_pipeline(load_pipeline(import_base_model(args.base_model)))
+        try:
+            print(library.import_file(args.file, name=args.name).path)
+        except AdapterFormatError as exc:
+            if args.base_model:
+                raise
+            raise AdapterFormatError(f"{exc} (checked against the default base model; pass --base-model)") from None
     elif args.verb == "export":
         import shutil
         import tempfile

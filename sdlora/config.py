@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,52 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULE_CHOICES = ("constant", "cosine")
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "adafactor", "prodigy")
 SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
+
+# Adapter names become file names in the library and in every tool that reads it. 100 characters
+# (and 200 UTF-8 bytes) leave room for the longest file derived from a name, the atomic-write temp
+# file `.<name>.safetensors.<8 random>.tmp`, under the 255-byte name limit of ext4, APFS and NTFS.
+MAX_NAME_CHARS = 100
+MAX_NAME_BYTES = 200
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{p}{n}" for p in ("COM", "LPT") for n in range(10))})
+ILLEGAL_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+# Adapter weights: useful mixes stay within about [-2, 2]; 10 leaves room to push a weak adapter,
+# while 1e15 (or NaN) only turns every pixel into noise and overflows a half-precision fused UNet.
+MAX_ADAPTER_WEIGHT = 10.0
+MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's CFG slider; far beyond it images only burn out
+# Sizes: a UNet works at up to about twice its native side (hires-fix territory); beyond that it only
+# repeats its subject and costs quadratically more (1024 px on the 64-px demo model: 169 s a step on
+# a CPU). The pixel cap bounds any model, SDXL included: 4 MP is (2 x 1024)^2.
+MAX_SIDE_FACTOR = 2
+MAX_PIXELS = 2048 * 2048
+
+
+def check_adapter_name(name: str, what: str = "adapter name") -> None:
+    """Refuse, in one line, a name that is not a portable file name on Linux, macOS and Windows."""
+    shown = repr(name if len(name) <= 60 else name[:57] + "...")
+    if not name or not name.strip():
+        raise ConfigError(f"{what} is empty; give the adapter a name")
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"{what} {shown} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
+    bad = ILLEGAL_NAME_CHARS.search(name)
+    if bad:
+        raise ConfigError(f"{what} {shown} must be a plain file name: it contains {bad.group()!r} "
+                          '(no / \\ : * ? " < > | or control characters)')
+    if name.startswith(".") or name.startswith(" ") or name.endswith((".", " ")):
+        raise ConfigError(f"{what} {shown} starts with a dot or a space or ends with one; "
+                          "Windows and the library's hidden files forbid that")
+    if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        raise ConfigError(f"{what} {shown} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM0-9, "
+                          "LPT0-9, with or without an extension); pick another")
+
+
+def check_image_size(width: int, height: int, native: int | None, what: str = "image size") -> None:
+    """Refuse a size beyond MAX_SIDE_FACTOR x the model's native side (when known) or MAX_PIXELS."""
+    if native and max(width, height) > MAX_SIDE_FACTOR * native:
+        raise ConfigError(f"{what} {width}x{height} is too large for this base model (native {native} px): "
+                          f"at most {MAX_SIDE_FACTOR * native} px a side")
+    if width * height > MAX_PIXELS:
+        raise ConfigError(f"{what} {width}x{height} is too large: at most {MAX_PIXELS:,} pixels "
+                          f"({int(math.sqrt(MAX_PIXELS))}x{int(math.sqrt(MAX_PIXELS))})")
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
@@ -88,6 +136,7 @@ class DataConfig:
             raise ConfigError("no concept images given: pass --images DIR")
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        check_image_size(self.resolution, self.resolution, None, "training resolution")
 
 
 @dataclass(frozen=True)
@@ -133,8 +182,7 @@ class TrainConfig:
         """Raise ConfigError with an actionable message for the first bad setting."""
         if not self.base_model:
             raise ConfigError("no base model given: pass --base-model (hub id, folder or .safetensors)")
-        if not self.name or any(c in self.name for c in '/\\:*?"<>|') or self.name.startswith("."):
-            raise ConfigError(f"adapter name {self.name!r} must be a plain file name without / \\ : * ? \" < > |")
+        check_adapter_name(self.name)
         for attr in ("steps", "batch_size", "gradient_accumulation_steps", "preview_inference_steps"):
             if getattr(self, attr) < 1:
                 raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
@@ -246,8 +294,20 @@ def field_help(cls: type) -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class AdapterWeight:
+    """One adapter of a mix and its weight; a non-finite or out-of-range weight is refused when made."""
+
     name: str
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
+            raise ConfigError(f"weight of adapter {self.name!r} must be a number, got {self.weight!r}")
+        if not (math.isfinite(self.weight) and abs(self.weight) <= MAX_ADAPTER_WEIGHT):
+            raise ConfigError(f"weight of adapter {self.name!r} must be a number between "
+                              f"-{MAX_ADAPTER_WEIGHT:g} and {MAX_ADAPTER_WEIGHT:g}, got {self.weight!r}")
 
 
 @dataclass(frozen=True)
@@ -265,13 +325,21 @@ class GenerateConfig:
     adapters: tuple[AdapterWeight, ...] = ()
     count: int = 1
 
-    def validate(self) -> None:
+    def validate(self, native_resolution: int | None = None) -> None:
+        """Raise ConfigError for the first bad setting; sizes are checked against the native side when given."""
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if not 1 <= self.steps <= 200:
             raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
         if not 1 <= self.count <= 16:
             raise ConfigError(f"count must be between 1 and 16, got {self.count}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not (
+                math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
+            raise ConfigError(f"guidance must be a number between 0 and {MAX_GUIDANCE:g}, got {self.guidance!r}")
         for side in (self.width, self.height):
             if side and (side < 8 or side % 8):
                 raise ConfigError(f"width and height must be multiples of 8, got {side}")
+        width, height = self.width or native_resolution or 0, self.height or native_resolution or 0
+        check_image_size(width, height, native_resolution)
+        for adapter in self.adapters:
+            adapter.validate()

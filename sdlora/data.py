@@ -52,6 +52,7 @@ class ConceptSet:
 
     images: list[ConceptImage] = field(default_factory=list)
     problems: list[FileProblem] = field(default_factory=list)
+    notices: list[FileProblem] = field(default_factory=list)  # files used, with something the user should know
 
 
 def training_buckets(config: DataConfig, step: int = 64) -> list[Bucket]:
@@ -77,11 +78,14 @@ def load_concept_images(config: DataConfig, files: Iterable[str | Path] | None =
             continue
         try:
             image, placement = prepare_image(path, buckets)
-            caption = make_caption(read_caption(path), config.trigger_word, config.caption_template)
+            text, notice = read_caption(path)
+            caption = make_caption(text, config.trigger_word, config.caption_template)
         except ImageProblem as exc:
             result.problems.append(FileProblem(path, str(exc)))
             continue
         result.images.append(ConceptImage(path, image, caption, placement))
+        if notice:
+            result.notices.append(FileProblem(path.with_suffix(CAPTION_EXTENSION), notice))
     if not result.images:
         details = "; ".join(str(p) for p in result.problems) or "the folder has no image files"
         raise ConceptImagesError(f"no usable {what} in {config.images or 'the given files'}: {details}")
@@ -186,16 +190,33 @@ def normalise_image(image: Image.Image) -> Image.Image:
     return image
 
 
-def read_caption(image_path: Path) -> str | None:
-    """The same-name .txt caption, or None when there is none."""
+def read_caption(image_path: Path) -> tuple[str | None, str | None]:
+    """The same-name .txt caption (None when there is none) and a notice when it was not UTF-8.
+
+    Captions written on Windows are often Windows-1252 ("café" as one byte é): they are read as
+    such rather than dropping their image. Latin-1 decodes any byte, so nothing is refused.
+    """
     caption_path = image_path.with_suffix(CAPTION_EXTENSION)
     if not caption_path.is_file():
-        return None
+        return None, None
     try:
-        text = caption_path.read_text(encoding="utf-8")
+        raw = caption_path.read_bytes()
+    except OSError as exc:
+        raise ImageProblem(f"caption {caption_path.name} cannot be read: {exc.strerror or exc}") from None
+    notice = None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ImageProblem(f"caption {caption_path.name} is not UTF-8 text") from None
-    return " ".join(text.split()) or None
+        try:
+            text, encoding = raw.decode("cp1252"), "Windows-1252 (Latin-1)"
+        except UnicodeDecodeError:
+            text, encoding = raw.decode("latin-1"), "Latin-1"
+        notice = f"not UTF-8; read as {encoding}: {_short(' '.join(text.split()))!r}"
+    return " ".join(text.split()) or None, notice
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def make_caption(caption: str | None, trigger_word: str, template: str) -> str:

@@ -26,6 +26,7 @@ class Started:
     device: str
     mixed_precision: str
     buckets: tuple[str, ...] = ()  # "768x512: 3" per bucket, largest first
+    notices: tuple[str, ...] = ()  # "name: what was done" for files used with a caveat (a Latin-1 caption)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class Saved:
 @dataclass(frozen=True)
 class Finished:
     step: int
-    adapter_path: str
+    adapter_path: str  # "" when nothing was saved (stopped before the first step)
     stopped_early: bool
+    message: str = ""  # one line when the end was not the plain one: nothing saved, or saved under another name
 
 
 @dataclass(frozen=True)

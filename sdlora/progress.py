@@ -20,6 +20,8 @@ class ConsoleProgress:
         if isinstance(event, Started):
             for problem in event.skipped_files:
                 tqdm.write(f"skipped {problem}")
+            for notice in event.notices:
+                tqdm.write(f"note: {notice}")
             tqdm.write(f"training {event.trainable_parameters:,} of {event.total_parameters:,} parameters "
                        f"on {event.image_count} images, device {event.device}, precision {event.mixed_precision}"
                        + (f", resuming at step {event.start_step}" if event.start_step else ""))
@@ -37,6 +39,8 @@ class ConsoleProgress:
             tqdm.write(f"failed at step {event.step}: {event.message}")
         elif isinstance(event, Finished):
             self.close()
+            if event.message:
+                tqdm.write(event.message)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora.config import MAX_NAME_CHARS, check_adapter_name
 from sdlora.errors import AdapterFormatError, SdloraError
 from sdlora.formats import (
     Adapter,
@@ -33,7 +34,7 @@ from sdlora.formats import (
     save_tensors,
     write_adapter,
 )
-from sdlora.formats.files import load_tensors
+from sdlora.formats.files import STALE_AFTER_S, load_tensors, remove_stale_temp_files
 from sdlora.formats.read import claimed_family, summarize
 
 SUFFIX = ".safetensors"
@@ -81,14 +82,19 @@ class Listing:
 
 
 def safe_name(wanted: str) -> str:
-    """A plain file name from user text: no separators, no traversal, no leading dot."""
+    """A plain file name from user text (separators become '-', the suffix goes), checked by the one name rule."""
     name = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "-", str(wanted)).strip().strip(".- ")
-    name = re.sub(r"\s+", " ", name)[:100].rstrip(".- ")
     if name.lower().endswith(SUFFIX):
         name = name[: -len(SUFFIX)]
+    name = re.sub(r"\s+", " ", name).rstrip(".- ")
     if not name:
-        raise SdloraError(f"{wanted!r} cannot be used as an adapter name")
+        raise SdloraError(f"{_shown(wanted)} cannot be used as an adapter name")
+    check_adapter_name(name)
     return name
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -101,6 +107,7 @@ class AdapterLibrary:
     def __init__(self, root: str | Path, reference: ModelLayout | None = None) -> None:
         self.root = Path(root)
         self.reference = reference
+        self.removed_leftovers = remove_leftovers(self.root)
 
     def path_of(self, name: str) -> Path:
         path = self.root / f"{safe_name(name)}{SUFFIX}"
@@ -151,7 +158,7 @@ class AdapterLibrary:
         base = safe_name(wanted)
         name, n = base, 2
         while self.path_of(name).exists():
-            name, n = f"{base}-{n}", n + 1
+            name, n = f"{base[: MAX_NAME_CHARS - len(str(n)) - 1].rstrip('.- ')}-{n}", n + 1
         return name
 
     def read(self, name: str) -> Adapter:
@@ -226,6 +233,13 @@ class AdapterLibrary:
 
         _rewrite_header(path, write_fields)
         return self._info(path)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """What killed writes left in a library: stale atomic-write temp files and half-written checkpoints."""
+    from sdlora.checkpoints import remove_stale_partials
+
+    return remove_stale_temp_files(root) + remove_stale_partials(root / ".runs", STALE_AFTER_S)
 
 
 def _rewrite_header(path: Path, change) -> None:

@@ -21,7 +21,7 @@ from diffusers.training_utils import compute_snr
 from sdlora import checkpoints
 from sdlora.buckets import bucket_step
 from sdlora.checkpoints import adapter_path
-from sdlora.config import TrainConfig
+from sdlora.config import TrainConfig, check_image_size
 from sdlora.data import bucket_counts, load_concept_images, load_regularization_images, tag_frequency
 from sdlora.encode import Batch, EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
@@ -36,12 +36,13 @@ from sdlora.preview import render_previews
 
 @dataclass(frozen=True)
 class TrainResult:
-    adapter_path: Path
-    config_path: Path
+    adapter_path: Path | None  # None when stopped before the first step: nothing was saved
+    config_path: Path | None
     steps: int
     stopped_early: bool
     final_loss: float
     skipped_files: tuple[str, ...]
+    message: str = ""  # as Finished.message
 
 
 def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: StopFlag | None = None,
@@ -59,7 +60,10 @@ def train(config: TrainConfig, *, on_event: EventCallback | None = None, stop: S
     try:
         if not resume:
             checkpoints.claim_name(config, overwrite)
-        return _train(config, emit, stop or StopFlag(), resume, files, pipeline, threads)
+        # What may be replaced at the end: the adapter there now (an earlier state of this run, or one
+        # --overwrite gave up). A file that appears or changes meanwhile (an import) is someone else's.
+        replaceable = checkpoints.file_identity(adapter_path(config))
+        return _train(config, emit, stop or StopFlag(), resume, files, pipeline, threads, replaceable)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = OutOfMemory(out_of_memory_advice(config))
         emit(Failed(step=0, message=str(error)))
@@ -91,7 +95,7 @@ def out_of_memory_advice(config: TrainConfig) -> str:
 
 
 def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str | None,
-           files: list[str] | None, pipeline, threads: int) -> TrainResult:
+           files: list[str] | None, pipeline, threads: int, replaceable: tuple | None = None) -> TrainResult:
     # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     check_available(config)
@@ -101,6 +105,7 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
     set_seed(config.seed)
     pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
     info = inspect_pipeline(pipeline)
+    check_image_size(config.data.resolution, config.data.resolution, info.resolution, "training resolution")
     step_px = bucket_step(pipeline.vae_scale_factor)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
@@ -143,7 +148,8 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
                  trainable_parameters=trainable, total_parameters=total,
                  skipped_files=skipped,
                  device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
-                 buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items())))
+                 buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items()),
+                 notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else []))))
 
     # 4. The loop.
     # Default preview: a caption the adapter was trained on (with the trigger), so the previews
@@ -176,8 +182,14 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
             unet.train()
 
     # 5. Save: a checkpoint to resume from, and the adapter with its metadata and config.
+    if step == 0:  # stopped before the first step: an untrained adapter is all zeros, worth no file
+        message = "stopped before the first step; no adapter was saved"
+        emit(Finished(step=0, adapter_path="", stopped_early=True, message=message))
+        accelerator.end_training()
+        return TrainResult(None, None, 0, True, loss_value, skipped, message)
     emit(Saved(step, str(checkpoints.save_checkpoint(accelerator, config, step)), "checkpoint"))
-    path, config_path = adapter_path(config), Path(config.output_dir) / f"{config.name}.config.json"
+    path, message = checkpoints.free_adapter_path(config, replaceable)
+    config_path = path.with_name(path.name.removesuffix(".safetensors") + ".config.json")
     if accelerator.is_main_process:
         captions = [c.caption for c in concepts.images]
         metadata = training_metadata(config, info, step, captions, tag_frequency(captions),
@@ -191,14 +203,14 @@ def _train(config: TrainConfig, emit: EventCallback, stop: StopFlag, resume: str
         emit(Saved(step, str(path), "adapter"))
         if config.final_preview:
             preview = render_previews(pipeline, accelerator, unet, config, preview_prompts, step)
-            atomic_write(path.with_name(f"{config.name}.preview.png"),
+            atomic_write(path.with_name(path.name.removesuffix(".safetensors") + ".preview.png"),
                          lambda tmp: preview.images[0].save(tmp, format="PNG"))
             emit(preview)
     accelerator.wait_for_everyone()
     stopped = step < config.steps
-    emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped))
+    emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped, message=message))
     accelerator.end_training()
-    return TrainResult(path, config_path, step, stopped, loss_value, skipped)
+    return TrainResult(path, config_path, step, stopped, loss_value, skipped, message)
 
 
 def _optimizer_step(config: TrainConfig, accelerator: Accelerator, unet, optimizer, lr_schedule,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from safetensors import safe_open  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import app  # noqa: E402
+from sdlora.events import Step  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
 
@@ -165,6 +167,8 @@ def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
     reloaded = Client(served.url, verbose=False)  # a new page re-attaches to the run on the server
     stream = reloaded.submit(api_name="/progress")
     assert served.studio.run.running
+    while not any(isinstance(e, Step) for e in served.studio.run.snapshot()):  # a stop before step 1 saves nothing
+        time.sleep(0.05)
     summary, _, _ = client.predict(api_name="/stop")
     final = [tuple(out) for out in stream][-1][0]
     assert "stopped" in final and "long-run.safetensors" in final

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,13 @@ MAX_TENSOR_ELEMENTS = 1 << 31
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# Trained LoRA factors hold values of about 1e-4..1 and alphas at most a few hundred. A factor past
+# 1e4 makes up @ down exceed 1e8 per element (x rank), far over float16's 65504: a fused half-precision
+# UNet turns to inf and every image goes black. Such a file is damaged or hostile, never a real LoRA.
+MAX_ABS_VALUE = 1e4
+# atomic_write's temp files: mkstemp(prefix=".<name>.", suffix=".tmp") adds 8 random [a-z0-9_] characters.
+TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_AFTER_S = 600  # our slowest atomic write (an SDXL-size file) takes seconds; a temp file idle 10 min is dead
 
 
 def file_mode() -> int:
@@ -118,16 +127,40 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checked file; refuses NaN and infinities, which would poison a fused base."""
+    """Every tensor of a checked file; refuses NaN, infinities and values past MAX_ABS_VALUE, which
+    would poison a fused base."""
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad data
         raise AdapterFormatError(f"{Path(path).name} could not be read: {exc}") from None
     for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        checked = value.float()  # float8 has no isfinite
+        if not bool(torch.isfinite(checked).all()):
             raise AdapterFormatError(f"{Path(path).name}: tensor {_short(key)!r} holds NaN or infinite values; "
                                      "damaged file refused")
+        largest = float(checked.abs().max())
+        if largest > MAX_ABS_VALUE:
+            raise AdapterFormatError(f"{Path(path).name}: tensor {_short(key)!r} holds a value of {largest:.3g}, "
+                                     f"past the {MAX_ABS_VALUE:g} no real LoRA reaches; damaged file refused")
     return tensors
+
+
+def remove_stale_temp_files(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete atomic_write's leftovers (a killed write) under `folder` that are older than `max_age_s`."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    cutoff = time.time() - max_age_s
+    for path in folder.rglob("*.tmp"):
+        try:
+            if TEMP_FILE.match(path.name) and path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to delete: leave it
+            continue
+    return removed
 
 
 def _short(text: str, limit: int = 90) -> str:

@@ -87,7 +87,7 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
             unmatched.append(stem)
             continue
         parts = {role: tensors[k] for role, k in roles.items()}
-        alpha = float(parts.pop("alpha").item()) if "alpha" in parts else peft_alphas.get(key)
+        alpha = _alpha(name, key, parts.pop("alpha")) if "alpha" in parts else peft_alphas.get(key)
         shape = layout.shapes.get(key) if layout is not None else None
         layers[key] = build_layer(name, key, parts, alpha, shape)
     if unmatched:
@@ -95,6 +95,13 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
         raise AdapterFormatError(f"{name}: {len(unmatched)} of {len(groups)} layers match nothing in {where} "
                                  f"(first: {_short(unmatched[0], 70)}); made for a different architecture")
     return Adapter(layers, metadata, describe(groups))
+
+
+def _alpha(name: str, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has an alpha of shape {tuple(tensor.shape)}, "
+                                 "not one number; damaged file")
+    return float(tensor.item())
 
 
 def refuse_other_networks(name: str, keys: list[str]) -> None:
@@ -130,8 +137,9 @@ def summarize(header: dict) -> tuple[str, int | None]:
     ranks = []
     for roles in groups.values():
         role = next((r for r in RANK_ROLES if r in roles), None)
-        if role is not None:
-            ranks.append(header[roles[role]]["shape"][0])
+        shape = header[roles[role]]["shape"] if role is not None else []
+        if shape:  # a 0-d "down" is damaged; reading the file says so, listing it must not crash
+            ranks.append(shape[0])
     return describe(groups), max(ranks, default=None)
 
 
@@ -216,7 +224,22 @@ def _dotted_part(stem: str) -> tuple[str, str]:
 
 def build_layer(name: str, key: str, parts: dict[str, torch.Tensor], alpha: float | None,
                 shape: tuple[int, ...] | None) -> LoraLayer:
-    """One layer of any algorithm as an exact LoRA layer, shaped to fit `shape` when known."""
+    """One layer of any algorithm as an exact LoRA layer, shaped to fit `shape` when known; a layer
+    with a missing or inconsistent tensor is refused in one line."""
+    try:
+        layer = _build_layer(name, key, parts, alpha, shape)
+    except KeyError as exc:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has no {exc.args[0]} tensor; "
+                                 "damaged file") from None
+    except (RuntimeError, IndexError, ValueError):
+        shapes = ", ".join(f"{role}{tuple(t.shape)}" for role, t in parts.items())
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has tensors that do not fit together "
+                                 f"({_short(shapes, 90)}); damaged file") from None
+    return layer
+
+
+def _build_layer(name: str, key: str, parts: dict[str, torch.Tensor], alpha: float | None,
+                 shape: tuple[int, ...] | None) -> LoraLayer:
     if "hada_w1_a" in parts:
         return _checked(name, key, lycoris.loha(parts, alpha, shape or _loha_shape(parts)), shape)
     if _is_lokr(parts):
@@ -253,6 +276,9 @@ def _lokr_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 def _checked(name: str, key: str, layer: LoraLayer, shape: tuple[int, ...] | None) -> LoraLayer:
     """Reshape a layer to its weight's shape (1x1 convolutions vs linear), refusing what cannot fit."""
+    if layer.rank < 1 or layer.up.ndim < 2 or layer.up.shape[0] == 0 or layer.up[0].numel() != layer.rank:
+        raise AdapterFormatError(f"{name}: layer {_short(key, 70)} has up{tuple(layer.up.shape)} for "
+                                 f"down{tuple(layer.down.shape)}; their ranks differ, damaged file")
     if shape is None:
         return layer
     rank, out = layer.rank, shape[0]
