@@ -143,7 +143,7 @@ def caption_images(captioner: Captioner, images: Iterable[str | Path], options: 
 
 def _caption_on_disk(path: Path, result: CaptionResult) -> str | None:
     try:
-        return read_caption(path)
+        return read_caption(path)[0]
     except ImageProblem:
         return None  # an unreadable caption file counts as none; writing replaces it
 

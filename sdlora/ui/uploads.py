@@ -47,12 +47,15 @@ def collect_uploads(files: list[str], folder: Path, limits: UploadLimits = Uploa
 
 
 def read_captions(images: list[Path]) -> list[str]:
-    """Each image's same-name .txt caption, or '' where it has none."""
+    """Each image's same-name .txt caption, or '' where it has none (Windows-1252 files read as training reads them)."""
+    from sdlora.data import ImageProblem, read_caption
+
     out = []
     for image in images:
-        caption = image.with_suffix(CAPTION_EXTENSION)
-        text = caption.read_text(encoding="utf-8", errors="replace") if caption.is_file() else ""
-        out.append(" ".join(text.split()))
+        try:
+            out.append(read_caption(image)[0] or "")
+        except ImageProblem:
+            out.append("")
     return out
 
 
