@@ -92,8 +92,8 @@ def build(studio: Studio) -> LibraryTab:
         return str(table_value.iloc[row]["name"]) if len(table_value) > row else ""
 
     @readable_errors
-    def rename(adapter_name, wanted):
-        info = studio.library.rename(adapter_name, wanted)
+    def rename(adapter_name, new_name):
+        info = studio.library.rename(adapter_name, new_name)
         studio.forget_adapter(adapter_name)
         gr.Info(f"Renamed {adapter_name} to {info.name}.")
         return *refresh(), info.name, ""
@@ -106,10 +106,10 @@ def build(studio: Studio) -> LibraryTab:
         return *refresh(), "", gr.Row(visible=False)
 
     @readable_errors
-    def import_adapter(path, wanted):
-        if not path:
+    def import_adapter(file, name):
+        if not file:
             raise gr.Error("Choose a .safetensors file to import first.")
-        info = studio.library.import_file(path, wanted.strip() or Path(path).stem)
+        info = studio.library.import_file(file, name.strip() or Path(file).stem)
         gr.Info(f"Imported {info.name}.")
         return *refresh(), info.name, None
 

@@ -34,12 +34,15 @@ def status_text(studio: Studio) -> str:
 def build(studio: Studio) -> SettingsTab:
     """Lay out the Settings tab and wire its events."""
     status = gr.Markdown(status_text(studio), elem_id="model-status")
+    switchable = studio.access.model_switch
+    info = ("A Hugging Face hub id, a local diffusers folder, or a single .safetensors file. Used for training "
+            "and generation." if switchable else
+            "Set by the server (--base-model): this server is shared, and its one model serves everyone.")
     with gr.Row(equal_height=True):
-        base_model = gr.Textbox(studio.base_model, label="Base model",
-                                info="A Hugging Face hub id, a local diffusers folder, or a single .safetensors "
-                                     "file. Used for training and generation.", scale=4, elem_id="base-model")
+        base_model = gr.Textbox(studio.base_model, label="Base model", info=info, scale=4, elem_id="base-model",
+                                interactive=switchable)
         with gr.Column(scale=1, min_width=120):
-            load_button = gr.Button("Load", variant="primary", elem_id="load-button")
+            load_button = gr.Button("Load", variant="primary", elem_id="load-button", visible=switchable)
             refresh_button = gr.Button("Refresh", size="sm")
 
     @readable_errors
