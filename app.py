@@ -37,6 +37,10 @@ DEFAULT_BASE_MODEL = "assets/demo-model"
 DEFAULT_ADAPTERS_DIR = "./adapters"
 DEFAULT_CONCEPTS_DIR = "assets/concepts"
 MAX_UPLOAD = "1gb"
+# gradio's queue runs at most `max_threads` jobs at once, async ones included, and every open page
+# holds one: its progress stream. At gradio's 40, forty open pages stalled Stop and generation. The
+# streams are async (no thread each); threads stay bounded by the handlers' concurrency limits.
+MAX_JOBS = 1000
 # Demo-model images are 64 px: show them enlarged with crisp pixels rather than as stamps.
 CSS = """
 #thumbnails img, #previews img, #results img, #adapter-preview img { image-rendering: pixelated; }
@@ -125,6 +129,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
+                max_threads=MAX_JOBS,
                 allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
                 max_file_size=MAX_UPLOAD, show_error=False, quiet=True, css=CSS)
     print(f"sdlora is running on {demo.local_url}", flush=True)
