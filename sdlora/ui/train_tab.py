@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -240,6 +241,7 @@ class TrainHandlers:
         self.studio = studio
         self._view_key: tuple = ()
         self._view_outputs: tuple = ()
+        self._view_time = 0.0
 
     @readable_errors
     def show_images(self, files: list[str] | None):
@@ -316,8 +318,13 @@ class TrainHandlers:
         """The run's view as widget values, built once per change however many pages watch it."""
         run = self.studio.run
         key = (id(run), len(run.events), run.running, run.stop.requested) if run is not None else ()
-        if key != self._view_key or not self._view_outputs:
-            self._view_key, self._view_outputs = key, view_outputs(studio_view(self.studio))
+        # A running job adds an event every step: fold them at most twice per poll, not once per page.
+        fresh = time.monotonic() - self._view_time < POLL_SECONDS / 2 and key[:1] == self._view_key[:1] and \
+            key[2:] == self._view_key[2:]
+        if self._view_outputs and (key == self._view_key or fresh):
+            return self._view_outputs
+        self._view_key, self._view_time = key, time.monotonic()
+        self._view_outputs = view_outputs(studio_view(self.studio))
         return self._view_outputs
 
 
