@@ -1,7 +1,10 @@
 """sdlora's web app: train a LoRA, generate with adapters, manage the library.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS]
-                  [--base-model assets/demo-model] [--adapters-dir ./adapters]
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS | --no-auth]
+                  [--base-model assets/demo-model] [--adapters-dir ./adapters] [--allowed-roots DIR ...]
+
+A shared server (--share, or a --host other than this machine) needs --auth, or --no-auth said
+out loud; its base model is fixed by --base-model, since one resident model serves every user.
 
 The tabs live in sdlora/ui/; every handler calls one method of sdlora.ui.studio.Studio,
 and every event has an api_name, so gradio_client scripts drive the same API as the page
@@ -13,7 +16,9 @@ torch and diffusers load in the background after the page is served.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,12 +31,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import gradio as gr  # noqa: E402
 
 from sdlora.ui import generate_tab, library_tab, settings_tab, train_tab  # noqa: E402
-from sdlora.ui.studio import Studio  # noqa: E402
+from sdlora.ui.studio import Access, Studio  # noqa: E402
 
 DEFAULT_BASE_MODEL = "assets/demo-model"
 DEFAULT_ADAPTERS_DIR = "./adapters"
 DEFAULT_CONCEPTS_DIR = "assets/concepts"
 MAX_UPLOAD = "1gb"
+# gradio's queue runs at most `max_threads` jobs at once, async ones included, and every open page
+# holds one: its progress stream. At gradio's 40, forty open pages stalled Stop and generation. The
+# streams are async (no thread each); threads stay bounded by the handlers' concurrency limits.
+MAX_JOBS = 1000
 # Demo-model images are 64 px: show them enlarged with crisp pixels rather than as stamps.
 CSS = """
 #thumbnails img, #previews img, #results img, #adapter-preview img { image-rendering: pixelated; }
@@ -60,15 +69,11 @@ def build_app(studio: Studio) -> gr.Blocks:
         library.table.change(adapter_choices, library.table, generate.adapter_pickers, api_name="adapter_choices")
         refresh_adapters, adapter_views = library.refresh, [library.table, library.problems]
         demo.load(refresh_adapters, None, adapter_views, api_name="refresh_adapters")
-        demo.load(*train.on_load, api_name="preset_on_load").success(*train.estimate, api_name="estimate_on_load",
-                                                                    show_progress="hidden")
         train.finished.then(refresh_adapters, None, adapter_views, api_name="refresh_after_training")
         library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
         # A run lives on the server: a (re)loaded page streams the current run's progress again.
-        demo.load(train.watch, None, train.progress_outputs, api_name="progress", concurrency_limit=None,
-                  show_progress="hidden").then(refresh_adapters, None, adapter_views,
-                                               api_name="refresh_after_progress")
+        train.on_page_load(demo).then(refresh_adapters, None, adapter_views, api_name="refresh_after_progress")
     return demo
 
 
@@ -78,14 +83,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="serve a shared server (--share or a non-local --host) without a password anyway")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
                         help="hub id, diffusers folder or .safetensors file (default: %(default)s)")
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="the adapter library (default: %(default)s)")
     parser.add_argument("--concepts-dir", default=DEFAULT_CONCEPTS_DIR, help="example concept folders")
+    parser.add_argument("--allowed-roots", nargs="+", metavar="DIR",
+                        help="more folders a page or script may name on this server (regularisation images, "
+                             "concept folders, a base model), besides the concepts dir, the repo's assets/ "
+                             "and the work folder of uploads and images")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASS")
+    if args.auth and args.no_auth:
+        parser.error("--auth and --no-auth contradict each other; give one")
+    if is_shared(args.host, args.share) and not (args.auth or args.no_auth):
+        where = "a public gradio.live link (--share)" if args.share else f"every network that reaches {args.host}"
+        parser.error(f"this would serve the app to {where}, where anyone could train, generate and delete "
+                     "adapters on this machine: pass --auth USER:PASS, or --no-auth to serve it open anyway")
     return args
+
+
+def is_shared(host: str, share: bool) -> bool:
+    """True when people other than this machine's user can reach the server."""
+    if share:
+        return True
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return True
+
+
+def access_for(args: argparse.Namespace) -> Access:
+    """What clients may name and do, from the flags: a shared server keeps its base model."""
+    roots = tuple(Path(r) for r in args.allowed_roots or ())
+    return Access(roots=roots, model_switch=not is_shared(args.host, args.share))
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
@@ -94,6 +129,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
+                max_threads=MAX_JOBS,
                 allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
                 max_file_size=MAX_UPLOAD, show_error=False, quiet=True, css=CSS)
     print(f"sdlora is running on {demo.local_url}", flush=True)
@@ -105,7 +141,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    studio = Studio(args.base_model, args.adapters_dir, args.concepts_dir)
+    studio = Studio(args.base_model, args.adapters_dir, args.concepts_dir, access=access_for(args))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     launch(studio, args.host, args.port, args.share, auth)
 

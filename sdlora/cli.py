@@ -7,13 +7,22 @@ have one source. Precedence: dataclass defaults < --config file < flags on the l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help, read_config_file
+from sdlora.config import (
+    AdapterWeight,
+    DataConfig,
+    GenerateConfig,
+    LoraSpec,
+    TrainConfig,
+    field_help,
+    read_config_file,
+)
 from sdlora.errors import SdloraError
 
 SECTIONS = {"data": DataConfig, "lora": LoraSpec}
@@ -58,23 +67,10 @@ def config_and_defaults(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         section, _, name = dest.rpartition(".")
         target = values.setdefault(section, {}) if section else values
         target[name] = tuple(value) if isinstance(value, list) else value
-    label = _fill_model_defaults(values)
+    from sdlora.presets import fill_model_defaults
+
+    label = fill_model_defaults(values)
     return TrainConfig.from_dict(values, source=args.config or "command line"), label
-
-
-def _fill_model_defaults(values: dict[str, Any]) -> str:
-    """Settings the user did not give come from what the base model is (the demo preset on the demo model)."""
-    from sdlora.presets import model_defaults
-
-    label, settings = model_defaults(str(values.get("base_model", "")))
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            section = values.setdefault(key, {})
-            for name, setting in value.items():
-                section.setdefault(name, setting)
-        else:
-            values.setdefault(key, value)
-    return label
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,25 +100,34 @@ def _weighted(text: str) -> tuple[str, float]:
 
 
 def _add_generate_parser(commands) -> None:
-    from sdlora.config import SCHEDULERS
-
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
     gen.add_argument("--base-model", required=True, help="hub id, diffusers folder or .safetensors file")
     gen.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
-    gen.add_argument("--lora", action="append", type=_weighted, default=[], metavar="NAME[:WEIGHT]",
-                     help="an adapter from the library and its weight (negative allowed); repeat for a mix")
-    gen.add_argument("--prompt", required=True, help="the prompt; <lora:name:weight> tags also work")
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--width", type=int, default=0, help="0: the model's native size")
-    gen.add_argument("--height", type=int, default=0)
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default="Euler a")
-    gen.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
+    add_generate_flags(gen)
     gen.add_argument("--grid", nargs="*", type=float, metavar="WEIGHT",
                      help="instead: one labelled grid of the first --lora at these weights (default 0 0.5 1)")
     gen.add_argument("--out", required=True, help="output PNG; with --count N, -1, -2 ... are added")
+
+
+def add_generate_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerateConfig field, with its help and default; adapters are --lora NAME[:WEIGHT], repeated."""
+    for name, info in field_help(GenerateConfig).items():
+        default = info["default"]
+        if name == "adapters":
+            parser.add_argument(_flag(name, info), dest=name, action="append", type=_weighted, default=[],
+                                metavar="NAME[:WEIGHT]", help=f"{info['help']} Repeat for a mix.")
+        elif default is dataclasses.MISSING:
+            parser.add_argument(_flag(name, info), dest=name, required=True, help=info["help"])
+        else:
+            parser.add_argument(_flag(name, info), dest=name, type=type(default), default=default,
+                                choices=info.get("choices"), help=f"{info['help']} (default: {default!r})")
+
+
+def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """The GenerateConfig the generate flags describe."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)}
+    values["adapters"] = tuple(AdapterWeight(n, w) for n, w in args.adapters)
+    return GenerateConfig(**values)
 
 
 def _add_adapters_parser(commands) -> None:
@@ -230,14 +235,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sdlora.generate import AdapterWeight, GenerateConfig, Generator
+    from sdlora.generate import Generator
     from sdlora.store import AdapterLibrary
 
     quiet_library_progress_bars()
-    config = GenerateConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                            steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                            scheduler=args.scheduler, count=args.count,
-                            adapters=tuple(AdapterWeight(n, w) for n, w in args.lora))
+    config = generate_config_from_args(args)
     generator = Generator(args.base_model, AdapterLibrary(args.adapters_dir))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,10 @@ def check_image_size(width: int, height: int, native: int | None, what: str = "i
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """A field with its help text; `dataclasses.MISSING` as the default makes it required."""
     meta = {"help": help, "flag": flag, "choices": choices}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -281,10 +284,10 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
 
 
 def field_help(cls: type) -> dict[str, dict[str, Any]]:
-    """Per-field metadata (help, flag, choices) and default, for generating a CLI or UI."""
+    """Per-field metadata (help, flag, choices) and default (MISSING: required), for generating a CLI or UI."""
     out = {}
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING or f.default_factory is dataclasses.MISSING:
             default = f.default
         else:
             default = f.default_factory()
@@ -314,16 +317,17 @@ class AdapterWeight:
 class GenerateConfig:
     """What to draw. Sizes of 0 mean the base model's native resolution; seed -1 picks one at random."""
 
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    guidance: float = 7.5
-    width: int = 0
-    height: int = 0
-    scheduler: str = "Euler a"
-    adapters: tuple[AdapterWeight, ...] = ()
-    count: int = 1
+    prompt: str = _opt(dataclasses.MISSING, "The prompt; <lora:name:weight> tags also work.")
+    negative_prompt: str = _opt("", "What the image should not show.")
+    seed: int = _opt(-1, "Seed of the first image (the next ones use seed+1, ...); -1 picks one at random.")
+    steps: int = _opt(20, "Denoising steps per image.")
+    guidance: float = _opt(7.5, "Classifier-free guidance scale: how closely the image follows the prompt.")
+    width: int = _opt(0, "Image width in pixels, a multiple of 8; 0: the model's native size.")
+    height: int = _opt(0, "Image height in pixels, a multiple of 8; 0: the model's native size.")
+    scheduler: str = _opt("Euler a", "Sampler.", choices=SCHEDULERS)
+    adapters: tuple[AdapterWeight, ...] = _opt((), "Library adapters, each at its weight (negative allowed).",
+                                               flag="--lora")
+    count: int = _opt(1, "How many images, at seeds seed, seed+1, ...")
 
     def validate(self, native_resolution: int | None = None) -> None:
         """Raise ConfigError for the first bad setting; sizes are checked against the native side when given."""

@@ -81,6 +81,19 @@ def model_defaults(base_model: str) -> tuple[str, dict[str, Any]]:
             {"data": {"resolution": resolution}})
 
 
+def fill_model_defaults(values: dict[str, Any]) -> str:
+    """Fill the settings `values` (nested, as in a config file) does not give from what its base model is."""
+    label, settings = model_defaults(str(values.get("base_model", "")))
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            section = values.setdefault(key, {})
+            for name, setting in value.items():
+                section.setdefault(name, setting)
+        else:
+            values.setdefault(key, value)
+    return label
+
+
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 

@@ -62,15 +62,16 @@ def images(tmp_path) -> list[str]:
     return [str(p) for p in paths] + [str(folder / "img0.txt")]
 
 
-def train_args(files, table, name, steps=6, preview_every=3, rank=4):
-    """Positional inputs of /train: files, captions, then the settings in the tab's order."""
-    return ([handle_file(f) for f in files], table, "Object", name, "sks", "{trigger}, a circle", rank, rank, steps, 1e-3,
-            IMAGE_SIZE, preview_every, 7, False, "")
+def train_args(files, table, name, steps=6, preview_every=3, rank=4, **more):
+    """Named inputs of /train: files, captions, then the settings by their TrainConfig names."""
+    return dict(files=[handle_file(f) for f in files], captions=table, name=name, trigger_word="sks",
+                caption_template="{trigger}, a circle", rank=rank, alpha=rank, steps=steps, learning_rate=1e-3,
+                resolution=IMAGE_SIZE, preview_every=preview_every, seed=7, **more)
 
 
 def train_and_watch(client, files, name, **settings) -> list[tuple]:
     _, table = client.predict([handle_file(f) for f in files], api_name="/upload_images")
-    client.predict(*train_args(files, table, name, **settings), api_name="/train")
+    client.predict(**train_args(files, table, name, **settings), api_name="/train")
     job = client.submit(api_name="/progress")
     return [tuple(out) for out in job]
 
@@ -117,13 +118,16 @@ def test_example_concept_loads_in_one_click(client):
 
 def test_preset_fills_settings_and_estimate_is_shown(client):
     from sdlora.presets import PRESETS
+    from sdlora.ui.train_tab import preset_fields
 
-    rank, alpha, steps, lr, resolution, _, note, reg = client.predict("Character", api_name="/apply_preset")
+    *values, preview_every, note = client.predict("Character", api_name="/apply_preset")
+    filled = dict(zip(preset_fields(), values, strict=True))
     preset = PRESETS["Character"]
-    assert (rank, steps, resolution) == (preset.rank, preset.steps, preset.resolution)
-    assert lr == pytest.approx(preset.learning_rate) and preset.note in note and reg == ""
-    text = client.predict("Object", "x", "sks", "{trigger}", 4, 4, 100, 1e-4, 0, 0, 1, False, "",
-                          api_name="/estimate")
+    assert (filled["rank"], filled["steps"], filled["resolution"]) == (preset.rank, preset.steps, preset.resolution)
+    assert filled["learning_rate"] == pytest.approx(preset.learning_rate) and preset.note in note
+    assert filled["regularization_images"] == "" and filled["extra_target_modules"] == []
+    assert preview_every == preset.steps // 5
+    text = client.predict(rank=4, alpha=4, steps=100, resolution=0, api_name="/estimate")
     assert text.startswith("Estimate: about") and "100 steps on cpu" in text
 
 
@@ -144,8 +148,9 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
     preview, _ = client.predict("blue-circles", api_name="/adapter_details")
     assert preview and Path(preview).is_file()
 
-    slots = ["blue-circles", 0.5, "blue-circles-b", 1.0, None, 1.0, None, 1.0]
-    gallery, parameters, grid = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 2, *slots, True,
+    slots = dict(adapter_1="blue-circles", weight_1=0.5, adapter_2="blue-circles-b", weight_2=1.0)
+    gallery, parameters, grid = client.predict(prompt="sks, a circle", seed=5, steps=2, guidance=5.0,
+                                               scheduler="Euler", count=2, **slots, comparison_grid=True,
                                                api_name="/generate")
     assert len(gallery) == 2 and Path(grid).is_file()  # two seeds, and the base beside each adapter
     assert "<lora:blue-circles:0.5>" in parameters and "<lora:blue-circles-b:1>" in parameters
@@ -160,9 +165,9 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
 
 def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
     _, table = client.predict([handle_file(f) for f in images], api_name="/upload_images")
-    client.predict(*train_args(images, table, "long-run", steps=100_000, preview_every=0), api_name="/train")
+    client.predict(**train_args(images, table, "long-run", steps=100_000, preview_every=0), api_name="/train")
     with pytest.raises(AppError, match="already running"):
-        client.predict(*train_args(images, table, "second"), api_name="/train")
+        client.predict(**train_args(images, table, "second"), api_name="/train")
 
     reloaded = Client(served.url, verbose=False)  # a new page re-attaches to the run on the server
     stream = reloaded.submit(api_name="/progress")
@@ -176,21 +181,18 @@ def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
     assert "long-run" in [row[0] for row in table["data"]]
 
 
-def test_user_errors_read_as_messages_not_tracebacks(client, images):
+def test_user_errors_read_as_messages_not_tracebacks(client, served, images):
     _, table = client.predict([handle_file(f) for f in images], api_name="/upload_images")
     with pytest.raises(AppError, match="must be a plain file name") as bad_name:
-        client.predict(*train_args(images, table, "a/b"), api_name="/train")
+        client.predict(**train_args(images, table, "a/b"), api_name="/train")
     assert "Traceback" not in str(bad_name.value)
-    args = list(train_args(images, table, "with-reg"))
-    args[-1] = "/no/such/reg-folder"
-    with pytest.raises(AppError, match="regularisation images folder /no/such/reg-folder does not exist"):
-        client.predict(*args, api_name="/train")
+    missing = served.studio.work_dir / "no-such-reg-folder"
+    with pytest.raises(AppError, match=f"regularisation images folder {missing} does not exist"):
+        client.predict(**train_args(images, table, "with-reg", regularization_images=str(missing)), api_name="/train")
     with pytest.raises(AppError, match="concept images"):
-        client.predict([], table, "Object", "x", "sks", "{trigger}", 4, 4, 6, 1e-3, IMAGE_SIZE, 0, 7, False, "",
-                       api_name="/train")
+        client.predict(**{**train_args(images, table, "x"), "files": []}, api_name="/train")
     with pytest.raises(AppError, match="no adapter named"):
-        client.predict("p", "", 1, 1, 5.0, 0, 0, "Euler", 1, "missing", 1.0, None, 1, None, 1, None, 1, False,
-                       api_name="/generate")
+        client.predict(prompt="p", steps=1, adapter_1="missing", api_name="/generate")
     with pytest.raises(AppError, match="no adapter named"):
         client.predict("missing", "kohya", api_name="/export_adapter")
 
@@ -306,8 +308,8 @@ def test_the_train_tab_trains_and_generates_on_an_sdxl_base(tiny_sdxl_model, tmp
 
         header = read_metadata(tmp_path / "adapters" / "xl-circles.safetensors")
         assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["sdlora.family"] == "sdxl"
-        gallery, parameters, _ = client.predict("sks, a circle", "", 5, 2, 5.0, 0, 0, "Euler", 1, "xl-circles", 1.0,
-                                                None, 1.0, None, 1.0, None, 1.0, False, api_name="/generate")
+        gallery, parameters, _ = client.predict(prompt="sks, a circle", seed=5, steps=2, guidance=5.0,
+                                                scheduler="Euler", adapter_1="xl-circles", api_name="/generate")
         assert len(gallery) == 1 and "<lora:xl-circles:1>" in parameters and "Size: 32x32" in parameters
         assert "sdxl" in client.predict(api_name="/settings").lower()
     finally:

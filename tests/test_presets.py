@@ -72,15 +72,31 @@ def test_estimate_counts_captioning_time():
     assert captioning_seconds(30, 1.0, on_gpu=True, needs_weights=True) < captioning_seconds(30, 1.0, True, False)
 
 
-def test_the_apps_widgets_keep_the_demo_presets_prior_loss_weight():
-    from sdlora.ui.train_tab import train_config
+def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_trains():
+    """Every field a preset sets has a widget (batch size, extra layers, prior weight under More), and the
+    config built from the widgets holds exactly the preset's values: nothing is applied a second time."""
+    from types import SimpleNamespace
 
+    import gradio as gr
+
+    from sdlora.ui import fields
+    from sdlora.ui.train_tab import TrainHandlers, layout, preset_fields, train_config
+
+    studio = SimpleNamespace(base_model=str(DEMO_MODEL), example_concepts=lambda: [])
+    with gr.Blocks():
+        widgets = layout(studio)
+    assert set(preset_fields()) <= set(widgets.settings)
+    *values, preview_every, _ = TrainHandlers(studio).fill_preset("Object")
+    shown = {name: fields.train_defaults()[name] for name in widgets.settings}
+    shown.update(zip(preset_fields(), values, strict=True), preview_every=preview_every)
+    config = train_config(shown)
     demo = PRESETS["Demo"]
-    config = train_config("Object", str(DEMO_MODEL), "n", "sks", "{trigger}", demo.rank, demo.alpha, demo.steps,
-                          demo.learning_rate, 64, 100, 0, False, demo.regularization_images)
-    assert config.prior_loss_weight == demo.prior_loss_weight
-    generic = train_config("Object", "some/model", "n", "sks", "{trigger}", 8, 8, 800, 1e-4, 512, 100, 0, False, "")
-    assert generic.prior_loss_weight == 1.0
+    assert (config.batch_size, config.prior_loss_weight, config.lora.extra_target_modules) == (
+        demo.batch_size, demo.prior_loss_weight, demo.extra_target_modules)
+    assert (config.lora.rank, config.steps, config.data.resolution, config.data.regularization_images) == (
+        demo.rank, demo.steps, demo.resolution, demo.regularization_images)
+    edited = train_config({**shown, "batch_size": 1, "prior_loss_weight": 1.5, "extra_target_modules": []})
+    assert (edited.batch_size, edited.prior_loss_weight, edited.lora.extra_target_modules) == (1, 1.5, ())
 
 
 def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_sdxl_model, tiny_model):

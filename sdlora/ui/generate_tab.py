@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig
+from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig, field_help
+from sdlora.ui import fields
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -15,60 +16,78 @@ WEIGHT_RANGE = (-1.0, 2.0)
 
 
 @dataclass
+class GenerateWidgets:
+    """Every component of the tab; `settings` maps GenerateConfig field names (and adapter_N, weight_N) to widgets."""
+
+    settings: dict[str, gr.components.Component]
+    adapter_pickers: list[gr.Dropdown]
+    comparison_grid: gr.Checkbox
+    button: gr.Button
+    gallery: gr.Gallery
+    grid_image: gr.Image
+    parameters: gr.Textbox
+
+
+@dataclass
 class GenerateTab:
     adapter_pickers: list[gr.Dropdown]
 
 
-def generate_config(prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
-                    height: float, scheduler: str, count: float, *slots):
-    """Widget values -> GenerateConfig; `slots` alternate adapter name and weight, empty names skipped."""
-    pairs = zip(slots[0::2], slots[1::2], strict=True)
-    adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in pairs if n)
-    return GenerateConfig(prompt=prompt, negative_prompt=negative or "", seed=int(seed), steps=int(steps),
-                          guidance=float(guidance), width=int(width or 0), height=int(height or 0),
-                          scheduler=scheduler, adapters=adapters, count=int(count))
+def generate_config(settings: dict) -> GenerateConfig:
+    """Widget values by field name -> GenerateConfig; adapter_N/weight_N pairs with an empty name are skipped."""
+    values = dict(settings)
+    slots = [(values.pop(f"adapter_{i}", None), values.pop(f"weight_{i}", 1.0)) for i in range(1, ADAPTER_SLOTS + 1)]
+    adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in slots if n)
+    defaults = {name: info["default"] for name, info in field_help(GenerateConfig).items()}
+    return GenerateConfig(**fields.as_field_types(values, defaults), adapters=adapters)
 
 
-def adapter_slot(i: int, pickers: list) -> list:
-    """One adapter picker with its weight slider; returns both as event inputs."""
+def adapter_slot(i: int, settings: dict) -> gr.Dropdown:
+    """One adapter picker with its weight slider, as settings adapter_i and weight_i; returns the picker."""
     with gr.Row(equal_height=True):
-        picker = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", allow_custom_value=True, scale=2,
-                             elem_id=f"adapter-{i + 1}")
-        weight = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3, elem_id=f"weight-{i + 1}")
-    pickers.append(picker)
-    return [picker, weight]
+        picker = settings[f"adapter_{i}"] = gr.Dropdown([], value=None, label=f"Adapter {i}",
+                                                        allow_custom_value=True, scale=2, elem_id=f"adapter-{i}")
+        settings[f"weight_{i}"] = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3,
+                                            elem_id=f"weight-{i}")
+    return picker
 
 
 def build(studio: Studio) -> GenerateTab:
-    """Lay out the Generate tab and wire its events; the widgets start from GenerateConfig's defaults."""
-    defaults = GenerateConfig(prompt="")
+    """Lay out the Generate tab and wire its events."""
+    widgets = layout()
+    wire(widgets, GenerateHandlers(studio))
+    return GenerateTab(adapter_pickers=widgets.adapter_pickers)
+
+
+def layout() -> GenerateWidgets:
+    """Declare the tab's components; every default and help line comes from GenerateConfig."""
+    d = {name: info["default"] for name, info in field_help(GenerateConfig).items()}
+    info = {name: meta["help"] for name, meta in field_help(GenerateConfig).items()}
+    s: dict[str, gr.components.Component] = {}
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                placeholder="a photo of sks; tags like <lora:name:0.8> work too")
-            negative = gr.Textbox(defaults.negative_prompt, label="Negative prompt")
+            s["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                     placeholder="a photo of sks; tags like <lora:name:0.8> work too")
+            s["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt",
+                                              info=info["negative_prompt"])
             with gr.Row():
-                seed = gr.Number(defaults.seed, label="Seed (-1: random)", precision=0, minimum=-1,
-                                 elem_id="seed")
-                count = gr.Slider(1, 8, defaults.count, step=1, label="Images")
+                s["seed"] = gr.Number(d["seed"], label="Seed (-1: random)", precision=0, minimum=-1, elem_id="seed")
+                s["count"] = gr.Slider(1, 8, d["count"], step=1, label="Images", info=info["count"])
             with gr.Row():
-                steps = gr.Slider(1, 100, defaults.steps, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, defaults.guidance, step=0.5, label="Guidance")
+                s["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="Steps", info=info["steps"])
+                s["guidance"] = gr.Slider(0, 20, d["guidance"], step=0.5, label="Guidance", info=info["guidance"])
             with gr.Row():
-                width = gr.Number(defaults.width, label="Width (0: model native)", precision=0, minimum=0, step=8)
-                height = gr.Number(defaults.height, label="Height (0: model native)", precision=0, minimum=0,
-                                   step=8)
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
+                s["width"] = gr.Number(d["width"], label="Width (0: model native)", precision=0, minimum=0, step=8)
+                s["height"] = gr.Number(d["height"], label="Height (0: model native)", precision=0, minimum=0,
+                                        step=8)
+                s["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler")
             gr.Markdown("**Adapters** from the library, each at its own weight")
-            slots, pickers = [], []
             with gr.Group():
-                for i in range(2):
-                    slots += adapter_slot(i, pickers)
+                pickers = [adapter_slot(i, s) for i in (1, 2)]
             with gr.Accordion("More adapters", open=False), gr.Group():
-                for i in range(2, ADAPTER_SLOTS):
-                    slots += adapter_slot(i, pickers)
-            grid_wanted = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
-                                      info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
+                pickers += [adapter_slot(i, s) for i in range(3, ADAPTER_SLOTS + 1)]
+            grid = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
+                               info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Results", columns=2, height=400, format="png", object_fit="contain",
@@ -77,20 +96,38 @@ def build(studio: Studio) -> GenerateTab:
                                   height=300)
             parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],
                                     elem_id="parameters")
+    return GenerateWidgets(settings=s, adapter_pickers=pickers, comparison_grid=grid, button=button,
+                           gallery=gallery, grid_image=grid_image, parameters=parameters)
+
+
+class GenerateHandlers:
+    """The tab's event handlers over the Studio."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
 
     @readable_errors
-    def generate(*values):
-        *settings, with_grid = values
-        config = generate_config(*settings)
-        images = studio.generate(config)
-        grid = studio.comparison_grid(config) if with_grid else None
+    def generate(self, comparison_grid: bool = False, adapter_1: str | None = None, adapter_2: str | None = None,
+                 adapter_3: str | None = None, adapter_4: str | None = None, **settings):
+        """Settings by name (GenerateConfig's fields, adapter_N, weight_N) -> images, parameters, optional grid.
+
+        An adapter slot left out (None) is empty; the names default to None so scripts may leave them out.
+        """
+        slots = {"adapter_1": adapter_1, "adapter_2": adapter_2, "adapter_3": adapter_3, "adapter_4": adapter_4}
+        config = generate_config({**settings, **slots})
+        images = self.studio.generate(config)
+        grid = self.studio.comparison_grid(config) if comparison_grid else None
         return [(str(i.path), i.parameters) for i in images], images[0].parameters, grid and str(grid.path)
 
-    def show_parameters(event: gr.SelectData):
+    @staticmethod
+    def show_parameters(event: gr.SelectData) -> str:
+        """The parameters of the image picked in the gallery."""
         return (event.value or {}).get("caption") or ""
 
-    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, count, *slots, grid_wanted]
-    gr.on([button.click, prompt.submit], generate, inputs, [gallery, parameters, grid_image], api_name="generate",
+
+def wire(w: GenerateWidgets, h: GenerateHandlers) -> None:
+    """Connect the tab's events to its handlers; every event has an api_name."""
+    gr.on([w.button.click, w.settings["prompt"].submit], h.generate, w.comparison_grid,
+          [w.gallery, w.parameters, w.grid_image], inputs_kwargs=w.settings, api_name="generate",
           concurrency_limit=1)
-    gallery.select(show_parameters, None, parameters, api_name="show_parameters")
-    return GenerateTab(adapter_pickers=pickers)
+    w.gallery.select(h.show_parameters, None, w.parameters, api_name="show_parameters")

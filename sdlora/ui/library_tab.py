@@ -42,8 +42,39 @@ def details(info) -> str:
     return "\n\n".join(lines)
 
 
+@dataclass
+class LibraryWidgets:
+    """Every component of the tab."""
+
+    table: gr.Dataframe
+    problems: gr.Markdown
+    refresh_button: gr.Button
+    upload: gr.File
+    import_name: gr.Textbox
+    import_button: gr.Button
+    name: gr.Textbox
+    preview: gr.Image
+    about: gr.Markdown
+    new_name: gr.Textbox
+    rename_button: gr.Button
+    fmt: gr.Radio
+    export_button: gr.Button
+    download: gr.File
+    delete_button: gr.Button
+    confirm_row: gr.Row
+    confirm_button: gr.Button
+    keep_button: gr.Button
+
+
 def build(studio: Studio) -> LibraryTab:
     """Lay out the Library tab and wire its events."""
+    widgets, handlers = layout(), LibraryHandlers(studio)
+    wire(widgets, handlers)
+    return LibraryTab(table=widgets.table, problems=widgets.problems, refresh=handlers.refresh)
+
+
+def layout() -> LibraryWidgets:
+    """Declare the tab's components."""
     with gr.Row():
         with gr.Column(scale=3):
             table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Adapters (click a row)", interactive=False,
@@ -73,62 +104,85 @@ def build(studio: Studio) -> LibraryTab:
             with gr.Row(visible=False) as confirm_row:
                 confirm_button = gr.Button("Yes, delete it", variant="stop")
                 keep_button = gr.Button("Keep it")
+    return LibraryWidgets(table=table, problems=problems, refresh_button=refresh_button, upload=upload,
+                          import_name=import_name, import_button=import_button, name=name, preview=preview,
+                          about=about, new_name=new_name, rename_button=rename_button, fmt=fmt,
+                          export_button=export_button, download=download, delete_button=delete_button,
+                          confirm_row=confirm_row, confirm_button=confirm_button, keep_button=keep_button)
+
+
+class LibraryHandlers:
+    """The tab's event handlers over the Studio's adapter library."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
 
     @readable_errors
-    def refresh():
-        listing = studio.library.list()
+    def refresh(self):
+        """The library's adapters as a table, and the entries it skipped."""
+        listing = self.studio.library.list()
         notes = "\n".join(f"- skipped: {p}" for p in listing.problems)
         return adapter_rows(listing.adapters), notes
 
     @readable_errors
-    def select(adapter_name):
+    def select(self, adapter_name: str):
+        """An adapter's preview image and facts."""
         if not adapter_name:
             return None, ""
-        info = studio.library.get(adapter_name)
+        info = self.studio.library.get(adapter_name)
         return (str(info.preview) if info.preview else None), details(info)
 
-    def pick_row(table_value, event: gr.SelectData):
+    @staticmethod
+    def pick_row(table_value, event: gr.SelectData) -> str:
+        """The adapter name of the clicked row."""
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
         return str(table_value.iloc[row]["name"]) if len(table_value) > row else ""
 
     @readable_errors
-    def rename(adapter_name, wanted):
-        info = studio.library.rename(adapter_name, wanted)
-        studio.forget_adapter(adapter_name)
+    def rename(self, adapter_name: str, new_name: str):
+        """Rename an adapter (files and the name inside); returns the table and the new name."""
+        info = self.studio.library.rename(adapter_name, new_name)
+        self.studio.forget_adapter(adapter_name)
         gr.Info(f"Renamed {adapter_name} to {info.name}.")
-        return *refresh(), info.name, ""
+        return *self.refresh(), info.name, ""
 
     @readable_errors
-    def delete(adapter_name):
-        studio.library.delete(adapter_name)
-        studio.forget_adapter(adapter_name)
+    def delete(self, adapter_name: str):
+        """Delete an adapter and its side files."""
+        self.studio.library.delete(adapter_name)
+        self.studio.forget_adapter(adapter_name)
         gr.Info(f"Deleted {adapter_name}.")
-        return *refresh(), "", gr.Row(visible=False)
+        return *self.refresh(), "", gr.Row(visible=False)
 
     @readable_errors
-    def import_adapter(path, wanted):
-        if not path:
+    def import_adapter(self, file: str | None, name: str):
+        """Check a LoRA file and bring it into the library under `name` (empty: the file's name)."""
+        if not file:
             raise gr.Error("Choose a .safetensors file to import first.")
-        info = studio.library.import_file(path, wanted.strip() or Path(path).stem)
+        info = self.studio.library.import_file(file, name.strip() or Path(file).stem)
         gr.Info(f"Imported {info.name}.")
-        return *refresh(), info.name, None
+        return *self.refresh(), info.name, None
 
     @readable_errors
-    def export(adapter_name, format_name):
-        folder = tempfile.mkdtemp(prefix=f"export-{format_name}-", dir=studio.work_dir)
-        return str(studio.library.export(adapter_name, format_name, folder))
+    def export(self, adapter_name: str, format_name: str) -> str:
+        """Write an adapter in a format (kohya or diffusers) for download."""
+        folder = tempfile.mkdtemp(prefix=f"export-{format_name}-", dir=self.studio.work_dir)
+        return str(self.studio.library.export(adapter_name, format_name, folder))
 
-    refresh_button.click(refresh, None, [table, problems], api_name="list_adapters")
-    table.select(pick_row, table, name, api_name="pick_adapter")
-    name.change(select, name, [preview, about], api_name="adapter_details")
-    rename_button.click(rename, [name, new_name], [table, problems, name, new_name], api_name="rename_adapter")
-    delete_button.click(lambda: gr.Row(visible=True), None, confirm_row, api_name="ask_delete")
-    keep_button.click(lambda: gr.Row(visible=False), None, confirm_row, api_name="keep_adapter")
-    confirm_button.click(delete, name, [table, problems, name, confirm_row], api_name="delete_adapter")
-    import_button.click(import_adapter, [upload, import_name], [table, problems, name, upload],
-                        api_name="import_adapter")
-    export_button.click(export, [name, fmt], download, api_name="export_adapter")
-    return LibraryTab(table=table, problems=problems, refresh=refresh)
+
+def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
+    """Connect the tab's events to its handlers; every event has an api_name."""
+    listing = [w.table, w.problems]
+    w.refresh_button.click(h.refresh, None, listing, api_name="list_adapters")
+    w.table.select(h.pick_row, w.table, w.name, api_name="pick_adapter")
+    w.name.change(h.select, w.name, [w.preview, w.about], api_name="adapter_details")
+    w.rename_button.click(h.rename, [w.name, w.new_name], [*listing, w.name, w.new_name], api_name="rename_adapter")
+    w.delete_button.click(lambda: gr.Row(visible=True), None, w.confirm_row, api_name="ask_delete")
+    w.keep_button.click(lambda: gr.Row(visible=False), None, w.confirm_row, api_name="keep_adapter")
+    w.confirm_button.click(h.delete, w.name, [*listing, w.name, w.confirm_row], api_name="delete_adapter")
+    w.import_button.click(h.import_adapter, [w.upload, w.import_name], [*listing, w.name, w.upload],
+                          api_name="import_adapter")
+    w.export_button.click(h.export, [w.name, w.fmt], w.download, api_name="export_adapter")
 
 
 def _size(n: int) -> str:

@@ -53,24 +53,42 @@ def captioner_rows(studio: Studio) -> list[tuple[str, str]]:
 
 def build(studio: Studio) -> SettingsTab:
     """Lay out the Settings tab and wire its events."""
+    status, base_model, load_button, refresh_button = layout(studio)
+    handlers = SettingsHandlers(studio)
+    load_button.click(handlers.load, base_model, status, api_name="load_base_model")
+    refresh_button.click(handlers.show, None, status, api_name="settings")
+    return SettingsTab(status=status, show=handlers.show)
+
+
+def layout(studio: Studio) -> tuple[gr.Markdown, gr.Textbox, gr.Button, gr.Button]:
+    """The status table, the base model box and its buttons; a shared server shows its model read-only."""
     status = gr.Markdown(status_text(studio), elem_id="model-status")
+    switchable = studio.access.model_switch
+    info = ("A Hugging Face hub id, a local diffusers folder, or a single .safetensors file. Used for training "
+            "and generation." if switchable else
+            "Set by the server (--base-model): this server is shared, and its one model serves everyone.")
     with gr.Row(equal_height=True):
-        base_model = gr.Textbox(studio.base_model, label="Base model",
-                                info="A Hugging Face hub id, a local diffusers folder, or a single .safetensors "
-                                     "file. Used for training and generation.", scale=4, elem_id="base-model")
+        base_model = gr.Textbox(studio.base_model, label="Base model", info=info, scale=4, elem_id="base-model",
+                                interactive=switchable)
         with gr.Column(scale=1, min_width=120):
-            load_button = gr.Button("Load", variant="primary", elem_id="load-button")
+            load_button = gr.Button("Load", variant="primary", elem_id="load-button", visible=switchable)
             refresh_button = gr.Button("Refresh", size="sm")
+    return status, base_model, load_button, refresh_button
+
+
+class SettingsHandlers:
+    """The tab's event handlers over the Studio."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
 
     @readable_errors
-    def load(source):
-        studio.set_base_model(source)
+    def load(self, source: str) -> str:
+        """Switch the base model (where this server allows it) and load it now."""
+        self.studio.set_base_model(source)
         gr.Info(f"Loaded {source}.")
-        return status_text(studio)
+        return status_text(self.studio)
 
-    def show():
-        return status_text(studio)
-
-    load_button.click(load, base_model, status, api_name="load_base_model")
-    refresh_button.click(show, None, status, api_name="settings")
-    return SettingsTab(status=status, show=show)
+    def show(self) -> str:
+        """The status table as it is now."""
+        return status_text(self.studio)

@@ -18,6 +18,29 @@ from sdlora.errors import ConfigError, SdloraError, TrainingBusy
 from sdlora.events import BackgroundRun
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
 
+ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the demo model, its concepts and regularisation images
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a client of this server may do beyond its own uploads: read folders under `roots`, switch the model.
+
+    A client names folders (regularisation images, a concept folder, a base model) on the server's
+    disk; outside the roots they are refused before anything reads them, so an error never lists
+    a server folder's files.
+    """
+
+    roots: tuple[Path, ...] = ()  # besides the studio's own: its concepts folder, assets/ and work folder
+    model_switch: bool = True  # False on a shared server: the one resident model is everyone's
+
+    def check_folder(self, path: str, what: str) -> Path:
+        """The resolved path when it lies under a root; ConfigError in one line otherwise."""
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            raise ConfigError(f"{what} {path} is outside the folders this server lets clients read "
+                              f"({', '.join(map(str, self.roots))}); the server's --allowed-roots adds more")
+        return resolved
+
 
 @dataclass(frozen=True)
 class SavedImage:
@@ -31,7 +54,7 @@ class Studio:
     """The server's state: the app's handlers call its methods and nothing else."""
 
     def __init__(self, base_model: str, adapters_dir: str | Path, concepts_dir: str | Path = "assets/concepts",
-                 work_dir: str | Path | None = None) -> None:
+                 work_dir: str | Path | None = None, access: Access | None = None) -> None:
         self.base_model = str(base_model)
         self.adapters_dir = Path(adapters_dir).resolve()
         self.concepts_dir = Path(concepts_dir).resolve()
@@ -41,6 +64,9 @@ class Studio:
         # exits; adapters live in adapters_dir and are never touched. A folder given by the caller stays.
         self.remove_work_dir = (weakref.finalize(self, shutil.rmtree, str(self.work_dir), ignore_errors=True)
                                 if work_dir is None else None)
+        access = access or Access()
+        roots = dict.fromkeys((self.concepts_dir, ASSETS, self.work_dir, *access.roots))
+        self.access = Access(tuple(Path(r).expanduser().resolve() for r in roots), access.model_switch)
         self.run: BackgroundRun | None = None
         self.run_name = ""
         self._library = None
@@ -126,9 +152,7 @@ class Studio:
         if not source:
             return "no base model is set; enter one in Settings"
         path = Path(source).expanduser()
-        # "org/name" is a hub id, unless its first part is a local folder (as in assets/demo-model).
-        looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source.split("/")[0]).is_dir()
-        if looks_local and not path.exists():
+        if _looks_local(source) and not path.exists():
             hint = " (the demo model is built with `python -m sdlora.demo.build`)" if path.name == "demo-model" else ""
             return f"the base model {source} does not exist on this server{hint}"
         return ""
@@ -155,6 +179,11 @@ class Studio:
 
     def set_base_model(self, source: str) -> None:
         """Switch to another base model and load it now, so a mistake shows at once."""
+        if not self.access.model_switch:
+            raise ConfigError("this server is shared, so its base model is a server setting (--base-model): "
+                              "switching it here would change it for everyone")
+        if _looks_local(source.strip()):
+            self.access.check_folder(source.strip(), "the base model")
         with self._model_lock:
             self.base_model, self._generator, self._model_error = source.strip(), None, ""
         self.generator()
@@ -194,6 +223,8 @@ class Studio:
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         config = self._resolved(config)
         config.validate()
+        if config.data.regularization_images:
+            self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
         load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
         if adapter_path(config).exists():
             raise ConfigError(f"an adapter named {config.name!r} is already in the library; "
@@ -210,6 +241,13 @@ class Studio:
             self.run = BackgroundRun(lambda on_event, stop: train(config, on_event=on_event, stop=stop)).start()
             self.run_name = config.name
         return self.run
+
+    def concept_folder_files(self, folder: str) -> list[str]:
+        """The files of a concept folder on the server that a client named (inside the allowed roots)."""
+        path = self.access.check_folder(folder, "the concept images folder")
+        if not path.is_dir():
+            raise ConfigError(f"the concept images folder {folder} does not exist on this server")
+        return [str(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
     def stop_training(self) -> bool:
         """Ask the running job to save and stop after its current step; False when none runs."""
@@ -266,6 +304,11 @@ class Studio:
         info.add_text("parameters", parameters)
         image.save(path, pnginfo=info)
         return SavedImage(path, parameters)
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id: "org/name" is a hub id, unless its first part is a local folder."""
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source.split("/")[0]).is_dir()
 
 
 def _replace(obj, **changes):

@@ -1,16 +1,24 @@
-"""The Train tab: concept images with captions, settings from a preset, a run with live progress."""
+"""The Train tab: concept images with captions, settings from a preset, a run with live progress.
+
+Three parts, as gradio's own Blocks demos keep them: `layout` declares the widgets, `TrainHandlers`
+holds plain functions over the Studio, `wire` connects the widgets' events to them. The settings
+widgets are keyed by the TrainConfig field each one shows (`rank`, `trigger_word`, ...): the
+handlers build the config from those names, and the API's parameters carry the same names.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 import pandas as pd
 
-from sdlora.config import DataConfig, TrainConfig, field_help
-from sdlora.errors import ConceptImagesError, SdloraError
+from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
+from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
+from sdlora.ui import fields
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -20,35 +28,202 @@ PRESET_KINDS = ("Style", "Character", "Object")
 CAPTION_HEADERS = ["image", "caption", "bucket"]  # bucket: at the model's native size, as training picks it
 POLL_SECONDS = 0.5
 TRIGGER_WORD = "sks"  # the trigger word a new page starts with; captions written for it start with it too
-HELP = {**field_help(TrainConfig), **field_help(DataConfig)}
+HELP = {**field_help(TrainConfig), **field_help(DataConfig), **field_help(LoraSpec)}
+# Layers a preset may adapt besides the attention projections (the demo preset adapts all of these).
+EXTRA_TARGET_CHOICES = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                        "time_emb_proj")
+# Set by the server, never by the widgets: the server's base model, its library, the uploaded images.
+SERVER_FIELDS = ("base_model", "output_dir", "images")
+
+
+@dataclass
+class TrainWidgets:
+    """Every component of the tab; `settings` maps TrainConfig leaf names to the widget showing each."""
+
+    example: gr.Dropdown
+    use_example: gr.Button
+    files: gr.File
+    thumbnails: gr.Gallery
+    captions: gr.Dataframe
+    caption_tools: gr.Row  # buttons that work on the caption table go here
+    caption_prefix: gr.Textbox
+    caption_overwrite: gr.Checkbox
+    caption_button: gr.Button
+    caption_summary: gr.Markdown
+    preset: gr.Radio
+    preset_note: gr.Markdown
+    settings: dict[str, gr.components.Component]
+    config: gr.JSON  # a script's settings object (the keys of a --config file); hidden on the page
+    estimate: gr.Markdown
+    start_button: gr.Button
+    stop_button: gr.Button
+    status: gr.Markdown
+    curve: gr.LinePlot
+    previews: gr.Gallery
+
+    @property
+    def progress_outputs(self) -> list:
+        return [self.status, self.curve, self.previews]
 
 
 @dataclass
 class TrainTab:
-    """Components other tabs wire to."""
+    """What other tabs and the page wire to."""
 
+    widgets: TrainWidgets
+    handlers: TrainHandlers
     finished: gr.Dependency  # the end of the progress stream that follows a click on Train
-    watch: object  # generator handler streaming progress; app.py re-attaches it on page load
-    progress_outputs: list
-    on_load: tuple  # (handler, inputs, outputs): the preset for the server's base model, on page load
-    estimate: tuple  # (handler, inputs, outputs) of the time estimate
+    events: dict[str, gr.Dependency] = field(default_factory=dict)
+
+    def on_page_load(self, demo: gr.Blocks) -> gr.Dependency:
+        """Fill the preset for the server's model, then stream the run the server holds; returns the stream."""
+        w, h = self.widgets, self.handlers
+        filled = demo.load(h.fill_preset, w.preset, preset_outputs(w), api_name="preset_on_load")
+        filled.success(h.estimate, None, w.estimate, inputs_kwargs=w.settings, api_name="estimate_on_load",
+                       show_progress="hidden")
+        return demo.load(h.watch, None, w.progress_outputs, api_name="progress", concurrency_limit=None,
+                         show_progress="hidden")
 
 
-def train_config(kind: str, base_model: str, name: str, trigger: str, template: str, rank: float, alpha: float,
-                 steps: float, lr: float, resolution: float, preview_every: float, seed: float,
-                 flip: bool, regularization_images: str = "") -> TrainConfig:
-    """Widget values -> TrainConfig: the preset's other numbers (batch, extra layers), then the widgets'."""
-    from sdlora.presets import apply_preset, preset_for
+def build(studio: Studio) -> TrainTab:
+    """Lay out the Train tab inside the current Blocks and wire its events."""
+    widgets = layout(studio)
+    handlers = TrainHandlers(studio)
+    return wire(widgets, handlers)
 
-    config = TrainConfig(name=name.strip(), seed=int(seed), preview_every=int(preview_every),
-                         data=DataConfig(trigger_word=trigger.strip(), caption_template=template or "{trigger}",
-                                         flip=bool(flip), images="(uploaded)"))
-    config = apply_preset(config, preset_for(base_model, kind))
-    return config.replace(
-        steps=int(steps), learning_rate=float(lr),
-        data=dataclasses.replace(config.data, resolution=int(resolution or 0),
-                                 regularization_images=(regularization_images or "").strip()),
-        lora=dataclasses.replace(config.lora, rank=int(rank), alpha=float(alpha)))
+
+# -- layout ---------------------------------------------------------------------------------------
+
+
+def layout(studio: Studio) -> TrainWidgets:
+    """Declare the tab's components; the preset for the server's model fills the numbers on page load."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            concepts = _concept_images(studio.example_concepts())
+        with gr.Column(scale=1):
+            gr.Markdown("### 2. Settings")
+            preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[-1], label="Preset",
+                              info="Fills the settings below once (those under More too); change them freely.")
+            preset_note = gr.Markdown(elem_id="preset-note")
+            settings = _settings()
+            config = gr.JSON(None, visible=False, label="Settings object")
+            estimate = gr.Markdown(elem_id="estimate")
+            with gr.Row():
+                start_button = gr.Button("Train", variant="primary", elem_id="train-button")
+                stop_button = gr.Button("Stop and save", variant="stop", elem_id="stop-button")
+    progress = _progress()
+    return TrainWidgets(**concepts, preset=preset, preset_note=preset_note, settings=settings, config=config,
+                        estimate=estimate, start_button=start_button, stop_button=stop_button, **progress)
+
+
+def _concept_images(examples: list[str]) -> dict:
+    gr.Markdown("### 1. Concept images")
+    with gr.Row(visible=bool(examples)):
+        example = gr.Dropdown(examples, value=examples[0] if examples else None, label="Example concepts",
+                              scale=3, elem_id="example-concept")
+        use_example = gr.Button("Use this example", scale=1, elem_id="use-example")
+    files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
+                    label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
+                    elem_id="concept-files")
+    thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
+                            elem_id="thumbnails")
+    with gr.Row(equal_height=True) as caption_tools:
+        caption_prefix = gr.Textbox(TRIGGER_WORD, label="Caption prefix", scale=2, elem_id="caption-prefix",
+                                    info="Put first in every written caption; follows the trigger word.")
+        caption_overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id="caption-overwrite",
+                                        info="Replace captions already in the table.")
+        caption_button = gr.Button("Caption images", scale=1, elem_id="caption-button")
+    caption_summary = gr.Markdown(elem_id="caption-summary")
+    captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str", "str"], interactive=True,
+                            label="Captions (leave empty to use the template; bucket: the shape each image "
+                                  "trains at, at the model's native size)", column_count=3,
+                            max_height=260, wrap=True, elem_id="captions")
+    return dict(example=example, use_example=use_example, files=files, thumbnails=thumbnails,
+                caption_tools=caption_tools, caption_prefix=caption_prefix, caption_overwrite=caption_overwrite,
+                caption_button=caption_button, caption_summary=caption_summary, captions=captions)
+
+
+def _settings() -> dict[str, gr.components.Component]:
+    """One widget per TrainConfig field the tab shows, keyed by the field's name; defaults from TrainConfig."""
+    d = fields.train_defaults()
+
+    def info(name: str) -> str:
+        return HELP[name]["help"]
+
+    s: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        s["name"] = gr.Textbox(d["name"], label="Adapter name", info=info("name"), elem_id="adapter-name")
+        s["trigger_word"] = gr.Textbox(TRIGGER_WORD, label="Trigger word", info=info("trigger_word"), elem_id="trigger-word")
+    s["caption_template"] = gr.Textbox(d["caption_template"], label="Caption template", info=info("caption_template"))
+    with gr.Row():
+        s["rank"] = gr.Number(d["rank"], label="Rank", precision=0, minimum=1, elem_id="rank")
+        s["alpha"] = gr.Number(d["alpha"], label="Alpha", minimum=0.01, elem_id="alpha")
+        s["steps"] = gr.Number(d["steps"], label="Steps", precision=0, minimum=1, elem_id="steps")
+    with gr.Row():
+        s["learning_rate"] = gr.Number(d["learning_rate"], label="Learning rate", minimum=0, step=1e-5,
+                                       elem_id="learning-rate")
+        s["resolution"] = gr.Number(d["resolution"], label="Resolution (0: model native)", precision=0, minimum=0,
+                                    step=8, elem_id="resolution")
+        s["preview_every"] = gr.Number(max(1, d["steps"] // 5), label="Preview every N steps", precision=0,
+                                       minimum=0, info="0: no previews", elem_id="preview-every")
+    with gr.Accordion("More", open=False):
+        with gr.Row():
+            s["batch_size"] = gr.Number(d["batch_size"], label="Batch size", precision=0, minimum=1,
+                                        info=info("batch_size"), elem_id="batch-size")
+            s["seed"] = gr.Number(d["seed"], label="Seed", precision=0, info=info("seed"))
+        s["extra_target_modules"] = gr.Dropdown(list(EXTRA_TARGET_CHOICES), value=list(d["extra_target_modules"]),
+                                                multiselect=True, allow_custom_value=True,
+                                                label="Extra layers to adapt", info=info("extra_target_modules"),
+                                                elem_id="extra-targets")
+        s["flip"] = gr.Checkbox(d["flip"], label="Flip images", info=info("flip"))
+        s["regularization_images"] = gr.Textbox(d["regularization_images"],
+                                                label="Regularisation images folder (optional, on this server)",
+                                                info=info("regularization_images"), elem_id="reg-images")
+        s["prior_loss_weight"] = gr.Number(d["prior_loss_weight"], label="Regularisation loss weight", minimum=0,
+                                           info=info("prior_loss_weight"), elem_id="prior-loss-weight")
+    return s
+
+
+def _progress() -> dict:
+    gr.Markdown("### 3. Progress")
+    status = gr.Markdown(RunView().summary(), elem_id="train-status")
+    with gr.Row():
+        curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
+                            height=260, scale=3, elem_id="loss-curve")
+        previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2,
+                              elem_id="previews")
+    return dict(status=status, curve=curve, previews=previews)
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+
+def preset_fields() -> tuple[str, ...]:
+    """The fields some preset sets: choosing a preset sets each of them (to the preset's value or the default)."""
+    from sdlora.presets import PRESETS, preset_settings
+
+    names = dict.fromkeys(name for p in PRESETS.values() for name in fields.flat(preset_settings(p, 0)))
+    return tuple(names)
+
+
+def train_config(settings: dict, config: dict | None = None, base_model: str = "") -> TrainConfig:
+    """The settings widgets (by field name), or a script's settings object instead -> TrainConfig.
+
+    A settings object is read as a --config file is: strictly (a misspelt key is refused), with what
+    it leaves out taken from the base model (the demo preset on the demo model), then the defaults.
+    """
+    if config:
+        from sdlora.presets import fill_model_defaults
+
+        values = dict(config)
+        if values.get("base_model", base_model) != base_model:
+            raise ConfigError(f"this server trains on {base_model}, not {values['base_model']}; "
+                              "leave base_model out of the settings")
+        values["base_model"] = base_model
+        fill_model_defaults(values)
+        return TrainConfig.from_dict(values, source="settings object")
+    typed = fields.as_field_types(settings, fields.train_defaults())
+    return TrainConfig.from_dict(fields.nested(typed), source="settings")
 
 
 def caption_table(images, captions=None, buckets=None) -> pd.DataFrame:
@@ -71,162 +246,152 @@ def view_outputs(view: RunView) -> tuple:
     return view.summary(), curve, view.previews or None
 
 
-def build(studio: Studio) -> TrainTab:
-    """Lay out the Train tab inside the current Blocks and wire its events."""
-    defaults = TrainConfig()  # the preset for the server's base model fills the numbers on page load
-    examples = studio.example_concepts()
-    with gr.Row():
-        with gr.Column(scale=1):
-            gr.Markdown("### 1. Concept images")
-            with gr.Row(visible=bool(examples)):
-                example = gr.Dropdown(examples, value=examples[0] if examples else None, label="Example concepts",
-                                      scale=3, elem_id="example-concept")
-                use_example = gr.Button("Use this example", scale=1, elem_id="use-example")
-            files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
-                            label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
-                            elem_id="concept-files")
-            thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
-                                    elem_id="thumbnails")
-            with gr.Row(equal_height=True):
-                caption_prefix = gr.Textbox(TRIGGER_WORD, label="Caption prefix", scale=2, elem_id="caption-prefix",
-                                            info="Put first in every written caption; follows the trigger word.")
-                caption_overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id="caption-overwrite",
-                                                info="Replace captions already in the table.")
-                caption_button = gr.Button("Caption images", scale=1, elem_id="caption-button")
-            caption_summary = gr.Markdown(elem_id="caption-summary")
-            captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str", "str"], interactive=True,
-                                    label="Captions (leave empty to use the template; bucket: the shape each image "
-                                          "trains at, at the model's native size)", column_count=3,
-                                    max_height=260, wrap=True, elem_id="captions")
-        with gr.Column(scale=1):
-            gr.Markdown("### 2. Settings")
-            with gr.Row():
-                name = gr.Textbox(defaults.name, label="Adapter name", info=HELP["name"]["help"],
-                                  elem_id="adapter-name")
-                trigger = gr.Textbox(TRIGGER_WORD, label="Trigger word", info=HELP["trigger_word"]["help"],
-                                     elem_id="trigger-word")
-            template = gr.Textbox(defaults.data.caption_template, label="Caption template",
-                                  info=HELP["caption_template"]["help"])
-            preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[-1], label="Preset",
-                              info="Fills rank, steps, learning rate and resolution; change them freely.")
-            preset_note = gr.Markdown(elem_id="preset-note")
-            with gr.Row():
-                rank = gr.Number(defaults.lora.rank, label="Rank", precision=0, minimum=1)
-                alpha = gr.Number(defaults.lora.alpha, label="Alpha", minimum=0.01)
-                steps = gr.Number(defaults.steps, label="Steps", precision=0, minimum=1, elem_id="steps")
-            with gr.Row():
-                lr = gr.Number(defaults.learning_rate, label="Learning rate", minimum=0, step=1e-5)
-                resolution = gr.Number(defaults.data.resolution, label="Resolution (0: model native)", precision=0,
-                                       minimum=0, step=8, elem_id="resolution")
-                preview_every = gr.Number(max(1, defaults.steps // 5), label="Preview every N steps", precision=0,
-                                          minimum=0, info="0: no previews", elem_id="preview-every")
-            with gr.Accordion("More", open=False):
-                seed = gr.Number(defaults.seed, label="Seed", precision=0, info=HELP["seed"]["help"])
-                flip = gr.Checkbox(defaults.data.flip, label="Flip images", info=HELP["flip"]["help"])
-                reg_images = gr.Textbox("", label="Regularisation images folder (optional, on this machine)",
-                                        info=HELP["regularization_images"]["help"], elem_id="reg-images")
-            estimate = gr.Markdown(elem_id="estimate")
-            with gr.Row():
-                start_button = gr.Button("Train", variant="primary", elem_id="train-button")
-                stop_button = gr.Button("Stop and save", variant="stop", elem_id="stop-button")
-    gr.Markdown("### 3. Progress")
-    status = gr.Markdown(RunView().summary(), elem_id="train-status")
-    with gr.Row():
-        curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
-                            height=260, scale=3, elem_id="loss-curve")
-        previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2,
-                              elem_id="previews")
+class TrainHandlers:
+    """The tab's event handlers: widget values in, one Studio call, widget values out."""
 
-    settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip,
-                reg_images]
-    progress_outputs = [status, curve, previews]
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self._view_key: tuple = ()
+        self._view_outputs: tuple = ()
+        self._view_time = 0.0
 
     @readable_errors
-    def show_images(paths):
-        images = studio.stage_upload(paths or [])
-        return images, caption_table(images, buckets=studio.buckets_of(images))
+    def show_images(self, files: list[str] | None):
+        """Uploaded files -> thumbnails and the caption table."""
+        images = self.studio.stage_upload(files or [])
+        return images, caption_table(images, buckets=self.studio.buckets_of(images))
 
     @readable_errors
-    def load_example(example_name):
-        paths = studio.example_files(example_name)
+    def load_example(self, example: str):
+        """An example concept folder -> files, thumbnails, captions, a free adapter name and the trigger word."""
+        paths = self.studio.example_files(example)
         images = [p for p in paths if p.suffix.lower() != ".txt"]
         # The example's folder name is the word its captions teach: it becomes the trigger word.
-        name = studio.library.unique_name(example_name)
-        return [str(p) for p in paths], images, caption_table(images, buckets=studio.buckets_of(images)), name, \
-            example_name
+        name = self.studio.library.unique_name(example)
+        return [str(p) for p in paths], images, caption_table(images, buckets=self.studio.buckets_of(images)), \
+            name, example
 
     @readable_errors
-    def caption_uploads(images, captions, prefix, overwrite, progress=gr.Progress()):  # noqa: B008 - gradio finds it by its default
+    def caption_images(self, images: list[str] | None, captions=None, prefix: str = "", overwrite: bool = False,
+                       progress=gr.Progress()):  # noqa: B008 - gradio finds the tracker by this default
         """Fill the caption table with the captioner's words; the user edits them before training."""
         from sdlora.captions import CaptionOptions
 
         if not images:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
-        staged = studio.stage_upload(images)
+        staged = self.studio.stage_upload(images)
         typed = captions_from_table(captions)
         options = CaptionOptions(prefix=prefix or "", overwrite=bool(overwrite))
-        result = studio.caption_images(staged, typed, options,
-                                       on_caption=lambda c: progress((c.done, c.total), desc="Captioning"))
+        result = self.studio.caption_images(staged, typed, options,
+                                            on_caption=lambda c: progress((c.done, c.total), desc="Captioning"))
         words = [result.captions.get(p, typed.get(p.name, "")) for p in staged]
-        summary = f"Captions by **{studio.captioner_name()}**: {result.summary()}. Edit them in the table."
-        return caption_table(staged, words, studio.buckets_of(staged)), summary
+        summary = f"Captions by **{self.studio.captioner_name()}**: {result.summary()}. Edit them in the table."
+        return caption_table(staged, words, self.studio.buckets_of(staged)), summary
 
     @readable_errors
-    def fill_preset(kind):
-        from sdlora.presets import PRESETS, preset_for
+    def fill_preset(self, kind: str) -> tuple:
+        """The preset for this kind on the server's model -> the preset fields' widgets, preview interval, note."""
+        from sdlora.presets import PRESETS, preset_for, preset_settings
 
-        p = preset_for(studio.base_model, kind)
+        p = preset_for(self.studio.base_model, kind)
+        values = {**fields.train_defaults(), **fields.flat(preset_settings(p, native_resolution=0))}
         note = f"Preset **{kind if p is PRESETS.get(kind) else 'Demo'}**: {p.note}"
-        return (p.rank, p.alpha, p.steps, p.learning_rate, p.resolution, max(1, p.steps // 5), note,
-                p.regularization_images)
+        shown = [list(v) if isinstance(v, tuple) else v for v in (values[n] for n in preset_fields())]
+        return (*shown, max(1, values["steps"] // 5), note)
 
-    def estimate_run(kind, *values):
+    def estimate(self, **settings) -> str:
+        """Settings by field name -> a rough duration (and GPU memory) line."""
         try:
-            return "Estimate: " + studio.estimate(train_config(kind, studio.base_model, *values)).text
+            return "Estimate: " + self.studio.estimate(train_config(settings)).text
         except SdloraError as exc:
             return f"No estimate yet: {exc}"
 
     @readable_errors
-    def start(paths, table, kind, *values):
-        if not paths:
+    def start(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
+        """Start training on the uploaded files (or a settings object's server folder); returns the first view."""
+        run_config = train_config(settings, config, self.studio.base_model)
+        files = list(files or [])
+        if not files and config and run_config.data.images:
+            files = self.studio.concept_folder_files(run_config.data.images)
+        if not files:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
-        config = train_config(kind, studio.base_model, *values)
-        studio.start_training(config, paths, captions_from_table(table))
-        return view_outputs(studio_view(studio))
+        run_config = run_config.replace(data=dataclasses.replace(run_config.data, images="(uploaded)"))
+        self.studio.start_training(run_config, files, captions_from_table(captions))
+        return self._outputs()
 
-    def watch():
-        view = studio_view(studio)
-        yield view_outputs(view)
-        seen = _progress_key(view)
-        while view.active:
-            time.sleep(POLL_SECONDS)
-            view = studio_view(studio)
-            if _progress_key(view) != seen:
-                seen = _progress_key(view)
-                yield view_outputs(view)
+    async def watch(self):
+        """Stream the server's run until it ends; awaits between polls, so an open page holds no thread."""
+        shown = None
+        while True:
+            running = self._active  # read first: once it is False, the outputs below hold the run's end
+            outputs = self._outputs()
+            if outputs is not shown:
+                shown = outputs
+                yield outputs
+            if not running:
+                return
+            await asyncio.sleep(POLL_SECONDS)
 
-    def stop():
-        if not studio.stop_training():
+    async def stop(self):
+        """Ask the run to save and stop after its current step; on the event loop, so it never waits for a thread."""
+        if not self.studio.stop_training():
             gr.Warning("No training run is in progress.")
-        return view_outputs(studio_view(studio))
+        return self._outputs()
 
-    files.upload(show_images, files, [thumbnails, captions], api_name="upload_images")
-    files.clear(lambda: ([], caption_table([])), None, [thumbnails, captions], api_name="clear_images")
-    use_example.click(load_example, example, [files, thumbnails, captions, name, trigger], api_name="use_example")
-    caption_button.click(caption_uploads, [files, captions, caption_prefix, caption_overwrite],
-                         [captions, caption_summary], api_name="caption_images")
-    trigger.change(lambda word: word, trigger, caption_prefix, api_visibility="private", show_progress="hidden")
-    preset_outputs = [rank, alpha, steps, lr, resolution, preview_every, preset_note, reg_images]
-    filled = preset.input(fill_preset, preset, preset_outputs, api_name="apply_preset")
-    gr.on([steps.input, resolution.input, rank.input], estimate_run, settings, estimate, api_name="estimate",
-          show_progress="hidden", trigger_mode="always_last")
-    filled.success(estimate_run, settings, estimate, api_name="estimate_after_preset", show_progress="hidden")
-    started = start_button.click(start, [files, captions, *settings], progress_outputs, api_name="train")
-    watched = started.success(watch, None, progress_outputs, api_name="watch_training", concurrency_limit=None,
-                              show_progress="hidden")
-    stop_button.click(stop, None, progress_outputs, api_name="stop", concurrency_limit=None)
-    return TrainTab(finished=watched, watch=watch, progress_outputs=progress_outputs,
-                    on_load=(fill_preset, preset, preset_outputs), estimate=(estimate_run, settings, estimate))
+    @property
+    def _active(self) -> bool:
+        run = self.studio.run
+        return run is not None and run.running
+
+    def _outputs(self) -> tuple:
+        """The run's view as widget values, built once per change however many pages watch it."""
+        run = self.studio.run
+        key = (id(run), len(run.events), run.running, run.stop.requested) if run is not None else ()
+        # A running job adds an event every step: fold them at most twice per poll, not once per page.
+        fresh = time.monotonic() - self._view_time < POLL_SECONDS / 2 and key[:1] == self._view_key[:1] and \
+            key[2:] == self._view_key[2:]
+        if self._view_outputs and (key == self._view_key or fresh):
+            return self._view_outputs
+        self._view_key, self._view_time = key, time.monotonic()
+        self._view_outputs = view_outputs(studio_view(self.studio))
+        return self._view_outputs
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+
+def preset_outputs(w: TrainWidgets) -> list:
+    return [*(w.settings[name] for name in preset_fields()), w.settings["preview_every"], w.preset_note]
+
+
+def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
+    """Connect the tab's events to its handlers; every event has an api_name."""
+    s = w.settings
+    events = {
+        "upload_images": w.files.upload(h.show_images, w.files, [w.thumbnails, w.captions], api_name="upload_images"),
+        "clear_images": w.files.clear(lambda: ([], caption_table([])), None, [w.thumbnails, w.captions],
+                                      api_name="clear_images"),
+        "use_example": w.use_example.click(h.load_example, w.example,
+                                           [w.files, w.thumbnails, w.captions, s["name"], s["trigger_word"]],
+                                           api_name="use_example"),
+        "caption_images": w.caption_button.click(h.caption_images, [w.files, w.captions, w.caption_prefix,
+                                                                    w.caption_overwrite],
+                                                 [w.captions, w.caption_summary], api_name="caption_images"),
+        "apply_preset": w.preset.input(h.fill_preset, w.preset, preset_outputs(w), api_name="apply_preset"),
+        "estimate": gr.on([s["steps"].input, s["resolution"].input, s["rank"].input, s["batch_size"].input],
+                          h.estimate, None, w.estimate, inputs_kwargs=s, api_name="estimate", show_progress="hidden",
+                          trigger_mode="always_last"),
+        "stop": w.stop_button.click(h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None),
+    }
+    s["trigger_word"].change(lambda word: word, s["trigger_word"], w.caption_prefix, api_visibility="private",
+                             show_progress="hidden")
+    events["apply_preset"].success(h.estimate, None, w.estimate, inputs_kwargs=s, api_name="estimate_after_preset",
+                                   show_progress="hidden")
+    events["train"] = w.start_button.click(h.start, [w.files, w.captions, w.config], w.progress_outputs,
+                                           inputs_kwargs=s, api_name="train")
+    watched = events["train"].success(h.watch, None, w.progress_outputs, api_name="watch_training",
+                                      concurrency_limit=None, show_progress="hidden")
+    return TrainTab(widgets=w, handlers=h, finished=watched, events=events)
 
 
 def studio_view(studio: Studio) -> RunView:
@@ -235,7 +400,3 @@ def studio_view(studio: Studio) -> RunView:
     if run is None:
         return RunView()
     return view_run(run.snapshot(), studio.run_name, run.running, run.stop.requested)
-
-
-def _progress_key(view: RunView) -> tuple:
-    return view.state, view.step, view.previews[0][1] if view.previews else "", view.message

@@ -1,0 +1,204 @@
+"""The app's API as a script sees it: named parameters, the README's example, a shared server's limits,
+and many open progress streams that must not stall Stop or generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import draw_concept
+
+pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+import httpx  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from test_app import free_port  # noqa: E402
+
+import app  # noqa: E402
+from sdlora.ui.studio import Studio  # noqa: E402
+
+STREAMS = 100
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    studio = Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
+    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
+    demo.close()
+
+
+@pytest.fixture()
+def client(served):
+    return Client(served.url, verbose=False)
+
+
+def test_every_api_parameter_has_a_real_name(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in info["parameters"]] for api, info in endpoints.items()}
+    unnamed = {api: params for api, params in names.items() if any(re.fullmatch(r"param_\d+", p) for p in params)}
+    assert not unnamed, unnamed
+    assert {"files", "captions", "config", "rank", "alpha", "steps", "seed", "trigger_word"} <= set(names["/train"])
+    assert {"prompt", "negative_prompt", "seed", "adapter_1", "weight_1", "comparison_grid"} <= set(names["/generate"])
+
+
+def test_the_readme_client_example_runs(served, monkeypatch):
+    """The README's example as written; only the address and the run's length (600 steps) are changed."""
+    readme = (REPO / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block)
+    assert '"http://127.0.0.1:7860/"' in code and '"steps": 600' in code
+    code = code.replace('"http://127.0.0.1:7860/"', repr(served.url)).replace('"steps": 600', '"steps": 3')
+    monkeypatch.chdir(REPO)  # the example names assets/concepts/star, as run from a checkout
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert "**my-star**: finished, step 3/3" in scope["update"][0]
+    assert len(scope["gallery"]) == 1 and "<lora:my-star:0.8>" in scope["parameters"]
+    assert Path(scope["kohya_file"]).name == "my-star.safetensors"
+
+
+def test_a_settings_object_is_read_like_a_config_file(client, served):
+    with pytest.raises(AppError, match="unknown setting.*stpes"):
+        client.predict(config={"name": "typo", "stpes": 3, "data": {"images": "assets/concepts/star"}},
+                       api_name="/train")
+    with pytest.raises(AppError, match="lora: unknown setting.*rnak"):
+        client.predict(config={"name": "typo", "lora": {"rnak": 4}, "data": {"images": "assets/concepts/star"}},
+                       api_name="/train")
+    with pytest.raises(AppError, match="steps must be int"):
+        client.predict(config={"name": "typo", "steps": "many", "data": {"images": "assets/concepts/star"}},
+                       api_name="/train")
+    with pytest.raises(AppError, match="this server trains on"):
+        client.predict(config={"name": "typo", "base_model": "other/model"}, api_name="/train")
+    folder = served.studio.work_dir / "stars"  # a concept folder on the server, inside its work folder
+    folder.mkdir()
+    for i in range(2):
+        draw_concept(folder / f"s{i}.png", i)
+    client.predict(config={"name": "from-folder", "steps": 2, "lora": {"rank": 2}, "data": {"images": str(folder)}},
+                   api_name="/train")
+    final = [tuple(out) for out in client.submit(api_name="/progress")][-1][0]
+    assert "**from-folder**: finished, step 2/2" in final
+    from sdlora.formats import read_metadata
+
+    assert read_metadata(served.studio.adapters_dir / "from-folder.safetensors")["ss_network_dim"] == "2"
+
+
+@pytest.mark.parametrize("folder", ["/etc", "/proc/self", "../../../../../../etc", "assets/../../../etc"])
+def test_a_server_folder_outside_the_roots_is_refused_without_listing_it(client, folder):
+    images = [handle_file(str(REPO / "assets" / "concepts" / "star" / "star_00.png"))]
+    with pytest.raises(AppError) as refused:
+        client.predict(files=images, name="sneaky", steps=2, regularization_images=folder, api_name="/train")
+    message = str(refused.value)
+    assert "outside the folders this server lets clients read" in message and "\n" not in message.strip()
+    assert "passwd" not in message and "environ" not in message and "status" not in message
+    with pytest.raises(AppError, match="outside the folders"):
+        client.predict(config={"name": "sneaky", "data": {"images": folder}}, api_name="/train")
+
+
+def test_the_base_model_is_limited_to_the_roots_and_fixed_on_a_shared_server(client, tmp_path):
+    with pytest.raises(AppError, match="the base model /etc is outside"):
+        client.predict("/etc", api_name="/load_base_model")
+    shared = Studio("none", tmp_path / "adapters", tmp_path / "concepts",
+                    access=app.access_for(app.parse_args(["--share", "--auth", "me:pw"])))
+    demo = app.launch(shared, port=free_port(), auth=("me", "pw"), prevent_thread_lock=True)
+    try:
+        with pytest.raises(AppError, match="this server is shared, so its base model is a server setting"):
+            Client(demo.local_url, auth=("me", "pw"), verbose=False).predict("x", api_name="/load_base_model")
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("flags, reason", [(["--share"], "gradio.live"), (["--host", "0.0.0.0"], "0.0.0.0"),
+                                           (["--host", "my-box.example"], "my-box.example")])
+def test_a_shared_server_without_auth_is_refused_with_the_reason(flags, reason, capsys):
+    with pytest.raises(SystemExit) as refused:
+        app.parse_args(flags)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and "anyone could train, generate and delete adapters" in err and "--auth" in err
+    assert app.parse_args([*flags, "--no-auth"]).no_auth
+    assert app.parse_args([*flags, "--auth", "me:pw"]).auth == "me:pw"
+    assert not app.is_shared("127.0.0.1", False) and not app.is_shared("::1", False)
+    assert not app.is_shared("localhost", False)
+
+
+class ProgressStreams:
+    """Many pages' progress streams over raw SSE, as browsers hold them, read on one asyncio loop."""
+
+    def __init__(self, url: str, fn_index: int, count: int) -> None:
+        self.url, self.fn_index, self.count = url, fn_index, count
+        self.started, self.completed, self.last = 0, 0, {}
+        self.all_started, self.all_completed = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=self.count * 2, max_keepalive_connections=self.count * 2)
+        async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=None) as http:
+            await asyncio.gather(*(self._one(http) for _ in range(self.count)))
+
+    async def _one(self, http: httpx.AsyncClient) -> None:
+        session = uuid.uuid4().hex
+        await http.post("gradio_api/queue/join", json={"data": [], "event_data": None, "fn_index": self.fn_index,
+                                                      "trigger_id": None, "session_hash": session})
+        seen_output = False
+        async with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("msg") in ("process_generating", "process_completed") and not seen_output:
+                    seen_output = True
+                    self.started += 1
+                    if self.started == self.count:
+                        self.all_started.set()
+                if message.get("msg") in ("process_generating", "process_completed") and message.get("output"):
+                    data = message["output"].get("data") or []
+                    if data and isinstance(data[0], str):
+                        self.last[session] = data[0]
+                if message.get("msg") == "process_completed":
+                    self.completed += 1
+                    if self.completed == self.count:
+                        self.all_completed.set()
+                    return
+
+
+def timed_generation(client) -> float:
+    start = time.perf_counter()
+    client.submit(prompt="sks", seed=1, steps=2, api_name="/generate").result(timeout=300)
+    return time.perf_counter() - start
+
+
+def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(client, served):
+    images = sorted(str(p) for p in (REPO / "assets" / "concepts" / "star").glob("*.png"))[:2]
+    client.predict(files=[handle_file(p) for p in images], name="long-watched", steps=100_000, rank=2, alpha=2,
+                   resolution=32, preview_every=0, api_name="/train")
+    run = served.studio.run
+    timed_generation(client)  # the first generation also loads what the pipeline caches
+    unloaded = max(timed_generation(client), timed_generation(client))
+
+    config = client.config
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "progress")
+    streams = ProgressStreams(served.url, fn_index, STREAMS)
+    streams.thread.start()
+    assert streams.all_started.wait(120), f"only {streams.started} of {STREAMS} progress streams got an answer"
+    loaded = timed_generation(client)
+    assert loaded < 5 * unloaded + 1, (loaded, unloaded)  # a stall detector: a blocked server takes minutes
+
+    client.predict(api_name="/stop")
+    steps_at_stop = max((e.step for e in run.snapshot() if type(e).__name__ == "Step"), default=0)
+    assert run.wait(60), "Stop did not end the run"
+    finished = run.snapshot()[-1]
+    assert type(finished).__name__ == "Finished" and finished.stopped_early
+    assert finished.step <= steps_at_stop + 1, (finished.step, steps_at_stop)
+    assert streams.all_completed.wait(60), f"only {streams.completed} of {STREAMS} streams ended with the run"
+    assert all("**long-watched**: stopped" in text for text in streams.last.values()), set(streams.last.values())
