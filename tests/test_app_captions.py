@@ -51,8 +51,9 @@ def test_caption_images_fills_empty_rows_keeps_typed_ones_and_writes_nothing(ser
     assert "**demo**" in summary and "captioned 2 images, kept 1 existing caption" in summary
     assert not list(tmp_path.glob("*.txt"))  # the table trains; no caption file appears beside the uploads
 
+    # No prefix and no trigger word: the captioner's words alone.
     overwritten, _ = served.client.predict(images=files, captions=new_table, prefix="", overwrite=True,
-                                           api_name="/caption_images")
+                                           trigger_word="", api_name="/caption_images")
     assert overwritten["data"][1][1] == describe(Image.open(images[1]).convert("RGB"))
 
 

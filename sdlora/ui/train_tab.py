@@ -128,8 +128,9 @@ def _concept_images(examples: list[str]) -> dict:
     thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
                             elem_id="thumbnails")
     with gr.Row(equal_height=True) as caption_tools:
-        caption_prefix = gr.Textbox(TRIGGER_WORD, label="Caption prefix", scale=2, elem_id="caption-prefix",
-                                    info="Put first in every written caption; follows the trigger word.")
+        caption_prefix = gr.Textbox("", label="Caption prefix", scale=2, elem_id="caption-prefix",
+                                    placeholder="the trigger word",
+                                    info="Put first in every written caption; empty: the trigger word.")
         caption_overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id="caption-overwrite",
                                         info="Replace captions already in the table.")
         caption_button = gr.Button("Caption images", scale=1, elem_id="caption-button")
@@ -273,7 +274,7 @@ class TrainHandlers:
 
     @readable_errors
     def caption_images(self, images: list[str] | None, captions=None, prefix: str = "", overwrite: bool = False,
-                       progress=gr.Progress()):  # noqa: B008 - gradio finds the tracker by this default
+                       trigger_word: str = "", progress=gr.Progress()):  # noqa: B008 - gradio finds it by default
         """Fill the caption table with the captioner's words; the user edits them before training."""
         from sdlora.captions import CaptionOptions
 
@@ -281,7 +282,7 @@ class TrainHandlers:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
         staged = self.studio.stage_upload(images)
         typed = captions_from_table(captions)
-        options = CaptionOptions(prefix=prefix or "", overwrite=bool(overwrite))
+        options = CaptionOptions(prefix=(prefix or trigger_word or "").strip(), overwrite=bool(overwrite))
         result = self.studio.caption_images(staged, typed, options,
                                             on_caption=lambda c: progress((c.done, c.total), desc="Captioning"))
         words = [result.captions.get(p, typed.get(p.name, "")) for p in staged]
@@ -375,7 +376,7 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
                                            [w.files, w.thumbnails, w.captions, s["name"], s["trigger_word"]],
                                            api_name="use_example"),
         "caption_images": w.caption_button.click(h.caption_images, [w.files, w.captions, w.caption_prefix,
-                                                                    w.caption_overwrite],
+                                                                    w.caption_overwrite, s["trigger_word"]],
                                                  [w.captions, w.caption_summary], api_name="caption_images"),
         "apply_preset": w.preset.input(h.fill_preset, w.preset, preset_outputs(w), api_name="apply_preset"),
         "estimate": gr.on([s["steps"].input, s["resolution"].input, s["rank"].input, s["batch_size"].input],
@@ -383,8 +384,6 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
                           trigger_mode="always_last"),
         "stop": w.stop_button.click(h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None),
     }
-    s["trigger_word"].change(lambda word: word, s["trigger_word"], w.caption_prefix, api_visibility="private",
-                             show_progress="hidden")
     events["apply_preset"].success(h.estimate, None, w.estimate, inputs_kwargs=s, api_name="estimate_after_preset",
                                    show_progress="hidden")
     events["train"] = w.start_button.click(h.start, [w.files, w.captions, w.config], w.progress_outputs,
