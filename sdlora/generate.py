@@ -2,9 +2,11 @@
 
 Adapters stay loaded in an LRU of `max_resident`. A new mix runs unfused (switching is
 just `set_adapters`); when the same mix is asked for again it is fused into the weights,
-so a mix that does not change costs nothing per step. Two diffusers pitfalls shape the
-code: after `fuse_lora`, unloading does not restore the base unless `unfuse_lora` runs
-first; and loading an adapter changes the active set, so the mix is set after every load.
+so a mix that does not change costs nothing per step. Three pitfalls shape the code: after
+`fuse_lora`, unloading does not restore the base unless `unfuse_lora` runs first; unfusing
+subtracts what fusing added, which is not exact in floating point (and cannot undo a NaN or
+an overflow), so the touched base weights are copied before fusing and put back after; and
+loading an adapter changes the active set, so the mix is set after every load.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Generator:
         self._active: tuple[tuple[str, float], ...] = ()
         self._fused: tuple[tuple[str, float], ...] | None = None
         self._bypassed: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        self._saved_base: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._lock = threading.RLock()
         self._counter = 0
 
@@ -156,6 +159,8 @@ class Generator:
             pipeline.enable_lora()
             pipeline.set_adapters([self._resident[n][0] for n, _ in wanted], [w for _, w in wanted])
             if wanted == self._active and self.fuse_repeated_mixes:
+                peft_names = {self._resident[n][0] for n, _ in wanted}
+                self._saved_base = snapshot_base_weights(pipeline, peft_names)
                 pipeline.fuse_lora(adapter_names=[self._resident[n][0] for n, _ in wanted], lora_scale=1.0)
                 self._bypassed = bypass_lora_wrappers(pipeline.unet)
                 self._fused = wanted
@@ -167,7 +172,11 @@ class Generator:
             return
         restore_lora_wrappers(self._bypassed)
         self._bypassed = []
-        self._pipeline.unfuse_lora()
+        self._pipeline.unfuse_lora()  # resets peft's merged state; the weights come from the copy
+        with torch.no_grad():
+            for parameter, copy in self._saved_base:
+                parameter.data = copy  # the copy itself: a merge may have replaced the tensor
+        self._saved_base = []
         self._fused = None
 
     def _ensure_loaded(self, name: str, keep: set[str]) -> None:
@@ -226,6 +235,22 @@ class Generator:
         lines.append(f"Steps: {config.steps}, Sampler: {config.scheduler}, CFG scale: {config.guidance:g}, "
                      f"Seed: {seed}, Size: {width}x{height}, Model: {model}, Version: sdlora {__version__}")
         return "\n".join(lines)
+
+
+def snapshot_base_weights(pipeline, adapter_names: set[str]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Copies of every base weight that fusing these peft adapters would change, to restore bit for bit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    saved = []
+    for part in pipeline._lora_loadable_modules:
+        model = getattr(pipeline, part, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and adapter_names & set(module._all_available_adapter_names()):
+                for parameter in module.get_base_layer().parameters(recurse=False):
+                    saved.append((parameter, parameter.detach().clone()))
+    return saved
 
 
 def bypass_lora_wrappers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
