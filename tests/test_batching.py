@@ -118,3 +118,36 @@ def test_a_bad_request_fails_alone(tiny_model, random_adapters):
     with pytest.raises(Exception, match="no adapter named 'nope'"):
         batcher.generate(GenerateConfig(prompt="x", steps=1, adapters=(AdapterWeight("nope", 1.0),)))
     assert len(batcher.generate(GenerateConfig(prompt="x", steps=1, count=2))) == 2
+
+
+def test_the_web_app_draws_concurrent_generate_requests_together(tiny_model, random_adapters, tmp_path):
+    import socket
+    import sys
+    from pathlib import Path
+
+    from gradio_client import Client
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import app
+    from sdlora.ui.studio import Studio
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    studio = Studio(str(tiny_model), random_adapters.root, tmp_path / "concepts", work_dir=tmp_path / "work")
+    demo = app.launch(studio, port=port, prevent_thread_lock=True)
+    try:
+        generator = studio.generator()
+        calls: list[int] = []
+        draw = generator.generate_batch
+        generator.generate_batch = lambda configs: calls.append(len(configs)) or draw(configs)
+        client = Client(demo.local_url, verbose=False)
+        # Positional /generate inputs: prompt, negative, seed, steps, guidance, width, height, scheduler, count,
+        # four (adapter, weight) slots, comparison grid.
+        jobs = [client.submit("sks", "", seed, 2, 5.0, 0, 0, "Euler", 1, "a0", 1.0, None, 1, None, 1, None, 1, False,
+                              api_name="/generate") for seed in range(8)]
+        seeds = sorted(int(job.result()[1].split("Seed: ")[1].split(",")[0]) for job in jobs)
+    finally:
+        demo.close()
+    assert seeds == list(range(8))
+    assert sum(calls) == 8 and len(calls) < 8  # one at a time (the old concurrency limit of 1) would be 8 calls

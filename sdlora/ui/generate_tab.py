@@ -90,7 +90,8 @@ def build(studio: Studio) -> GenerateTab:
         return (event.value or {}).get("caption") or ""
 
     inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, count, *slots, grid_wanted]
+    # Many at once: the studio draws concurrent requests together in shared pipeline calls.
     gr.on([button.click, prompt.submit], generate, inputs, [gallery, parameters, grid_image], api_name="generate",
-          concurrency_limit=1)
+          concurrency_limit=32)
     gallery.select(show_parameters, None, parameters, api_name="show_parameters")
     return GenerateTab(adapter_pickers=pickers)
