@@ -1,7 +1,8 @@
 """Requests from many threads drawn together: one pipeline call per group instead of one per request.
 
-A web server's handlers call `Batcher.generate` at the same time. The first request of a
-burst waits `window` seconds for others; then every waiting request is grouped by what one
+A web server's handlers call `Batcher.generate` at the same time. A burst is gathered until
+no request has arrived for `window` seconds (at most `max_wait`, since threads of a busy
+server start late); then every waiting request is grouped by what one
 pipeline call must share (`batch_key`) and by mix, and groups whose mixes are one adapter
 each (or none) merge, since peft can run each row with its own adapter. Requests that
 arrive while a group is drawing wait for the next round, so a busy server batches by itself.
@@ -55,10 +56,12 @@ def can_join(mixes: set, mix: tuple, max_adapters: int) -> bool:
 class Batcher:
     """Collects concurrent `generate` calls for one Generator and draws them in shared pipeline calls."""
 
-    def __init__(self, generator: Generator, window: float = 0.05) -> None:
+    def __init__(self, generator: Generator, window: float = 0.05, max_wait: float = 0.5) -> None:
         self.generator = generator
-        self.window = window  # seconds the first request of a burst waits for the rest
+        self.window = window  # a burst is over when no request came for this many seconds
+        self.max_wait = max_wait  # the first request of a burst waits at most this long for the rest
         self._pending: list[_Request] = []
+        self._last_arrival = 0.0
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
 
@@ -70,6 +73,7 @@ class Batcher:
         request = _Request(config)
         with self._lock:
             self._pending.append(request)
+            self._last_arrival = time.monotonic()
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="sdlora-batcher", daemon=True)
                 self._worker.start()
@@ -80,7 +84,7 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
-            time.sleep(self.window)
+            self._gather()
             with self._lock:
                 batch, self._pending = self._pending, []
                 if not batch:
@@ -88,6 +92,17 @@ class Batcher:
                     return
             for members in group_requests([r.config for r in batch], self.generator.max_resident):
                 self._draw([batch[i] for i in members])
+
+    def _gather(self) -> None:
+        """Wait until the burst of requests is over: `window` seconds without a new one, or `max_wait`."""
+        deadline = time.monotonic() + self.max_wait
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                quiet = now - self._last_arrival
+            if quiet >= self.window or now >= deadline:
+                return
+            time.sleep(min(self.window - quiet, deadline - now))
 
     def _draw(self, requests: list[_Request]) -> None:
         try:
