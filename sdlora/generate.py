@@ -205,11 +205,11 @@ class Generator:
             pipeline.enable_lora()
             pipeline.set_adapters([self._resident[n][0] for n, _ in wanted], [w for _, w in wanted])
             if wanted == self._active and self.fuse_repeated_mixes:
-                peft_names = {self._resident[n][0] for n, _ in wanted}
-                self._saved_base = snapshot_base_weights(pipeline, peft_names)
-                pipeline.fuse_lora(adapter_names=[self._resident[n][0] for n, _ in wanted], lora_scale=1.0)
+                peft_names = [self._resident[n][0] for n, _ in wanted]
+                self._saved_base = snapshot_base_weights(pipeline, set(peft_names))
+                self._fused = wanted  # set first: should fusing fail half-way, _unfuse still puts the copy back
+                pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
                 self._bypassed = bypass_lora_wrappers(pipeline.unet)
-                self._fused = wanted
         self._active = wanted
 
     def _apply_per_row(self, mixes: list[tuple[tuple[str, float], ...]]) -> list[str]:
@@ -228,7 +228,7 @@ class Generator:
         return [self._resident[mix[0][0]][0] if mix else BASE_ROW for mix in mixes]
 
     def _unfuse(self) -> None:
-        """Put the LoRA layers back and subtract the fused mix: the base weights are restored."""
+        """Put the LoRA layers back, and the base weights as they were before fusing, bit for bit."""
         if self._fused is None:
             return
         restore_lora_wrappers(self._bypassed)
