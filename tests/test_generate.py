@@ -138,3 +138,28 @@ def test_comparison_grid_has_a_column_per_weight(tiny_model, two_adapters):
     by_adapter = generator.comparison_grid(GenerateConfig(prompt="sks", seed=1, steps=2),
                                            adapters=("reds", "blues"))
     assert by_adapter.size[0] >= 3 * cell
+
+
+def base_weights(generator: Generator) -> dict[str, torch.Tensor]:
+    """Every non-LoRA parameter of the pipeline's LoRA-loadable parts, copied (named as in the bare base)."""
+    pipe = generator.pipeline
+    return {f"{part}.{name}".replace(".base_layer", ""): p.detach().clone() for part in pipe._lora_loadable_modules
+            if isinstance(getattr(pipe, part, None), torch.nn.Module)
+            for name, p in getattr(pipe, part).named_parameters() if "lora_" not in name}
+
+
+@pytest.mark.parametrize("mix", [(("reds", 1.0),), (("reds", 0.7), ("blues", -0.4)), (("reds", 250.0), ("blues", -1e3))],
+                         ids=["one", "two-on-shared-layers", "large-weights"])
+def test_unfusing_restores_the_base_weights_bit_for_bit(tiny_model, two_adapters, mix):
+    generator = Generator(str(tiny_model), two_adapters)
+    wanted = tuple(AdapterWeight(n, w) for n, w in mix)
+    generator.apply_mix(wanted)  # loaded, unfused: the base weights are still the base's
+    before = base_weights(generator)
+    generator.apply_mix(wanted)  # the same mix again: fused
+    assert generator._fused is not None
+    fused = base_weights(generator)
+    assert any(not torch.equal(fused[k], before[k]) for k in before)  # fusing did change the weights
+    generator.apply_mix(())
+    after = base_weights(generator)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -129,5 +129,5 @@ def wire(w: GenerateWidgets, h: GenerateHandlers) -> None:
     """Connect the tab's events to its handlers; every event has an api_name."""
     gr.on([w.button.click, w.settings["prompt"].submit], h.generate, w.comparison_grid,
           [w.gallery, w.parameters, w.grid_image], inputs_kwargs=w.settings, api_name="generate",
-          concurrency_limit=1)
+          concurrency_limit=32)  # many at once: the studio draws concurrent requests together in shared calls
     w.gallery.select(h.show_parameters, None, w.parameters, api_name="show_parameters")

@@ -71,6 +71,7 @@ class Studio:
         self.run_name = ""
         self._library = None
         self._generator = None
+        self._batcher = None
         self._model_error = ""
         self._model_lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -276,8 +277,18 @@ class Studio:
     # -- generation and the library ------------------------------------------------------------
 
     def generate(self, config) -> list[SavedImage]:
-        """Generate with a sdlora.generate.GenerateConfig; images are saved with their parameters."""
-        return [self._save(g.image, g.parameters) for g in self.generator().generate(config)]
+        """Generate with a sdlora.generate.GenerateConfig; images are saved with their parameters.
+
+        Concurrent calls are drawn together (sdlora.batching), so many users share pipeline calls.
+        """
+        from sdlora.batching import Batcher
+
+        generator = self.generator()
+        with self._model_lock:
+            if self._batcher is None or self._batcher.generator is not generator:
+                self._batcher = Batcher(generator)
+            batcher = self._batcher
+        return [self._save(g.image, g.parameters) for g in batcher.generate(config)]
 
     def comparison_grid(self, config) -> SavedImage:
         """One grid at the same seeds: one adapter at weights 0, 0.5 and 1, or the base beside each adapter."""
