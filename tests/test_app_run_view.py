@@ -54,3 +54,19 @@ def test_long_curves_are_thinned_but_keep_the_last_point():
 
 def test_idle_server_says_so():
     assert "No training run" in RunView().summary()
+
+
+def test_a_stop_before_the_first_step_says_nothing_was_saved():
+    message = "stopped before the first step; no adapter was saved"
+    view = view_run([started(), Finished(0, "", stopped_early=True, message=message)], "m", False, True)
+    assert view.state == "stopped" and message in view.summary() and "Saved" not in view.summary()
+
+
+def test_a_run_saved_under_another_name_says_so_and_notices_are_shown():
+    from dataclasses import replace
+
+    notice = "notes.png: caption not UTF-8; read as Windows-1252 (Latin-1): 'café'"
+    moved = "m was imported meanwhile; this run saved as m-2"
+    events = [replace(started(), notices=(notice,)), step(1), Finished(1, "lib/m-2.safetensors", False, moved)]
+    summary = view_run(events, "m", running=False, stop_requested=False).summary()
+    assert "lib/m-2.safetensors" in summary and moved in summary and "Note: " + notice in summary

@@ -28,6 +28,7 @@ class RunView:
     message: str = ""
     adapter_path: str = ""
     skipped_files: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()  # files used with a caveat (a caption read as Windows-1252)
     device: str = ""
 
     @property
@@ -58,6 +59,8 @@ class RunView:
             lines.append(self.message)
         if self.skipped_files:
             lines.append("Skipped: " + "; ".join(self.skipped_files))
+        if self.notices:
+            lines.append("Note: " + "; ".join(self.notices))
         return "\n\n".join(lines)
 
 
@@ -67,7 +70,7 @@ def view_run(events: list[Event], name: str, running: bool, stop_requested: bool
     for event in events:
         if isinstance(event, Started):
             view.state, view.total_steps, view.step = "running", event.total_steps, event.start_step
-            view.skipped_files, view.device = event.skipped_files, event.device
+            view.skipped_files, view.notices, view.device = event.skipped_files, event.notices, event.device
         elif isinstance(event, Step):
             view.step, view.total_steps = event.step, event.total_steps
             view.seconds_per_step, view.eta_seconds = event.seconds_per_step, event.eta_seconds
@@ -78,7 +81,9 @@ def view_run(events: list[Event], name: str, running: bool, stop_requested: bool
         elif isinstance(event, Finished):
             view.state = "stopped" if event.stopped_early else "finished"
             view.adapter_path = event.adapter_path
-            view.message = f"Saved {event.adapter_path} at step {event.step}; it is in the library now."
+            saved = f"Saved {event.adapter_path} at step {event.step}; it is in the library now."
+            # The engine's own line says what was unusual: nothing saved, or saved under another name.
+            view.message = event.message if not event.adapter_path else " ".join(filter(None, [saved, event.message]))
         elif isinstance(event, Failed):
             view.state, view.message = "failed", event.message
     if running and stop_requested and view.state == "running":
