@@ -112,6 +112,15 @@ def bucket_labels(paths: Iterable[Path], config: DataConfig, bucket_step: int = 
     return labels
 
 
+def image_problem(path: Path) -> str | None:
+    """Why training would skip this image file (unreadable, truncated, too large or too small), or None."""
+    try:
+        normalise_image(open_image(Path(path)))
+    except ImageProblem as exc:
+        return str(exc)
+    return None
+
+
 def bucket_counts(images: Iterable[ConceptImage]) -> dict[str, int]:
     """How many images each bucket holds, largest first: what the estimate and the first message list."""
     counts: dict[str, int] = {}

@@ -99,6 +99,18 @@ def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images,
     assert {row[2] for row in table["data"]} == {"32x32"}  # the bucket each trains in (48x40 images: square here)
 
 
+def test_unusable_uploads_are_no_thumbnails_and_the_table_says_why(client, images, tmp_path):
+    empty, truncated = tmp_path / "empty.png", tmp_path / "cut.png"
+    empty.write_bytes(b"")
+    truncated.write_bytes(Path(images[0]).read_bytes()[:60])
+    gallery, table = client.predict([handle_file(p) for p in [images[0], str(empty), str(truncated)]],
+                                    api_name="/upload_images")
+    assert len(gallery) == 1  # only the readable image is shown as a thumbnail
+    buckets = {row[0]: row[2] for row in table["data"]}
+    assert buckets["img0.png"] == "32x32"
+    assert buckets["empty.png"].startswith("skipped: ") and buckets["cut.png"].startswith("skipped: ")
+
+
 def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path):
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:

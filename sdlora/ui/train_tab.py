@@ -258,9 +258,16 @@ class TrainHandlers:
 
     @readable_errors
     def show_images(self, files: list[str] | None):
-        """Uploaded files -> thumbnails and the caption table."""
+        """Uploaded files -> thumbnails of the usable images and the caption table; unusable ones named at once."""
+        from sdlora.data import image_problem
+
         images = self.studio.stage_upload(files or [])
-        return images, caption_table(images, buckets=self.studio.buckets_of(images))
+        problems = {path: image_problem(path) for path in images}
+        unusable = [f"{path.name}: {why}" for path, why in problems.items() if why]
+        if unusable:
+            gr.Warning("Training will skip " + "; ".join(unusable))
+        usable = [path for path, why in problems.items() if not why]
+        return usable, caption_table(images, buckets=self.studio.buckets_of(images))
 
     @readable_errors
     def load_example(self, example: str):
