@@ -257,14 +257,19 @@ class Studio:
         self.run.stop.request()
         return True
 
-    def estimate(self, config: TrainConfig):
-        """sdlora.presets.Estimate of time (and GPU memory) for a run with this config."""
-        from sdlora.presets import estimate_training
+    def estimate(self, config: TrainConfig, uncaptioned: int = 0):
+        """sdlora.presets.Estimate of time (and GPU memory) for a run with this config, counting the time
+        "Caption images" takes for the `uncaptioned` images."""
+        from sdlora.captioners import spec_of
+        from sdlora.presets import captioning_seconds, estimate_training
 
         generator = self.generator()
         unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
-        return estimate_training(self._resolved(config), unet_parameters, generator.model_info,
-                                 str(generator.device))
+        device = str(generator.device)
+        spec = spec_of(self.captioner_name())
+        seconds = captioning_seconds(uncaptioned, spec.seconds_per_image, device.startswith("cuda"), bool(spec.source))
+        return estimate_training(self._resolved(config), unet_parameters, generator.model_info, device,
+                                 captioning=(uncaptioned, spec.name, seconds))
 
     def _resolved(self, config: TrainConfig) -> TrainConfig:
         """The config on this server's base model and library; resolution 0 becomes the model's native one."""

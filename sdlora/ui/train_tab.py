@@ -79,7 +79,7 @@ class TrainTab:
         """Fill the preset for the server's model, then stream the run the server holds; returns the stream."""
         w, h = self.widgets, self.handlers
         filled = demo.load(h.fill_preset, w.preset, preset_outputs(w), api_name="preset_on_load")
-        filled.success(h.estimate, None, w.estimate, inputs_kwargs=w.settings, api_name="estimate_on_load",
+        filled.success(h.estimate, w.captions, w.estimate, inputs_kwargs=w.settings, api_name="estimate_on_load",
                        show_progress="hidden")
         return demo.load(h.watch, None, w.progress_outputs, api_name="progress", concurrency_limit=None,
                          show_progress="hidden")
@@ -307,10 +307,11 @@ class TrainHandlers:
         shown = [list(v) if isinstance(v, tuple) else v for v in (values[n] for n in preset_fields())]
         return (*shown, max(1, values["steps"] // 5), note)
 
-    def estimate(self, **settings) -> str:
-        """Settings by field name -> a rough duration (and GPU memory) line."""
+    def estimate(self, captions=None, **settings) -> str:
+        """Settings by field name (and the caption table: its empty rows are captioning time) -> one line."""
+        uncaptioned = sum(not text.strip() for text in captions_from_table(captions).values())
         try:
-            return "Estimate: " + self.studio.estimate(train_config(settings)).text
+            return "Estimate: " + self.studio.estimate(train_config(settings), uncaptioned).text
         except SdloraError as exc:
             return f"No estimate yet: {exc}"
 
@@ -386,13 +387,13 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
                                                                     w.caption_overwrite, s["trigger_word"]],
                                                  [w.captions, w.caption_summary], api_name="caption_images"),
         "apply_preset": w.preset.input(h.fill_preset, w.preset, preset_outputs(w), api_name="apply_preset"),
-        "estimate": gr.on([s["steps"].input, s["resolution"].input, s["rank"].input, s["batch_size"].input],
-                          h.estimate, None, w.estimate, inputs_kwargs=s, api_name="estimate", show_progress="hidden",
-                          trigger_mode="always_last"),
+        "estimate": gr.on([s["steps"].input, s["resolution"].input, s["rank"].input, s["batch_size"].input,
+                           w.captions.change], h.estimate, w.captions, w.estimate, inputs_kwargs=s, api_name="estimate",
+                          show_progress="hidden", trigger_mode="always_last"),
         "stop": w.stop_button.click(h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None),
     }
-    events["apply_preset"].success(h.estimate, None, w.estimate, inputs_kwargs=s, api_name="estimate_after_preset",
-                                   show_progress="hidden")
+    events["apply_preset"].success(h.estimate, w.captions, w.estimate, inputs_kwargs=s,
+                                   api_name="estimate_after_preset", show_progress="hidden")
     events["train"] = w.start_button.click(h.start, [w.files, w.captions, w.config], w.progress_outputs,
                                            inputs_kwargs=s, api_name="train")
     watched = events["train"].success(h.watch, None, w.progress_outputs, api_name="watch_training",
