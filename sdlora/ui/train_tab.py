@@ -11,6 +11,7 @@ import pandas as pd
 
 from sdlora.config import DataConfig, TrainConfig, field_help
 from sdlora.errors import ConceptImagesError, SdloraError
+from sdlora.ui import queue_view
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -131,6 +132,7 @@ def build(studio: Studio) -> TrainTab:
 
     settings = [preset, name, trigger, template, rank, alpha, steps, lr, resolution, preview_every, seed, flip,
                 reg_images]
+    queue_view.build(studio, [files, captions, *settings], lambda *values: queue_job(*values))
     progress_outputs = [status, curve, previews]
 
     @readable_errors
@@ -162,19 +164,21 @@ def build(studio: Studio) -> TrainTab:
         except SdloraError as exc:
             return f"No estimate yet: {exc}"
 
-    @readable_errors
-    def start(paths, table, kind, *values):
+    def queue_job(paths, table, kind, *values):
         if not paths:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
-        config = train_config(kind, studio.base_model, *values)
-        studio.start_training(config, paths, captions_from_table(table))
+        return studio.start_training(train_config(kind, studio.base_model, *values), paths, captions_from_table(table))
+
+    @readable_errors
+    def start(paths, table, kind, *values):
+        queue_job(paths, table, kind, *values)
         return view_outputs(studio_view(studio))
 
     def watch():
         view = studio_view(studio)
         yield view_outputs(view)
         seen = _progress_key(view)
-        while view.active:
+        while view.active or studio.queue_busy():  # follow the queue: the next job's progress shows here too
             time.sleep(POLL_SECONDS)
             view = studio_view(studio)
             if _progress_key(view) != seen:
