@@ -134,6 +134,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
                 max_file_size=MAX_UPLOAD, show_error=False, quiet=True, css=CSS)
     print(f"sdlora is running on {demo.local_url}", flush=True)
     studio.warm_up()
+    studio.start_queue()  # jobs queued before a restart (or by `python -m sdlora queue add`) run now
     if not prevent_thread_lock:
         demo.block_thread()
     return demo

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_adapters_parser(commands)
     _add_caption_parser(commands)
+    _add_queue_parser(commands)
     return parser
 
 
@@ -174,6 +175,22 @@ def _add_caption_parser(commands) -> None:
     cap.add_argument("--drop", nargs="*", default=list(help_of["drop_words"]["default"]), metavar="WORD",
                      help=help_of["drop_words"]["help"])
     cap.add_argument("--overwrite", action="store_true", help=help_of["overwrite"]["help"])
+
+
+def _add_queue_parser(commands) -> None:
+    queue = commands.add_parser("queue", help="queue training jobs for the web app to run one after another",
+                                description="The queue lives in <adapters>/.queue; a running `app.py` on the "
+                                            "same adapters folder picks new jobs up within a second.")
+    verbs = queue.add_subparsers(dest="verb", required=True)
+    add = verbs.add_parser("add", help="queue a job with the train command's settings (its images are copied)")
+    add.add_argument("--config", help="JSON or TOML file of settings; --output is the server's --adapters-dir")
+    add_config_flags(add)
+    for name, text in (("list", "one line per job: id, position, name, state, ETA, message"),
+                       ("cancel", "cancel a queued job, or stop (and save) the running one")):
+        verb = verbs.add_parser(name, help=text)
+        verb.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
+        if name == "cancel":
+            verb.add_argument("id", help="the job id, as `queue list` shows it")
 
 
 def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -341,6 +358,26 @@ def run_caption(args: argparse.Namespace) -> int:
     return 0 if result.captions or not result.problems else 2
 
 
+def run_queue(args: argparse.Namespace) -> int:
+    from sdlora.queue import JobQueue
+
+    if args.verb == "add":
+        config = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "verb"}))
+        job = JobQueue(config.output_dir).add(config)
+        print(f"queued job {job.id}: {job.name}")
+        return 0
+    queue = JobQueue(args.adapters_dir)
+    if args.verb == "cancel":
+        job = queue.cancel(args.id)
+        print(f"job {job.id} ({job.name}): " + ("stopping; it saves after this step" if job.state == "running"
+                                               else job.state))
+        return 0
+    for row in queue.rows():
+        eta = f"{row.eta_seconds:.0f} s" if row.eta_seconds is not None else "-"
+        print(f"{row.id}\t{row.position or '-'}\t{row.name}\t{row.state}\t{eta}\t{row.message}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional image backends a trainer never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -355,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_adapters(args)
         if args.command == "caption":
             return run_caption(args)
+        if args.command == "queue":
+            return run_queue(args)
     except SdloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

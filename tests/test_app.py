@@ -181,8 +181,10 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
 def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
     _, table = client.predict([handle_file(f) for f in images], api_name="/upload_images")
     client.predict(**train_args(images, table, "long-run", steps=100_000, preview_every=0), api_name="/train")
-    with pytest.raises(AppError, match="already running"):
-        client.predict(**train_args(images, table, "second"), api_name="/train")
+    client.predict(**train_args(images, table, "second"), api_name="/train")  # waits in the queue
+    second = served.studio.queue.jobs()[-1]
+    assert (second.name, second.state) == ("second", "queued") and served.studio.run_name == "long-run"
+    client.predict(job_id=second.id, api_name="/queue_cancel")
 
     reloaded = Client(served.url, verbose=False)  # a new page re-attaches to the run on the server
     stream = reloaded.submit(api_name="/progress")

@@ -1,4 +1,4 @@
-"""What the web app works on, without gradio: one base model, one adapter library, one training run.
+"""What the web app works on, without gradio: one base model, one adapter library, one training queue.
 
 Every method takes and returns engine types. torch, diffusers and the heavy engine modules
 are imported inside methods, so building the app stays as fast as importing gradio.
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.config import TrainConfig
-from sdlora.errors import ConfigError, SdloraError, TrainingBusy
+from sdlora.errors import ConfigError, SdloraError
 from sdlora.events import BackgroundRun
+from sdlora.queue import Job, JobQueue, QueueRow, QueueWorker
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the demo model, its concepts and regularisation images
@@ -67,8 +68,8 @@ class Studio:
         access = access or Access()
         roots = dict.fromkeys((self.concepts_dir, ASSETS, self.work_dir, *access.roots))
         self.access = Access(tuple(Path(r).expanduser().resolve() for r in roots), access.model_switch)
-        self.run: BackgroundRun | None = None
-        self.run_name = ""
+        self.queue = JobQueue(self.adapters_dir)
+        self.worker = QueueWorker(self.queue, train=self._train)
         self._library = None
         self._generator = None
         self._batcher = None
@@ -215,10 +216,22 @@ class Studio:
 
     # -- training ------------------------------------------------------------------------------
 
-    def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> BackgroundRun:
-        """Start the one training job of this server in the background; TrainingBusy if one runs."""
+    @property
+    def run(self) -> BackgroundRun | None:
+        """The queue job running in this server now, or the last one it ran."""
+        return self.worker.run
+
+    @property
+    def run_name(self) -> str:
+        return self.worker.job.name if self.worker.job is not None else ""
+
+    def start_queue(self) -> None:
+        """Run queued jobs in the background, an interrupted one first (from its last checkpoint)."""
+        self.worker.start()
+
+    def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> Job:
+        """Queue a training job with its own copy of the images; it starts at once when the queue is idle."""
         from sdlora.data import load_regularization_images
-        from sdlora.train import adapter_path, train
 
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
@@ -227,21 +240,22 @@ class Studio:
         if config.data.regularization_images:
             self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
         load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
-        if adapter_path(config).exists():
-            raise ConfigError(f"an adapter named {config.name!r} is already in the library; "
-                              "choose another name, or delete or rename the old one")
-        with self._run_lock:
-            if self.run is not None and self.run.running:
-                raise TrainingBusy(f"a training job ({self.run_name}) is already running on this server; "
-                                   "wait for it to finish or stop it first")
-            folder = self.adapters_dir / ".runs" / config.name / "concepts"
-            shutil.rmtree(folder, ignore_errors=True)
-            images = collect_uploads(files, folder)
-            write_captions(images, captions)
-            config = config.replace(data=_replace(config.data, images=str(folder)))
-            self.run = BackgroundRun(lambda on_event, stop: train(config, on_event=on_event, stop=stop)).start()
-            self.run_name = config.name
-        return self.run
+        staging = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
+        try:
+            write_captions(collect_uploads(files, staging), captions)
+            job = self.queue.add(config.replace(data=_replace(config.data, images=str(staging))))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.start_queue()
+        self.worker.poll()
+        return job
+
+    def _train(self, config: TrainConfig, **kwargs):
+        # diffusers' lazy imports break when two threads import it at once (a queued job resuming at
+        # start-up while the base model loads): the trainer is imported under the model lock.
+        with self._model_lock:
+            from sdlora.train import train
+        return train(config, **kwargs)
 
     def concept_folder_files(self, folder: str) -> list[str]:
         """The files of a concept folder on the server that a client named (inside the allowed roots)."""
@@ -252,10 +266,34 @@ class Studio:
 
     def stop_training(self) -> bool:
         """Ask the running job to save and stop after its current step; False when none runs."""
-        if self.run is None or not self.run.running:
-            return False
-        self.run.stop.request()
-        return True
+        return self.worker.stop_running()
+
+    def queue_rows(self) -> list[QueueRow]:
+        """Every job of the queue, in order, with position, state and ETA."""
+        return self.queue.rows()
+
+    def queue_busy(self) -> bool:
+        """Whether a job is queued or running."""
+        return self.queue.pending()
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a queued job, or stop (and save) the running one."""
+        job = self.queue.job(job_id)
+        if job.state == "running" and self.worker.job is not None and self.worker.job.id == job.id:
+            self.worker.stop_running()
+            return job
+        return self.queue.cancel(job.id)
+
+    def move_job(self, job_id: str, offset: int) -> Job:
+        """Move a queued job up (negative offset) or down the queue."""
+        return self.queue.move(job_id, offset)
+
+    def retry_job(self, job_id: str) -> Job:
+        """Queue a failed, cancelled or stopped job again; it starts at once when the queue is idle."""
+        job = self.queue.retry(job_id)
+        self.start_queue()
+        self.worker.poll()
+        return job
 
     def estimate(self, config: TrainConfig, uncaptioned: int = 0):
         """sdlora.presets.Estimate of time (and GPU memory) for a run with this config, counting the time

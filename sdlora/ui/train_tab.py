@@ -18,7 +18,7 @@ import pandas as pd
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
-from sdlora.ui import fields
+from sdlora.ui import fields, queue_view
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -89,7 +89,9 @@ def build(studio: Studio) -> TrainTab:
     """Lay out the Train tab inside the current Blocks and wire its events."""
     widgets = layout(studio)
     handlers = TrainHandlers(studio)
-    return wire(widgets, handlers)
+    tab = wire(widgets, handlers)
+    queue_view.build(studio, [widgets.files, widgets.captions, widgets.config], widgets.settings, handlers.queue_job)
+    return tab
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -317,7 +319,12 @@ class TrainHandlers:
 
     @readable_errors
     def start(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
-        """Start training on the uploaded files (or a settings object's server folder); returns the first view."""
+        """Queue a job on the uploaded files (it starts at once when the queue is idle); returns the first view."""
+        self.queue_job(files, captions, config, **settings)
+        return self._outputs()
+
+    def queue_job(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
+        """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
         run_config = train_config(settings, config, self.studio.base_model)
         files = list(files or [])
         if not files and config and run_config.data.images:
@@ -325,8 +332,7 @@ class TrainHandlers:
         if not files:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
         run_config = run_config.replace(data=dataclasses.replace(run_config.data, images="(uploaded)"))
-        self.studio.start_training(run_config, files, captions_from_table(captions))
-        return self._outputs()
+        return self.studio.start_training(run_config, files, captions_from_table(captions))
 
     async def watch(self):
         """Stream the server's run until it ends; awaits between polls, so an open page holds no thread."""
@@ -349,8 +355,9 @@ class TrainHandlers:
 
     @property
     def _active(self) -> bool:
+        """A job runs, or the queue holds one that is about to: the stream follows the queue's next job too."""
         run = self.studio.run
-        return run is not None and run.running
+        return (run is not None and run.running) or self.studio.queue_busy()
 
     def _outputs(self) -> tuple:
         """The run's view as widget values, built once per change however many pages watch it."""
