@@ -130,7 +130,10 @@ def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(tmp_p
     """tests/progress_streams.py, in a process of its own (see its docstring for why)."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+    # os._exit after pytest: the server's daemon threads are not torn down mid-call at interpreter exit.
+    script = ("import os, sys, pytest; code = pytest.main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); "
+              "os._exit(int(code))")
+    done = subprocess.run([sys.executable, "-c", script, "-q", "-p", "no:cacheprovider", "--basetemp",
                            str(tmp_path / "run"), str(REPO / "tests" / "progress_streams.py")],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
