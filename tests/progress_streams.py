@@ -51,7 +51,10 @@ class ProgressStreams:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.count * 2, max_keepalive_connections=self.count * 2)
+        # No keep-alive: a pooled connection idle past uvicorn's keep-alive timeout (5 s, easily reached while
+        # this process's training and 100 clients share one GIL) is closed by the server as the next request
+        # goes out on it, and httpx, unlike a browser, does not retry. Each request gets its own connection.
+        limits = httpx.Limits(max_connections=self.count * 2, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=None) as http:
             await asyncio.gather(*(self._one(http) for _ in range(self.count)))
 
