@@ -73,3 +73,9 @@ def test_settings_lists_every_captioner_present_or_missing(served):
             state = "present" if is_present(spec) else f"missing: `{spec.source}`"
             assert f"Captioner {spec.name} | {state}" in text
     assert "onnxruntime" in text
+
+
+def test_the_estimate_counts_captioning_the_empty_rows(served):
+    table = {"headers": ["image", "caption", "bucket"], "data": [["a.png", "", ""], ["b.png", "typed", ""]]}
+    text = served.client.predict(captions=table, rank=4, alpha=4, steps=100, resolution=0, api_name="/estimate")
+    assert "captioning 1 image with demo" in text  # the empty row is what "Caption images" would fill

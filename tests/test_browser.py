@@ -268,3 +268,42 @@ def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server
     expect(page.locator("#model-status")).to_contain_text("Captioner blip")
     page.screenshot(path=str(tmp_path / "settings-captioners.png"), full_page=True)
     page.close()
+
+
+def test_two_jobs_queued_in_the_train_tab_both_finish_in_chromium(browser, server, tmp_path):
+    """Queue two jobs from the Train tab; the queue table shows them run in order, and both land in the library."""
+    from playwright.sync_api import expect
+
+    uploads = tmp_path / "queued"
+    uploads.mkdir()
+    files = [str(draw_concept(uploads / f"square{i}.png", i, colour=(200, 40, 40))) for i in range(2)]
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    page.goto(server.url)
+    expect(page.locator("#preset-note")).to_contain_text("Preset")
+    page.locator("#concept-files input[type=file]").set_input_files(files)
+    expect(page.locator("#thumbnails img")).to_have_count(len(files))
+    for field, value in (("steps", 4), ("preview-every", 0), ("resolution", IMAGE_SIZE)):
+        page.locator(f"#{field} input").fill(str(value))
+    names = ["queued-first", "queued-second"]
+    for name in names:
+        page.locator("#adapter-name textarea, #adapter-name input").first.fill(name)
+        page.locator("#queue-add").click()
+        expect(page.locator("#queue-table")).to_contain_text(name)
+    # The table's rows are drawn cell by cell, not as <tr>: read its text, a row's cells in order.
+    table = page.locator("#queue-table")
+    both_done = re.compile(r"(\d+)\s+queued-first\s+done\b.*?(\d+)\s+queued-second\s+done\b", re.S)
+    expect(table).to_contain_text(both_done, timeout=30 * TIMEOUT_MS)
+    first, second = map(int, both_done.search(table.inner_text()).groups())
+    assert first < second, (first, second)  # queued first, so listed and run first
+    # The page that queued them follows them in its progress view, as it follows a click on Train.
+    expect(page.locator("#train-status")).to_contain_text("queued-second: finished, step 4/4")
+    shoot(page, "queue.png", tmp_path)
+    # A click on a row picks its job for the buttons beside the table.
+    table.locator("span").filter(has_text=exactly("queued-second")).first.click()
+    expect(page.locator("#queue-job-id textarea, #queue-job-id input").first).to_have_value(str(second))
+    open_tab(page, "Library")
+    for name in names:
+        expect(page.locator("#adapters-table")).to_contain_text(name)
+    page.close()

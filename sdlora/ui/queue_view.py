@@ -23,6 +23,7 @@ class QueueView:
 
     table: gr.Dataframe
     refresh: Callable[[], pd.DataFrame]
+    added: gr.Dependency  # a job went into the queue: the page's progress view follows it from here
 
 
 def queue_table(rows: list[QueueRow]) -> pd.DataFrame:
@@ -39,7 +40,7 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
                          label="Training jobs, run one at a time in this order", wrap=True, elem_id="queue-table")
     with gr.Row():
         add_button = gr.Button("Add to queue", elem_id="queue-add")
-        job_id = gr.Textbox(label="Job id", scale=1, elem_id="queue-job-id")
+        job_id = gr.Textbox(label="Job id", info="or click a row", scale=1, elem_id="queue-job-id")
         cancel = gr.Button("Cancel / stop", elem_id="queue-cancel")
         up = gr.Button("Up", elem_id="queue-up")
         down = gr.Button("Down", elem_id="queue-down")
@@ -75,12 +76,17 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
         studio.retry_job(job_id)
         return queue_list()
 
+    def pick_job(event: gr.SelectData) -> str:
+        """A click on a row fills the job id, so the buttons act on that job."""
+        return str(event.row_value[QUEUE_HEADERS.index("id")])
+
     # The list is cheap (one small file): the page re-reads it every second, also while idle, so jobs
     # queued by `python -m sdlora queue add` or another page show up without a click.
     timer.tick(queue_list, None, table, api_name="queue_list", concurrency_limit=None, show_progress="hidden")
-    add_button.click(queue_add, add_inputs, table, inputs_kwargs=settings, api_name="queue_add")
+    table.select(pick_job, None, job_id, api_name="pick_job", concurrency_limit=None)
+    added = add_button.click(queue_add, add_inputs, table, inputs_kwargs=settings, api_name="queue_add")
     cancel.click(queue_cancel, job_id, table, api_name="queue_cancel", concurrency_limit=None)
     up.click(queue_up, job_id, table, api_name="queue_up", concurrency_limit=None)
     down.click(queue_down, job_id, table, api_name="queue_down", concurrency_limit=None)
     retry.click(queue_retry, job_id, table, api_name="queue_retry", concurrency_limit=None)
-    return QueueView(table=table, refresh=queue_list)
+    return QueueView(table=table, refresh=queue_list, added=added)

@@ -297,14 +297,18 @@ class Studio:
 
     def estimate(self, config: TrainConfig, uncaptioned: int = 0):
         """sdlora.presets.Estimate of time (and GPU memory) for a run with this config, counting the time
-        "Caption images" takes for the `uncaptioned` images."""
-        from sdlora.captioners import spec_of
+        "Caption images" takes for the `uncaptioned` images where it can run here (offline, only a
+        captioner that is present can)."""
+        from sdlora.captioners import is_present, spec_of
+        from sdlora.hub import offline
         from sdlora.presets import captioning_seconds, estimate_training
 
         generator = self.generator()
         unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
         device = str(generator.device)
         spec = spec_of(self.captioner_name())
+        if offline() and not is_present(spec):
+            uncaptioned = 0
         seconds = captioning_seconds(uncaptioned, spec.seconds_per_image, device.startswith("cuda"), bool(spec.source))
         return estimate_training(self._resolved(config), unet_parameters, generator.model_info, device,
                                  captioning=(uncaptioned, spec.name, seconds))

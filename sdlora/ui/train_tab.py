@@ -90,7 +90,11 @@ def build(studio: Studio) -> TrainTab:
     widgets = layout(studio)
     handlers = TrainHandlers(studio)
     tab = wire(widgets, handlers)
-    queue_view.build(studio, [widgets.files, widgets.captions, widgets.config], widgets.settings, handlers.queue_job)
+    queued = queue_view.build(studio, [widgets.files, widgets.captions, widgets.config], widgets.settings,
+                              handlers.queue_job)
+    # Without this a page that only queued jobs would say "no training run yet" until reloaded.
+    queued.added.success(handlers.watch, None, widgets.progress_outputs, api_name="watch_queued",
+                         concurrency_limit=None, show_progress="hidden")
     return tab
 
 
