@@ -13,32 +13,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
-import pytest
 from gradio_client import Client, handle_file
-from test_app import free_port
+from test_app import serving
 
-import app
 from sdlora.ui.studio import Studio
 
 REPO = Path(__file__).resolve().parents[1]
 STREAMS = 100
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("streams")
-    studio = Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
-    demo.close()
-
-
-@pytest.fixture()
-def client(served):
-    return Client(served.url, verbose=False)
 
 
 class ProgressStreams:
@@ -90,7 +73,13 @@ def timed_generation(client) -> float:
     return time.perf_counter() - start
 
 
-def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(client, served):
+def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(tiny_model, tmp_path):
+    studio = Studio(str(tiny_model), tmp_path / "adapters", REPO / "assets" / "concepts", work_dir=tmp_path / "work")
+    with serving(studio) as served:
+        check_streams(Client(served.url, verbose=False), served)
+
+
+def check_streams(client: Client, served) -> None:
     images = sorted(str(p) for p in (REPO / "assets" / "concepts" / "star").glob("*.png"))[:2]
     client.predict(files=[handle_file(p) for p in images], name="long-watched", steps=100_000, rank=2, alpha=2,
                    resolution=32, preview_every=0, api_name="/train")

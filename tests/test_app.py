@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(studio: Studio, **launch):
+    """The app over `studio` on a free port, closed afterwards; yields what the fixtures hand to tests."""
+    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True, **launch)
+    try:
+        yield SimpleNamespace(url=demo.local_url, studio=studio, root=Path(studio.adapters_dir).parent)
+    finally:
+        demo.close()
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     """The app on a free port over the tiny model, with one example concept folder."""
@@ -42,10 +53,8 @@ def served(tiny_model, tmp_path_factory):
     for i in range(3):
         draw_concept(example / f"circle{i}.png", i)
         (example / f"circle{i}.txt").write_text(f"a red circle number {i}")
-    studio = Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
-    demo.close()
+    with serving(Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")) as served:
+        yield served
 
 
 @pytest.fixture()

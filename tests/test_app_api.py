@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import draw_concept
@@ -17,21 +16,18 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from test_app import free_port  # noqa: E402
+from test_app import free_port, serving  # noqa: E402
 
 import app  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
-
-STREAMS = 100
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    studio = Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
-    demo.close()
+    with serving(Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts",
+                        work_dir=root / "work")) as served:
+        yield served
 
 
 @pytest.fixture()

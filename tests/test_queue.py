@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import cli
 from tiny_models import IMAGE_SIZE
 
 from sdlora.checkpoints import checkpoint_folder, list_checkpoints
@@ -58,14 +59,6 @@ def test_jobs_run_in_order_from_their_own_copies_and_a_bad_job_fails_in_one_line
     assert read_metadata(out / "a.safetensors")["ss_steps"] == "4" and (out / "d.safetensors").is_file()
     assert worker.run.wait(10) and not Path(a.images).exists()  # a done job's copy of its images goes
     assert [row.position for row in queue.rows()] == [0, 0, 0, 0]
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    from sdlora.cli import main
-
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_adds_lists_reorders_and_cancels_in_the_same_file(tiny_model, concept_dir, tmp_path, capsys):
