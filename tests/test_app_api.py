@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from test_app import free_port, serving  # noqa: E402
+from test_app import serving  # noqa: E402
 
 import app  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
@@ -100,12 +100,9 @@ def test_the_base_model_is_limited_to_the_roots_and_fixed_on_a_shared_server(cli
         client.predict("/etc", api_name="/load_base_model")
     shared = Studio("none", tmp_path / "adapters", tmp_path / "concepts",
                     access=app.access_for(app.parse_args(["--share", "--auth", "me:pw"])))
-    demo = app.launch(shared, port=free_port(), auth=("me", "pw"), prevent_thread_lock=True)
-    try:
+    with serving(shared, auth=("me", "pw")) as server:
         with pytest.raises(AppError, match="this server is shared, so its base model is a server setting"):
-            Client(demo.local_url, auth=("me", "pw"), verbose=False).predict("x", api_name="/load_base_model")
-    finally:
-        demo.close()
+            Client(server.url, auth=("me", "pw"), verbose=False).predict("x", api_name="/load_base_model")
 
 
 @pytest.mark.parametrize("flags, reason", [(["--share"], "gradio.live"), (["--host", "0.0.0.0"], "0.0.0.0"),

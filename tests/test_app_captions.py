@@ -21,16 +21,13 @@ STAR = REPO / "assets" / "concepts" / "star"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app on the demo model, whose default captioner is the demo one (no weights, no download)."""
-    from test_app import free_port
+    from test_app import serving
 
-    import app
     from sdlora.ui.studio import Studio
 
     root = tmp_path_factory.mktemp("app-captions")
-    studio = Studio(str(DEMO_MODEL), root / "adapters", root / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield SimpleNamespace(client=Client(demo.local_url, verbose=False), studio=studio)
-    demo.close()
+    with serving(Studio(str(DEMO_MODEL), root / "adapters", root / "concepts", work_dir=root / "work")) as served:
+        yield SimpleNamespace(client=Client(served.url, verbose=False), studio=served.studio)
 
 
 def test_caption_images_fills_empty_rows_keeps_typed_ones_and_writes_nothing(served, tmp_path):

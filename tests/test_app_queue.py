@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_app import free_port
+from test_app import serving
 from tiny_models import IMAGE_SIZE
 
 pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-import app  # noqa: E402
 from sdlora.formats import read_metadata  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
@@ -21,10 +20,9 @@ from sdlora.ui.studio import Studio  # noqa: E402
 @pytest.fixture()
 def served(tiny_model, tmp_path):
     studio = Studio(str(tiny_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield studio, Client(demo.local_url, verbose=False)
-    studio.stop_training()
-    demo.close()
+    with serving(studio) as server:
+        yield studio, Client(server.url, verbose=False)
+        studio.stop_training()
 
 
 @pytest.fixture()

@@ -121,31 +121,20 @@ def test_a_bad_request_fails_alone(tiny_model, random_adapters):
 
 
 def test_the_web_app_draws_concurrent_generate_requests_together(tiny_model, random_adapters, tmp_path):
-    import socket
-    import sys
-    from pathlib import Path
-
     from gradio_client import Client
+    from test_app import serving
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import app
     from sdlora.ui.studio import Studio
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     studio = Studio(str(tiny_model), random_adapters.root, tmp_path / "concepts", work_dir=tmp_path / "work")
-    demo = app.launch(studio, port=port, prevent_thread_lock=True)
-    try:
+    with serving(studio) as server:
         generator = studio.generator()
         calls: list[int] = []
         draw = generator.generate_batch
         generator.generate_batch = lambda configs: calls.append(len(configs)) or draw(configs)
-        client = Client(demo.local_url, verbose=False)
+        client = Client(server.url, verbose=False)
         jobs = [client.submit(prompt="sks", seed=seed, steps=2, guidance=5.0, scheduler="Euler", adapter_1="a0",
                               weight_1=1.0, api_name="/generate") for seed in range(8)]
         seeds = sorted(int(job.result()[1].split("Seed: ")[1].split(",")[0]) for job in jobs)
-    finally:
-        demo.close()
     assert seeds == list(range(8))
     assert sum(calls) == 8 and len(calls) < 8  # one at a time (the old concurrency limit of 1) would be 8 calls

@@ -116,9 +116,8 @@ def browser():
 @pytest.fixture(scope="module", params=["tiny_model", "tiny_sdxl_model"])
 def server(request, tmp_path_factory):
     """The app on the tiny SD 1.x model, then on the tiny SDXL (the same steps in the browser on both)."""
-    from test_app import free_port
+    from test_app import serving
 
-    import app
     from sdlora.ui.studio import Studio
 
     root = tmp_path_factory.mktemp("browser-app")
@@ -128,9 +127,8 @@ def server(request, tmp_path_factory):
         pytest.skip("the README screenshots are taken on the demo model")
     base_model = str(DEMO_MODEL) if README_MODE else str(request.getfixturevalue(request.param))
     studio = Studio(base_model, root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield SimpleNamespace(url=demo.local_url, family="sdxl" if request.param == "tiny_sdxl_model" else "sd1")
-    demo.close()
+    with serving(studio) as served:
+        yield SimpleNamespace(url=served.url, family="sdxl" if request.param == "tiny_sdxl_model" else "sd1")
 
 
 def shoot(page, name: str, folder: Path) -> None:
@@ -227,18 +225,16 @@ def exactly(text: str) -> re.Pattern:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """The app on the demo model, whose default captioner (the demo one) needs no weights."""
-    from test_app import free_port
+    from test_app import serving
 
-    import app
     from sdlora.ui.studio import Studio
 
     if not DEMO_MODEL.is_dir():
         pytest.skip(f"captioning in the browser needs the demo model at {DEMO_MODEL}")
     root = tmp_path_factory.mktemp("browser-captions")
     studio = Studio(str(DEMO_MODEL), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    yield demo.local_url
-    demo.close()
+    with serving(studio) as served:
+        yield served.url
 
 
 def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server, tmp_path):
