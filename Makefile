@@ -26,9 +26,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# ruff check only (pyproject.toml; TID251 keeps gradio out of the engine). `ruff format` is not applied.
+# ruff check (pyproject.toml; TID251 keeps gradio out of the engine) and ruff format, checked.
 lint: $(STAMP)
 	$(PY) -m ruff check sdlora tests app.py bench
+	$(PY) -m ruff format --check sdlora tests app.py bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

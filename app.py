@@ -66,14 +66,18 @@ def build_app(studio: Studio) -> gr.Blocks:
             return [gr.Dropdown(choices=names) for _ in generate.adapter_pickers]
 
         # Whatever changes the library table (training, import, rename, delete) updates the pickers too.
-        library.table.change(adapter_choices, library.table, generate.adapter_pickers, api_name="adapter_choices")
+        library.table.change(
+            adapter_choices, library.table, generate.adapter_pickers, api_name="adapter_choices"
+        )
         refresh_adapters, adapter_views = library.refresh, [library.table, library.problems]
         demo.load(refresh_adapters, None, adapter_views, api_name="refresh_adapters")
         train.finished.then(refresh_adapters, None, adapter_views, api_name="refresh_after_training")
         library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
         # A run lives on the server: a (re)loaded page streams the current run's progress again.
-        train.on_page_load(demo).then(refresh_adapters, None, adapter_views, api_name="refresh_after_progress")
+        train.on_page_load(demo).then(
+            refresh_adapters, None, adapter_views, api_name="refresh_after_progress"
+        )
     return demo
 
 
@@ -83,25 +87,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
-    parser.add_argument("--no-auth", action="store_true",
-                        help="serve a shared server (--share or a non-local --host) without a password anyway")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                        help="hub id, diffusers folder or .safetensors file (default: %(default)s)")
-    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="the adapter library (default: %(default)s)")
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve a shared server (--share or a non-local --host) without a password anyway",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE_MODEL,
+        help="hub id, diffusers folder or .safetensors file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="the adapter library (default: %(default)s)"
+    )
     parser.add_argument("--concepts-dir", default=DEFAULT_CONCEPTS_DIR, help="example concept folders")
-    parser.add_argument("--allowed-roots", nargs="+", metavar="DIR",
-                        help="more folders a page or script may name on this server (regularisation images, "
-                             "concept folders, a base model), besides the concepts dir, the repo's assets/ "
-                             "and the work folder of uploads and images")
+    parser.add_argument(
+        "--allowed-roots",
+        nargs="+",
+        metavar="DIR",
+        help="more folders a page or script may name on this server (regularisation images, "
+        "concept folders, a base model), besides the concepts dir, the repo's assets/ "
+        "and the work folder of uploads and images",
+    )
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASS")
     if args.auth and args.no_auth:
         parser.error("--auth and --no-auth contradict each other; give one")
     if is_shared(args.host, args.share) and not (args.auth or args.no_auth):
-        where = "a public gradio.live link (--share)" if args.share else f"every network that reaches {args.host}"
-        parser.error(f"this would serve the app to {where}, where anyone could train, generate and delete "
-                     "adapters on this machine: pass --auth USER:PASS, or --no-auth to serve it open anyway")
+        where = (
+            "a public gradio.live link (--share)" if args.share else f"every network that reaches {args.host}"
+        )
+        parser.error(
+            f"this would serve the app to {where}, where anyone could train, generate and delete "
+            "adapters on this machine: pass --auth USER:PASS, or --no-auth to serve it open anyway"
+        )
     return args
 
 
@@ -123,15 +143,30 @@ def access_for(args: argparse.Namespace) -> Access:
     return Access(roots=roots, model_switch=not is_shared(args.host, args.share))
 
 
-def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False) -> gr.Blocks:
+def launch(
+    studio: Studio,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    prevent_thread_lock: bool = False,
+) -> gr.Blocks:
     """Build, queue and serve the app; loading the base model starts once the page is up."""
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
-                max_threads=MAX_JOBS,
-                allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
-                max_file_size=MAX_UPLOAD, show_error=False, quiet=True, css=CSS)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=auth,
+        prevent_thread_lock=True,
+        max_threads=MAX_JOBS,
+        allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
+        max_file_size=MAX_UPLOAD,
+        show_error=False,
+        quiet=True,
+        css=CSS,
+    )
     print(f"sdlora is running on {demo.local_url}", flush=True)
     studio.warm_up()
     studio.start_queue()  # jobs queued before a restart (or by `python -m sdlora queue add`) run now

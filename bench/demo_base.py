@@ -19,13 +19,15 @@ from sdlora.demo import report  # noqa: E402
 def main() -> None:
     block = report.main(sys.argv[1:])
     body = block.replace(report.START, "").replace(report.END, "").replace("## Latest report", "").strip()
-    text = "\n".join([
-        "## The demo base model (`python bench/demo_base.py`)",
-        "",
-        f"{machine()}.",
-        "",
-        body,
-    ])
+    text = "\n".join(
+        [
+            "## The demo base model (`python bench/demo_base.py`)",
+            "",
+            f"{machine()}.",
+            "",
+            body,
+        ]
+    )
     print(f"written to {write_section('demo-base', text)}")
 
 

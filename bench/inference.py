@@ -3,7 +3,7 @@
 All variants run interleaved in one process, so the ratios to the base compare like with
 like even on a busy machine. Adapters are random rank-8 LoRAs (speed does not depend on
 what they learned). Under load, 20 requests sent at once are served one at a time and
-through sdlora.batching, side by side. Writes its section of docs/benchmarks.md.
+through sdlora.generation.batching, side by side. Writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
-from sdlora.batching import Batcher  # noqa: E402
 from sdlora.config import LoraSpec  # noqa: E402
-from sdlora.formats import Adapter, write_adapter  # noqa: E402
-from sdlora.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
-from sdlora.lora import add_lora, lora_state_dict  # noqa: E402
-from sdlora.models import load_pipeline  # noqa: E402
-from sdlora.store import AdapterLibrary  # noqa: E402
+from sdlora.generation.batching import Batcher  # noqa: E402
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
+from sdlora.library.formats import Adapter, write_adapter  # noqa: E402
+from sdlora.library.store import AdapterLibrary  # noqa: E402
+from sdlora.models.loading import load_pipeline  # noqa: E402
+from sdlora.training.lora import add_lora, lora_state_dict  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
@@ -55,11 +55,15 @@ def measure_generation(base_model: str, library: AdapterLibrary, names: list[str
     config = GenerateConfig(prompt="a red circle", seed=1, steps=steps)
     three = tuple(AdapterWeight(n, 0.5) for n in names[:3])
     # One generator per variant, so the base never has LoRA layers in it.
-    variants = {"base": (Generator(base_model, library), ()),
-                "1 adapter, unfused": (Generator(base_model, library, fuse_repeated_mixes=False),
-                                       (AdapterWeight(names[0], 1.0),)),
-                "3 adapters, unfused": (Generator(base_model, library, fuse_repeated_mixes=False), three),
-                "3 adapters, fused": (Generator(base_model, library), three)}
+    variants = {
+        "base": (Generator(base_model, library), ()),
+        "1 adapter, unfused": (
+            Generator(base_model, library, fuse_repeated_mixes=False),
+            (AdapterWeight(names[0], 1.0),),
+        ),
+        "3 adapters, unfused": (Generator(base_model, library, fuse_repeated_mixes=False), three),
+        "3 adapters, fused": (Generator(base_model, library), three),
+    }
     for generator, mix in variants.values():  # warm-up outside the clock; the repeat fuses the fused one
         for _ in range(2):
             generator.generate(replace(config, steps=1, adapters=mix))
@@ -113,13 +117,18 @@ def serve_batched(batcher: Batcher, configs: list[GenerateConfig]) -> tuple[floa
     return time.perf_counter() - start, max(latencies)
 
 
-def measure_concurrency(base_model: str, library: AdapterLibrary, names: list[str], requests: int, rounds: int,
-                        steps: int) -> dict[int, dict[str, tuple[float, float]]]:
+def measure_concurrency(
+    base_model: str, library: AdapterLibrary, names: list[str], requests: int, rounds: int, steps: int
+) -> dict[int, dict[str, tuple[float, float]]]:
     """For 1 and 4 adapters: (total, slowest wait) of `requests` at different seeds, in turn and batched."""
     results = {}
     for count in (1, 4):
-        configs = [GenerateConfig(prompt="a red circle", seed=i, steps=steps,
-                                  adapters=(AdapterWeight(names[i % count], 1.0),)) for i in range(requests)]
+        configs = [
+            GenerateConfig(
+                prompt="a red circle", seed=i, steps=steps, adapters=(AdapterWeight(names[i % count], 1.0),)
+            )
+            for i in range(requests)
+        ]
         # The app's own settings on both sides: fused repeated mixes, adapters resident.
         single, batched = Generator(base_model, library), Generator(base_model, library)
         batcher = Batcher(batched)
@@ -140,8 +149,10 @@ def concurrency_rows(results: dict[int, dict[str, tuple[float, float]]], request
     for count, by_label in results.items():
         serial = by_label["one at a time"][0]
         for label, (total, slowest) in by_label.items():
-            rows.append(f"| {requests} requests, {count} adapter{'s' * (count > 1)}, {label} | {total:.2f} s | "
-                        f"{requests / total:.1f} images/s | {serial / total:.2f}x | {slowest:.2f} s |")
+            rows.append(
+                f"| {requests} requests, {count} adapter{'s' * (count > 1)}, {label} | {total:.2f} s | "
+                f"{requests / total:.1f} images/s | {serial / total:.2f}x | {slowest:.2f} s |"
+            )
     return rows
 
 
@@ -152,7 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--requests", type=int, default=20, help="requests sent at once under load")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.base_model:
@@ -164,45 +177,55 @@ def main() -> None:
         switch2 = measure_switching(args.base_model, library, names, 2, args.rounds)
         switch20 = measure_switching(args.base_model, library, names, 20, args.rounds)
         load = measure_load(args.base_model, library, names, args.rounds)
-        concurrent = measure_concurrency(args.base_model, library, names, args.requests, min(args.rounds, 3),
-                                         args.steps)
+        concurrent = measure_concurrency(
+            args.base_model, library, names, args.requests, min(args.rounds, 3), args.steps
+        )
     base = gen["base"]
-    rows = [f"| {label} | {seconds * 1000:.0f} ms | {seconds / base:.3f}x |" for label, seconds in gen.items()]
-    rows += [f"| switch between two resident mixes, 2 resident | {switch2 * 1000:.1f} ms | "
-             f"{switch2 / base:.1%} of a generation |",
-             f"| switch between two resident mixes, 20 resident | {switch20 * 1000:.1f} ms | "
-             f"{switch20 / base:.1%} of a generation |",
-             f"| load one adapter from disk | {load * 1000:.1f} ms | {load / base:.1%} of a generation |"]
-    text = "\n".join([
-        "## Inference with adapters (`python bench/inference.py`)",
-        "",
-        f"{machine()}; base model `{Path(args.base_model).name}`, one image, {args.steps} steps, Euler a, "
-        f"fastest of {args.rounds} interleaved rounds (the least disturbed by other load); adapters: random rank-8 LoRAs on the attention projections.",
-        "",
-        "| variant | time | vs base |",
-        "| --- | --- | --- |",
-        *rows,
-        "",
-        f"Goals: fused mix within 1.02x of the base (measured {gen['3 adapters, fused'] / base:.3f}x); "
-        f"switching under 5% of one generation (measured {switch2 / base:.1%} with 2 and "
-        f"{switch20 / base:.1%} with 20 adapters resident).",
-        "",
-        f"Under load: {args.requests} requests at seeds 0..{args.requests - 1} sent at once, served one at a time "
-        "(as a Generator alone does) and through `sdlora.batching` (one pipeline call per group, one adapter per "
-        f"row when the adapters differ); fastest of {min(args.rounds, 3)} interleaved rounds.",
-        "",
-        "| requests | total | throughput | vs one at a time | slowest request waits |",
-        "| --- | --- | --- | --- | --- |",
-        *concurrency_rows(concurrent, args.requests),
-        "",
-        f"Goal: batched throughput at least 2x one at a time for {args.requests} requests over one adapter "
-        f"(measured {concurrent[1]['one at a time'][0] / concurrent[1]['batched'][0]:.2f}x; over 4 adapters "
-        f"{concurrent[4]['one at a time'][0] / concurrent[4]['batched'][0]:.2f}x)."
-        + ("" if concurrent[1]["one at a time"][0] >= 2 * concurrent[1]["batched"][0] else
-           " Not met on this CPU: a demo-model image is bound by the UNet's arithmetic (convolutions, attention "
-           "and matmuls are most of torch.profiler's time at any batch size), which a batch does not shrink; "
-           "batching saves the per-call overhead and, with several adapters, the switching between mixes."),
-    ])
+    rows = [
+        f"| {label} | {seconds * 1000:.0f} ms | {seconds / base:.3f}x |" for label, seconds in gen.items()
+    ]
+    rows += [
+        f"| switch between two resident mixes, 2 resident | {switch2 * 1000:.1f} ms | "
+        f"{switch2 / base:.1%} of a generation |",
+        f"| switch between two resident mixes, 20 resident | {switch20 * 1000:.1f} ms | "
+        f"{switch20 / base:.1%} of a generation |",
+        f"| load one adapter from disk | {load * 1000:.1f} ms | {load / base:.1%} of a generation |",
+    ]
+    text = "\n".join(
+        [
+            "## Inference with adapters (`python bench/inference.py`)",
+            "",
+            f"{machine()}; base model `{Path(args.base_model).name}`, one image, {args.steps} steps, Euler a, "
+            f"fastest of {args.rounds} interleaved rounds (the least disturbed by other load); adapters: random rank-8 LoRAs on the attention projections.",
+            "",
+            "| variant | time | vs base |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+            f"Goals: fused mix within 1.02x of the base (measured {gen['3 adapters, fused'] / base:.3f}x); "
+            f"switching under 5% of one generation (measured {switch2 / base:.1%} with 2 and "
+            f"{switch20 / base:.1%} with 20 adapters resident).",
+            "",
+            f"Under load: {args.requests} requests at seeds 0..{args.requests - 1} sent at once, served one at a time "
+            "(as a Generator alone does) and through `sdlora.generation.batching` (one pipeline call per group, one adapter per "
+            f"row when the adapters differ); fastest of {min(args.rounds, 3)} interleaved rounds.",
+            "",
+            "| requests | total | throughput | vs one at a time | slowest request waits |",
+            "| --- | --- | --- | --- | --- |",
+            *concurrency_rows(concurrent, args.requests),
+            "",
+            f"Goal: batched throughput at least 2x one at a time for {args.requests} requests over one adapter "
+            f"(measured {concurrent[1]['one at a time'][0] / concurrent[1]['batched'][0]:.2f}x; over 4 adapters "
+            f"{concurrent[4]['one at a time'][0] / concurrent[4]['batched'][0]:.2f}x)."
+            + (
+                ""
+                if concurrent[1]["one at a time"][0] >= 2 * concurrent[1]["batched"][0]
+                else " Not met on this CPU: a demo-model image is bound by the UNet's arithmetic (convolutions, attention "
+                "and matmuls are most of torch.profiler's time at any batch size), which a batch does not shrink; "
+                "batching saves the per-call overhead and, with several adapters, the switching between mixes."
+            ),
+        ]
+    )
     print(text)
     if not args.no_write:
         print(f"written to {write_section('inference', text)}")

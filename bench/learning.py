@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
-from sdlora.captions import CaptionOptions  # noqa: E402
+from sdlora.captioning.captions import CaptionOptions  # noqa: E402
 from sdlora.demo.learning import (  # noqa: E402
     CONCEPTS_DIR,
     LESSONS,
@@ -34,10 +34,12 @@ from sdlora.demo.learning import (  # noqa: E402
     lesson_config,
     train_in_stages,
 )
-from sdlora.presets import DEMO_MODEL, PRESETS  # noqa: E402
+from sdlora.training.presets import DEMO_MODEL, PRESETS  # noqa: E402
 
 
-def measure(name: str, stages: list[int], prompts: int, out: Path, regularised: bool) -> tuple[list[str], str]:
+def measure(
+    name: str, stages: list[int], prompts: int, out: Path, regularised: bool
+) -> tuple[list[str], str]:
     """Train in stages; returns the adoption-curve rows and the end-of-run summary row."""
     lesson = LESSONS[name]
     config = lesson_config(lesson, out, cpu_threads=1)  # the setting these figures were first measured with
@@ -83,7 +85,9 @@ def measure_captions(name: str, variant: str, prompts: int) -> str:
     lesson = LESSONS[name]
     with tempfile.TemporaryDirectory() as tmp:
         options = CAPTION_VARIANTS[variant](name)
-        folder = CONCEPTS_DIR / name if options is None else captioned_copy(lesson, Path(tmp) / "images", options)
+        folder = (
+            CONCEPTS_DIR / name if options is None else captioned_copy(lesson, Path(tmp) / "images", options)
+        )
         example = (sorted(folder.glob("*.txt"))[0]).read_text().strip()
         config = lesson_config(lesson, Path(tmp) / "out", images=folder, cpu_threads=1)
         train_in_stages(config, [config.steps], lambda steps, seconds: None)
@@ -97,24 +101,32 @@ def measure_captions(name: str, variant: str, prompts: int) -> str:
 
 def captions_main(args, where: str) -> None:
     """The captions comparison: the same folders, captioned by hand and by the demo captioner."""
-    runs = [(name, variant) for name in args.concepts for variant in CAPTION_VARIANTS
-            if not (variant.endswith("dropped") and name not in args.drop_for)]
+    runs = [
+        (name, variant)
+        for name in args.concepts
+        for variant in CAPTION_VARIANTS
+        if not (variant.endswith("dropped") and name not in args.drop_for)
+    ]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = [r.result() for r in [pool.submit(measure_captions, name, variant, args.prompts)
-                                     for name, variant in runs]]
-    text = "\n".join([
-        "## Captions: by hand and by the demo captioner (`python bench/learning.py --captions`)",
-        "",
-        f"{where}; training on one thread, {args.jobs} run(s) side by side; the demo preset's "
-        f"{PRESETS['Demo'].steps} steps on the concept's 8 example images, trigger `sks`; {args.prompts} images "
-        "per measurement, 20 steps, guidance 6.",
-        "",
-        "| concept | captions | first caption | adoption at weight 1 | plain prompts right with the adapter |",
-        "| --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        "Goal: the demo captioner within 10 points of the hand-written captions.",
-    ])
+        rows = [
+            r.result()
+            for r in [pool.submit(measure_captions, name, variant, args.prompts) for name, variant in runs]
+        ]
+    text = "\n".join(
+        [
+            "## Captions: by hand and by the demo captioner (`python bench/learning.py --captions`)",
+            "",
+            f"{where}; training on one thread, {args.jobs} run(s) side by side; the demo preset's "
+            f"{PRESETS['Demo'].steps} steps on the concept's 8 example images, trigger `sks`; {args.prompts} images "
+            "per measurement, 20 steps, guidance 6.",
+            "",
+            "| concept | captions | first caption | adoption at weight 1 | plain prompts right with the adapter |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "Goal: the demo captioner within 10 points of the hand-written captions.",
+        ]
+    )
     print(text)
     if not args.no_write:
         print(f"written to {write_section('learning_captions', text)}")
@@ -122,19 +134,37 @@ def captions_main(args, where: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concepts", nargs="*", default=["star", "magenta", "striped", "heart"],
-                        choices=list(LESSONS))
-    parser.add_argument("--stages", nargs="*", type=int, help="step counts to measure at (default: thirds of "
-                                                                "the demo preset's steps)")
+    parser.add_argument(
+        "--concepts", nargs="*", default=["star", "magenta", "striped", "heart"], choices=list(LESSONS)
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="*",
+        type=int,
+        help="step counts to measure at (default: thirds of the demo preset's steps)",
+    )
     parser.add_argument("--prompts", type=int, default=24, help="images per measurement")
-    parser.add_argument("--no-compare", action="store_true", help="skip the runs without regularisation images")
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (2 on a 2-core "
-                                                              "machine halves the wall time)")
+    parser.add_argument(
+        "--no-compare", action="store_true", help="skip the runs without regularisation images"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side, one thread each (2 on a 2-core machine halves the wall time)",
+    )
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--captions", action="store_true",
-                        help="instead: compare hand-written captions with the demo captioner's")
-    parser.add_argument("--drop-for", nargs="*", default=["striped"],
-                        help="with --captions: concepts also trained with their own word dropped from the captions")
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help="instead: compare hand-written captions with the demo captioner's",
+    )
+    parser.add_argument(
+        "--drop-for",
+        nargs="*",
+        default=["striped"],
+        help="with --captions: concepts also trained with their own word dropped from the captions",
+    )
     args = parser.parse_args()
     if not (DEMO_MODEL / "model_index.json").exists():
         parser.error(f"no demo model at {DEMO_MODEL}; build it with python -m sdlora.demo.build")
@@ -143,44 +173,51 @@ def main() -> None:
     where = machine()  # the load before these runs add their own
     if args.captions:
         return captions_main(args, where)
-    runs = [(name, regularised) for name in args.concepts
-            for regularised in (True, False)[: 1 if args.no_compare else 2]]
+    runs = [
+        (name, regularised)
+        for name in args.concepts
+        for regularised in (True, False)[: 1 if args.no_compare else 2]
+    ]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = [pool.submit(measure_in_tmp, name, stages, args.prompts, regularised) for name, regularised in runs]
+        results = [
+            pool.submit(measure_in_tmp, name, stages, args.prompts, regularised) for name, regularised in runs
+        ]
         curve, summaries = [], []
         for result in results:  # in submission order, whatever finishes first
             rows, summary = result.result()
             curve += rows
             summaries.append(summary)
     reg = Path(preset.regularization_images)
-    text = "\n".join([
-        "## Learning on the demo model (`python bench/learning.py`)",
-        "",
-        f"{where}; training on one thread (`cpu_threads=1`; two are faster on an idle machine, "
-        f"see the training loop section), {args.jobs} run(s) side by side. Demo preset: rank "
-        f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
-        f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
-        f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
-        f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; "
-        f"8 example images per concept (assets/concepts), "
-        f"trigger `sks`; {args.prompts} images per measurement, 20 steps, guidance 6.",
-        "",
-        "Adoption (trigger-prompt images in which the evaluator sees the concept) against training time, with "
-        "and without the regularisation images:",
-        "",
-        "| concept | reg images | steps | training min | adoption at weight 1 |",
-        "| --- | --- | --- | --- | --- |",
-        *curve,
-        "",
-        "At the end: adoption at weight 0 and 0.5, and prompts without the trigger (`a red circle`, ...) drawn "
-        "with the asked colour and shape, by the base alone and with the adapter at weight 1:",
-        "",
-        "| concept | reg images | weight 0 | weight 0.5 | base: plain prompts right | with adapter: plain prompts right |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *summaries,
-        "",
-        "Goal: >= 90% adoption within 3 minutes for each concept, plain prompts left as they were.",
-    ])
+    text = "\n".join(
+        [
+            "## Learning on the demo model (`python bench/learning.py`)",
+            "",
+            f"{where}; training on one thread (`cpu_threads=1`; two are faster on an idle machine, "
+            f"see the training loop section), {args.jobs} run(s) side by side. Demo preset: rank "
+            f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
+            f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
+            f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
+            f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; "
+            f"8 example images per concept (assets/concepts), "
+            f"trigger `sks`; {args.prompts} images per measurement, 20 steps, guidance 6.",
+            "",
+            "Adoption (trigger-prompt images in which the evaluator sees the concept) against training time, with "
+            "and without the regularisation images:",
+            "",
+            "| concept | reg images | steps | training min | adoption at weight 1 |",
+            "| --- | --- | --- | --- | --- |",
+            *curve,
+            "",
+            "At the end: adoption at weight 0 and 0.5, and prompts without the trigger (`a red circle`, ...) drawn "
+            "with the asked colour and shape, by the base alone and with the adapter at weight 1:",
+            "",
+            "| concept | reg images | weight 0 | weight 0.5 | base: plain prompts right | with adapter: plain prompts right |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *summaries,
+            "",
+            "Goal: >= 90% adoption within 3 minutes for each concept, plain prompts left as they were.",
+        ]
+    )
     print(text)
     if not args.no_write:
         print(f"written to {write_section('learning', text)}")

@@ -1,9 +1,9 @@
 """Real-size training steps: `python bench/real_size.py [--device cuda] [--resolution-scale 0.25]`.
 
-SD 1.5's and SDXL's UNets are built from the configs in sdlora/model_configs with random weights
+SD 1.5's and SDXL's UNets are built from the configs in sdlora/models/configs with random weights
 (nothing is downloaded). Latents and text conditioning are random stand-ins for the cache, so the
 measured step is what a cached run does each step. For each setting, side by side in one run:
-- loop: sdlora's own optimizer step (`sdlora.train._optimizer_step`: batch from the cache, accelerate,
+- loop: sdlora's own optimizer step (`sdlora.training.loop._optimizer_step`: batch from the cache, accelerate,
   clipping, schedule) over the LoRA of rank 32 on the attention projections;
 - floor: a bare UNet forward + backward + optimizer step on the same batch;
 plus peak memory (GPU: torch's peak allocation; CPU: the process's peak resident size).
@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import DataConfig, LoraSpec, TrainConfig  # noqa: E402
-from sdlora.encode import EncodedConcepts  # noqa: E402
-from sdlora.lora import add_lora, trainable_parameters  # noqa: E402
-from sdlora.optimizers import make_optimizer  # noqa: E402
-from sdlora.train import _optimizer_step, diffusion_loss  # noqa: E402
+from sdlora.training.encode import EncodedConcepts  # noqa: E402
+from sdlora.training.loop import _optimizer_step, diffusion_loss  # noqa: E402
+from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
+from sdlora.training.optimizers import make_optimizer  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "sdlora" / "model_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "sdlora" / "models" / "configs"
 MODELS = {"SD 1.5": ("stable-diffusion-v1", 512), "SDXL": ("stable-diffusion-xl-v1-base", 1024)}
 
 
@@ -67,8 +67,9 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(name: str, folder: str, pixels: int, device: torch.device, checkpointing: bool, optimizer: str,
-            steps: int) -> dict:
+def measure(
+    name: str, folder: str, pixels: int, device: torch.device, checkpointing: bool, optimizer: str, steps: int
+) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -77,12 +78,20 @@ def measure(name: str, folder: str, pixels: int, device: torch.device, checkpoin
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     unet = build_unet(folder, device, dtype)
-    config = TrainConfig(base_model=name, steps=10_000, optimizer=optimizer, gradient_checkpointing=checkpointing,
-                         data=DataConfig(images="-", resolution=pixels), lora=LoraSpec(rank=32, alpha=32))
+    config = TrainConfig(
+        base_model=name,
+        steps=10_000,
+        optimizer=optimizer,
+        gradient_checkpointing=checkpointing,
+        data=DataConfig(images="-", resolution=pixels),
+        lora=LoraSpec(rank=32, alpha=32),
+    )
     add_lora(unet, config.lora)
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
+    )
     optimizer_ = make_optimizer(config, trainable_parameters(unet))
     schedule = get_scheduler("constant", optimizer=optimizer_)
     unet, optimizer_, schedule = accelerator.prepare(unet, optimizer_, schedule)
@@ -96,8 +105,15 @@ def measure(name: str, folder: str, pixels: int, device: torch.device, checkpoin
     def bare_step(i: int) -> None:
         batch = encoded.batch(torch.tensor([0]), accelerator.device)
         with accelerator.autocast():
-            loss = diffusion_loss(unet, noise, batch.latents, batch.embeddings, torch.Generator().manual_seed(i),
-                                  "epsilon", added_cond_kwargs=batch.added_cond_kwargs())
+            loss = diffusion_loss(
+                unet,
+                noise,
+                batch.latents,
+                batch.embeddings,
+                torch.Generator().manual_seed(i),
+                "epsilon",
+                added_cond_kwargs=batch.added_cond_kwargs(),
+            )
         loss.backward()
         optimizer_.step()
         optimizer_.zero_grad(set_to_none=True)
@@ -119,9 +135,15 @@ def measure(name: str, folder: str, pixels: int, device: torch.device, checkpoin
     for i in range(steps):  # interleaved, so both see the same machine
         loop.append(timed(loop_step, i))
         floor.append(timed(bare_step, i))
-    row = {"model": name, "px": pixels, "checkpointing": checkpointing, "optimizer": optimizer,
-           "loop_s": statistics.median(loop), "floor_s": statistics.median(floor),
-           "peak_gb": peak_memory_gb(device)}
+    row = {
+        "model": name,
+        "px": pixels,
+        "checkpointing": checkpointing,
+        "optimizer": optimizer,
+        "loop_s": statistics.median(loop),
+        "floor_s": statistics.median(floor),
+        "peak_gb": peak_memory_gb(device),
+    }
     return row
 
 
@@ -140,7 +162,9 @@ def settings(device: torch.device, scale: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--resolution-scale", type=float, default=0.25, help="CPU only: fraction of native size")
+    parser.add_argument(
+        "--resolution-scale", type=float, default=0.25, help="CPU only: fraction of native size"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--no-write", action="store_true")
@@ -159,22 +183,32 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": header, "rows": rows}, indent=2))
     memory = "peak GPU memory (torch), GiB" if device.type == "cuda" else "peak process memory (RSS), GiB"
-    lines = [f"## Real-size training steps, {device.type.upper()} (`python bench/real_size.py"
-             f"{' --device cpu' if device.type == 'cpu' else ''}`)", "",
-             f"{header}; UNets built from sdlora/model_configs with random weights, LoRA rank 32 on the attention "
-             f"projections, batch 1, cached latents and text conditioning, {steps} steps each after warm-up, "
-             f"medians; frozen weights {'bf16' if device.type == 'cuda' else 'float32'}.", "",
-             f"| model | px | gradient checkpointing | optimizer | loop, s/step | floor, s/step | loop / floor "
-             f"| {memory} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"## Real-size training steps, {device.type.upper()} (`python bench/real_size.py"
+        f"{' --device cpu' if device.type == 'cpu' else ''}`)",
+        "",
+        f"{header}; UNets built from sdlora/models/configs with random weights, LoRA rank 32 on the attention "
+        f"projections, batch 1, cached latents and text conditioning, {steps} steps each after warm-up, "
+        f"medians; frozen weights {'bf16' if device.type == 'cuda' else 'float32'}.",
+        "",
+        f"| model | px | gradient checkpointing | optimizer | loop, s/step | floor, s/step | loop / floor "
+        f"| {memory} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['px']} | {'yes' if r['checkpointing'] else 'no'} | {r['optimizer']} | "
-                     f"{r['loop_s']:.3f} | {r['floor_s']:.3f} | {r['loop_s'] / r['floor_s']:.2f}x | "
-                     f"{r['peak_gb']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['px']} | {'yes' if r['checkpointing'] else 'no'} | {r['optimizer']} | "
+            f"{r['loop_s']:.3f} | {r['floor_s']:.3f} | {r['loop_s'] / r['floor_s']:.2f}x | "
+            f"{r['peak_gb']:.1f} |"
+        )
     if device.type == "cpu":
-        lines += ["", f"On a CPU the sizes are reduced ({args.resolution_scale:g} of the native side) so that a step "
-                      "takes seconds; the peak is the process's, so the SDXL row includes the float32 weights of its "
-                      "whole UNet. Native-size figures need a session that is lent a GPU (the CUDA section, when "
-                      "present)."]
+        lines += [
+            "",
+            f"On a CPU the sizes are reduced ({args.resolution_scale:g} of the native side) so that a step "
+            "takes seconds; the peak is the process's, so the SDXL row includes the float32 weights of its "
+            "whole UNet. Native-size figures need a session that is lent a GPU (the CUDA section, when "
+            "present).",
+        ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -24,7 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def free_port() -> int:
@@ -41,9 +46,13 @@ def bare_import_seconds() -> float:
 
 def torch_before_page() -> bool:
     """Whether building the page imports torch (it should wait for the background thread)."""
-    code = ("import sys, tempfile, app; from sdlora.ui.studio import Studio; "
-            "app.build_app(Studio('none', tempfile.mkdtemp())); print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, check=True)
+    code = (
+        "import sys, tempfile, app; from sdlora.ui.studio import Studio; "
+        "app.build_app(Studio('none', tempfile.mkdtemp())); print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, check=True
+    )
     return out.stdout.strip().endswith("True")
 
 
@@ -67,7 +76,9 @@ def first_image(url: str, prompt: str) -> None:
 
     client = Client(url, verbose=False)
     slots = [None, 1.0] * 4
-    gallery, _, _ = client.predict(prompt, "", 1, 20, 7.5, 0, 0, "Euler a", 1, *slots, False, api_name="/generate")
+    gallery, _, _ = client.predict(
+        prompt, "", 1, 20, 7.5, 0, 0, "Euler a", 1, *slots, False, api_name="/generate"
+    )
     if not gallery:
         raise RuntimeError("the app returned no image")
 
@@ -78,9 +89,22 @@ def app_run(base_model: str, with_image: bool) -> tuple[float, float | None]:
     url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryDirectory() as adapters:
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--base-model", base_model,
-                                    "--adapters-dir", adapters], cwd=REPO, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "app.py",
+                "--port",
+                str(port),
+                "--base-model",
+                base_model,
+                "--adapters-dir",
+                adapters,
+            ],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_for_page(url, process)
             page = time.perf_counter() - start
@@ -99,7 +123,7 @@ def write_section(text: str) -> None:
     old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
     block = f"{BEGIN}\n{text.rstrip()}\n{END}"
     if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(new, encoding="utf-8")
@@ -124,25 +148,30 @@ def main() -> None:
     bare, page = statistics.median(imports), statistics.median(pages)
     torch_early = torch_before_page()
     image_text = f"{statistics.median(images):.2f} s" if images else f"n/a ({args.base_model} is missing)"
-    text = "\n".join([
-        "## Web app startup (bench/startup.py)",
-        "",
-        f"Median of {args.runs} runs on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, base model `{args.base_model}`, load average {load:.1f} at the "
-        "start; each figure is wall time from starting the process.",
-        "",
-        "| what | seconds |",
-        "| --- | --- |",
-        f"| `python -c \"import gradio\"` (bare import) | {bare:.2f} |",
-        f"| `python app.py` to the first page served | {page:.2f} |",
-        f"| `python app.py` to the first generated image | {image_text.replace(' s', '')} |",
-        f"| page served after the bare import time | {page - bare:+.2f} (goal: under 3) |",
-        "",
-        "The base model loads in a background thread once the page is served, so the first image waits "
-        "for it; the page does not. "
-        + ("Building the page imports torch: that is a regression (bench/startup.py checks it)."
-           if torch_early else "torch is not imported before the page is served."),
-    ])
+    text = "\n".join(
+        [
+            "## Web app startup (bench/startup.py)",
+            "",
+            f"Median of {args.runs} runs on {platform.machine()} with {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, base model `{args.base_model}`, load average {load:.1f} at the "
+            "start; each figure is wall time from starting the process.",
+            "",
+            "| what | seconds |",
+            "| --- | --- |",
+            f'| `python -c "import gradio"` (bare import) | {bare:.2f} |',
+            f"| `python app.py` to the first page served | {page:.2f} |",
+            f"| `python app.py` to the first generated image | {image_text.replace(' s', '')} |",
+            f"| page served after the bare import time | {page - bare:+.2f} (goal: under 3) |",
+            "",
+            "The base model loads in a background thread once the page is served, so the first image waits "
+            "for it; the page does not. "
+            + (
+                "Building the page imports torch: that is a regression (bench/startup.py checks it)."
+                if torch_early
+                else "torch is not imported before the page is served."
+            ),
+        ]
+    )
     print(text)
     if not args.no_write:
         write_section(text)

@@ -1,7 +1,7 @@
 """Training-loop overhead: `python bench/train_speed.py [--base-model M]`.
 
 Measured in one run, at 1 and at 2 torch threads:
-- the full loop: seconds per step of `sdlora.train.train` (from its own step events);
+- the full loop: seconds per step of `sdlora.training.loop.train` (from its own step events);
 - the floor: a bare UNet forward + backward + optimizer step on the same cached batch;
 - the loop if latents and text embeddings were not cached: the floor plus encoding the
   batch with the VAE and the text encoder every step.
@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import DataConfig, TrainConfig  # noqa: E402
-from sdlora.data import load_concept_images, load_regularization_images  # noqa: E402
-from sdlora.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
 from sdlora.events import Step  # noqa: E402
-from sdlora.lora import add_lora, trainable_parameters  # noqa: E402
-from sdlora.models import load_pipeline  # noqa: E402
-from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
-from sdlora.train import diffusion_loss, train  # noqa: E402
+from sdlora.models.loading import load_pipeline  # noqa: E402
+from sdlora.training.data import load_concept_images, load_regularization_images  # noqa: E402
+from sdlora.training.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
+from sdlora.training.loop import diffusion_loss, train  # noqa: E402
+from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
+from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
 
 CONCEPTS = DEMO_MODEL.parent / "concepts" / "star"
 
@@ -62,15 +62,24 @@ def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     def bare_step() -> None:
-        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(0), "epsilon",
-                              prior_samples=len(prior))
+        loss = diffusion_loss(
+            unet,
+            scheduler,
+            latents,
+            embeddings,
+            torch.Generator().manual_seed(0),
+            "epsilon",
+            prior_samples=len(prior),
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def encode_batch() -> None:
         encode_images(pipeline.vae, [c.image for c in concepts + prior], device)
-        encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [c.caption for c in concepts + prior], device)
+        encode_prompts(
+            pipeline.tokenizer, pipeline.text_encoder, [c.caption for c in concepts + prior], device
+        )
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -92,35 +101,46 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = apply_preset(TrainConfig(base_model=args.base_model, output_dir=tmp, name="speed",
-                                          final_preview=False, data=DataConfig(images=args.images, trigger_word="sks")),
-                              PRESETS["Demo"])
+        config = apply_preset(
+            TrainConfig(
+                base_model=args.base_model,
+                output_dir=tmp,
+                name="speed",
+                final_preview=False,
+                data=DataConfig(images=args.images, trigger_word="sks"),
+            ),
+            PRESETS["Demo"],
+        )
         config = replace(config, steps=args.steps)
         rows = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
             loop = full_loop(replace(config, name=f"speed{threads}", cpu_threads=threads))
             floor, uncached = floor_and_uncached(config, args.steps // 2)
-            rows.append(f"| {threads} | {loop * 1000:.0f} | {floor * 1000:.0f} | {loop / floor:.2f}x | "
-                        f"{uncached * 1000:.0f} ({uncached / loop:.2f}x the cached loop) |")
+            rows.append(
+                f"| {threads} | {loop * 1000:.0f} | {floor * 1000:.0f} | {loop / floor:.2f}x | "
+                f"{uncached * 1000:.0f} ({uncached / loop:.2f}x the cached loop) |"
+            )
             print(rows[-1], flush=True)
-    text = "\n".join([
-        "## Training loop overhead (`python bench/train_speed.py`)",
-        "",
-        f"{machine()}; base model `{Path(args.base_model).name}`, demo preset (batch {config.batch_size}, "
-        f"{config.data.resolution} px, rank {config.lora.rank}, attention projections + "
-        f"{', '.join(config.lora.extra_target_modules)}, plus {config.batch_size} regularisation images per step "
-        f"in both the loop and the floor), {args.steps} steps, medians.",
-        "",
-        "| torch threads | full loop, ms/step | floor: bare UNet fwd+bwd+AdamW on the cached batch, ms | loop / floor "
-        "| without the cache: floor + VAE and text encoding per step, ms |",
-        "| --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        "Goal: the full loop within 1.10x of the floor. On a CPU the default (`TrainConfig.cpu_threads` 0) keeps "
-        "torch's thread count, every core: on an idle machine that was faster for every UNet measured; an "
-        "earlier run that favoured one thread was taken while another process held both cores.",
-    ])
+    text = "\n".join(
+        [
+            "## Training loop overhead (`python bench/train_speed.py`)",
+            "",
+            f"{machine()}; base model `{Path(args.base_model).name}`, demo preset (batch {config.batch_size}, "
+            f"{config.data.resolution} px, rank {config.lora.rank}, attention projections + "
+            f"{', '.join(config.lora.extra_target_modules)}, plus {config.batch_size} regularisation images per step "
+            f"in both the loop and the floor), {args.steps} steps, medians.",
+            "",
+            "| torch threads | full loop, ms/step | floor: bare UNet fwd+bwd+AdamW on the cached batch, ms | loop / floor "
+            "| without the cache: floor + VAE and text encoding per step, ms |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "Goal: the full loop within 1.10x of the floor. On a CPU the default (`TrainConfig.cpu_threads` 0) keeps "
+            "torch's thread count, every core: on an idle machine that was faster for every UNet measured; an "
+            "earlier run that favoured one thread was taken while another process held both cores.",
+        ]
+    )
     print(text)
     if not args.no_write:
         print(f"written to {write_section('train_speed', text)}")

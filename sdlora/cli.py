@@ -40,8 +40,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if name in SECTIONS:
                 continue
             default = info["default"]
-            kwargs: dict[str, Any] = {"dest": f"{section}.{name}" if section else name, "default": None,
-                                      "help": f"{info['help']} (default: {default!r})"}
+            kwargs: dict[str, Any] = {
+                "dest": f"{section}.{name}" if section else name,
+                "default": None,
+                "help": f"{info['help']} (default: {default!r})",
+            }
             if isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, tuple):
@@ -67,22 +70,30 @@ def config_and_defaults(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         section, _, name = dest.rpartition(".")
         target = values.setdefault(section, {}) if section else values
         target[name] = tuple(value) if isinstance(value, list) else value
-    from sdlora.presets import fill_model_defaults
+    from sdlora.training.presets import fill_model_defaults
 
     label = fill_model_defaults(values)
     return TrainConfig.from_dict(values, source=args.config or "command line"), label
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdlora", description="Train and use Stable Diffusion LoRAs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sdlora", description="Train and use Stable Diffusion LoRAs."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a LoRA adapter from a folder of concept images",
-                                description="Train a LoRA on the UNet attention projections. Runs unchanged "
-                                            "under `accelerate launch` on several GPUs.")
+    train = commands.add_parser(
+        "train",
+        help="train a LoRA adapter from a folder of concept images",
+        description="Train a LoRA on the UNet attention projections. Runs unchanged "
+        "under `accelerate launch` on several GPUs.",
+    )
     train.add_argument("--config", help="JSON or TOML file of settings (as saved beside every adapter)")
     train.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from, or 'latest'")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start over although this --name already has an adapter or checkpoints in --output")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over although this --name already has an adapter or checkpoints in --output",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(train)
     _add_generate_parser(commands)
@@ -103,10 +114,17 @@ def _weighted(text: str) -> tuple[str, float]:
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
     gen.add_argument("--base-model", required=True, help="hub id, diffusers folder or .safetensors file")
-    gen.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
+    gen.add_argument(
+        "--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)"
+    )
     add_generate_flags(gen)
-    gen.add_argument("--grid", nargs="*", type=float, metavar="WEIGHT",
-                     help="instead: one labelled grid of the first --lora at these weights (default 0 0.5 1)")
+    gen.add_argument(
+        "--grid",
+        nargs="*",
+        type=float,
+        metavar="WEIGHT",
+        help="instead: one labelled grid of the first --lora at these weights (default 0 0.5 1)",
+    )
     gen.add_argument("--out", required=True, help="output PNG; with --count N, -1, -2 ... are added")
 
 
@@ -115,13 +133,26 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in field_help(GenerateConfig).items():
         default = info["default"]
         if name == "adapters":
-            parser.add_argument(_flag(name, info), dest=name, action="append", type=_weighted, default=[],
-                                metavar="NAME[:WEIGHT]", help=f"{info['help']} Repeat for a mix.")
+            parser.add_argument(
+                _flag(name, info),
+                dest=name,
+                action="append",
+                type=_weighted,
+                default=[],
+                metavar="NAME[:WEIGHT]",
+                help=f"{info['help']} Repeat for a mix.",
+            )
         elif default is dataclasses.MISSING:
             parser.add_argument(_flag(name, info), dest=name, required=True, help=info["help"])
         else:
-            parser.add_argument(_flag(name, info), dest=name, type=type(default), default=default,
-                                choices=info.get("choices"), help=f"{info['help']} (default: {default!r})")
+            parser.add_argument(
+                _flag(name, info),
+                dest=name,
+                type=type(default),
+                default=default,
+                choices=info.get("choices"),
+                help=f"{info['help']} (default: {default!r})",
+            )
 
 
 def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
@@ -132,13 +163,15 @@ def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
 
 
 def _add_adapters_parser(commands) -> None:
-    from sdlora.formats import FORMATS
+    from sdlora.library.formats import FORMATS
 
     lib = commands.add_parser("adapters", help="list, import, export, rename or delete library adapters")
     _library_options(lib, argparse.SUPPRESS)
     lib.set_defaults(adapters_dir="adapters", base_model=None)
     verbs = lib.add_subparsers(dest="verb", required=True)
-    imp = _verb(verbs, "import", "check a LoRA file (kohya, LyCORIS, ComfyUI, diffusers or PEFT) and bring it in")
+    imp = _verb(
+        verbs, "import", "check a LoRA file (kohya, LyCORIS, ComfyUI, diffusers or PEFT) and bring it in"
+    )
     imp.add_argument("file")
     imp.add_argument("--name", help="library name (default: the file name; never overwrites)")
     exp = _verb(verbs, "export", "write an adapter in the kohya (every tool) or diffusers format")
@@ -154,41 +187,71 @@ def _add_adapters_parser(commands) -> None:
 
 
 def _add_caption_parser(commands) -> None:
-    from sdlora.captioners import captioner_names
-    from sdlora.captions import CaptionOptions
+    from sdlora.captioning.captioners import captioner_names
+    from sdlora.captioning.captions import CaptionOptions
 
-    cap = commands.add_parser("caption", help="write a same-name .txt caption for every image in a folder",
-                              description="Caption concept images. Existing captions are kept unless "
-                                          "--overwrite; files are written atomically.")
+    cap = commands.add_parser(
+        "caption",
+        help="write a same-name .txt caption for every image in a folder",
+        description="Caption concept images. Existing captions are kept unless "
+        "--overwrite; files are written atomically.",
+    )
     cap.add_argument("--images", required=True, help="folder of concept images")
-    cap.add_argument("--captioner", choices=captioner_names(),
-                     help="default: the demo captioner for the demo model, else the first one present here")
-    cap.add_argument("--captioner-model", default="", metavar="HUB_ID_OR_FOLDER",
-                     help="the captioner's weights from another hub id or a local folder saved with "
-                          "save_pretrained (default: the captioner's own hub id, from the local cache offline)")
+    cap.add_argument(
+        "--captioner",
+        choices=captioner_names(),
+        help="default: the demo captioner for the demo model, else the first one present here",
+    )
+    cap.add_argument(
+        "--captioner-model",
+        default="",
+        metavar="HUB_ID_OR_FOLDER",
+        help="the captioner's weights from another hub id or a local folder saved with "
+        "save_pretrained (default: the captioner's own hub id, from the local cache offline)",
+    )
     cap.add_argument("--base-model", default="assets/demo-model", help="picks the default captioner")
     help_of = field_help(CaptionOptions)
     for name in ("prefix", "max_words", "batch_size"):
         info = help_of[name]
-        cap.add_argument("--" + name.replace("_", "-"), type=type(info["default"]), default=info["default"],
-                         help=f"{info['help']} (default: {info['default']!r})")
-    cap.add_argument("--drop", nargs="*", default=list(help_of["drop_words"]["default"]), metavar="WORD",
-                     help=help_of["drop_words"]["help"])
+        cap.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(info["default"]),
+            default=info["default"],
+            help=f"{info['help']} (default: {info['default']!r})",
+        )
+    cap.add_argument(
+        "--drop",
+        nargs="*",
+        default=list(help_of["drop_words"]["default"]),
+        metavar="WORD",
+        help=help_of["drop_words"]["help"],
+    )
     cap.add_argument("--overwrite", action="store_true", help=help_of["overwrite"]["help"])
 
 
 def _add_queue_parser(commands) -> None:
-    queue = commands.add_parser("queue", help="queue training jobs for the web app to run one after another",
-                                description="The queue lives in <adapters>/.queue; a running `app.py` on the "
-                                            "same adapters folder picks new jobs up within a second.")
+    queue = commands.add_parser(
+        "queue",
+        help="queue training jobs for the web app to run one after another",
+        description="The queue lives in <adapters>/.queue; a running `app.py` on the "
+        "same adapters folder picks new jobs up within a second.",
+    )
     verbs = queue.add_subparsers(dest="verb", required=True)
-    add = verbs.add_parser("add", help="queue a job with the train command's settings (its images are copied)")
-    add.add_argument("--config", help="JSON or TOML file of settings; --output is the server's --adapters-dir")
+    add = verbs.add_parser(
+        "add", help="queue a job with the train command's settings (its images are copied)"
+    )
+    add.add_argument(
+        "--config", help="JSON or TOML file of settings; --output is the server's --adapters-dir"
+    )
     add_config_flags(add)
-    for name, text in (("list", "one line per job: id, position, name, state, ETA, message"),
-                       ("cancel", "cancel a queued job, or stop (and save) the running one")):
+    for name, text in (
+        ("list", "one line per job: id, position, name, state, ETA, message"),
+        ("cancel", "cancel a queued job, or stop (and save) the running one"),
+    ):
         verb = verbs.add_parser(name, help=text)
-        verb.add_argument("--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)")
+        verb.add_argument(
+            "--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)"
+        )
         if name == "cancel":
             verb.add_argument("id", help="the job id, as `queue list` shows it")
 
@@ -201,7 +264,9 @@ def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def _library_options(parser: argparse.ArgumentParser, default) -> None:
-    parser.add_argument("--adapters-dir", default=default, help="the adapter library folder (default: adapters)")
+    parser.add_argument(
+        "--adapters-dir", default=default, help="the adapter library folder (default: adapters)"
+    )
     parser.add_argument("--base-model", default=default, help="check imports against this base model")
 
 
@@ -219,7 +284,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sdlora.events import StopFlag
     from sdlora.progress import ConsoleProgress
-    from sdlora.train import cpu_only, train
+    from sdlora.training.loop import cpu_only, train
 
     quiet_library_progress_bars()
     config, defaults = config_and_defaults(args)
@@ -234,7 +299,10 @@ def run_train(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         stop.request()
         if is_main:
-            print("\nstopping after this step and saving (Ctrl-C again to abort without saving)", file=sys.stderr)
+            print(
+                "\nstopping after this step and saving (Ctrl-C again to abort without saving)",
+                file=sys.stderr,
+            )
 
     previous = signal.signal(signal.SIGINT, first_ctrl_c_stops_cleanly)
     try:
@@ -244,7 +312,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress.close()
     if is_main:
         state = "stopped early at" if result.stopped_early else "finished"
-        saved = f"adapter {result.adapter_path}, config {result.config_path}" if result.adapter_path else result.message
+        saved = (
+            f"adapter {result.adapter_path}, config {result.config_path}"
+            if result.adapter_path
+            else result.message
+        )
         print(f"{state} step {result.steps}: {saved}")
     return 0
 
@@ -252,8 +324,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sdlora.generate import Generator
-    from sdlora.store import AdapterLibrary
+    from sdlora.generation.generate import Generator
+    from sdlora.library.store import AdapterLibrary
 
     quiet_library_progress_bars()
     config = generate_config_from_args(args)
@@ -273,13 +345,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def import_base_model(given: str | None) -> str:
     """The model an import is checked against: --base-model, else the app's default (the demo model)."""
-    from sdlora.presets import DEMO_MODEL
+    from sdlora.training.presets import DEMO_MODEL
 
     if given:
         return given
     if not DEMO_MODEL.is_dir():
-        raise SdloraError("adapters import: pass --base-model; without it the file is checked against the "
-                          f"default base model {DEMO_MODEL}, which is not installed here")
+        raise SdloraError(
+            "adapters import: pass --base-model; without it the file is checked against the "
+            f"default base model {DEMO_MODEL}, which is not installed here"
+        )
     return str(DEMO_MODEL)
 
 
@@ -288,21 +362,23 @@ def run_adapters(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sdlora.errors import AdapterFormatError
-    from sdlora.store import AdapterLibrary
+    from sdlora.library.store import AdapterLibrary
 
     library = AdapterLibrary(args.adapters_dir)
     if args.verb == "list":
         listing = library.list()
         for a in listing.adapters:
             when = datetime.fromtimestamp(a.modified).strftime("%Y-%m-%d %H:%M")
-            print(f"{a.name}\t{a.family}\trank {a.rank}\talpha {a.alpha}\tsteps {a.steps}\t"
-                  f"trigger {', '.join(a.trigger_words) or '-'}\t{a.size_bytes / 1e6:.1f} MB\t{when}")
+            print(
+                f"{a.name}\t{a.family}\trank {a.rank}\talpha {a.alpha}\tsteps {a.steps}\t"
+                f"trigger {', '.join(a.trigger_words) or '-'}\t{a.size_bytes / 1e6:.1f} MB\t{when}"
+            )
         for problem in listing.problems:
             print(f"damaged: {problem}", file=sys.stderr)
         return 0
     if args.verb == "import":
-        from sdlora.models import load_pipeline
-        from sdlora.store import reference_from_pipeline
+        from sdlora.library.store import reference_from_pipeline
+        from sdlora.models.loading import load_pipeline
 
         quiet_library_progress_bars()
         library.reference = reference_from_pipeline(load_pipeline(import_base_model(args.base_model)))
@@ -311,7 +387,9 @@ def run_adapters(args: argparse.Namespace) -> int:
         except AdapterFormatError as exc:
             if args.base_model:
                 raise
-            raise AdapterFormatError(f"{exc} (checked against the default base model; pass --base-model)") from None
+            raise AdapterFormatError(
+                f"{exc} (checked against the default base model; pass --base-model)"
+            ) from None
     elif args.verb == "export":
         import shutil
         import tempfile
@@ -332,10 +410,10 @@ def run_adapters(args: argparse.Namespace) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sdlora.captioners import captioner_of_folder, default_captioner, load_captioner
-    from sdlora.captions import CaptionOptions, caption_images, write_caption_files
-    from sdlora.data import IMAGE_EXTENSIONS
+    from sdlora.captioning.captioners import captioner_of_folder, default_captioner, load_captioner
+    from sdlora.captioning.captions import CaptionOptions, caption_images, write_caption_files
     from sdlora.errors import ConceptImagesError
+    from sdlora.training.data import IMAGE_EXTENSIONS
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -346,20 +424,30 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.captioner:
         name = args.captioner
     else:  # weights given without a name: the kind of model in them says which captioner they are
-        name = captioner_of_folder(args.captioner_model) if args.captioner_model else default_captioner(args.base_model)
-    options = CaptionOptions(prefix=args.prefix, overwrite=args.overwrite, max_words=args.max_words,
-                             drop_words=tuple(args.drop), batch_size=args.batch_size)
+        name = (
+            captioner_of_folder(args.captioner_model)
+            if args.captioner_model
+            else default_captioner(args.base_model)
+        )
+    options = CaptionOptions(
+        prefix=args.prefix,
+        overwrite=args.overwrite,
+        max_words=args.max_words,
+        drop_words=tuple(args.drop),
+        batch_size=args.batch_size,
+    )
     print(f"captioner: {name}" + (f" ({args.captioner_model})" if args.captioner_model else ""), flush=True)
     captioner = load_captioner(name, source=args.captioner_model or None)
-    result = caption_images(captioner, images, options,
-                            on_caption=lambda c: print(f"{c.path.name}: {c.caption}", flush=True))
+    result = caption_images(
+        captioner, images, options, on_caption=lambda c: print(f"{c.path.name}: {c.caption}", flush=True)
+    )
     write_caption_files(result)
     print(result.summary(), file=sys.stderr if result.problems else sys.stdout)
     return 0 if result.captions or not result.problems else 2
 
 
 def run_queue(args: argparse.Namespace) -> int:
-    from sdlora.queue import JobQueue
+    from sdlora.jobs.queue import JobQueue
 
     if args.verb == "add":
         config = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "verb"}))
@@ -369,8 +457,10 @@ def run_queue(args: argparse.Namespace) -> int:
     queue = JobQueue(args.adapters_dir)
     if args.verb == "cancel":
         job = queue.cancel(args.id)
-        print(f"job {job.id} ({job.name}): " + ("stopping; it saves after this step" if job.state == "running"
-                                               else job.state))
+        print(
+            f"job {job.id} ({job.name}): "
+            + ("stopping; it saves after this step" if job.state == "running" else job.state)
+        )
         return 0
     for row in queue.rows():
         eta = f"{row.eta_seconds:.0f} s" if row.eta_seconds is not None else "-"
@@ -401,4 +491,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 1
-

@@ -29,7 +29,9 @@ SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 # file `.<name>.safetensors.<8 random>.tmp`, under the 255-byte name limit of ext4, APFS and NTFS.
 MAX_NAME_CHARS = 100
 MAX_NAME_BYTES = 200
-WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{p}{n}" for p in ("COM", "LPT") for n in range(10))})
+WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", *(f"{p}{n}" for p in ("COM", "LPT") for n in range(10))}
+)
 ILLEGAL_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 # Adapter weights: useful mixes stay within about [-2, 2]; 10 leaves room to push a weak adapter,
 # while 1e15 (or NaN) only turns every pixel into noise and overflows a half-precision fused UNet.
@@ -48,27 +50,39 @@ def check_adapter_name(name: str, what: str = "adapter name") -> None:
     if not name or not name.strip():
         raise ConfigError(f"{what} is empty; give the adapter a name")
     if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise ConfigError(f"{what} {shown} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
+        raise ConfigError(
+            f"{what} {shown} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed"
+        )
     bad = ILLEGAL_NAME_CHARS.search(name)
     if bad:
-        raise ConfigError(f"{what} {shown} must be a plain file name: it contains {bad.group()!r} "
-                          '(no / \\ : * ? " < > | or control characters)')
+        raise ConfigError(
+            f"{what} {shown} must be a plain file name: it contains {bad.group()!r} "
+            '(no / \\ : * ? " < > | or control characters)'
+        )
     if name.startswith(".") or name.startswith(" ") or name.endswith((".", " ")):
-        raise ConfigError(f"{what} {shown} starts with a dot or a space or ends with one; "
-                          "Windows and the library's hidden files forbid that")
+        raise ConfigError(
+            f"{what} {shown} starts with a dot or a space or ends with one; "
+            "Windows and the library's hidden files forbid that"
+        )
     if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
-        raise ConfigError(f"{what} {shown} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM0-9, "
-                          "LPT0-9, with or without an extension); pick another")
+        raise ConfigError(
+            f"{what} {shown} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM0-9, "
+            "LPT0-9, with or without an extension); pick another"
+        )
 
 
 def check_image_size(width: int, height: int, native: int | None, what: str = "image size") -> None:
     """Refuse a size beyond MAX_SIDE_FACTOR x the model's native side (when known) or MAX_PIXELS."""
     if native and max(width, height) > MAX_SIDE_FACTOR * native:
-        raise ConfigError(f"{what} {width}x{height} is too large for this base model (native {native} px): "
-                          f"at most {MAX_SIDE_FACTOR * native} px a side")
+        raise ConfigError(
+            f"{what} {width}x{height} is too large for this base model (native {native} px): "
+            f"at most {MAX_SIDE_FACTOR * native} px a side"
+        )
     if width * height > MAX_PIXELS:
-        raise ConfigError(f"{what} {width}x{height} is too large: at most {MAX_PIXELS:,} pixels "
-                          f"({int(math.sqrt(MAX_PIXELS))}x{int(math.sqrt(MAX_PIXELS))})")
+        raise ConfigError(
+            f"{what} {width}x{height} is too large: at most {MAX_PIXELS:,} pixels "
+            f"({int(math.sqrt(MAX_PIXELS))}x{int(math.sqrt(MAX_PIXELS))})"
+        )
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
@@ -92,7 +106,8 @@ class LoraSpec:
         ATTENTION_PROJECTIONS, "UNet modules to adapt (name suffixes).", flag="--targets"
     )
     extra_target_modules: tuple[str, ...] = _opt(
-        (), "More UNet modules to adapt besides the attention projections, e.g. ff.net.2 proj_in.",
+        (),
+        "More UNet modules to adapt besides the attention projections, e.g. ff.net.2 proj_in.",
         flag="--extra-targets",
     )
 
@@ -126,13 +141,20 @@ class DataConfig:
         "{trigger}", "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
     )
     resolution: int = _opt(512, "Training resolution in pixels: images train at about resolution² pixels.")
-    buckets: bool = _opt(True, "Keep each image's aspect ratio: train it in the bucket of about resolution² "
-                               "pixels nearest its shape (kohya's buckets); off: centre-crop every image square.")
-    flip: bool = _opt(False, "Also train on horizontally flipped copies (not for text or asymmetric subjects).")
+    buckets: bool = _opt(
+        True,
+        "Keep each image's aspect ratio: train it in the bucket of about resolution² "
+        "pixels nearest its shape (kohya's buckets); off: centre-crop every image square.",
+    )
+    flip: bool = _opt(
+        False, "Also train on horizontally flipped copies (not for text or asymmetric subjects)."
+    )
     regularization_images: str = _opt(
-        "", "Folder of regularisation images with captions (kohya's reg folder): ordinary images of what "
-            "prompts without the trigger should keep drawing; trained beside the concept to stop it leaking.",
-        flag="--reg-images")
+        "",
+        "Folder of regularisation images with captions (kohya's reg folder): ordinary images of what "
+        "prompts without the trigger should keep drawing; trained beside the concept to stop it leaking.",
+        flag="--reg-images",
+    )
 
     def validate(self) -> None:
         if not self.images:
@@ -147,17 +169,25 @@ class TrainConfig:
     """Everything that determines a training run; saved beside the adapter to reproduce it."""
 
     base_model: str = _opt("", "Base model: hub id, local diffusers folder, or single-file .safetensors.")
-    output_dir: str = _opt("outputs", "Folder for the adapter, its config, previews and checkpoints.", flag="--output")
+    output_dir: str = _opt(
+        "outputs", "Folder for the adapter, its config, previews and checkpoints.", flag="--output"
+    )
     name: str = _opt("my-lora", "Adapter name; the file is <output>/<name>.safetensors.")
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
     steps: int = _opt(1000, "Optimizer steps to train.")
     batch_size: int = _opt(1, "Images per step on each device.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches summed into one optimizer step.")
-    learning_rate: float = _opt(1e-4, "Peak learning rate (Prodigy finds its own: use 1.0 with it).", flag="--lr")
-    optimizer: str = _opt("adamw", "adamw; adamw8bit (bitsandbytes, CUDA: a quarter of AdamW's state memory); "
-                                   "adafactor (factored state, in transformers); prodigy (prodigyopt, adapts "
-                                   "the step size).", choices=OPTIMIZER_CHOICES)
+    learning_rate: float = _opt(
+        1e-4, "Peak learning rate (Prodigy finds its own: use 1.0 with it).", flag="--lr"
+    )
+    optimizer: str = _opt(
+        "adamw",
+        "adamw; adamw8bit (bitsandbytes, CUDA: a quarter of AdamW's state memory); "
+        "adafactor (factored state, in transformers); prodigy (prodigyopt, adapts "
+        "the step size).",
+        choices=OPTIMIZER_CHOICES,
+    )
     lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup.", choices=LR_SCHEDULE_CHOICES)
     warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
     weight_decay: float = _opt(1e-2, "Weight decay on the LoRA weights.")
@@ -166,13 +196,19 @@ class TrainConfig:
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
     )
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet (helps on small GPUs).")
-    cpu_threads: int = _opt(0, "torch threads when training on a CPU; 0: torch's count (every core). Set 1 "
-                                 "when other work shares the CPU: idle threads then spin and slow every step.")
+    cpu_threads: int = _opt(
+        0,
+        "torch threads when training on a CPU; 0: torch's count (every core). Set 1 "
+        "when other work shares the CPU: idle threads then spin and slow every step.",
+    )
     seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
     min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
-    prior_loss_weight: float = _opt(1.0, "Weight of the regularisation images' loss against the concept's "
-                                         "(used only with --reg-images).")
-    noise_offset: float = _opt(0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).")
+    prior_loss_weight: float = _opt(
+        1.0, "Weight of the regularisation images' loss against the concept's (used only with --reg-images)."
+    )
+    noise_offset: float = _opt(
+        0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables)."
+    )
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
     preview_every: int = _opt(0, "Render preview images every N steps (0 disables).")
@@ -189,8 +225,15 @@ class TrainConfig:
         for attr in ("steps", "batch_size", "gradient_accumulation_steps", "preview_inference_steps"):
             if getattr(self, attr) < 1:
                 raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
-        for attr in ("warmup_steps", "checkpoint_every", "preview_every", "min_snr_gamma", "noise_offset",
-                     "cpu_threads", "prior_loss_weight"):
+        for attr in (
+            "warmup_steps",
+            "checkpoint_every",
+            "preview_every",
+            "min_snr_gamma",
+            "noise_offset",
+            "cpu_threads",
+            "prior_loss_weight",
+        ):
             if getattr(self, attr) < 0:
                 raise ConfigError(f"{attr} must not be negative, got {getattr(self, attr)}")
         if self.checkpoints_to_keep < 1:
@@ -200,7 +243,9 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}")
         if self.optimizer not in OPTIMIZER_CHOICES:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {self.optimizer!r}")
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {self.optimizer!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULE_CHOICES:
             raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}")
         self.data.validate()
@@ -237,7 +282,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+        raise ConfigError(
+            f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table/object of settings")
     return values
@@ -247,8 +294,10 @@ def _build(cls: type, values: dict[str, Any], source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"known: {', '.join(fields)}")
+        raise ConfigError(
+            f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"known: {', '.join(fields)}"
+        )
     defaults = {name: info["default"] for name, info in field_help(cls).items()}
     kwargs = {}
     for name, value in values.items():
@@ -309,8 +358,10 @@ class AdapterWeight:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
             raise ConfigError(f"weight of adapter {self.name!r} must be a number, got {self.weight!r}")
         if not (math.isfinite(self.weight) and abs(self.weight) <= MAX_ADAPTER_WEIGHT):
-            raise ConfigError(f"weight of adapter {self.name!r} must be a number between "
-                              f"-{MAX_ADAPTER_WEIGHT:g} and {MAX_ADAPTER_WEIGHT:g}, got {self.weight!r}")
+            raise ConfigError(
+                f"weight of adapter {self.name!r} must be a number between "
+                f"-{MAX_ADAPTER_WEIGHT:g} and {MAX_ADAPTER_WEIGHT:g}, got {self.weight!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -325,8 +376,9 @@ class GenerateConfig:
     width: int = _opt(0, "Image width in pixels, a multiple of 8; 0: the model's native size.")
     height: int = _opt(0, "Image height in pixels, a multiple of 8; 0: the model's native size.")
     scheduler: str = _opt("Euler a", "Sampler.", choices=SCHEDULERS)
-    adapters: tuple[AdapterWeight, ...] = _opt((), "Library adapters, each at its weight (negative allowed).",
-                                               flag="--lora")
+    adapters: tuple[AdapterWeight, ...] = _opt(
+        (), "Library adapters, each at its weight (negative allowed).", flag="--lora"
+    )
     count: int = _opt(1, "How many images, at seeds seed, seed+1, ...")
 
     def validate(self, native_resolution: int | None = None) -> None:
@@ -337,9 +389,14 @@ class GenerateConfig:
             raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
         if not 1 <= self.count <= 16:
             raise ConfigError(f"count must be between 1 and 16, got {self.count}")
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not (
-                math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
-            raise ConfigError(f"guidance must be a number between 0 and {MAX_GUIDANCE:g}, got {self.guidance!r}")
+        if (
+            isinstance(self.guidance, bool)
+            or not isinstance(self.guidance, (int, float))
+            or not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE)
+        ):
+            raise ConfigError(
+                f"guidance must be a number between 0 and {MAX_GUIDANCE:g}, got {self.guidance!r}"
+            )
         for side in (self.width, self.height):
             if side and (side < 8 or side % 8):
                 raise ConfigError(f"width and height must be multiples of 8, got {side}")

@@ -60,7 +60,9 @@ class Finished:
     step: int
     adapter_path: str  # "" when nothing was saved (stopped before the first step)
     stopped_early: bool
-    message: str = ""  # one line when the end was not the plain one: nothing saved, or saved under another name
+    message: str = (
+        ""  # one line when the end was not the plain one: nothing saved, or saved under another name
+    )
 
 
 @dataclass(frozen=True)

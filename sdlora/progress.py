@@ -22,12 +22,16 @@ class ConsoleProgress:
                 tqdm.write(f"skipped {problem}")
             for notice in event.notices:
                 tqdm.write(f"note: {notice}")
-            tqdm.write(f"training {event.trainable_parameters:,} of {event.total_parameters:,} parameters "
-                       f"on {event.image_count} images, device {event.device}, precision {event.mixed_precision}"
-                       + (f", resuming at step {event.start_step}" if event.start_step else ""))
+            tqdm.write(
+                f"training {event.trainable_parameters:,} of {event.total_parameters:,} parameters "
+                f"on {event.image_count} images, device {event.device}, precision {event.mixed_precision}"
+                + (f", resuming at step {event.start_step}" if event.start_step else "")
+            )
             if event.buckets:
                 tqdm.write("buckets (width x height: images): " + ", ".join(event.buckets))
-            self._bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True
+            )
         elif isinstance(event, Step) and self._bar is not None:
             self._bar.update(event.step - self._bar.n)
             self._bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}")

@@ -62,7 +62,13 @@ def tiny_config(tiny_model, concept_dir, tmp_path):
     """A TrainConfig for a quick run on the tiny model."""
     from sdlora.config import DataConfig, LoraSpec, TrainConfig
 
-    return TrainConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "out"), name="tiny", steps=6,
-                       learning_rate=1e-3, seed=7,
-                       data=DataConfig(images=str(concept_dir), trigger_word="sks", resolution=IMAGE_SIZE),
-                       lora=LoraSpec(rank=4, alpha=16.0))
+    return TrainConfig(
+        base_model=str(tiny_model),
+        output_dir=str(tmp_path / "out"),
+        name="tiny",
+        steps=6,
+        learning_rate=1e-3,
+        seed=7,
+        data=DataConfig(images=str(concept_dir), trigger_word="sks", resolution=IMAGE_SIZE),
+        lora=LoraSpec(rank=4, alpha=16.0),
+    )

@@ -30,8 +30,16 @@ def kohya(layers: Layers, unet_names=lambda p: p) -> dict[str, torch.Tensor]:
     out = {}
     for key, (down, up, alpha) in layers.items():
         part, path = key.split(".", 1)
-        stem = ("lora_unet_" + unet_names(path) if part == "unet" else "lora_te_" + _text_path(path)).replace(".", "_")
-        out.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)})
+        stem = ("lora_unet_" + unet_names(path) if part == "unet" else "lora_te_" + _text_path(path)).replace(
+            ".", "_"
+        )
+        out.update(
+            {
+                f"{stem}.lora_down.weight": down,
+                f"{stem}.lora_up.weight": up,
+                f"{stem}.alpha": torch.tensor(alpha),
+            }
+        )
     return out
 
 
@@ -40,9 +48,18 @@ def comfyui(layers: Layers, layers_per_block: int, up_attention: set[int]) -> di
     out = {}
     for key, (down, up, alpha) in layers.items():
         part, path = key.split(".", 1)
-        stem = (f"diffusion_model.{ldm_path(path, layers_per_block, up_attention)}" if part == "unet"
-                else f"text_encoder.{_text_path(path)}")
-        out.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)})
+        stem = (
+            f"diffusion_model.{ldm_path(path, layers_per_block, up_attention)}"
+            if part == "unet"
+            else f"text_encoder.{_text_path(path)}"
+        )
+        out.update(
+            {
+                f"{stem}.lora_down.weight": down,
+                f"{stem}.lora_up.weight": up,
+                f"{stem}.alpha": torch.tensor(alpha),
+            }
+        )
     return out
 
 
@@ -74,14 +91,25 @@ def diffusers_save(pipeline_class, layers: Layers, folder: Path, old_keys: bool)
         kwargs[argument] = convert_state_dict_to_diffusers(state) if old_keys else state
         if not old_keys:
             modules = sorted({k.split(".lora_")[0] for k in state})
-            alphas = {m: next(a for k, (_, _, a) in layers.items() if k.endswith("." + m) or
-                                  k.endswith(".text_model." + m)) for m in modules}
+            alphas = {
+                m: next(
+                    a
+                    for k, (_, _, a) in layers.items()
+                    if k.endswith("." + m) or k.endswith(".text_model." + m)
+                )
+                for m in modules
+            }
             common = max(set(alphas.values()), key=list(alphas.values()).count)
-            config = LoraConfig(r=next(iter(state.values())).shape[0], lora_alpha=common, target_modules=modules,
-                                alpha_pattern={m: a for m, a in alphas.items() if a != common})
+            config = LoraConfig(
+                r=next(iter(state.values())).shape[0],
+                lora_alpha=common,
+                target_modules=modules,
+                alpha_pattern={m: a for m, a in alphas.items() if a != common},
+            )
             kwargs[argument.replace("_layers", "_adapter_metadata")] = config.to_dict()
-    pipeline_class.save_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors",
-                                     safe_serialization=True, **kwargs)
+    pipeline_class.save_lora_weights(
+        str(folder), weight_name="pytorch_lora_weights.safetensors", safe_serialization=True, **kwargs
+    )
     return folder / "pytorch_lora_weights.safetensors"
 
 
@@ -93,8 +121,12 @@ def peft_save_pretrained(unet, layers: Layers, folder: Path) -> Path:
     modules = sorted({k.split(".lora_")[0] for k in state})
     alphas = {k.split(".", 1)[1]: a for k, (_, _, a) in layers.items() if k.startswith("unet.")}
     common = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = LoraConfig(r=next(iter(state.values())).shape[0], lora_alpha=common, target_modules=modules,
-                        alpha_pattern={m: a for m, a in alphas.items() if a != common})
+    config = LoraConfig(
+        r=next(iter(state.values())).shape[0],
+        lora_alpha=common,
+        target_modules=modules,
+        alpha_pattern={m: a for m, a in alphas.items() if a != common},
+    )
     model = get_peft_model(unet, config)
     result = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in state.items()})
     assert not result.unexpected_keys
@@ -111,20 +143,28 @@ def loha_layers(shapes: dict[str, tuple[int, ...]], rank: int, seed: int, tucker
         out, flat_in = shape[0], int(torch.tensor(shape[1:]).prod())
         alpha = float(rank) / (2 + i % 3)
         if tucker_conv and len(shape) == 4 and shape[2] > 1:
-            parts = {"hada_w1_a": torch.randn(rank, out, generator=g), "hada_w1_b": torch.randn(rank, shape[1], generator=g),
-                     "hada_t1": torch.randn(rank, rank, *shape[2:], generator=g),
-                     "hada_w2_a": torch.randn(rank, out, generator=g), "hada_w2_b": torch.randn(rank, shape[1], generator=g),
-                     "hada_t2": torch.randn(rank, rank, *shape[2:], generator=g)}
+            parts = {
+                "hada_w1_a": torch.randn(rank, out, generator=g),
+                "hada_w1_b": torch.randn(rank, shape[1], generator=g),
+                "hada_t1": torch.randn(rank, rank, *shape[2:], generator=g),
+                "hada_w2_a": torch.randn(rank, out, generator=g),
+                "hada_w2_b": torch.randn(rank, shape[1], generator=g),
+                "hada_t2": torch.randn(rank, rank, *shape[2:], generator=g),
+            }
             parts = {k: v * 0.1 for k, v in parts.items()}
             w1 = torch.einsum("ijkl,jr,ip->prkl", parts["hada_t1"], parts["hada_w1_b"], parts["hada_w1_a"])
             w2 = torch.einsum("ijkl,jr,ip->prkl", parts["hada_t2"], parts["hada_w2_b"], parts["hada_w2_a"])
             delta = w1 * w2
         else:
-            parts = {"hada_w1_a": torch.randn(out, rank, generator=g) * 0.1,
-                     "hada_w1_b": torch.randn(rank, flat_in, generator=g) * 0.1,
-                     "hada_w2_a": torch.randn(out, rank, generator=g) * 0.1,
-                     "hada_w2_b": torch.randn(rank, flat_in, generator=g) * 0.1}
-            delta = ((parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])).reshape(shape)
+            parts = {
+                "hada_w1_a": torch.randn(out, rank, generator=g) * 0.1,
+                "hada_w1_b": torch.randn(rank, flat_in, generator=g) * 0.1,
+                "hada_w2_a": torch.randn(out, rank, generator=g) * 0.1,
+                "hada_w2_b": torch.randn(rank, flat_in, generator=g) * 0.1,
+            }
+            delta = (
+                (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+            ).reshape(shape)
         tensors.update({f"{stem}.{k}": v for k, v in parts.items()})
         tensors[f"{stem}.alpha"] = torch.tensor(alpha)
         deltas[key] = delta * (alpha / rank)
@@ -145,9 +185,11 @@ def lokr_layers(shapes: dict[str, tuple[int, ...]], rank: int, seed: int):
         parts = {"lokr_w1": w1}
         conv = len(shape) == 4
         if conv and shape[2] > 1 and i % 2 == 0:  # Tucker w2
-            parts.update(lokr_t2=torch.randn(rank, rank, *shape[2:], generator=g) * 0.3,
-                         lokr_w2_a=torch.randn(rank, o2, generator=g) * 0.3,
-                         lokr_w2_b=torch.randn(rank, i2, generator=g) * 0.3)
+            parts.update(
+                lokr_t2=torch.randn(rank, rank, *shape[2:], generator=g) * 0.3,
+                lokr_w2_a=torch.randn(rank, o2, generator=g) * 0.3,
+                lokr_w2_b=torch.randn(rank, i2, generator=g) * 0.3,
+            )
             w2 = torch.einsum("ijkl,ip,jr->prkl", parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"])
             scale = alpha / rank
         elif i % 3 == 1:  # both factors full: LyCORIS ignores alpha
@@ -155,8 +197,10 @@ def lokr_layers(shapes: dict[str, tuple[int, ...]], rank: int, seed: int):
             parts["lokr_w2"] = w2
             scale = 1.0
         else:
-            parts.update(lokr_w2_a=torch.randn(o2, rank, generator=g) * 0.3,
-                         lokr_w2_b=torch.randn(rank, i2 * int(torch.tensor(shape[2:]).prod()), generator=g) * 0.3)
+            parts.update(
+                lokr_w2_a=torch.randn(o2, rank, generator=g) * 0.3,
+                lokr_w2_b=torch.randn(rank, i2 * int(torch.tensor(shape[2:]).prod()), generator=g) * 0.3,
+            )
             w2 = (parts["lokr_w2_a"] @ parts["lokr_w2_b"]).reshape(o2, i2, *shape[2:])
             scale = alpha / rank
         w1_full = w1.reshape(f_out, f_in, 1, 1) if conv else w1
@@ -167,6 +211,9 @@ def lokr_layers(shapes: dict[str, tuple[int, ...]], rank: int, seed: int):
 
 
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()},
+    )
     return path

@@ -43,8 +43,16 @@ class ProgressStreams:
 
     async def _one(self, http: httpx.AsyncClient) -> None:
         session = uuid.uuid4().hex
-        await http.post("gradio_api/queue/join", json={"data": [], "event_data": None, "fn_index": self.fn_index,
-                                                      "trigger_id": None, "session_hash": session})
+        await http.post(
+            "gradio_api/queue/join",
+            json={
+                "data": [],
+                "event_data": None,
+                "fn_index": self.fn_index,
+                "trigger_id": None,
+                "session_hash": session,
+            },
+        )
         seen_output = False
         async with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as response:
             async for line in response.aiter_lines():
@@ -56,7 +64,9 @@ class ProgressStreams:
                     self.started += 1
                     if self.started == self.count:
                         self.all_started.set()
-                if message.get("msg") in ("process_generating", "process_completed") and message.get("output"):
+                if message.get("msg") in ("process_generating", "process_completed") and message.get(
+                    "output"
+                ):
                     data = message["output"].get("data") or []
                     if data and isinstance(data[0], str):
                         self.last[session] = data[0]
@@ -74,15 +84,25 @@ def timed_generation(client) -> float:
 
 
 def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(tiny_model, tmp_path):
-    studio = Studio(str(tiny_model), tmp_path / "adapters", REPO / "assets" / "concepts", work_dir=tmp_path / "work")
+    studio = Studio(
+        str(tiny_model), tmp_path / "adapters", REPO / "assets" / "concepts", work_dir=tmp_path / "work"
+    )
     with serving(studio) as served:
         check_streams(Client(served.url, verbose=False), served)
 
 
 def check_streams(client: Client, served) -> None:
     images = sorted(str(p) for p in (REPO / "assets" / "concepts" / "star").glob("*.png"))[:2]
-    client.predict(files=[handle_file(p) for p in images], name="long-watched", steps=100_000, rank=2, alpha=2,
-                   resolution=32, preview_every=0, api_name="/train")
+    client.predict(
+        files=[handle_file(p) for p in images],
+        name="long-watched",
+        steps=100_000,
+        rank=2,
+        alpha=2,
+        resolution=32,
+        preview_every=0,
+        api_name="/train",
+    )
     run = served.studio.run
     timed_generation(client)  # the first generation also loads what the pipeline caches
     unloaded = max(timed_generation(client), timed_generation(client))
@@ -91,7 +111,9 @@ def check_streams(client: Client, served) -> None:
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "progress")
     streams = ProgressStreams(served.url, fn_index, STREAMS)
     streams.thread.start()
-    assert streams.all_started.wait(120), f"only {streams.started} of {STREAMS} progress streams got an answer"
+    assert streams.all_started.wait(120), (
+        f"only {streams.started} of {STREAMS} progress streams got an answer"
+    )
     loaded = timed_generation(client)
     assert loaded < 5 * unloaded + 1, (loaded, unloaded)  # a stall detector: a blocked server takes minutes
 
@@ -102,4 +124,6 @@ def check_streams(client: Client, served) -> None:
     assert type(finished).__name__ == "Finished" and finished.stopped_early
     assert finished.step <= steps_at_stop + 1, (finished.step, steps_at_stop)
     assert streams.all_completed.wait(60), f"only {streams.completed} of {STREAMS} streams ended with the run"
-    assert all("**long-watched**: stopped" in text for text in streams.last.values()), set(streams.last.values())
+    assert all("**long-watched**: stopped" in text for text in streams.last.values()), set(
+        streams.last.values()
+    )

@@ -15,8 +15,8 @@ import pytest
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
-pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
-pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
+pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -53,7 +53,9 @@ def served(tiny_model, tmp_path_factory):
     for i in range(3):
         draw_concept(example / f"circle{i}.png", i)
         (example / f"circle{i}.txt").write_text(f"a red circle number {i}")
-    with serving(Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")) as served:
+    with serving(
+        Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")
+    ) as served:
         yield served
 
 
@@ -73,9 +75,21 @@ def images(tmp_path) -> list[str]:
 
 def train_args(files, table, name, steps=6, preview_every=3, rank=4, **more):
     """Named inputs of /train: files, captions, then the settings by their TrainConfig names."""
-    return dict(files=[handle_file(f) for f in files], captions=table, name=name, trigger_word="sks",
-                caption_template="{trigger}, a circle", rank=rank, alpha=rank, steps=steps, learning_rate=1e-3,
-                resolution=IMAGE_SIZE, preview_every=preview_every, seed=7, **more)
+    return dict(
+        files=[handle_file(f) for f in files],
+        captions=table,
+        name=name,
+        trigger_word="sks",
+        caption_template="{trigger}, a circle",
+        rank=rank,
+        alpha=rank,
+        steps=steps,
+        learning_rate=1e-3,
+        resolution=IMAGE_SIZE,
+        preview_every=preview_every,
+        seed=7,
+        **more,
+    )
 
 
 def train_and_watch(client, files, name, **settings) -> list[tuple]:
@@ -85,9 +99,24 @@ def train_and_watch(client, files, name, **settings) -> list[tuple]:
     return [tuple(out) for out in job]
 
 
-STABLE_API = {"/upload_images", "/use_example", "/apply_preset", "/estimate", "/train", "/progress", "/stop",
-              "/generate", "/list_adapters", "/adapter_details", "/import_adapter", "/export_adapter",
-              "/rename_adapter", "/delete_adapter", "/load_base_model", "/settings"}
+STABLE_API = {
+    "/upload_images",
+    "/use_example",
+    "/apply_preset",
+    "/estimate",
+    "/train",
+    "/progress",
+    "/stop",
+    "/generate",
+    "/list_adapters",
+    "/adapter_details",
+    "/import_adapter",
+    "/export_adapter",
+    "/rename_adapter",
+    "/delete_adapter",
+    "/load_base_model",
+    "/settings",
+}
 
 
 def test_scripts_find_the_documented_endpoints(client):
@@ -101,19 +130,29 @@ def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images,
         zf.write(images[1], "nested/folder/zipped.png")
         zf.writestr("nested/folder/zipped.txt", "a zipped circle")
         zf.writestr("notes.md", "ignored")
-    gallery, table = client.predict([handle_file(p) for p in [*images, str(archive)]], api_name="/upload_images")
+    gallery, table = client.predict(
+        [handle_file(p) for p in [*images, str(archive)]], api_name="/upload_images"
+    )
     assert len(gallery) == 4
     captions = {row[0]: row[1] for row in table["data"]}
-    assert captions == {"img0.png": "a blue circle", "img1.png": "", "img2.png": "", "zipped.png": "a zipped circle"}
-    assert {row[2] for row in table["data"]} == {"32x32"}  # the bucket each trains in (48x40 images: square here)
+    assert captions == {
+        "img0.png": "a blue circle",
+        "img1.png": "",
+        "img2.png": "",
+        "zipped.png": "a zipped circle",
+    }
+    assert {row[2] for row in table["data"]} == {
+        "32x32"
+    }  # the bucket each trains in (48x40 images: square here)
 
 
 def test_unusable_uploads_are_no_thumbnails_and_the_table_says_why(client, images, tmp_path):
     empty, truncated = tmp_path / "empty.png", tmp_path / "cut.png"
     empty.write_bytes(b"")
     truncated.write_bytes(Path(images[0]).read_bytes()[:60])
-    gallery, table = client.predict([handle_file(p) for p in [images[0], str(empty), str(truncated)]],
-                                    api_name="/upload_images")
+    gallery, table = client.predict(
+        [handle_file(p) for p in [images[0], str(empty), str(truncated)]], api_name="/upload_images"
+    )
     assert len(gallery) == 1  # only the readable image is shown as a thumbnail
     buckets = {row[0]: row[2] for row in table["data"]}
     assert buckets["img0.png"] == "32x32"
@@ -138,13 +177,17 @@ def test_example_concept_loads_in_one_click(client):
 
 
 def test_preset_fills_settings_and_estimate_is_shown(client):
-    from sdlora.presets import PRESETS
+    from sdlora.training.presets import PRESETS
     from sdlora.ui.train_tab import preset_fields
 
     *values, preview_every, note = client.predict("Character", api_name="/apply_preset")
     filled = dict(zip(preset_fields(), values, strict=True))
     preset = PRESETS["Character"]
-    assert (filled["rank"], filled["steps"], filled["resolution"]) == (preset.rank, preset.steps, preset.resolution)
+    assert (filled["rank"], filled["steps"], filled["resolution"]) == (
+        preset.rank,
+        preset.steps,
+        preset.resolution,
+    )
     assert filled["learning_rate"] == pytest.approx(preset.learning_rate) and preset.note in note
     assert filled["regularization_images"] == "" and filled["extra_target_modules"] == []
     assert preview_every == preset.steps // 5
@@ -174,9 +217,17 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
     assert preview and Path(preview).is_file()
 
     slots = dict(adapter_1="blue-circles", weight_1=0.5, adapter_2="blue-circles-b", weight_2=1.0)
-    gallery, parameters, grid = client.predict(prompt="sks, a circle", seed=5, steps=2, guidance=5.0,
-                                               scheduler="Euler", count=2, **slots, comparison_grid=True,
-                                               api_name="/generate")
+    gallery, parameters, grid = client.predict(
+        prompt="sks, a circle",
+        seed=5,
+        steps=2,
+        guidance=5.0,
+        scheduler="Euler",
+        count=2,
+        **slots,
+        comparison_grid=True,
+        api_name="/generate",
+    )
     assert len(gallery) == 2 and Path(grid).is_file()  # two seeds, and the base beside each adapter
     assert "<lora:blue-circles:0.5>" in parameters and "<lora:blue-circles-b:1>" in parameters
     assert "Seed: 5" in gallery[0]["caption"]
@@ -199,7 +250,9 @@ def test_one_training_job_at_a_time_and_stop_saves(client, served, images):
     reloaded = Client(served.url, verbose=False)  # a new page re-attaches to the run on the server
     stream = reloaded.submit(api_name="/progress")
     assert served.studio.run.running
-    while not any(isinstance(e, Step) for e in served.studio.run.snapshot()):  # a stop before step 1 saves nothing
+    while not any(
+        isinstance(e, Step) for e in served.studio.run.snapshot()
+    ):  # a stop before step 1 saves nothing
         time.sleep(0.05)
     summary, _, _ = client.predict(api_name="/stop")
     final = [tuple(out) for out in stream][-1][0]
@@ -215,7 +268,9 @@ def test_user_errors_read_as_messages_not_tracebacks(client, served, images):
     assert "Traceback" not in str(bad_name.value)
     missing = served.studio.work_dir / "no-such-reg-folder"
     with pytest.raises(AppError, match=f"regularisation images folder {missing} does not exist"):
-        client.predict(**train_args(images, table, "with-reg", regularization_images=str(missing)), api_name="/train")
+        client.predict(
+            **train_args(images, table, "with-reg", regularization_images=str(missing)), api_name="/train"
+        )
     with pytest.raises(AppError, match="concept images"):
         client.predict(**{**train_args(images, table, "x"), "files": []}, api_name="/train")
     with pytest.raises(AppError, match="no adapter named"):
@@ -233,8 +288,8 @@ def test_a_run_that_fails_says_why_in_its_progress(client, tmp_path):
 
 
 def test_import_rename_delete(client, tiny_config, tmp_path):
-    from sdlora.store import AdapterLibrary
-    from sdlora.train import train
+    from sdlora.library.store import AdapterLibrary
+    from sdlora.training.loop import train
 
     trained = train(tiny_config.replace(name="from-elsewhere")).adapter_path
     copy = AdapterLibrary(trained.parent).export("from-elsewhere", "kohya", tmp_path / "kohya")
@@ -252,8 +307,14 @@ def test_import_rename_delete(client, tiny_config, tmp_path):
     from safetensors.torch import save_file
 
     dora = tmp_path / "dora.safetensors"
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
-               "lora_unet_x.dora_scale": torch.ones(1, 4)}, str(dora))
+    save_file(
+        {
+            "lora_unet_x.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+            "lora_unet_x.dora_scale": torch.ones(1, 4),
+        },
+        str(dora),
+    )
     with pytest.raises(AppError, match="dora.safetensors is a DoRA adapter") as refused:
         client.predict(handle_file(str(dora)), "", api_name="/import_adapter")
     assert "\n" not in str(refused.value).strip()
@@ -279,7 +340,8 @@ def test_auth_keeps_strangers_out(tmp_path):
     demo = app.launch(studio, port=free_port(), auth=("me", "secret"), prevent_thread_lock=True)
     try:
         assert "Base model" in Client(demo.local_url, auth=("me", "secret"), verbose=False).predict(
-            api_name="/settings")
+            api_name="/settings"
+        )
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain error for a refused login
             Client(demo.local_url, auth=("me", "wrong"), verbose=False)
     finally:
@@ -287,18 +349,30 @@ def test_auth_keeps_strangers_out(tmp_path):
 
 
 def test_flags():
-    args = app.parse_args(["--port", "9000", "--auth", "me:secret", "--share", "--base-model", "x",
-                           "--adapters-dir", "y"])
+    args = app.parse_args(
+        ["--port", "9000", "--auth", "me:secret", "--share", "--base-model", "x", "--adapters-dir", "y"]
+    )
     assert (args.host, args.port, args.auth, args.share, args.base_model, args.adapters_dir) == (
-        "127.0.0.1", 9000, "me:secret", True, "x", "y")
+        "127.0.0.1",
+        9000,
+        "me:secret",
+        True,
+        "x",
+        "y",
+    )
     assert app.parse_args([]).base_model == "assets/demo-model"
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "no-colon"])
 
 
 def torch_imported_by(code: str) -> bool:
-    out = subprocess.run([sys.executable, "-c", f"import sys; {code}; print('torch' in sys.modules)"], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; {code}; print('torch' in sys.modules)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().endswith("True")
 
 
@@ -307,14 +381,17 @@ def test_importing_the_app_does_not_import_torch():
 
 
 def test_building_the_page_does_not_import_torch(tmp_path):
-    assert not torch_imported_by(f"import app; from sdlora.ui.studio import Studio; "
-                                 f"app.build_app(Studio('none', {str(tmp_path)!r}))")
+    assert not torch_imported_by(
+        f"import app; from sdlora.ui.studio import Studio; app.build_app(Studio('none', {str(tmp_path)!r}))"
+    )
 
 
 def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path):
     own = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts")
     (own.work_dir / "images").mkdir()
-    given = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
+    given = Studio(
+        str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work"
+    )
     (tmp_path / "adapters").mkdir(exist_ok=True)
     (tmp_path / "adapters" / "keep.safetensors").write_bytes(b"adapter")
     assert own.work_dir.is_dir() and given.remove_work_dir is None
@@ -325,18 +402,27 @@ def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path
 
 def test_the_train_tab_trains_and_generates_on_an_sdxl_base(tiny_sdxl_model, tmp_path, images):
     """The same tab and API over an SDXL base: the adapter is SDXL's, and generation uses it."""
-    studio = Studio(str(tiny_sdxl_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
+    studio = Studio(
+        str(tiny_sdxl_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work"
+    )
     demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
     try:
         client = Client(demo.local_url, verbose=False)
         outputs = train_and_watch(client, images, "xl-circles", steps=3, preview_every=0)
         assert "finished" in outputs[-1][0], outputs[-1][0]
-        from sdlora.formats import read_metadata
+        from sdlora.library.formats import read_metadata
 
         header = read_metadata(tmp_path / "adapters" / "xl-circles.safetensors")
         assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["sdlora.family"] == "sdxl"
-        gallery, parameters, _ = client.predict(prompt="sks, a circle", seed=5, steps=2, guidance=5.0,
-                                                scheduler="Euler", adapter_1="xl-circles", api_name="/generate")
+        gallery, parameters, _ = client.predict(
+            prompt="sks, a circle",
+            seed=5,
+            steps=2,
+            guidance=5.0,
+            scheduler="Euler",
+            adapter_1="xl-circles",
+            api_name="/generate",
+        )
         assert len(gallery) == 1 and "<lora:xl-circles:1>" in parameters and "Size: 32x32" in parameters
         assert "sdxl" in client.predict(api_name="/settings").lower()
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import draw_concept
 
-pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -25,8 +25,9 @@ from sdlora.ui.studio import Studio  # noqa: E402
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    with serving(Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts",
-                        work_dir=root / "work")) as served:
+    with serving(
+        Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
+    ) as served:
         yield served
 
 
@@ -38,16 +39,24 @@ def client(served):
 def test_every_api_parameter_has_a_real_name(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = {api: [p["parameter_name"] for p in info["parameters"]] for api, info in endpoints.items()}
-    unnamed = {api: params for api, params in names.items() if any(re.fullmatch(r"param_\d+", p) for p in params)}
+    unnamed = {
+        api: params for api, params in names.items() if any(re.fullmatch(r"param_\d+", p) for p in params)
+    }
     assert not unnamed, unnamed
-    assert {"files", "captions", "config", "rank", "alpha", "steps", "seed", "trigger_word"} <= set(names["/train"])
-    assert {"prompt", "negative_prompt", "seed", "adapter_1", "weight_1", "comparison_grid"} <= set(names["/generate"])
+    assert {"files", "captions", "config", "rank", "alpha", "steps", "seed", "trigger_word"} <= set(
+        names["/train"]
+    )
+    assert {"prompt", "negative_prompt", "seed", "adapter_1", "weight_1", "comparison_grid"} <= set(
+        names["/generate"]
+    )
 
 
 def test_the_readme_client_example_runs(served, monkeypatch):
     """The README's example as written; only the address and the run's length (600 steps) are changed."""
     readme = (REPO / "README.md").read_text()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block)
+    code = next(
+        block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block
+    )
     assert '"http://127.0.0.1:7860/"' in code and '"steps": 600' in code
     code = code.replace('"http://127.0.0.1:7860/"', repr(served.url)).replace('"steps": 600', '"steps": 3')
     monkeypatch.chdir(REPO)  # the example names assets/concepts/star, as run from a checkout
@@ -60,25 +69,32 @@ def test_the_readme_client_example_runs(served, monkeypatch):
 
 def test_a_settings_object_is_read_like_a_config_file(client, served):
     with pytest.raises(AppError, match="unknown setting.*stpes"):
-        client.predict(config={"name": "typo", "stpes": 3, "data": {"images": "assets/concepts/star"}},
-                       api_name="/train")
+        client.predict(
+            config={"name": "typo", "stpes": 3, "data": {"images": "assets/concepts/star"}}, api_name="/train"
+        )
     with pytest.raises(AppError, match="lora: unknown setting.*rnak"):
-        client.predict(config={"name": "typo", "lora": {"rnak": 4}, "data": {"images": "assets/concepts/star"}},
-                       api_name="/train")
+        client.predict(
+            config={"name": "typo", "lora": {"rnak": 4}, "data": {"images": "assets/concepts/star"}},
+            api_name="/train",
+        )
     with pytest.raises(AppError, match="steps must be int"):
-        client.predict(config={"name": "typo", "steps": "many", "data": {"images": "assets/concepts/star"}},
-                       api_name="/train")
+        client.predict(
+            config={"name": "typo", "steps": "many", "data": {"images": "assets/concepts/star"}},
+            api_name="/train",
+        )
     with pytest.raises(AppError, match="this server trains on"):
         client.predict(config={"name": "typo", "base_model": "other/model"}, api_name="/train")
     folder = served.studio.work_dir / "stars"  # a concept folder on the server, inside its work folder
     folder.mkdir()
     for i in range(2):
         draw_concept(folder / f"s{i}.png", i)
-    client.predict(config={"name": "from-folder", "steps": 2, "lora": {"rank": 2}, "data": {"images": str(folder)}},
-                   api_name="/train")
+    client.predict(
+        config={"name": "from-folder", "steps": 2, "lora": {"rank": 2}, "data": {"images": str(folder)}},
+        api_name="/train",
+    )
     final = [tuple(out) for out in client.submit(api_name="/progress")][-1][0]
     assert "**from-folder**: finished, step 2/2" in final
-    from sdlora.formats import read_metadata
+    from sdlora.library.formats import read_metadata
 
     assert read_metadata(served.studio.adapters_dir / "from-folder.safetensors")["ss_network_dim"] == "2"
 
@@ -98,15 +114,25 @@ def test_a_server_folder_outside_the_roots_is_refused_without_listing_it(client,
 def test_the_base_model_is_limited_to_the_roots_and_fixed_on_a_shared_server(client, tmp_path):
     with pytest.raises(AppError, match="the base model /etc is outside"):
         client.predict("/etc", api_name="/load_base_model")
-    shared = Studio("none", tmp_path / "adapters", tmp_path / "concepts",
-                    access=app.access_for(app.parse_args(["--share", "--auth", "me:pw"])))
+    shared = Studio(
+        "none",
+        tmp_path / "adapters",
+        tmp_path / "concepts",
+        access=app.access_for(app.parse_args(["--share", "--auth", "me:pw"])),
+    )
     with serving(shared, auth=("me", "pw")) as server:
         with pytest.raises(AppError, match="this server is shared, so its base model is a server setting"):
             Client(server.url, auth=("me", "pw"), verbose=False).predict("x", api_name="/load_base_model")
 
 
-@pytest.mark.parametrize("flags, reason", [(["--share"], "gradio.live"), (["--host", "0.0.0.0"], "0.0.0.0"),
-                                           (["--host", "my-box.example"], "my-box.example")])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--share"], "gradio.live"),
+        (["--host", "0.0.0.0"], "0.0.0.0"),
+        (["--host", "my-box.example"], "my-box.example"),
+    ],
+)
 def test_a_shared_server_without_auth_is_refused_with_the_reason(flags, reason, capsys):
     with pytest.raises(SystemExit) as refused:
         app.parse_args(flags)
@@ -124,10 +150,26 @@ def test_a_hundred_open_progress_streams_leave_stop_and_generation_working(tmp_p
     import subprocess
 
     # os._exit after pytest: the server's daemon threads are not torn down mid-call at interpreter exit.
-    script = ("import os, sys, pytest; code = pytest.main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); "
-              "os._exit(int(code))")
-    done = subprocess.run([sys.executable, "-c", script, "-q", "-p", "no:cacheprovider", "--basetemp",
-                           str(tmp_path / "run"), str(REPO / "tests" / "progress_streams.py")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    script = (
+        "import os, sys, pytest; code = pytest.main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); "
+        "os._exit(int(code))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "run"),
+            str(REPO / "tests" / "progress_streams.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout

@@ -26,7 +26,9 @@ def served(tmp_path_factory):
     from sdlora.ui.studio import Studio
 
     root = tmp_path_factory.mktemp("app-captions")
-    with serving(Studio(str(DEMO_MODEL), root / "adapters", root / "concepts", work_dir=root / "work")) as served:
+    with serving(
+        Studio(str(DEMO_MODEL), root / "adapters", root / "concepts", work_dir=root / "work")
+    ) as served:
         yield SimpleNamespace(client=Client(served.url, verbose=False), studio=served.studio)
 
 
@@ -38,8 +40,9 @@ def test_caption_images_fills_empty_rows_keeps_typed_ones_and_writes_nothing(ser
     _, table = served.client.predict(files, api_name="/upload_images")
     assert [row[1] for row in table["data"]] == ["", "", ""]  # no .txt uploaded
     table["data"][1][1] = "typed by hand"
-    new_table, summary = served.client.predict(images=files, captions=table, prefix="star", overwrite=False,
-                                               api_name="/caption_images")
+    new_table, summary = served.client.predict(
+        images=files, captions=table, prefix="star", overwrite=False, api_name="/caption_images"
+    )
     rows = {row[0]: row for row in new_table["data"]}
     for image in (images[0], images[2]):
         assert rows[image.name][1] == "star, " + describe(Image.open(image).convert("RGB"))
@@ -49,19 +52,30 @@ def test_caption_images_fills_empty_rows_keeps_typed_ones_and_writes_nothing(ser
     assert not list(tmp_path.glob("*.txt"))  # the table trains; no caption file appears beside the uploads
 
     # No prefix and no trigger word: the captioner's words alone.
-    overwritten, _ = served.client.predict(images=files, captions=new_table, prefix="", overwrite=True,
-                                           trigger_word="", api_name="/caption_images")
+    overwritten, _ = served.client.predict(
+        images=files,
+        captions=new_table,
+        prefix="",
+        overwrite=True,
+        trigger_word="",
+        api_name="/caption_images",
+    )
     assert overwritten["data"][1][1] == describe(Image.open(images[1]).convert("RGB"))
 
 
 def test_caption_images_without_images_says_what_to_do(served):
     with pytest.raises(AppError, match="Add concept images first"):
-        served.client.predict(images=[], captions={"headers": ["image", "caption", "bucket"], "data": []},
-                              prefix="", overwrite=False, api_name="/caption_images")
+        served.client.predict(
+            images=[],
+            captions={"headers": ["image", "caption", "bucket"], "data": []},
+            prefix="",
+            overwrite=False,
+            api_name="/caption_images",
+        )
 
 
 def test_settings_lists_every_captioner_present_or_missing(served):
-    from sdlora.captioners import CAPTIONERS, is_present
+    from sdlora.captioning.captioners import CAPTIONERS, is_present
 
     text = served.client.predict(api_name="/settings")
     assert "Captioner demo, used by Caption images | present (built in)" in text
@@ -74,5 +88,7 @@ def test_settings_lists_every_captioner_present_or_missing(served):
 
 def test_the_estimate_counts_captioning_the_empty_rows(served):
     table = {"headers": ["image", "caption", "bucket"], "data": [["a.png", "", ""], ["b.png", "typed", ""]]}
-    text = served.client.predict(captions=table, rank=4, alpha=4, steps=100, resolution=0, api_name="/estimate")
+    text = served.client.predict(
+        captions=table, rank=4, alpha=4, steps=100, resolution=0, api_name="/estimate"
+    )
     assert "captioning 1 image with demo" in text  # the empty row is what "Caption images" would fill

@@ -9,11 +9,11 @@ import pytest
 from test_app import serving
 from tiny_models import IMAGE_SIZE
 
-pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
+pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from sdlora.formats import read_metadata  # noqa: E402
+from sdlora.library.formats import read_metadata  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
 
@@ -35,10 +35,23 @@ def uploaded(served, concept_dir):
 
 def queue_add(client, uploaded, name: str, steps: int = 4) -> list[list]:
     files, captions = uploaded
-    table = client.predict(files=files, captions=captions, name=name, trigger_word="sks",
-                           caption_template="{trigger}, a circle", rank=4, alpha=4, steps=steps, learning_rate=1e-3,
-                           resolution=IMAGE_SIZE, preview_every=0, seed=7, flip=False, regularization_images="",
-                           api_name="/queue_add")
+    table = client.predict(
+        files=files,
+        captions=captions,
+        name=name,
+        trigger_word="sks",
+        caption_template="{trigger}, a circle",
+        rank=4,
+        alpha=4,
+        steps=steps,
+        learning_rate=1e-3,
+        resolution=IMAGE_SIZE,
+        preview_every=0,
+        seed=7,
+        flip=False,
+        regularization_images="",
+        api_name="/queue_add",
+    )
     return table["data"]
 
 
@@ -64,7 +77,9 @@ def test_three_jobs_queued_through_the_api_run_in_order_and_each_writes_its_adap
     rows = wait_for_idle(client)
     assert [rows[n][3] for n in ("first", "second", "third")] == ["done", "done", "done"]
     jobs = {job.name: job for job in studio.queue.jobs()}
-    assert jobs["first"].finished <= jobs["second"].started and jobs["second"].finished <= jobs["third"].started
+    assert (
+        jobs["first"].finished <= jobs["second"].started and jobs["second"].finished <= jobs["third"].started
+    )
     for name in ("first", "second", "third"):
         assert read_metadata(studio.adapters_dir / f"{name}.safetensors")["ss_steps"] == "4"
         assert rows[name][5].endswith(f"{name}.safetensors at step 4")
@@ -80,12 +95,21 @@ def test_cancelled_job_never_runs_moved_job_runs_first_and_retry_runs_it_later(s
     client.predict(job_id=ids["cancel-me"], api_name="/queue_cancel")
     rows = listed(client)
     assert [(rows[n][1], rows[n][3]) for n in ("long", "sooner", "later", "cancel-me")] == [
-        ("1", "running"), ("2", "queued"), ("3", "queued"), ("", "cancelled")]
+        ("1", "running"),
+        ("2", "queued"),
+        ("3", "queued"),
+        ("", "cancelled"),
+    ]
     with pytest.raises(AppError, match="only queued jobs can be moved"):
         client.predict(job_id=ids["long"], api_name="/queue_down")
     client.predict(job_id=ids["long"], api_name="/queue_cancel")  # the running job stops and saves
     rows = wait_for_idle(client)
-    assert [rows[n][3] for n in ("long", "sooner", "later", "cancel-me")] == ["stopped", "done", "done", "cancelled"]
+    assert [rows[n][3] for n in ("long", "sooner", "later", "cancel-me")] == [
+        "stopped",
+        "done",
+        "done",
+        "cancelled",
+    ]
     jobs = {job.name: job for job in studio.queue.jobs()}
     assert jobs["sooner"].finished <= jobs["later"].started
     assert (studio.adapters_dir / "long.safetensors").is_file()

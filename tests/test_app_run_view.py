@@ -9,13 +9,27 @@ from sdlora.ui.run_view import MAX_CURVE_POINTS, RunView, view_run
 
 
 def started(total=10):
-    return Started(total_steps=total, start_step=0, image_count=3, trainable_parameters=10, total_parameters=100,
-                   skipped_files=("bad.png: not a readable image",), device="cpu", mixed_precision="no")
+    return Started(
+        total_steps=total,
+        start_step=0,
+        image_count=3,
+        trainable_parameters=10,
+        total_parameters=100,
+        skipped_files=("bad.png: not a readable image",),
+        device="cpu",
+        mixed_precision="no",
+    )
 
 
 def step(n, total=10):
-    return Step(step=n, total_steps=total, loss=1.0 / n, learning_rate=1e-4, seconds_per_step=0.5,
-                eta_seconds=0.5 * (total - n))
+    return Step(
+        step=n,
+        total_steps=total,
+        loss=1.0 / n,
+        learning_rate=1e-4,
+        seconds_per_step=0.5,
+        eta_seconds=0.5 * (total - n),
+    )
 
 
 def test_running_view_shows_step_speed_eta_and_skipped_files():
@@ -28,8 +42,11 @@ def test_running_view_shows_step_speed_eta_and_skipped_files():
 
 def test_previews_keep_the_latest_with_prompt_seed_and_step():
     image = Image.new("RGB", (8, 8))
-    events = [started(), Preview(2, ("sks",), (1, 2), (image, image), "p2.png"),
-              Preview(4, ("sks",), (1, 2), (image, image), "p4.png")]
+    events = [
+        started(),
+        Preview(2, ("sks",), (1, 2), (image, image), "p2.png"),
+        Preview(4, ("sks",), (1, 2), (image, image), "p4.png"),
+    ]
     view = view_run(events, "mine", running=True, stop_requested=False)
     assert [label for _, label in view.previews] == ["sks · seed 1 · step 4", "sks · seed 2 · step 4"]
 
@@ -67,6 +84,10 @@ def test_a_run_saved_under_another_name_says_so_and_notices_are_shown():
 
     notice = "notes.png: caption not UTF-8; read as Windows-1252 (Latin-1): 'café'"
     moved = "m was imported meanwhile; this run saved as m-2"
-    events = [replace(started(), notices=(notice,)), step(1), Finished(1, "lib/m-2.safetensors", False, moved)]
+    events = [
+        replace(started(), notices=(notice,)),
+        step(1),
+        Finished(1, "lib/m-2.safetensors", False, moved),
+    ]
     summary = view_run(events, "m", running=False, stop_requested=False).summary()
     assert "lib/m-2.safetensors" in summary and moved in summary and "Note: " + notice in summary

@@ -21,8 +21,16 @@ def make_zip(path, members: dict[str, bytes]):
 
 def test_images_and_captions_are_copied_and_zip_folders_flattened(tmp_path):
     image = draw_concept(tmp_path / "a.png", 0)
-    archive = make_zip(tmp_path / "set.zip", {"deep/dir/b.png": image.read_bytes(), "deep/dir/b.txt": b"bee",
-                                               "__MACOSX/._b.png": b"junk", ".hidden.png": b"x", "readme.md": b"x"})
+    archive = make_zip(
+        tmp_path / "set.zip",
+        {
+            "deep/dir/b.png": image.read_bytes(),
+            "deep/dir/b.txt": b"bee",
+            "__MACOSX/._b.png": b"junk",
+            ".hidden.png": b"x",
+            "readme.md": b"x",
+        },
+    )
     images = collect_uploads([str(image), str(archive)], tmp_path / "out")
     assert [p.name for p in images] == ["a.png", "b.png"]
     assert read_captions(images) == ["", "bee"]
@@ -32,8 +40,9 @@ def test_images_and_captions_are_copied_and_zip_folders_flattened(tmp_path):
 def test_same_names_from_two_uploads_both_survive(tmp_path):
     one, two = tmp_path / "1", tmp_path / "2"
     one.mkdir(), two.mkdir()
-    images = collect_uploads([str(draw_concept(one / "x.png", 0)), str(draw_concept(two / "x.png", 3))],
-                             tmp_path / "out")
+    images = collect_uploads(
+        [str(draw_concept(one / "x.png", 0)), str(draw_concept(two / "x.png", 3))], tmp_path / "out"
+    )
     assert [p.name for p in images] == ["x-1.png", "x.png"]
 
 
@@ -69,7 +78,7 @@ def test_zip_that_lies_about_its_size_is_refused(tmp_path):
     data = bytearray(archive.read_bytes())
     for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size: claim 10 bytes
         at = data.find(signature) + offset
-        data[at:at + 4] = (10).to_bytes(4, "little")
+        data[at : at + 4] = (10).to_bytes(4, "little")
     archive.write_bytes(bytes(data))
     with pytest.raises(ConceptImagesError):
         collect_uploads([str(archive)], tmp_path / "out")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora.batching import Batcher, group_requests
 from sdlora.config import LoraSpec
-from sdlora.formats import Adapter, write_adapter
-from sdlora.generate import AdapterWeight, GenerateConfig, Generator
-from sdlora.lora import add_lora, lora_state_dict
-from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary
+from sdlora.generation.batching import Batcher, group_requests
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
+from sdlora.library.formats import Adapter, write_adapter
+from sdlora.library.store import AdapterLibrary
+from sdlora.models.loading import load_pipeline
+from sdlora.training.lora import add_lora, lora_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,10 @@ def test_same_mix_at_eight_seeds_is_one_call_with_the_one_at_a_time_images(tiny_
 def test_rows_with_different_adapters_share_one_call(tiny_model, random_adapters):
     generator = CountingGenerator(str(tiny_model), random_adapters, fuse_repeated_mixes=False)
     mixes = [(), (AdapterWeight("a0", 1.0),), (AdapterWeight("a1", 0.5),), (AdapterWeight("a2", -0.7),)] * 2
-    configs = [GenerateConfig(prompt=f"circle {i % 3}", seed=i // 4, steps=3, scheduler="DPM++ 2M", adapters=m)
-               for i, m in enumerate(mixes)]
+    configs = [
+        GenerateConfig(prompt=f"circle {i % 3}", seed=i // 4, steps=3, scheduler="DPM++ 2M", adapters=m)
+        for i, m in enumerate(mixes)
+    ]
     single = one_at_a_time(generator, configs)
     assert np.abs(single[1] - single[0]).max() > 8  # the adapters do change the image at these seeds
     loaded = dict(generator._resident)  # library name -> peft adapter name: a new load would get a new one
@@ -101,15 +103,17 @@ def test_rows_with_different_adapters_share_one_call(tiny_model, random_adapters
 
 def test_grouping_keeps_apart_what_one_call_cannot_share():
     one = (AdapterWeight("a", 1.0),)
-    configs = [GenerateConfig(prompt="x", seed=1, adapters=one),
-               GenerateConfig(prompt="y", seed=2, adapters=(AdapterWeight("b", 0.5),)),  # one adapter per row: joins
-               GenerateConfig(prompt="x", steps=5, adapters=one),  # other steps
-               GenerateConfig(prompt="x", adapters=(AdapterWeight("a", 0.3),)),  # "a" at another weight
-               GenerateConfig(prompt="x", adapters=(AdapterWeight("a", 1.0), AdapterWeight("b", 1.0))),  # a real mix
-               GenerateConfig(prompt="x", negative_prompt="blur", adapters=one),  # a negative prompt
-               GenerateConfig(prompt="x <lora:a:1>", seed=9),  # the same mix, written as a tag
-               GenerateConfig(prompt="x", adapters=(AdapterWeight("c", 1.0),)),  # joins "a" at 0.3
-               GenerateConfig(prompt="x", adapters=(AdapterWeight("d", 1.0),))]  # both groups have 2 adapters
+    configs = [
+        GenerateConfig(prompt="x", seed=1, adapters=one),
+        GenerateConfig(prompt="y", seed=2, adapters=(AdapterWeight("b", 0.5),)),  # one adapter per row: joins
+        GenerateConfig(prompt="x", steps=5, adapters=one),  # other steps
+        GenerateConfig(prompt="x", adapters=(AdapterWeight("a", 0.3),)),  # "a" at another weight
+        GenerateConfig(prompt="x", adapters=(AdapterWeight("a", 1.0), AdapterWeight("b", 1.0))),  # a real mix
+        GenerateConfig(prompt="x", negative_prompt="blur", adapters=one),  # a negative prompt
+        GenerateConfig(prompt="x <lora:a:1>", seed=9),  # the same mix, written as a tag
+        GenerateConfig(prompt="x", adapters=(AdapterWeight("c", 1.0),)),  # joins "a" at 0.3
+        GenerateConfig(prompt="x", adapters=(AdapterWeight("d", 1.0),)),
+    ]  # both groups have 2 adapters
     assert group_requests(configs, max_adapters=2) == [[0, 1, 6], [2], [3, 7], [4], [5], [8]]
 
 
@@ -133,8 +137,21 @@ def test_the_web_app_draws_concurrent_generate_requests_together(tiny_model, ran
         draw = generator.generate_batch
         generator.generate_batch = lambda configs: calls.append(len(configs)) or draw(configs)
         client = Client(server.url, verbose=False)
-        jobs = [client.submit(prompt="sks", seed=seed, steps=2, guidance=5.0, scheduler="Euler", adapter_1="a0",
-                              weight_1=1.0, api_name="/generate") for seed in range(8)]
+        jobs = [
+            client.submit(
+                prompt="sks",
+                seed=seed,
+                steps=2,
+                guidance=5.0,
+                scheduler="Euler",
+                adapter_1="a0",
+                weight_1=1.0,
+                api_name="/generate",
+            )
+            for seed in range(8)
+        ]
         seeds = sorted(int(job.result()[1].split("Seed: ")[1].split(",")[0]) for job in jobs)
     assert seeds == list(range(8))
-    assert sum(calls) == 8 and len(calls) < 8  # one at a time (the old concurrency limit of 1) would be 8 calls
+    assert (
+        sum(calls) == 8 and len(calls) < 8
+    )  # one at a time (the old concurrency limit of 1) would be 8 calls

@@ -22,13 +22,20 @@ import pytest
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
-pytest.importorskip("sdlora.presets", reason="the app needs sdlora.presets")
-pytest.importorskip("sdlora.generate", reason="the app needs sdlora.generate")
+pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
+pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 
 PLAYWRIGHT_VERSION = "1.65.2"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "docs" / "screenshots"
 TIMEOUT_MS = 120_000
@@ -63,7 +70,9 @@ def scenario(tmp_path: Path) -> Scenario:
     uploads.mkdir()
     files = [str(draw_concept(uploads / f"circle{i}.png", i, colour=(20, 140, 60))) for i in range(3)]
     (uploads / "circle0.txt").write_text("a green circle")
-    return Scenario([*files, str(uploads / "circle0.txt")], "browser-lora", "sks", "sks, a circle", 6, 3, IMAGE_SIZE)
+    return Scenario(
+        [*files, str(uploads / "circle0.txt")], "browser-lora", "sks", "sks, a circle", 6, 3, IMAGE_SIZE
+    )
 
 
 def _install(command: list[str]) -> str:
@@ -72,7 +81,9 @@ def _install(command: list[str]) -> str:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{' '.join(command)}: {exc}"
-    return "" if done.returncode == 0 else f"{' '.join(command)} failed: {(done.stderr or done.stdout)[-500:]}"
+    return (
+        "" if done.returncode == 0 else f"{' '.join(command)} failed: {(done.stderr or done.stdout)[-500:]}"
+    )
 
 
 def browser_setup() -> str:
@@ -88,7 +99,9 @@ def browser_setup() -> str:
     try:
         importlib.import_module("playwright.sync_api")
     except ImportError:
-        problem = _install([sys.executable, "-m", "pip", "install", "-q", f"playwright=={PLAYWRIGHT_VERSION}"])
+        problem = _install(
+            [sys.executable, "-m", "pip", "install", "-q", f"playwright=={PLAYWRIGHT_VERSION}"]
+        )
         if problem:
             return f"cannot install playwright: {problem}"
         importlib.invalidate_caches()
@@ -105,7 +118,9 @@ def browser():
 
     with sync_playwright() as playwright:
         try:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            )
         except Exception as exc:  # noqa: BLE001 - any launch failure means this machine has no usable browser
             print(f"skipping the browser test: chromium does not start: {exc}")
             pytest.skip(f"chromium does not start: {exc}")
@@ -165,7 +180,11 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     expect(page.locator("#captions")).to_contain_text(Path(images[0]).name)
     page.locator("#adapter-name textarea, #adapter-name input").first.fill(run.name)
     page.locator("#trigger-word textarea, #trigger-word input").first.fill(run.trigger)
-    for field, value in (("steps", run.steps), ("preview-every", run.preview_every), ("resolution", run.resolution)):
+    for field, value in (
+        ("steps", run.steps),
+        ("preview-every", run.preview_every),
+        ("resolution", run.resolution),
+    ):
         if value is not None:
             page.locator(f"#{field} input").fill(str(value))
     page.locator("#train-button").click()
@@ -173,7 +192,9 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     expect(page.locator("#previews img").first).to_be_visible()
     shoot(page, "train.png", tmp_path)
     page.reload()  # the run lives on the server: a reloaded page shows it again
-    expect(page.locator("#train-status")).to_contain_text(f"{run.name}: finished, step {run.steps}/{run.steps}")
+    expect(page.locator("#train-status")).to_contain_text(
+        f"{run.name}: finished, step {run.steps}/{run.steps}"
+    )
     expect(page.locator("#previews img").first).to_be_visible()
 
     # Generate with the new adapter at a weight, and the comparison grid.
@@ -243,7 +264,9 @@ def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server
 
     from sdlora.demo.captioner import describe
 
-    images = [shutil.copy(p, tmp_path) for p in sorted(README_CONCEPT.glob("*.png"))[:4]]  # no .txt beside them
+    images = [
+        shutil.copy(p, tmp_path) for p in sorted(README_CONCEPT.glob("*.png"))[:4]
+    ]  # no .txt beside them
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
     expect.set_options(timeout=TIMEOUT_MS)
@@ -256,7 +279,9 @@ def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server
     # The prefix box is left empty: captions then start with the trigger word.
     page.locator("#caption-button").click()
     for image in images:
-        expect(page.locator("#captions")).to_contain_text("star, " + describe(Image.open(image).convert("RGB")))
+        expect(page.locator("#captions")).to_contain_text(
+            "star, " + describe(Image.open(image).convert("RGB"))
+        )
     expect(page.locator("#caption-summary")).to_contain_text(f"captioned {len(images)} images")
     shoot(page, "captions.png", tmp_path)
     open_tab(page, "Settings")  # which captioners this server has, and which one the button used

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdlora.buckets import Bucket, make_buckets, nearest_bucket
 from sdlora.config import DataConfig
-from sdlora.data import load_concept_images
-from sdlora.encode import EncodedConcepts
 from sdlora.events import Started
-from sdlora.train import train
+from sdlora.training.buckets import Bucket, make_buckets, nearest_bucket
+from sdlora.training.data import load_concept_images
+from sdlora.training.encode import EncodedConcepts
+from sdlora.training.loop import train
 
 SHAPES = {"portrait": (40, 70), "tall": (30, 80), "landscape": (90, 50), "square": (60, 60)}
 
@@ -24,8 +24,8 @@ def test_buckets_hold_about_the_area_in_steps_of_eight_latent_pixels(resolution,
     assert Bucket(resolution, resolution) in buckets
     for b in buckets:
         assert b.width % step == 0 and b.height % step == 0
-        assert b.width * b.height <= resolution ** 2 and max(b.width / b.height, b.height / b.width) <= 2.5
-        assert b.width * b.height >= 0.75 * resolution ** 2  # no bucket wastes much of the area
+        assert b.width * b.height <= resolution**2 and max(b.width / b.height, b.height / b.width) <= 2.5
+        assert b.width * b.height >= 0.75 * resolution**2  # no bucket wastes much of the area
     assert {Bucket(b.height, b.width) for b in buckets} == set(buckets)  # portrait for every landscape
     if resolution == 1024:
         assert {Bucket(832, 1216), Bucket(1216, 832), Bucket(896, 1152)} <= set(buckets)  # SDXL's usual ones
@@ -49,13 +49,17 @@ def test_every_image_goes_to_the_bucket_nearest_its_aspect_ratio_uncropped_to_a_
         width, height = SHAPES[image.path.stem[:-1]]
         bucket = image.placement.bucket
         aspect = math.log(width / height)
-        assert all(abs(math.log(bucket.width / bucket.height) - aspect) <= abs(math.log(b.width / b.height) - aspect)
-                   for b in buckets)
+        assert all(
+            abs(math.log(bucket.width / bucket.height) - aspect) <= abs(math.log(b.width / b.height) - aspect)
+            for b in buckets
+        )
         assert image.image.size == (bucket.width, bucket.height)
         assert image.placement.original_size == (height, width)
         if width != height:
             assert bucket.width != bucket.height  # not cropped to a square
-    squares = load_concept_images(DataConfig(images=str(folder), resolution=64, buckets=False), bucket_step=16).images
+    squares = load_concept_images(
+        DataConfig(images=str(folder), resolution=64, buckets=False), bucket_step=16
+    ).images
     assert {im.image.size for im in squares} == {(64, 64)}  # square-only training, when asked
 
 
@@ -87,21 +91,29 @@ def test_training_in_mixed_buckets_lists_them_first(tiny_model, tmp_path):
 
     folder = concept_folder(tmp_path / "mixed", {"portrait": 2, "landscape": 2, "square": 1})
     events = []
-    config = TrainConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "out"), name="mixed", steps=4,
-                         batch_size=2, final_preview=False,
-                         data=DataConfig(images=str(folder), trigger_word="sks", resolution=64),
-                         lora=LoraSpec(rank=2, alpha=2))
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        output_dir=str(tmp_path / "out"),
+        name="mixed",
+        steps=4,
+        batch_size=2,
+        final_preview=False,
+        data=DataConfig(images=str(folder), trigger_word="sks", resolution=64),
+        lora=LoraSpec(rank=2, alpha=2),
+    )
     train(config, on_event=events.append)
     (started,) = [e for e in events if isinstance(e, Started)]
     assert started.buckets == ("48x80: 2", "80x48: 2", "64x64: 1")
 
 
 def test_bucket_labels_say_where_each_upload_trains_or_why_it_is_skipped(tmp_path):
-    from sdlora.data import bucket_labels
+    from sdlora.training.data import bucket_labels
 
     folder = concept_folder(tmp_path / "c", {"portrait": 1, "landscape": 1})
     (folder / "broken.png").write_bytes(b"not an image")
     paths = sorted(folder.iterdir())
-    labels = dict(zip([p.name for p in paths], bucket_labels(paths, DataConfig(resolution=64), 16), strict=True))
+    labels = dict(
+        zip([p.name for p in paths], bucket_labels(paths, DataConfig(resolution=64), 16), strict=True)
+    )
     assert labels["portrait0.png"] == "48x80" and labels["landscape0.png"] == "80x48"
     assert labels["broken.png"].startswith("skipped: not a readable image")

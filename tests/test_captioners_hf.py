@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 from tiny_captioners import save_tiny_blip, save_tiny_florence2
 
-from sdlora import captioners
-from sdlora.captioners import BLIP, default_captioner, is_present, load_captioner, spec_of
-from sdlora.captions import CaptionOptions, caption_images, write_caption_files
+from sdlora.captioning import captioners
+from sdlora.captioning.captioners import BLIP, default_captioner, is_present, load_captioner, spec_of
+from sdlora.captioning.captions import CaptionOptions, caption_images, write_caption_files
 from sdlora.errors import ModelLoadError
 
 BUILDERS = {"blip": save_tiny_blip, "florence-2": save_tiny_florence2}
@@ -31,7 +31,9 @@ def images(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_transformers_captioner_from_a_local_folder_writes_finished_captions(name, tiny_captioner_folders, images):
+def test_transformers_captioner_from_a_local_folder_writes_finished_captions(
+    name, tiny_captioner_folders, images
+):
     folder = tiny_captioner_folders[name]
     assert is_present(spec_of(name), folder)
     captioner = load_captioner(name, device="cpu", source=folder)
@@ -73,22 +75,52 @@ def test_a_folder_of_another_kind_or_no_folder_is_refused_by_name(tiny_captioner
 
 
 def test_default_captioner_is_the_first_one_present(monkeypatch):
-    monkeypatch.setattr(captioners, "is_present", lambda spec, source=None: spec is BLIP or not spec.model_class)
+    monkeypatch.setattr(
+        captioners, "is_present", lambda spec, source=None: spec is BLIP or not spec.model_class
+    )
     assert default_captioner("some-org/some-model") == "blip"
     monkeypatch.setattr(captioners, "is_present", lambda spec, source=None: not spec.model_class)
     assert default_captioner("some-org/some-model") == next(n for n in captioners.CAPTIONERS if n != "demo")
 
 
-def test_cli_captions_with_a_local_model_folder_and_names_a_missing_one(tiny_captioner_folders, images, capsys):
+def test_cli_captions_with_a_local_model_folder_and_names_a_missing_one(
+    tiny_captioner_folders, images, capsys
+):
     from sdlora.cli import main
 
     folder = images[0].parent
-    assert main(["caption", "--images", str(folder), "--captioner-model", tiny_captioner_folders["florence-2"],
-                 "--prefix", "sks", "--batch-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                "--images",
+                str(folder),
+                "--captioner-model",
+                tiny_captioner_folders["florence-2"],
+                "--prefix",
+                "sks",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "captioner: florence-2" in out and "captioned 3 images, kept 1 existing caption" in out
     assert (folder / "img0.txt").read_text().startswith("sks, ")
-    assert main(["caption", "--images", str(folder), "--captioner", "blip", "--captioner-model",
-                 "sdlora-tests/no-such-captioner"]) == 2
+    assert (
+        main(
+            [
+                "caption",
+                "--images",
+                str(folder),
+                "--captioner",
+                "blip",
+                "--captioner-model",
+                "sdlora-tests/no-such-captioner",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: captioner blip model sdlora-tests/no-such-captioner") and "\n" not in err

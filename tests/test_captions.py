@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.captioners import default_captioner, load_captioner, spec_of
-from sdlora.captions import CaptionOptions, caption_images, finish_caption, write_caption_files
+from sdlora.captioning.captioners import default_captioner, load_captioner, spec_of
+from sdlora.captioning.captions import CaptionOptions, caption_images, finish_caption, write_caption_files
 from sdlora.demo.captioner import DemoCaptioner, describe, every_kind_of_scene
 from sdlora.demo.shapes import (
     BACKGROUNDS,
@@ -19,7 +19,7 @@ from sdlora.demo.shapes import (
 )
 from sdlora.errors import ConfigError
 from sdlora.events import StopFlag
-from sdlora.presets import DEMO_MODEL
+from sdlora.training.presets import DEMO_MODEL
 
 STAR_FOLDER = DEMO_MODEL.parent / "concepts" / "star"
 
@@ -30,16 +30,20 @@ def test_demo_captioner_names_colour_shape_and_background_of_new_images():
     right = textures = 0
     for scene in scenes:
         words = describe(render(scene))
-        right += (f" {scene.colour} " in words and f" {scene.shape} " in words
-                  and words.endswith(f"on a {scene.background} background"))
+        right += (
+            f" {scene.colour} " in words
+            and f" {scene.shape} " in words
+            and words.endswith(f"on a {scene.background} background")
+        )
         textures += words == scene.caption()
     assert right / len(scenes) >= 0.95, right / len(scenes)
     assert textures / len(scenes) >= 0.95  # the whole caption, texture included, as the generator wrote it
 
 
 def test_demo_captioner_reads_any_size_and_says_when_nothing_is_drawn():
-    scene = make_scene(np.random.default_rng(1), ("square",), {"red": BASE_COLOURS["red"]},
-                       {"black": BACKGROUNDS["black"]})
+    scene = make_scene(
+        np.random.default_rng(1), ("square",), {"red": BASE_COLOURS["red"]}, {"black": BACKGROUNDS["black"]}
+    )
     big = render(scene).resize((256, 256), Image.Resampling.NEAREST)
     assert describe(big) == "a red square on a black background"
     assert describe(Image.new("RGB", (64, 64), BACKGROUNDS["gray"])) == "a plain gray background"
@@ -50,7 +54,10 @@ def test_finish_caption_puts_prefix_first_drops_words_and_cuts_length():
     assert finish_caption(raw, CaptionOptions(prefix="sks")) == "sks, a red star on a white background"
     assert finish_caption("sks, a star", CaptionOptions(prefix="sks")) == "sks, a star"  # not twice
     assert finish_caption(raw, CaptionOptions(drop_words=("star",))) == "a red on a white background"
-    assert finish_caption("a photo of Star, smiling", CaptionOptions(drop_words=("star",))) == "a photo of, smiling"
+    assert (
+        finish_caption("a photo of Star, smiling", CaptionOptions(drop_words=("star",)))
+        == "a photo of, smiling"
+    )
     assert finish_caption(raw, CaptionOptions(max_words=3, prefix="sks")) == "sks, a red star"
     assert finish_caption("   ", CaptionOptions(prefix="sks")) == "sks"
 
@@ -81,8 +88,9 @@ def folder(tmp_path):
 def test_fill_empty_only_keeps_existing_captions_and_reports_unreadable_files(folder):
     recorder = Recorder()
     events = []
-    result = caption_images(recorder, sorted(folder.iterdir()), CaptionOptions(batch_size=2),
-                            on_caption=events.append)
+    result = caption_images(
+        recorder, sorted(folder.iterdir()), CaptionOptions(batch_size=2), on_caption=events.append
+    )
     assert sorted(p.name for p in result.captions) == ["img0.png", "img2.png", "img3.png", "img4.png"]
     assert [p.name for p in result.kept] == ["img1.png"]
     assert [p.path.name for p in result.problems] == ["broken.jpg"]
@@ -114,8 +122,13 @@ def test_stop_keeps_what_was_captioned(folder):
     def stop_after_first(event):
         stop.request()
 
-    result = caption_images(recorder, sorted(folder.glob("img*.png")), CaptionOptions(batch_size=1, overwrite=True),
-                            on_caption=stop_after_first, stop=stop)
+    result = caption_images(
+        recorder,
+        sorted(folder.glob("img*.png")),
+        CaptionOptions(batch_size=1, overwrite=True),
+        on_caption=stop_after_first,
+        stop=stop,
+    )
     assert result.stopped and len(result.captions) == 1 and recorder.batches == [1]
 
 
@@ -149,4 +162,3 @@ def test_cli_caption_writes_missing_captions_and_leaves_existing_ones(tmp_path, 
     assert not (folder / "bad.txt").exists()
     assert main(["caption", "--images", str(folder / "nowhere")]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err
-

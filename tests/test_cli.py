@@ -10,22 +10,50 @@ from pathlib import Path
 import pytest
 
 from sdlora.cli import build_parser, config_from_args
-from sdlora.formats import read_metadata
+from sdlora.library.formats import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "sdlora", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "sdlora", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_train_end_to_end(tiny_model, concept_dir, tmp_path):
     out = tmp_path / "lib"
-    result = run_cli("train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(out),
-                     "--name", "cli-run", "--trigger", "sks", "--steps", "4", "--rank", "4", "--alpha", "2",
-                     "--lr", "1e-3", "--resolution", "32", "--checkpoint-every", "2")
+    result = run_cli(
+        "train",
+        "--base-model",
+        str(tiny_model),
+        "--images",
+        str(concept_dir),
+        "--output",
+        str(out),
+        "--name",
+        "cli-run",
+        "--trigger",
+        "sks",
+        "--steps",
+        "4",
+        "--rank",
+        "4",
+        "--alpha",
+        "2",
+        "--lr",
+        "1e-3",
+        "--resolution",
+        "32",
+        "--checkpoint-every",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     assert "finished step 4" in result.stdout
     meta = read_metadata(out / "cli-run.safetensors")
@@ -33,7 +61,9 @@ def test_train_end_to_end(tiny_model, concept_dir, tmp_path):
     assert (out / "cli-run.config.json").is_file()
 
     # The saved config reproduces the run; flags on the line override it; resume continues.
-    again = run_cli("train", "--config", str(out / "cli-run.config.json"), "--steps", "6", "--resume", "latest")
+    again = run_cli(
+        "train", "--config", str(out / "cli-run.config.json"), "--steps", "6", "--resume", "latest"
+    )
     assert again.returncode == 0, again.stderr
     assert "resuming at step 4" in again.stdout + again.stderr
     assert read_metadata(out / "cli-run.safetensors")["ss_steps"] == "6"
@@ -52,9 +82,23 @@ def test_user_errors_are_one_line_and_exit_nonzero(tmp_path, concept_dir):
 def test_help_explains_every_flag():
     text = build_parser().parse_args  # noqa: F841 - the parser must build
     result = run_cli("train", "--help")
-    for flag in ("--base-model", "--images", "--output", "--name", "--trigger", "--steps", "--rank", "--alpha",
-                 "--lr", "--resolution", "--batch-size", "--mixed-precision", "--checkpoint-every", "--resume",
-                 "--config"):
+    for flag in (
+        "--base-model",
+        "--images",
+        "--output",
+        "--name",
+        "--trigger",
+        "--steps",
+        "--rank",
+        "--alpha",
+        "--lr",
+        "--resolution",
+        "--batch-size",
+        "--mixed-precision",
+        "--checkpoint-every",
+        "--resume",
+        "--config",
+    ):
         assert flag in result.stdout
 
 
@@ -73,10 +117,37 @@ def test_two_process_run_writes_exactly_one_adapter(model, request, concept_dir,
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "sdlora", "train", "--base-model", str(tiny_model), "--images", str(concept_dir),
-         "--output", str(out), "--name", "ddp", "--steps", "3", "--resolution", "32", "--quiet"],
-        capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "sdlora",
+            "train",
+            "--base-model",
+            str(tiny_model),
+            "--images",
+            str(concept_dir),
+            "--output",
+            str(out),
+            "--name",
+            "ddp",
+            "--steps",
+            "3",
+            "--resolution",
+            "32",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     adapters = sorted(p.name for p in out.glob("*.safetensors"))
     assert adapters == ["ddp.safetensors"]
@@ -97,31 +168,98 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path, capsys):
     lib = tmp_path / "lib"
-    assert cli(capsys, "train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
-               "--name", "one", "--steps", "2", "--resolution", "32", "--quiet")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "train",
+            "--base-model",
+            str(tiny_model),
+            "--images",
+            str(concept_dir),
+            "--output",
+            str(lib),
+            "--name",
+            "one",
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--quiet",
+        )[0]
+        == 0
+    )
     code, out, _ = cli(capsys, "adapters", "--adapters-dir", str(lib), "list")
     assert code == 0 and out.startswith("one\tsd1\trank 8")
 
     kohya = tmp_path / "exported" / "one-kohya.safetensors"
-    code, _, err = cli(capsys, "adapters", "--adapters-dir", str(lib), "export", "one", "--format", "kohya",
-                       "--out", str(kohya))
+    code, _, err = cli(
+        capsys,
+        "adapters",
+        "--adapters-dir",
+        str(lib),
+        "export",
+        "one",
+        "--format",
+        "kohya",
+        "--out",
+        str(kohya),
+    )
     assert code == 0, err
     assert any(k.startswith("lora_unet_") for k in read_metadata_keys(kohya))
-    code, _, err = cli(capsys, "adapters", "--adapters-dir", str(lib), "--base-model", str(tiny_model), "import",
-                       str(kohya), "--name", "two")
+    code, _, err = cli(
+        capsys,
+        "adapters",
+        "--adapters-dir",
+        str(lib),
+        "--base-model",
+        str(tiny_model),
+        "import",
+        str(kohya),
+        "--name",
+        "two",
+    )
     assert code == 0, err
     assert cli(capsys, "adapters", "--adapters-dir", str(lib), "rename", "two", "deux")[0] == 0
 
     out_png = tmp_path / "img.png"
-    code, _, err = cli(capsys, "generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib),
-                       "--lora", "one:0.8", "--lora", "deux:-0.3", "--prompt", "sks", "--seed", "3", "--steps", "2",
-                       "--out", str(out_png))
+    code, _, err = cli(
+        capsys,
+        "generate",
+        "--base-model",
+        str(tiny_model),
+        "--adapters-dir",
+        str(lib),
+        "--lora",
+        "one:0.8",
+        "--lora",
+        "deux:-0.3",
+        "--prompt",
+        "sks",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        str(out_png),
+    )
     assert code == 0, err
     from PIL import Image
 
     assert "<lora:one:0.8> <lora:deux:-0.3>" in Image.open(out_png).info["parameters"]
-    code, _, err = cli(capsys, "generate", "--base-model", str(tiny_model), "--adapters-dir", str(lib),
-                       "--lora", "nope", "--prompt", "x", "--out", str(out_png))
+    code, _, err = cli(
+        capsys,
+        "generate",
+        "--base-model",
+        str(tiny_model),
+        "--adapters-dir",
+        str(lib),
+        "--lora",
+        "nope",
+        "--prompt",
+        "x",
+        "--out",
+        str(out_png),
+    )
     assert code == 2 and "no adapter named 'nope'" in err
     assert cli(capsys, "adapters", "--adapters-dir", str(lib), "delete", "deux")[0] == 0
     assert cli(capsys, "adapters", "--adapters-dir", str(lib), "list")[1].count("\n") == 1
@@ -142,19 +280,62 @@ def test_library_options_after_the_verb_and_foreign_files(tiny_model, concept_di
     from safetensors.torch import load_file
 
     lib = tmp_path / "lib"
-    assert cli(capsys, "train", "--base-model", str(tiny_model), "--images", str(concept_dir), "--output", str(lib),
-               "--name", "one", "--steps", "2", "--resolution", "32", "--quiet")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "train",
+            "--base-model",
+            str(tiny_model),
+            "--images",
+            str(concept_dir),
+            "--output",
+            str(lib),
+            "--name",
+            "one",
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--quiet",
+        )[0]
+        == 0
+    )
     out = tmp_path / "one-diffusers.safetensors"
-    code, _, err = cli(capsys, "adapters", "export", "one", "--format", "diffusers", "--out", str(out),
-                       "--adapters-dir", str(lib))
+    code, _, err = cli(
+        capsys,
+        "adapters",
+        "export",
+        "one",
+        "--format",
+        "diffusers",
+        "--out",
+        str(out),
+        "--adapters-dir",
+        str(lib),
+    )
     assert code == 0, err
     peft = {k.removeprefix("unet."): v for k, v in load_file(str(out)).items()}
-    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "dl"), unet_lora_layers=convert_state_dict_to_diffusers(peft),
-                                              weight_name="pytorch_lora_weights.safetensors")
-    code, printed, err = cli(capsys, "adapters", "import", str(tmp_path / "dl" / "pytorch_lora_weights.safetensors"),
-                             "--name", "from-diffusers", "--adapters-dir", str(lib), "--base-model", str(tiny_model))
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "dl"),
+        unet_lora_layers=convert_state_dict_to_diffusers(peft),
+        weight_name="pytorch_lora_weights.safetensors",
+    )
+    code, printed, err = cli(
+        capsys,
+        "adapters",
+        "import",
+        str(tmp_path / "dl" / "pytorch_lora_weights.safetensors"),
+        "--name",
+        "from-diffusers",
+        "--adapters-dir",
+        str(lib),
+        "--base-model",
+        str(tiny_model),
+    )
     assert code == 0, err
     assert printed.strip().endswith("from-diffusers.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    code, _, err = cli(capsys, "adapters", "import", str(tmp_path / "bad.safetensors"), "--adapters-dir", str(lib))
+    code, _, err = cli(
+        capsys, "adapters", "import", str(tmp_path / "bad.safetensors"), "--adapters-dir", str(lib)
+    )
     assert code == 2 and err.count("\n") == 1 and "bad.safetensors" in err and "Traceback" not in err

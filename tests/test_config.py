@@ -19,27 +19,33 @@ def test_json_roundtrip_is_exact(tmp_path):
     assert TrainConfig.from_file(path) == config
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"stpes": 1}, "unknown setting"),
-    ({"lora": {"rnak": 4}}, "unknown setting.*rnak"),
-    ({"steps": "ten"}, "steps must be int"),
-    ({"lora": 5}, "lora must be a table"),
-    ({"learning_rate": True}, "must be float"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"stpes": 1}, "unknown setting"),
+        ({"lora": {"rnak": 4}}, "unknown setting.*rnak"),
+        ({"steps": "ten"}, "steps must be int"),
+        ({"lora": 5}, "lora must be a table"),
+        ({"learning_rate": True}, "must be float"),
+    ],
+)
 def test_bad_values_fail_loudly(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(values)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"steps": 0}, "steps must be at least 1"),
-    ({"name": "../x"}, "plain file name"),
-    ({"base_model": ""}, "no base model"),
-    ({"learning_rate": 0.0}, "learning rate must be positive"),
-    ({"lora": LoraSpec(rank=0)}, "rank must be at least 1"),
-    ({"data": DataConfig(images="d", resolution=30)}, "multiple of 8"),
-    ({"data": DataConfig(images="")}, "no concept images"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"name": "../x"}, "plain file name"),
+        ({"base_model": ""}, "no base model"),
+        ({"learning_rate": 0.0}, "learning rate must be positive"),
+        ({"lora": LoraSpec(rank=0)}, "rank must be at least 1"),
+        ({"data": DataConfig(images="d", resolution=30)}, "multiple of 8"),
+        ({"data": DataConfig(images="")}, "no concept images"),
+    ],
+)
 def test_validation_messages(change, message):
     with pytest.raises(ConfigError, match=message):
         valid().replace(**change).validate()

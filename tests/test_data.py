@@ -12,8 +12,8 @@ from conftest import draw_concept
 from PIL import Image
 
 from sdlora.config import DataConfig
-from sdlora.data import load_concept_images, make_caption
 from sdlora.errors import ConceptImagesError
+from sdlora.training.data import load_concept_images, make_caption
 
 
 def load_one(folder, name, resolution=32):
@@ -73,8 +73,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png_header_claiming(width: int, height: int) -> bytes:
     """A tiny file whose header claims a huge image: a decompression bomb's signature."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_each_broken_file_is_reported_by_name_and_the_rest_train(tmp_path):

@@ -47,7 +47,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         path.append(node)
@@ -72,8 +72,11 @@ def test_nothing_in_the_package_imports_the_build_entry_point():
 
 def test_the_demo_modules_form_no_import_cycle():
     graph = _graph()
-    demo = {m: {t for t in targets if t.startswith("sdlora.demo.")}
-            for m, targets in graph.items() if m.startswith("sdlora.demo.")}
+    demo = {
+        m: {t for t in targets if t.startswith("sdlora.demo.")}
+        for m, targets in graph.items()
+        if m.startswith("sdlora.demo.")
+    }
     assert len(demo) > 5 and any(demo.values())
     assert _cycle(demo) is None
 

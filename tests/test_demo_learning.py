@@ -14,7 +14,7 @@ from sdlora.demo.learning import (
     shown,
     trigger_images,
 )
-from sdlora.train import train
+from sdlora.training.loop import train
 
 needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
 LESSON = LESSONS["magenta"]  # bench/learning.py: 92% at the preset's 600 steps, 42% at half weight
@@ -58,7 +58,9 @@ def test_trigger_prompts_show_the_new_concept(trained):
 
 @needs_ready_base
 def test_weight_zero_does_not_and_half_is_in_between(trained):
-    at = {weight: shown(LESSON, trigger_images(trained, LESSON, weight, PROMPTS)) for weight in (0.0, 0.5, 1.0)}
+    at = {
+        weight: shown(LESSON, trigger_images(trained, LESSON, weight, PROMPTS)) for weight in (0.0, 0.5, 1.0)
+    }
     assert at[0.0] <= 0.1
     assert at[0.0] < at[0.5] < at[1.0], at
 

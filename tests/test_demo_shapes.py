@@ -56,8 +56,11 @@ def test_shipped_concept_folders_have_captioned_images():
 def test_example_concepts_cover_their_colours_shapes_and_backgrounds_evenly():
     for concept in CONCEPTS:
         scenes = concept_scenes(concept, balanced=True)
-        for vocabulary, attr in ((concept.colours, "colour"), (concept.shapes, "shape"),
-                                 (concept.backgrounds, "background")):
+        for vocabulary, attr in (
+            (concept.colours, "colour"),
+            (concept.shapes, "shape"),
+            (concept.backgrounds, "background"),
+        ):
             counts = [sum(getattr(s, attr) == word for s in scenes) for word in vocabulary]
             assert max(counts) - min(counts) <= 1, (concept.name, attr, counts)
         # Big enough for the 16x16 latent to carry the detail, and inside the image.
@@ -74,5 +77,6 @@ def test_shipped_regularisation_images_cover_every_colour_and_shape_pair_equally
     folder = ASSETS.parent / "regularization"
     shipped = sorted(folder.glob("*.txt"))
     assert [p.read_text().strip() for p in shipped] == [
-        scene.caption(long=index % 2 == 0) for index, scene in enumerate(scenes)]
+        scene.caption(long=index % 2 == 0) for index, scene in enumerate(scenes)
+    ]
     assert len(list(folder.glob("*.png"))) == len(shipped)

@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import AdapterFormatError
-from sdlora.formats import FORMATS, read_adapter, read_metadata
-from sdlora.generate import AdapterWeight, GenerateConfig, Generator, make_scheduler
-from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary, reference_from_pipeline
-from sdlora.train import train
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator, make_scheduler
+from sdlora.library.formats import FORMATS, read_adapter, read_metadata
+from sdlora.library.store import AdapterLibrary, reference_from_pipeline
+from sdlora.models.loading import load_pipeline
+from sdlora.training.loop import train
 
 TOLERANCE = 1e-5
 
@@ -45,10 +45,17 @@ def sources(tmp_path_factory, tiny_model, layout):
         draw_concept(images / f"{i}.png", i)
     found = {}
     for name, extra, alpha in (("attention", (), 2.0), ("conv", ("conv1", "conv2"), 3.0)):
-        config = TrainConfig(base_model=str(tiny_model), output_dir=str(root / "out"), name=name, steps=3,
-                             learning_rate=2e-2, final_preview=False, seed=3,
-                             data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
-                             lora=LoraSpec(rank=4, alpha=alpha, extra_target_modules=extra))
+        config = TrainConfig(
+            base_model=str(tiny_model),
+            output_dir=str(root / "out"),
+            name=name,
+            steps=3,
+            learning_rate=2e-2,
+            final_preview=False,
+            seed=3,
+            data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
+            lora=LoraSpec(rank=4, alpha=alpha, extra_target_modules=extra),
+        )
         adapter = read_adapter(train(config).adapter_path)
         found[name] = {k: (layer.down, layer.up, layer.alpha) for k, layer in adapter.layers.items()}
         assert any(layer.up.abs().max() > 0 for layer in adapter.layers.values())  # trained: B is not zero
@@ -57,7 +64,11 @@ def sources(tmp_path_factory, tiny_model, layout):
     for key, shape in layout.shapes.items():
         if key.startswith("text_encoder.") and key.endswith(("_proj", "fc1", "fc2")):
             alpha = 6.0 if "self_attn" in key else 0.5  # self-attention alphas once came back doubled
-            text[key] = (torch.randn(4, shape[1], generator=g) * 0.1, torch.randn(shape[0], 4, generator=g) * 0.1, alpha)
+            text[key] = (
+                torch.randn(4, shape[1], generator=g) * 0.1,
+                torch.randn(shape[0], 4, generator=g) * 0.1,
+                alpha,
+            )
     found["text encoder"] = text
     return found
 
@@ -72,7 +83,9 @@ def write_format(fmt: str, layers, folder, unet) -> os.PathLike:
     if fmt == "kohya":
         return ff.save(folder / "kohya.safetensors", ff.kohya(layers))
     if fmt == "kohya, original SD names":
-        return ff.save(folder / "ldm.safetensors", ff.kohya(layers, lambda p: ff.ldm_path(p, 1, up_attention)))
+        return ff.save(
+            folder / "ldm.safetensors", ff.kohya(layers, lambda p: ff.ldm_path(p, 1, up_attention))
+        )
     if fmt == "ComfyUI diffusion_model":
         return ff.save(folder / "comfy.safetensors", ff.comfyui(layers, 1, up_attention))
     if fmt == "diffusers save_lora_weights (lora.down)":
@@ -86,9 +99,14 @@ def write_format(fmt: str, layers, folder, unet) -> os.PathLike:
 
 # Where diffusers' own load_lora_weights reads a file and applies it at the right scale.
 DIFFUSERS_READS = {"kohya", "diffusers save_lora_weights (lora.down)", "diffusers save_lora_weights (lora_A)"}
-FORMAT_ROWS = ["kohya", "kohya, original SD names", "ComfyUI diffusion_model",
-               "diffusers save_lora_weights (lora.down)", "diffusers save_lora_weights (lora_A)",
-               "PEFT save_pretrained"]
+FORMAT_ROWS = [
+    "kohya",
+    "kohya, original SD names",
+    "ComfyUI diffusion_model",
+    "diffusers save_lora_weights (lora.down)",
+    "diffusers save_lora_weights (lora_A)",
+    "PEFT save_pretrained",
+]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +128,14 @@ def image(generator_or_pipe, prompt="sks, a red circle") -> np.ndarray:
         return np.asarray(generator_or_pipe.generate(config)[0].image, dtype=np.int16)
     pipe = generator_or_pipe
     pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
-    result = pipe(prompt, width=32, height=32, num_inference_steps=3, guidance_scale=config.guidance,
-                  generator=torch.Generator().manual_seed(4))
+    result = pipe(
+        prompt,
+        width=32,
+        height=32,
+        num_inference_steps=3,
+        guidance_scale=config.guidance,
+        generator=torch.Generator().manual_seed(4),
+    )
     return np.asarray(result.images[0], dtype=np.int16)
 
 
@@ -139,7 +163,9 @@ def test_round_trip_over_formats(source, fmt, sources, shared, tiny_model, layou
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(str(path))
-        assert np.abs(ours - image(pipe)).max() <= 1, "diffusers' own load of the same file draws another image"
+        assert np.abs(ours - image(pipe)).max() <= 1, (
+            "diffusers' own load of the same file draws another image"
+        )
     diffusers_export = library.export(info.name, "diffusers", tmp_path / "for-diffusers")
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -148,8 +174,9 @@ def test_round_trip_over_formats(source, fmt, sources, shared, tiny_model, layou
 
 
 def image_with(generator: Generator, name: str) -> np.ndarray:
-    config = GenerateConfig(prompt="sks, a red circle", seed=4, steps=3, width=32, height=32,
-                            adapters=(AdapterWeight(name, 1.0),))
+    config = GenerateConfig(
+        prompt="sks, a red circle", seed=4, steps=3, width=32, height=32, adapters=(AdapterWeight(name, 1.0),)
+    )
     with_adapter = np.asarray(generator.generate(config)[0].image, dtype=np.int16)
     generator.forget(name)
     return with_adapter
@@ -168,8 +195,11 @@ def test_text_encoder_layers_apply_at_their_own_alpha(sources, shared, tiny_mode
             if key.startswith("text_encoder."):
                 modules[key.split(".", 1)[1].removeprefix("text_model.")].weight += delta(down, up, alpha)
         ids = torch.tensor([[1, 5, 9, 2]])
-        assert torch.allclose(generator.pipeline.text_encoder(ids).last_hidden_state,
-                              reference(ids).last_hidden_state, atol=1e-5)
+        assert torch.allclose(
+            generator.pipeline.text_encoder(ids).last_hidden_state,
+            reference(ids).last_hidden_state,
+            atol=1e-5,
+        )
     generator.forget(info.name)
 
 
@@ -193,8 +223,11 @@ def test_diffusers_kohya_route_misscales_text_encoder_alphas(sources, tiny_model
 
 @pytest.mark.parametrize("algorithm", ["LoHa", "LoHa Tucker", "LoKr"])
 def test_lycoris_files_apply_the_update_lycoris_defines(algorithm, layout, shared, tmp_path):
-    shapes = {k: s for k, s in layout.shapes.items()
-              if k.startswith("unet.") and k.endswith(("to_q", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.2"))}
+    shapes = {
+        k: s
+        for k, s in layout.shapes.items()
+        if k.startswith("unet.") and k.endswith(("to_q", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.2"))
+    }
     if algorithm == "LoKr":
         tensors, deltas = ff.lokr_layers(shapes, rank=2, seed=1)
     else:
@@ -216,24 +249,47 @@ def test_lycoris_files_apply_the_update_lycoris_defines(algorithm, layout, share
 
 
 def _dora(path):
-    return ff.save(path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight":
-                          torch.zeros(4, 2), "lora_unet_x.dora_scale": torch.ones(1, 4)})
+    return ff.save(
+        path,
+        {
+            "lora_unet_x.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+            "lora_unet_x.dora_scale": torch.ones(1, 4),
+        },
+    )
 
 
-@pytest.mark.parametrize("name, tensors, message", [
-    ("dora.safetensors", None, "is a DoRA adapter"),
-    ("oft.safetensors", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, "is an OFT/BOFT adapter"),
-    ("full.safetensors", {"lora_unet_x.diff": torch.zeros(2, 2)}, "weight difference"),
-    ("other-arch.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 4),
-                                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(4, 2)},
-     "match nothing in this SD 1.x base model"),
-    ("half.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16)},
-     "has no up weight"),
-    ("nan.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
-                         torch.full((4, 16, 1, 1), float("nan")),
-                         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(16, 4, 1, 1)},
-     "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "name, tensors, message",
+    [
+        ("dora.safetensors", None, "is a DoRA adapter"),
+        ("oft.safetensors", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, "is an OFT/BOFT adapter"),
+        ("full.safetensors", {"lora_unet_x.diff": torch.zeros(2, 2)}, "weight difference"),
+        (
+            "other-arch.safetensors",
+            {
+                "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 4),
+                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(4, 2),
+            },
+            "match nothing in this SD 1.x base model",
+        ),
+        (
+            "half.safetensors",
+            {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16)},
+            "has no up weight",
+        ),
+        (
+            "nan.safetensors",
+            {
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.full(
+                    (4, 16, 1, 1), float("nan")
+                ),
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(16, 4, 1, 1),
+            },
+            "NaN or infinite",
+        ),
+    ],
+)
 def test_refusals_are_one_line_naming_the_file(name, tensors, message, layout, tmp_path):
     path = _dora(tmp_path / name) if tensors is None else ff.save(tmp_path / name, tensors)
     library = AdapterLibrary(tmp_path / "lib", layout)
@@ -266,10 +322,20 @@ def test_tucker_locon_mid_is_folded_exactly(layout, tmp_path):
     key = next(k for k, s in layout.shapes.items() if k.endswith("resnets.0.conv1") and len(s) == 4)
     out, inp, kh, kw = layout.shapes[key]
     g = torch.Generator().manual_seed(5)
-    down, mid, up = torch.randn(3, inp, 1, 1, generator=g), torch.randn(3, 3, kh, kw, generator=g), torch.randn(
-        out, 3, 1, 1, generator=g)
+    down, mid, up = (
+        torch.randn(3, inp, 1, 1, generator=g),
+        torch.randn(3, 3, kh, kw, generator=g),
+        torch.randn(out, 3, 1, 1, generator=g),
+    )
     stem = "lora_unet_" + key.split(".", 1)[1].replace(".", "_")
-    path = ff.save(tmp_path / "tucker.safetensors", {f"{stem}.lora_down.weight": down, f"{stem}.lora_mid.weight": mid,
-                                                    f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.5)})
+    path = ff.save(
+        tmp_path / "tucker.safetensors",
+        {
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.lora_mid.weight": mid,
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.alpha": torch.tensor(1.5),
+        },
+    )
     expected = 1.5 / 3 * torch.einsum("nmhw,on,mi->oihw", mid, up.flatten(1), down.flatten(1))
     assert torch.allclose(read_adapter(path, layout).layers[key].delta(), expected, atol=TOLERANCE)

@@ -9,11 +9,11 @@ from conftest import draw_concept
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import ConfigError
-from sdlora.formats import read_adapter
-from sdlora.generate import AdapterWeight, GenerateConfig, Generator, parse_prompt
-from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary
-from sdlora.train import train
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator, parse_prompt
+from sdlora.library.formats import read_adapter
+from sdlora.library.store import AdapterLibrary
+from sdlora.models.loading import load_pipeline
+from sdlora.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,18 @@ def two_adapters(tmp_path_factory, tiny_model):
         images.mkdir()
         for i in range(3):
             draw_concept(images / f"{i}.png", i, colour)
-        train(TrainConfig(base_model=str(tiny_model), output_dir=str(root / "lib"), name=name, steps=5,
-                          learning_rate=2e-2, final_preview=False,
-                          data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
-                          lora=LoraSpec(rank=4, alpha=alpha)))
+        train(
+            TrainConfig(
+                base_model=str(tiny_model),
+                output_dir=str(root / "lib"),
+                name=name,
+                steps=5,
+                learning_rate=2e-2,
+                final_preview=False,
+                data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
+                lora=LoraSpec(rank=4, alpha=alpha),
+            )
+        )
     return AdapterLibrary(root / "lib")
 
 
@@ -57,8 +65,11 @@ def test_mix_equals_hand_fused_weights(tiny_model, two_adapters):
     generator.apply_mix(tuple(AdapterWeight(n, w) for n, w in mix))
     with torch.no_grad():
         mixed = generator.pipeline.unet(latents_input, 10, encoder_hidden_states=context).sample
-        reference = hand_fused_pipeline(tiny_model, two_adapters, mix).unet(
-            latents_input, 10, encoder_hidden_states=context).sample
+        reference = (
+            hand_fused_pipeline(tiny_model, two_adapters, mix)
+            .unet(latents_input, 10, encoder_hidden_states=context)
+            .sample
+        )
     assert torch.allclose(mixed, reference, atol=1e-5)
 
 
@@ -70,7 +81,9 @@ def test_weight_zero_equals_base_and_fused_equals_unfused(tiny_model, two_adapte
     assert generator._fused is None and not np.array_equal(unfused, base)
     fused = pixels(generator, adapters=(AdapterWeight("reds", 1.0),))  # same mix again: now fused
     assert generator._fused is not None
-    assert not any(hasattr(m, "lora_A") for m in generator.pipeline.unet.modules())  # plain layers: no overhead
+    assert not any(
+        hasattr(m, "lora_A") for m in generator.pipeline.unet.modules()
+    )  # plain layers: no overhead
     assert np.abs(fused - unfused).max() <= 2.0  # within rounding of 8-bit pixels
     assert np.array_equal(pixels(generator), base)  # unfused before the change: base restored exactly
     assert any(hasattr(m, "lora_A") for m in generator.pipeline.unet.modules())  # adapters still resident
@@ -96,7 +109,9 @@ def test_lru_keeps_at_most_max_resident(tiny_model, two_adapters):
 
 def test_prompt_lora_tags_resolve_against_library(tiny_model, two_adapters):
     assert parse_prompt("a <lora:reds:0.5> cat <lora:blues>") == (
-        "a cat", (AdapterWeight("reds", 0.5), AdapterWeight("blues", 1.0)))
+        "a cat",
+        (AdapterWeight("reds", 0.5), AdapterWeight("blues", 1.0)),
+    )
     generator = Generator(str(tiny_model), two_adapters)
     tagged = pixels(generator, prompt="sks <lora:reds:0.6>")
     listed = pixels(generator, prompt="sks", adapters=(AdapterWeight("reds", 0.6),))
@@ -107,9 +122,17 @@ def test_prompt_lora_tags_resolve_against_library(tiny_model, two_adapters):
 
 def test_png_carries_automatic1111_parameters(tiny_model, two_adapters, tmp_path):
     generator = Generator(str(tiny_model), two_adapters)
-    image = generator.generate(GenerateConfig(prompt="sks", negative_prompt="blurry", seed=42, steps=2,
-                                              guidance=5, scheduler="DPM++ 2M",
-                                              adapters=(AdapterWeight("reds", 0.5),)))[0]
+    image = generator.generate(
+        GenerateConfig(
+            prompt="sks",
+            negative_prompt="blurry",
+            seed=42,
+            steps=2,
+            guidance=5,
+            scheduler="DPM++ 2M",
+            adapters=(AdapterWeight("reds", 0.5),),
+        )
+    )[0]
     path = image.save(tmp_path / "out.png")
     from PIL import Image
 
@@ -131,25 +154,35 @@ def test_schedulers_and_bad_settings(tiny_model, two_adapters):
 
 def test_comparison_grid_has_a_column_per_weight(tiny_model, two_adapters):
     generator = Generator(str(tiny_model), two_adapters)
-    grid = generator.comparison_grid(GenerateConfig(prompt="sks", seed=1, steps=2, count=2,
-                                                    adapters=(AdapterWeight("reds", 1.0),)), weights=(0, 0.5, 1))
+    grid = generator.comparison_grid(
+        GenerateConfig(prompt="sks", seed=1, steps=2, count=2, adapters=(AdapterWeight("reds", 1.0),)),
+        weights=(0, 0.5, 1),
+    )
     cell = 128  # 32-px images are scaled up to at least 128 px so labels stay readable
     assert grid.size[0] >= 3 * cell and grid.size[1] >= 2 * cell
-    by_adapter = generator.comparison_grid(GenerateConfig(prompt="sks", seed=1, steps=2),
-                                           adapters=("reds", "blues"))
+    by_adapter = generator.comparison_grid(
+        GenerateConfig(prompt="sks", seed=1, steps=2), adapters=("reds", "blues")
+    )
     assert by_adapter.size[0] >= 3 * cell
 
 
 def base_weights(generator: Generator) -> dict[str, torch.Tensor]:
     """Every non-LoRA parameter of the pipeline's LoRA-loadable parts, copied (named as in the bare base)."""
     pipe = generator.pipeline
-    return {f"{part}.{name}".replace(".base_layer", ""): p.detach().clone() for part in pipe._lora_loadable_modules
-            if isinstance(getattr(pipe, part, None), torch.nn.Module)
-            for name, p in getattr(pipe, part).named_parameters() if "lora_" not in name}
+    return {
+        f"{part}.{name}".replace(".base_layer", ""): p.detach().clone()
+        for part in pipe._lora_loadable_modules
+        if isinstance(getattr(pipe, part, None), torch.nn.Module)
+        for name, p in getattr(pipe, part).named_parameters()
+        if "lora_" not in name
+    }
 
 
-@pytest.mark.parametrize("mix", [(("reds", 1.0),), (("reds", 0.7), ("blues", -0.4)), (("reds", 10.0), ("blues", -10.0))],
-                         ids=["one", "two-on-shared-layers", "large-weights"])
+@pytest.mark.parametrize(
+    "mix",
+    [(("reds", 1.0),), (("reds", 0.7), ("blues", -0.4)), (("reds", 10.0), ("blues", -10.0))],
+    ids=["one", "two-on-shared-layers", "large-weights"],
+)
 def test_unfusing_restores_the_base_weights_bit_for_bit(tiny_model, two_adapters, mix):
     generator = Generator(str(tiny_model), two_adapters)
     wanted = tuple(AdapterWeight(n, w) for n, w in mix)

@@ -22,9 +22,9 @@ from test_single_file import unet_key_to_ldm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import sdlora
-from sdlora.formats import Adapter, LoraLayer, ModelLayout, write_adapter
+from sdlora.library.formats import Adapter, LoraLayer, ModelLayout, write_adapter
 
-CONFIGS = Path(sdlora.__file__).parent / "model_configs" / "stable-diffusion-v1"
+CONFIGS = Path(sdlora.__file__).parent / "models" / "configs" / "stable-diffusion-v1"
 ALPHAS = {"attention": 4.0, "resnet": 1.5, "sampler": 3.0, "text": 0.5}  # distinct, none equal to the rank 2
 
 
@@ -39,8 +39,12 @@ def sd15():
 def kohya_targets(model, part: str) -> dict[str, tuple[str, str]]:
     """kohya networks/lora.py: Linear and Conv2d children of the target classes, by lora name."""
     if part == "unet":
-        classes = {"Transformer2DModel": "attention", "ResnetBlock2D": "resnet", "Downsample2D": "sampler",
-                   "Upsample2D": "sampler"}
+        classes = {
+            "Transformer2DModel": "attention",
+            "ResnetBlock2D": "resnet",
+            "Downsample2D": "sampler",
+            "Upsample2D": "sampler",
+        }
         prefix = "lora_unet"
     else:
         classes = {"CLIPAttention": "text", "CLIPSdpaAttention": "text", "CLIPMLP": "text"}
@@ -69,8 +73,13 @@ def library_file(sd15, tmp_path_factory):
             down = torch.randn(2, *shape[1:], generator=g)
             up = torch.randn(shape[0], 2, *([1, 1] if len(shape) == 4 else []), generator=g)
             layers[key] = LoraLayer(down, up, ALPHAS[kind])
-    path = write_adapter(tmp_path_factory.mktemp("lib") / "every-layer.safetensors", Adapter(layers), "kohya",
-                         family="sd1", blocks=layout.blocks)
+    path = write_adapter(
+        tmp_path_factory.mktemp("lib") / "every-layer.safetensors",
+        Adapter(layers),
+        "kohya",
+        family="sd1",
+        blocks=layout.blocks,
+    )
     return load_file(str(path)), layers, layout
 
 
@@ -93,37 +102,70 @@ def same_update(tensors, stem: str, shape, layer: LoraLayer) -> bool:
 def ldm_module_names(unet) -> dict[str, str]:
     """diffusers module path -> original SD path, by the single-file mapping tested in test_single_file."""
     up_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
-    return {path: unet_key_to_ldm(path + ".weight", up_attention).removesuffix(".weight")
-            for path, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+    return {
+        path: unet_key_to_ldm(path + ".weight", up_attention).removesuffix(".weight")
+        for path, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    }
 
 
 # --- AUTOMATIC1111 / Forge: extensions-builtin/Lora, convert_diffusers_name_to_compvis --------------
 
-A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-                "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+A1111_RESNET = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def a1111_compvis_name(stem: str) -> str | None:
     """AUTOMATIC1111's rule for SD 1.x: diffusers-style kohya names to the original model's module names."""
+
     def suffix(kind: str, rest: str) -> str:
         return A1111_RESNET.get(rest, rest) if kind == "resnets" else rest
 
     rules = [
         (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
         (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
-        (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
-        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-         lambda m: f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_"
-                   f"{1 if m[2] == 'attentions' else 0}_{suffix(m[2], m[4])}"),
-        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
-         lambda m: f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{suffix(m[1], m[3])}"),
-        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-         lambda m: f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_"
-                   f"{1 if m[2] == 'attentions' else 0}_{suffix(m[2], m[4])}"),
-        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
-        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
-         lambda m: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
-        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+        (
+            r"lora_unet_time_embedding_linear_(\d+)(.*)",
+            lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}",
+        ),
+        (
+            r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_"
+                f"{1 if m[2] == 'attentions' else 0}_{suffix(m[2], m[4])}"
+            ),
+        ),
+        (
+            r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{suffix(m[1], m[3])}"
+            ),
+        ),
+        (
+            r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_"
+                f"{1 if m[2] == 'attentions' else 0}_{suffix(m[2], m[4])}"
+            ),
+        ),
+        (
+            r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+            lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op",
+        ),
+        (
+            r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+            lambda m: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv",
+        ),
+        (
+            r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
+            lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}",
+        ),
     ]
     for pattern, build in rules:
         match = re.fullmatch(pattern, stem)
@@ -136,9 +178,16 @@ def test_automatic1111_finds_every_layer_at_alpha_over_rank(sd15, library_file):
     tensors, layers, layout = library_file
     # network_layer_mapping: the SD model's own module names with '_' for '.'
     ldm = ldm_module_names(sd15.unet)
-    model_modules = {"diffusion_model_" + ldm_path.replace(".", "_"): "unet." + path for path, ldm_path in ldm.items()}
-    model_modules.update({"transformer_text_model_" + path.replace(".", "_"): f"text_encoder.text_model.{path}"
-                          for path, _ in sd15.text_encoder.named_modules() if path})
+    model_modules = {
+        "diffusion_model_" + ldm_path.replace(".", "_"): "unet." + path for path, ldm_path in ldm.items()
+    }
+    model_modules.update(
+        {
+            "transformer_text_model_" + path.replace(".", "_"): f"text_encoder.text_model.{path}"
+            for path, _ in sd15.text_encoder.named_modules()
+            if path
+        }
+    )
     found = {}
     for stem in stems(tensors):
         compvis = a1111_compvis_name(stem)
@@ -151,6 +200,7 @@ def test_automatic1111_finds_every_layer_at_alpha_over_rank(sd15, library_file):
 
 # --- ComfyUI: comfy/lora.py model_lora_keys_unet / model_lora_keys_clip ----------------------------
 
+
 def test_comfyui_finds_every_layer_at_alpha_over_rank(sd15, library_file):
     tensors, layers, layout = library_file
     key_map = {}
@@ -158,8 +208,14 @@ def test_comfyui_finds_every_layer_at_alpha_over_rank(sd15, library_file):
         key_map["lora_unet_" + ldm_path.replace(".", "_")] = "unet." + path
         key_map["lora_unet_" + path.replace(".", "_")] = "unet." + path
     for index in range(sd15.text_encoder.config.num_hidden_layers):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-                     "mlp.fc2"):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             path = f"text_model.encoder.layers.{index}.{name}"
             key_map["lora_te_" + path.replace(".", "_")] = "text_encoder." + path
     assert stems(tensors) <= key_map.keys(), f"ComfyUI drops: {sorted(stems(tensors) - key_map.keys())[:3]}"
@@ -171,6 +227,7 @@ def test_comfyui_finds_every_layer_at_alpha_over_rank(sd15, library_file):
 
 
 # --- kohya sd-scripts: networks/lora.py create_network_from_weights --------------------------------
+
 
 def test_kohya_builds_a_module_for_every_layer_at_alpha_over_rank(sd15, library_file):
     tensors, layers, layout = library_file
@@ -184,7 +241,7 @@ def test_kohya_builds_a_module_for_every_layer_at_alpha_over_rank(sd15, library_
 
 def test_original_sd_names_of_the_same_layers_read_back_exactly(sd15, library_file, tmp_path):
     """Civitai's files with original-SD block names (`lora_unet_input_blocks_…`) map onto the same layers."""
-    from sdlora.formats import read_adapter
+    from sdlora.library.formats import read_adapter
 
     tensors, layers, layout = library_file
     ldm = ldm_module_names(sd15.unet)
@@ -202,4 +259,6 @@ def test_original_sd_names_of_the_same_layers_read_back_exactly(sd15, library_fi
     assert adapter.layers.keys() == layers.keys()
     for key, layer in layers.items():
         got = adapter.layers[key]
-        assert got.alpha == layer.alpha and torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up), key
+        assert (
+            got.alpha == layer.alpha and torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up)
+        ), key

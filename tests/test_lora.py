@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from sdlora.config import LoraSpec
-from sdlora.lora import add_lora, lora_state_dict, parameter_counts
-from sdlora.models import load_pipeline
+from sdlora.models.loading import load_pipeline
+from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts
 
 
 def unet_output(unet, seed: int = 0) -> torch.Tensor:
@@ -30,8 +30,12 @@ def test_only_attention_projections_are_adapted_and_counted(tiny_model):
     total_before = sum(p.numel() for p in unet.parameters())
     add_lora(unet, LoraSpec(rank=4, alpha=8))
     keys = lora_state_dict(unet).keys()
-    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] if not k.split(".lora_")[0].endswith("to_out.0")
-               else "to_out.0" for k in keys}
+    adapted = {
+        k.split(".lora_")[0].rsplit(".", 1)[-1]
+        if not k.split(".lora_")[0].endswith("to_out.0")
+        else "to_out.0"
+        for k in keys
+    }
     assert adapted == {"to_q", "to_k", "to_v", "to_out.0"}
     trainable, total = parameter_counts(unet)
     assert trainable == sum(v.numel() for v in lora_state_dict(unet).values())
@@ -88,7 +92,7 @@ def test_swapping_a_b_switches_tasks_over_one_base(tiny_model):
     torch.manual_seed(2)
     task_a = {k: torch.randn_like(v) * 0.05 for k, v in lora_state_dict(unet).items()}
     task_b = {k: torch.randn_like(v) * 0.05 for k, v in lora_state_dict(unet).items()}
-    from sdlora.lora import load_lora_state_dict
+    from sdlora.training.lora import load_lora_state_dict
 
     load_lora_state_dict(unet, task_a)
     out_a = unet_output(unet)

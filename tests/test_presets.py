@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from sdlora.cli import build_parser, config_from_args
-from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset, default_config, estimate_training, preset_for
+from sdlora.training.presets import (
+    DEMO_MODEL,
+    PRESETS,
+    apply_preset,
+    default_config,
+    estimate_training,
+    preset_for,
+)
 
 
 def test_demo_model_gets_demo_settings_when_no_flags_given():
@@ -16,25 +23,44 @@ def test_demo_model_gets_demo_settings_when_no_flags_given():
     config = config_from_args(args)
     demo = PRESETS["Demo"]
     assert (config.steps, config.learning_rate, config.data.resolution, config.lora.rank) == (
-        demo.steps, demo.learning_rate, 64, demo.rank)
+        demo.steps,
+        demo.learning_rate,
+        64,
+        demo.rank,
+    )
     assert config.lora.extra_target_modules == demo.extra_target_modules
     assert config.data.regularization_images == demo.regularization_images
     assert config.prior_loss_weight == demo.prior_loss_weight != 1.0  # the demo's weighting, not the default
-    assert len(list(Path(demo.regularization_images).glob("*.png"))) == len(
-        list(Path(demo.regularization_images).glob("*.txt"))) > 0
+    assert (
+        len(list(Path(demo.regularization_images).glob("*.png")))
+        == len(list(Path(demo.regularization_images).glob("*.txt")))
+        > 0
+    )
 
 
 def test_regularisation_images_given_by_the_user_win_over_the_demo_presets():
-    args = build_parser().parse_args(["train", "--base-model", str(DEMO_MODEL), "--images", "x",
-                                      "--reg-images", "my-reg", "--prior-loss-weight", "0.5"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--base-model",
+            str(DEMO_MODEL),
+            "--images",
+            "x",
+            "--reg-images",
+            "my-reg",
+            "--prior-loss-weight",
+            "0.5",
+        ]
+    )
     config = config_from_args(args)
     assert (config.data.regularization_images, config.prior_loss_weight) == ("my-reg", 0.5)
     assert config.data.resolution == 64  # the rest of the demo preset still applies
 
 
 def test_flags_still_win_over_the_demo_preset():
-    args = build_parser().parse_args(["train", "--base-model", "assets/demo-model", "--images", "x",
-                                      "--steps", "7", "--rank", "2"])
+    args = build_parser().parse_args(
+        ["train", "--base-model", "assets/demo-model", "--images", "x", "--steps", "7", "--rank", "2"]
+    )
     config = config_from_args(args)
     assert (config.steps, config.lora.rank) == (7, 2)
 
@@ -52,14 +78,15 @@ def test_presets_apply_and_estimate():
     gpu = estimate_training(config, 860_000_000, None, "cuda")
     assert gpu.seconds < cpu.seconds and gpu.gpu_memory_gb and cpu.gpu_memory_gb is None
     assert "rough" in gpu.text and "GB" in gpu.text
-    with_reg = estimate_training(config.replace(data=replace(config.data, regularization_images="r")),
-                                 860_000_000, None, "cpu")
+    with_reg = estimate_training(
+        config.replace(data=replace(config.data, regularization_images="r")), 860_000_000, None, "cpu"
+    )
     assert with_reg.seconds > 1.5 * cpu.seconds  # twice the images per step
 
 
 def test_estimate_counts_captioning_time():
-    from sdlora.captioners import spec_of
-    from sdlora.presets import captioning_seconds
+    from sdlora.captioning.captioners import spec_of
+    from sdlora.training.presets import captioning_seconds
 
     config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=512)
     plain = estimate_training(config, 860_000_000, None, "cpu")
@@ -69,7 +96,9 @@ def test_estimate_counts_captioning_time():
     assert captioned.seconds == pytest.approx(plain.seconds + 30 * demo.seconds_per_image)
     assert "captioning 30 images with demo" in captioned.text and "captioning" not in plain.text
     # A weighted captioner moves to the GPU with the training; the demo one has no weights to move.
-    assert captioning_seconds(30, 1.0, on_gpu=True, needs_weights=True) < captioning_seconds(30, 1.0, True, False)
+    assert captioning_seconds(30, 1.0, on_gpu=True, needs_weights=True) < captioning_seconds(
+        30, 1.0, True, False
+    )
 
 
 def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_trains():
@@ -92,9 +121,16 @@ def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_train
     config = train_config(shown)
     demo = PRESETS["Demo"]
     assert (config.batch_size, config.prior_loss_weight, config.lora.extra_target_modules) == (
-        demo.batch_size, demo.prior_loss_weight, demo.extra_target_modules)
+        demo.batch_size,
+        demo.prior_loss_weight,
+        demo.extra_target_modules,
+    )
     assert (config.lora.rank, config.steps, config.data.resolution, config.data.regularization_images) == (
-        demo.rank, demo.steps, demo.resolution, demo.regularization_images)
+        demo.rank,
+        demo.steps,
+        demo.resolution,
+        demo.regularization_images,
+    )
     edited = train_config({**shown, "batch_size": 1, "prior_loss_weight": 1.5, "extra_target_modules": []})
     assert (edited.batch_size, edited.prior_loss_weight, edited.lora.extra_target_modules) == (1, 1.5, ())
 
@@ -103,7 +139,7 @@ def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_
     import shutil
 
     from sdlora.cli import build_parser, config_and_defaults
-    from sdlora.presets import DEMO_MODEL
+    from sdlora.training.presets import DEMO_MODEL
 
     copy = tmp_path / "somewhere" / "my-demo"
     copy.mkdir(parents=True)
@@ -111,7 +147,9 @@ def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_
         shutil.copy(DEMO_MODEL / name, copy / name)
 
     def run(base):
-        return config_and_defaults(build_parser().parse_args(["train", "--base-model", str(base), "--images", "x"]))
+        return config_and_defaults(
+            build_parser().parse_args(["train", "--base-model", str(base), "--images", "x"])
+        )
 
     config, line = run(copy)
     assert (config.data.resolution, config.lora.rank, config.steps) == (64, 16, 600) and "demo preset" in line
@@ -124,7 +162,7 @@ def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_
 
 
 def test_gpu_memory_estimate_follows_model_size_and_memory_settings():
-    from sdlora.models import ModelInfo
+    from sdlora.models.loading import ModelInfo
 
     sdxl, sd15 = ModelInfo("sdxl", "epsilon", 1024, 2048), ModelInfo("sd1", "epsilon", 512, 768)
     xl = TrainConfigFor(1024)
@@ -132,7 +170,9 @@ def test_gpu_memory_estimate_follows_model_size_and_memory_settings():
     assert 10 < base < 16  # SimpleTuner's published SDXL LoRA run at batch 1: 13 GiB
     checkpointed = estimate_training(xl.replace(gradient_checkpointing=True), 2_567_000_000, sdxl, "cuda")
     assert checkpointed.gpu_memory_gb < 0.7 * base and "SDXL at 1024 px" in checkpointed.text
-    small_state = estimate_training(xl.replace(optimizer="adamw8bit"), 2_567_000_000, sdxl, "cuda").gpu_memory_gb
+    small_state = estimate_training(
+        xl.replace(optimizer="adamw8bit"), 2_567_000_000, sdxl, "cuda"
+    ).gpu_memory_gb
     assert small_state < base
     sd = estimate_training(TrainConfigFor(512), 860_000_000, sd15, "cuda").gpu_memory_gb
     assert 2 < sd < 4  # published SD 1.5 LoRA at 512 px: 2.9 GiB
@@ -142,5 +182,6 @@ def test_gpu_memory_estimate_follows_model_size_and_memory_settings():
 def TrainConfigFor(resolution: int):  # noqa: N802 - reads as the config it builds
     from sdlora.config import DataConfig, LoraSpec, TrainConfig
 
-    return TrainConfig(base_model="m", data=DataConfig(images="x", resolution=resolution),
-                       lora=LoraSpec(rank=16, alpha=16))
+    return TrainConfig(
+        base_model="m", data=DataConfig(images="x", resolution=resolution), lora=LoraSpec(rank=16, alpha=16)
+    )

@@ -19,12 +19,12 @@ from sdlora.config import (
     TrainConfig,
     check_adapter_name,
 )
-from sdlora.data import load_concept_images
 from sdlora.errors import AdapterFormatError, CheckpointError, ConfigError, SdloraError
 from sdlora.events import Finished, Started, Step, StopFlag
-from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary, reference_from_pipeline, safe_name
-from sdlora.train import train
+from sdlora.library.store import AdapterLibrary, reference_from_pipeline, safe_name
+from sdlora.models.loading import load_pipeline
+from sdlora.training.data import load_concept_images
+from sdlora.training.loop import train
 
 STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 DIFFUSERS_STEM = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -40,8 +40,15 @@ def one_line(exc_info, *names: str) -> str:
 
 
 def kohya_file(path, down, up, alpha=4.0, metadata=None):
-    save_file({f"{STEM}.lora_down.weight": down, f"{STEM}.lora_up.weight": up, f"{STEM}.alpha": torch.tensor(alpha)},
-              str(path), metadata=metadata)
+    save_file(
+        {
+            f"{STEM}.lora_down.weight": down,
+            f"{STEM}.lora_up.weight": up,
+            f"{STEM}.alpha": torch.tensor(alpha),
+        },
+        str(path),
+        metadata=metadata,
+    )
     return path
 
 
@@ -55,7 +62,9 @@ def library(tmp_path, reference):
     """A library that already holds one good adapter, which no refusal may touch."""
     out, inn = reference.shapes[DIFFUSERS_STEM]
     lib = AdapterLibrary(tmp_path / "lib", reference)
-    lib.import_file(kohya_file(tmp_path / "good.safetensors", torch.randn(4, inn) * 0.01, torch.randn(out, 4) * 0.01))
+    lib.import_file(
+        kohya_file(tmp_path / "good.safetensors", torch.randn(4, inn) * 0.01, torch.randn(out, 4) * 0.01)
+    )
     return lib
 
 
@@ -71,13 +80,20 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 # 1. Non-finite and absurd values ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "dtype", "words"), [
-    (float("nan"), torch.float32, "NaN or infinite"), (float("inf"), torch.float16, "NaN or infinite"),
-    (float("nan"), torch.float8_e4m3fn, "NaN or infinite"), (1e12, torch.float32, "1e+12"),
-    (2e4, torch.bfloat16, "past the 10000"),
-])
-def test_non_finite_or_absurd_weights_are_refused_by_import_and_by_reading(library, reference, tmp_path, value,
-                                                                           dtype, words):
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "words"),
+    [
+        (float("nan"), torch.float32, "NaN or infinite"),
+        (float("inf"), torch.float16, "NaN or infinite"),
+        (float("nan"), torch.float8_e4m3fn, "NaN or infinite"),
+        (1e12, torch.float32, "1e+12"),
+        (2e4, torch.bfloat16, "past the 10000"),
+    ],
+)
+def test_non_finite_or_absurd_weights_are_refused_by_import_and_by_reading(
+    library, reference, tmp_path, value, dtype, words
+):
     out, inn = reference.shapes[DIFFUSERS_STEM]
     bad = kohya_file(tmp_path / "bad.safetensors", torch.full((4, inn), value).to(dtype), torch.zeros(out, 4))
     before = library_files(library)
@@ -95,28 +111,70 @@ def test_non_finite_or_absurd_weights_are_refused_by_import_and_by_reading(libra
 
 def test_nan_alpha_is_refused_through_the_cli(library, reference, tmp_path, tiny_model, capsys):
     out, inn = reference.shapes[DIFFUSERS_STEM]
-    bad = kohya_file(tmp_path / "nan-alpha.safetensors", torch.zeros(4, inn), torch.zeros(out, 4), float("nan"))
+    bad = kohya_file(
+        tmp_path / "nan-alpha.safetensors", torch.zeros(4, inn), torch.zeros(out, 4), float("nan")
+    )
     before = library_files(library)
-    code, _, err = cli(capsys, "adapters", "import", str(bad), "--adapters-dir", str(library.root),
-                       "--base-model", str(tiny_model))
+    code, _, err = cli(
+        capsys,
+        "adapters",
+        "import",
+        str(bad),
+        "--adapters-dir",
+        str(library.root),
+        "--base-model",
+        str(tiny_model),
+    )
     assert code == 2 and err.count("\n") == 1 and "nan-alpha.safetensors" in err and "NaN" in err
     assert library_files(library) == before
 
 
 # 2. Malformed files: one line, never a traceback -----------------------------------------------------
 
-@pytest.mark.parametrize(("tensors", "words"), [
-    ({f"{DIFFUSERS_STEM}.lora_A.weight": torch.zeros(4, 16)}, "no up weight"),
-    ({f"{STEM}.hada_w1_a": torch.zeros(16, 2), f"{STEM}.hada_w1_b": torch.zeros(2, 16),
-      f"{STEM}.hada_w2_a": torch.zeros(16, 2)}, "no hada_w2_b tensor"),
-    ({f"{STEM}.hada_w1_a": torch.zeros(16, 2), f"{STEM}.hada_w1_b": torch.zeros(2, 16),
-      f"{STEM}.hada_w2_a": torch.zeros(15, 2), f"{STEM}.hada_w2_b": torch.zeros(2, 16)}, "do not fit together"),
-    ({f"{STEM}.lora_down.weight": torch.zeros(4, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 5)}, "ranks differ"),
-    ({f"{STEM}.lora_down.weight": torch.zeros(0, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 0)}, "ranks differ"),
-    ({f"{STEM}.lokr_w1": torch.zeros(4, 4), f"{STEM}.lokr_w2_a": torch.zeros(4, 2)}, "no lokr_w2_b tensor"),
-    ({f"{STEM}.lora_down.weight": torch.zeros(4, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 4),
-      f"{STEM}.alpha": torch.tensor([1.0, 2.0])}, "not one number"),
-])
+
+@pytest.mark.parametrize(
+    ("tensors", "words"),
+    [
+        ({f"{DIFFUSERS_STEM}.lora_A.weight": torch.zeros(4, 16)}, "no up weight"),
+        (
+            {
+                f"{STEM}.hada_w1_a": torch.zeros(16, 2),
+                f"{STEM}.hada_w1_b": torch.zeros(2, 16),
+                f"{STEM}.hada_w2_a": torch.zeros(16, 2),
+            },
+            "no hada_w2_b tensor",
+        ),
+        (
+            {
+                f"{STEM}.hada_w1_a": torch.zeros(16, 2),
+                f"{STEM}.hada_w1_b": torch.zeros(2, 16),
+                f"{STEM}.hada_w2_a": torch.zeros(15, 2),
+                f"{STEM}.hada_w2_b": torch.zeros(2, 16),
+            },
+            "do not fit together",
+        ),
+        (
+            {f"{STEM}.lora_down.weight": torch.zeros(4, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 5)},
+            "ranks differ",
+        ),
+        (
+            {f"{STEM}.lora_down.weight": torch.zeros(0, 16), f"{STEM}.lora_up.weight": torch.zeros(16, 0)},
+            "ranks differ",
+        ),
+        (
+            {f"{STEM}.lokr_w1": torch.zeros(4, 4), f"{STEM}.lokr_w2_a": torch.zeros(4, 2)},
+            "no lokr_w2_b tensor",
+        ),
+        (
+            {
+                f"{STEM}.lora_down.weight": torch.zeros(4, 16),
+                f"{STEM}.lora_up.weight": torch.zeros(16, 4),
+                f"{STEM}.alpha": torch.tensor([1.0, 2.0]),
+            },
+            "not one number",
+        ),
+    ],
+)
 @pytest.mark.parametrize("checked", [True, False])
 def test_malformed_layers_are_one_line_refusals(library, tmp_path, tensors, words, checked):
     path = tmp_path / "broken.safetensors"
@@ -133,8 +191,12 @@ def test_malformed_layers_are_one_line_refusals(library, tmp_path, tensors, word
 def test_cli_import_without_base_model_checks_against_the_default_model(tmp_path, capsys):
     """README: SDXL files and wrong shapes are refused; without --base-model the app's default model is the check."""
     lib = tmp_path / "lib"
-    xl = kohya_file(tmp_path / "xl.safetensors", torch.zeros(4, 64), torch.zeros(64, 4),
-                    metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    xl = kohya_file(
+        tmp_path / "xl.safetensors",
+        torch.zeros(4, 64),
+        torch.zeros(64, 4),
+        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+    )
     wrong = kohya_file(tmp_path / "wrong.safetensors", torch.zeros(4, 777), torch.zeros(64, 4))
     for path, words in ((xl, "sdxl_base_v1-0"), (wrong, "different base model")):
         code, _, err = cli(capsys, "adapters", "import", str(path), "--adapters-dir", str(lib))
@@ -147,16 +209,27 @@ def test_wrong_shape_file_copied_into_the_library_is_one_line_in_the_cli(tmp_pat
     lib = tmp_path / "lib"
     lib.mkdir()
     kohya_file(lib / "odd.safetensors", torch.zeros(4, 16), torch.zeros(16, 3))
-    save_file({f"{STEM}.lora_down.weight": torch.tensor(1.0), f"{STEM}.lora_up.weight": torch.zeros(16, 4)},
-              str(lib / "scalar.safetensors"))
-    code, _, err = cli(capsys, "adapters", "export", "odd", "--out", str(tmp_path / "x.safetensors"),
-                       "--adapters-dir", str(lib))
+    save_file(
+        {f"{STEM}.lora_down.weight": torch.tensor(1.0), f"{STEM}.lora_up.weight": torch.zeros(16, 4)},
+        str(lib / "scalar.safetensors"),
+    )
+    code, _, err = cli(
+        capsys,
+        "adapters",
+        "export",
+        "odd",
+        "--out",
+        str(tmp_path / "x.safetensors"),
+        "--adapters-dir",
+        str(lib),
+    )
     assert code == 2 and err.count("\n") == 1 and "odd.safetensors" in err and "Traceback" not in err
     code, out, err = cli(capsys, "adapters", "list", "--adapters-dir", str(lib))
     assert code == 0 and "Traceback" not in err and "scalar" in out
 
 
 # 3. Generation values ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e15, 10.5, "1", True])
 def test_adapter_weight_must_be_finite_and_bounded(weight):
@@ -166,7 +239,7 @@ def test_adapter_weight_must_be_finite_and_bounded(weight):
 
 
 def test_prompt_tag_weights_are_bounded_too():
-    from sdlora.generate import parse_prompt
+    from sdlora.generation.generate import parse_prompt
 
     with pytest.raises(ConfigError) as refused:
         parse_prompt("a star <lora:star:15>")
@@ -182,11 +255,14 @@ def test_guidance_must_be_finite_and_in_range(guidance):
 
 
 def test_sane_generation_values_pass():
-    GenerateConfig(prompt="x", guidance=0.0, adapters=(AdapterWeight("a", -10), AdapterWeight("b", 2.5))).validate(64)
+    GenerateConfig(
+        prompt="x", guidance=0.0, adapters=(AdapterWeight("a", -10), AdapterWeight("b", 2.5))
+    ).validate(64)
     GenerateConfig(prompt="x", guidance=30, width=128, height=64).validate(64)
 
 
 # 4. Sizes -----------------------------------------------------------------------------------------------
+
 
 def test_generation_size_is_bounded_by_the_native_side_and_a_pixel_cap():
     with pytest.raises(ConfigError) as refused:
@@ -211,8 +287,29 @@ def test_training_resolution_is_bounded(tiny_config):
 
 # 5. Names -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["CON", "con", "nul.txt", "COM1", "LPT9", "aux .png", "star.", "star ", " star",
-                                  ".hidden", "a<b", "a:b", "a|b", "tab\there", "x" * 101, "é" * 101, ""])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CON",
+        "con",
+        "nul.txt",
+        "COM1",
+        "LPT9",
+        "aux .png",
+        "star.",
+        "star ",
+        " star",
+        ".hidden",
+        "a<b",
+        "a:b",
+        "a|b",
+        "tab\there",
+        "x" * 101,
+        "é" * 101,
+        "",
+    ],
+)
 def test_names_that_are_not_portable_file_names_are_refused(name):
     with pytest.raises(ConfigError) as refused:
         check_adapter_name(name)
@@ -247,6 +344,7 @@ def test_train_with_a_300_character_name_is_a_config_error(tiny_config):
 
 
 # 6, 7, 9. A run: an import that takes its name, a Latin-1 caption, a stop before the first step -----------
+
 
 def test_an_adapter_imported_under_the_running_name_is_kept(tiny_config, library, concept_dir):
     (concept_dir / "img1.txt").write_bytes("a caf\xe9 circle".encode("cp1252"))
@@ -299,14 +397,19 @@ def test_stop_before_the_first_step_saves_nothing(tiny_config):
 
 # 8. Resume with changed settings ------------------------------------------------------------------------
 
+
 def test_resume_refuses_changed_settings_and_lists_them(tiny_config, tmp_path):
     config = tiny_config.replace(steps=2)
     first = train(config)
     saved = first.adapter_path.read_bytes()
     other_images = tmp_path / "other"
     other_images.mkdir()
-    changed = config.replace(learning_rate=5e-3, seed=8, steps=4,
-                             data=DataConfig(images=str(other_images), trigger_word="sks", resolution=32))
+    changed = config.replace(
+        learning_rate=5e-3,
+        seed=8,
+        steps=4,
+        data=DataConfig(images=str(other_images), trigger_word="sks", resolution=32),
+    )
     with pytest.raises(CheckpointError) as refused:
         train(changed, resume="latest")
     message = one_line(refused, "learning_rate 0.001 -> 0.005", "seed 7 -> 8", "data.images (changed)")
@@ -316,6 +419,7 @@ def test_resume_refuses_changed_settings_and_lists_them(tiny_config, tmp_path):
 
 
 # 10. Leftovers of killed writes -------------------------------------------------------------------------
+
 
 def test_stale_temp_files_are_cleaned_when_the_library_opens(library):
     root = library.root

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from tiny_models import write_tiny_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdlora import models, single_file
 from sdlora.errors import ModelLoadError
+from sdlora.models import loading as models
+from sdlora.models import single_file
 
 V1_KEY = CHECKPOINT_KEY_NAMES["v1"]
 V2_KEY = CHECKPOINT_KEY_NAMES["v2"]
@@ -31,8 +32,11 @@ CLIP_KEY = CHECKPOINT_KEY_NAMES["clip"]
 
 def write(path: Path, shapes: dict, metadata: dict | None = None) -> Path:
     """A .safetensors file whose tensors have the given shapes (values do not matter for detection)."""
-    save_file({k: v if isinstance(v, torch.Tensor) else torch.zeros(v) for k, v in shapes.items()},
-              str(path), metadata=metadata)
+    save_file(
+        {k: v if isinstance(v, torch.Tensor) else torch.zeros(v) for k, v in shapes.items()},
+        str(path),
+        metadata=metadata,
+    )
     return path
 
 
@@ -45,26 +49,37 @@ def sd2_keys() -> dict:
 
 
 def sdxl_keys() -> dict:
-    return {"model.diffusion_model.out.2.weight": (1,), VAE_KEY: (1,), CHECKPOINT_KEY_NAMES["xl_base"]: (1,),
-            CHECKPOINT_KEY_NAMES["clip_sdxl"]: (77, 1), CHECKPOINT_KEY_NAMES["open_clip_sdxl"]: (77, 1)}
+    return {
+        "model.diffusion_model.out.2.weight": (1,),
+        VAE_KEY: (1,),
+        CHECKPOINT_KEY_NAMES["xl_base"]: (1,),
+        CHECKPOINT_KEY_NAMES["clip_sdxl"]: (77, 1),
+        CHECKPOINT_KEY_NAMES["open_clip_sdxl"]: (77, 1),
+    }
 
 
-@pytest.mark.parametrize("keys, architecture, prediction", [
-    (sd1_keys, "stable-diffusion-v1", "epsilon"),
-    (sdxl_keys, "stable-diffusion-xl-v1-base", "epsilon"),
-])
+@pytest.mark.parametrize(
+    "keys, architecture, prediction",
+    [
+        (sd1_keys, "stable-diffusion-v1", "epsilon"),
+        (sdxl_keys, "stable-diffusion-xl-v1-base", "epsilon"),
+    ],
+)
 def test_detects_family_from_keys(tmp_path, keys, architecture, prediction):
     info = single_file.inspect_checkpoint(write(tmp_path / "m.safetensors", keys()))
     assert (info.architecture, info.prediction_type) == (architecture, prediction)
 
 
-@pytest.mark.parametrize("metadata, spread, architecture", [
-    ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, 0.0, "stable-diffusion-v2-768-v"),
-    ({"modelspec.architecture": "stable-diffusion-v2-512"}, 1.0, "stable-diffusion-v2-512"),
-    ({"modelspec.prediction_type": "epsilon"}, 1.0, "stable-diffusion-v2-512"),
-    ({}, 0.01, "stable-diffusion-v2-512"),  # no metadata: the weights decide
-    ({}, 0.5, "stable-diffusion-v2-768-v"),
-])
+@pytest.mark.parametrize(
+    "metadata, spread, architecture",
+    [
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, 0.0, "stable-diffusion-v2-768-v"),
+        ({"modelspec.architecture": "stable-diffusion-v2-512"}, 1.0, "stable-diffusion-v2-512"),
+        ({"modelspec.prediction_type": "epsilon"}, 1.0, "stable-diffusion-v2-512"),
+        ({}, 0.01, "stable-diffusion-v2-512"),  # no metadata: the weights decide
+        ({}, 0.5, "stable-diffusion-v2-768-v"),
+    ],
+)
 def test_sd2_prediction_type_from_metadata_then_weights(tmp_path, metadata, spread, architecture):
     probe = torch.randn(320, generator=torch.Generator().manual_seed(0)) * spread
     path = write(tmp_path / "m.safetensors", {**sd2_keys(), single_file.SD2_PROBE: probe}, metadata)
@@ -78,14 +93,17 @@ def test_v_pred_marker_key_makes_sd1_v_prediction(tmp_path):
     assert (info.architecture, info.prediction_type) == ("stable-diffusion-v1", "v_prediction")
 
 
-@pytest.mark.parametrize("shapes, message", [
-    ({**sd1_keys(), CHECKPOINT_KEY_NAMES["inpainting"]: (1, 9, 1, 1)}, "inpainting"),
-    ({CHECKPOINT_KEY_NAMES["xl_refiner"]: (1,), VAE_KEY: (1,)}, "SDXL refiner"),
-    ({CHECKPOINT_KEY_NAMES["flux"][1]: (1,), "model.diffusion_model.img_in.weight": (1, 64)}, "flux"),
-    ({"encoder.weight": (3,)}, "not a Stable Diffusion model"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (1,)}, "LoRA adapter"),
-    ({V1_KEY: (1,), CLIP_KEY: (77, 1)}, "no VAE weights"),
-])
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ({**sd1_keys(), CHECKPOINT_KEY_NAMES["inpainting"]: (1, 9, 1, 1)}, "inpainting"),
+        ({CHECKPOINT_KEY_NAMES["xl_refiner"]: (1,), VAE_KEY: (1,)}, "SDXL refiner"),
+        ({CHECKPOINT_KEY_NAMES["flux"][1]: (1,), "model.diffusion_model.img_in.weight": (1, 64)}, "flux"),
+        ({"encoder.weight": (3,)}, "not a Stable Diffusion model"),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (1,)}, "LoRA adapter"),
+        ({V1_KEY: (1,), CLIP_KEY: (77, 1)}, "no VAE weights"),
+    ],
+)
 def test_refuses_other_models_with_a_clear_message(tmp_path, shapes, message):
     path = write(tmp_path / "other.safetensors", shapes)
     with pytest.raises(ModelLoadError, match=message) as caught:
@@ -96,8 +114,11 @@ def test_refuses_other_models_with_a_clear_message(tmp_path, shapes, message):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_file_is_a_clear_error(tmp_path, damage):
     good = write(tmp_path / "good.safetensors", sd1_keys()).read_bytes()
-    data = {"truncated": good[:-3], "garbage": b"\x20" + b"\0" * 7 + b"this is not json" + b" " * 16,
-            "empty": b""}[damage]
+    data = {
+        "truncated": good[:-3],
+        "garbage": b"\x20" + b"\0" * 7 + b"this is not json" + b" " * 16,
+        "empty": b"",
+    }[damage]
     path = tmp_path / "bad.safetensors"
     path.write_bytes(data)
     with pytest.raises(ModelLoadError, match="damaged: download it again"):
@@ -125,7 +146,9 @@ def test_missing_tokenizer_says_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError) as caught:
         models.load_pipeline(str(path))
     message = str(caught.value)
-    assert str(path) in message and "hf download openai/clip-vit-large-patch14 vocab.json merges.txt" in message
+    assert (
+        str(path) in message and "hf download openai/clip-vit-large-patch14 vocab.json merges.txt" in message
+    )
     assert single_file.TOKENIZER_ENV in message
     monkeypatch.setenv(single_file.TOKENIZER_ENV, str(tmp_path))
     with pytest.raises(ModelLoadError, match=f"tokenizer folder {tmp_path} has no vocab.json"):
@@ -169,8 +192,11 @@ def test_shipped_configs_rebuild_the_published_architectures(architecture):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        text2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-                 if text2_size else None)
+        text2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+            if text2_size
+            else None
+        )
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (count(unet), count(vae), count(text)) == (unet_size, 83_653_863, text_size)
     assert text2 is None or count(text2) == text2_size
@@ -181,14 +207,31 @@ def test_shipped_configs_rebuild_the_published_architectures(architecture):
 # --- genuine tiny checkpoints in the original LDM / SGM layouts ------------------------------
 
 LAYERS = 2  # resnets per down block, as in SD; the LDM block numbering depends on it
-RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-OPEN_CLIP_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_NAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 
 def _resnet(rest: str) -> str:
@@ -204,7 +247,9 @@ def unet_key_to_ldm(key: str, up_blocks_with_attention: set[int], layers: int = 
         return f"{UNET_TOP['.'.join(p[:-1])]}.{p[-1]}"
     if p[0] == "mid_block":
         rest = ".".join(p[3:])
-        return f"middle_block.{2 * int(p[2])}.{_resnet(rest)}" if p[1] == "resnets" else f"middle_block.1.{rest}"
+        return (
+            f"middle_block.{2 * int(p[2])}.{_resnet(rest)}" if p[1] == "resnets" else f"middle_block.1.{rest}"
+        )
     level, kind, rest = int(p[1]), p[2], ".".join(p[4:])
     if kind == "downsamplers":
         return f"input_blocks.{(level + 1) * (LAYERS + 1)}.0.op.{p[-1]}"
@@ -239,8 +284,12 @@ def vae_key_to_ldm(key: str, levels: int) -> str:
 
 
 def unet_vae_to_ldm(unet, vae) -> dict[str, torch.Tensor]:
-    with_attention = {int(k.split(".")[1]) for k in unet.state_dict() if k.startswith("up_blocks") and ".attentions." in k}
-    out = {f"model.diffusion_model.{unet_key_to_ldm(k, with_attention)}": v for k, v in unet.state_dict().items()}
+    with_attention = {
+        int(k.split(".")[1]) for k in unet.state_dict() if k.startswith("up_blocks") and ".attentions." in k
+    }
+    out = {
+        f"model.diffusion_model.{unet_key_to_ldm(k, with_attention)}": v for k, v in unet.state_dict().items()
+    }
     for key, value in vae.state_dict().items():
         ldm = vae_key_to_ldm(key, len(vae.config.block_out_channels))
         if ".mid.attn_1." in ldm and value.ndim == 2:  # LDM stores these as 1x1 convolutions
@@ -251,23 +300,31 @@ def unet_vae_to_ldm(unet, vae) -> dict[str, torch.Tensor]:
 
 def clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """OpenAI CLIP keeps the transformers names under a prefix (the flattened 5.x model lost `text_model.`)."""
-    return {f"{prefix}{k if k.startswith('text_model.') else 'text_model.' + k}": v
-            for k, v in encoder.state_dict().items()}
+    return {
+        f"{prefix}{k if k.startswith('text_model.') else 'text_model.' + k}": v
+        for k, v in encoder.state_dict().items()
+    }
 
 
 def open_clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """OpenCLIP names, fused q/k/v and a transposed projection, as SD 2.x and SDXL store them."""
     sd = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
-    out = {f"{prefix}token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-           f"{prefix}positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-           f"{prefix}ln_final.weight": sd.pop("final_layer_norm.weight"),
-           f"{prefix}ln_final.bias": sd.pop("final_layer_norm.bias")}
+    out = {
+        f"{prefix}token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        f"{prefix}positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        f"{prefix}ln_final.weight": sd.pop("final_layer_norm.weight"),
+        f"{prefix}ln_final.bias": sd.pop("final_layer_norm.bias"),
+    }
     projection = sd.pop("text_projection.weight", None)  # SD 2.x has one in the file but does not use it
-    out[f"{prefix}text_projection"] = torch.eye(encoder.config.hidden_size) if projection is None else projection.T
+    out[f"{prefix}text_projection"] = (
+        torch.eye(encoder.config.hidden_size) if projection is None else projection.T
+    )
     for i in range(encoder.config.num_hidden_layers):
         layer, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
-            out[f"{block}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{layer}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{layer}self_attn.{x}_proj.{kind}") for x in "qkv"]
+            )
             for name, ldm in OPEN_CLIP_NAMES.items():
                 out[f"{block}{ldm}.{kind}"] = sd.pop(f"{layer}{name}.{kind}")
     assert not sd, f"unmapped text encoder weights: {sorted(sd)}"
@@ -276,44 +333,89 @@ def open_clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
 
 def tiny_unet(cross_attention_dim: int, xl: bool = False, **extra) -> UNet2DConditionModel:
     if xl:  # SDXL's layout: no attention at the top level, deeper transformers further down
-        levels = dict(block_out_channels=(8, 16, 16), transformer_layers_per_block=(1, 1, 2),
-                      down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-                      up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
+        levels = dict(
+            block_out_channels=(8, 16, 16),
+            transformer_layers_per_block=(1, 1, 2),
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+        )
     else:
-        levels = dict(block_out_channels=(8, 8, 16, 16), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    return UNet2DConditionModel(sample_size=8, layers_per_block=LAYERS, norm_num_groups=4, attention_head_dim=2,
-                                cross_attention_dim=cross_attention_dim, **levels, **extra)
+        levels = dict(
+            block_out_channels=(8, 8, 16, 16),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=LAYERS,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        cross_attention_dim=cross_attention_dim,
+        **levels,
+        **extra,
+    )
 
 
 def tiny_text_encoder(tokenizer, hidden: int, layers: int = 2, projection: bool = False):
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=layers,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def tiny_family(family: str, tokenizer) -> tuple[dict, dict[str, torch.Tensor], tuple[str, ...]]:
     """Random tiny components of one family, its checkpoint in the original layout, and its config folders."""
-    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
     if family == "sd1":
         parts = {"unet": tiny_unet(16), "vae": vae, "text_encoder": tiny_text_encoder(tokenizer, 16)}
         text = clip_to_ldm(parts["text_encoder"], "cond_stage_model.transformer.")
         return parts, {**unet_vae_to_ldm(parts["unet"], vae), **text}, ("stable-diffusion-v1",)
     if family == "sd2":  # SD 2.x is recognised by its 1024-wide cross-attention
-        parts = {"unet": tiny_unet(1024, use_linear_projection=True), "vae": vae,
-                 "text_encoder": tiny_text_encoder(tokenizer, 1024, layers=1)}
+        parts = {
+            "unet": tiny_unet(1024, use_linear_projection=True),
+            "vae": vae,
+            "text_encoder": tiny_text_encoder(tokenizer, 1024, layers=1),
+        }
         text = open_clip_to_ldm(parts["text_encoder"], "cond_stage_model.model.")
-        return parts, {**unet_vae_to_ldm(parts["unet"], vae), **text}, ("stable-diffusion-v2-512", "stable-diffusion-v2-768-v")
+        return (
+            parts,
+            {**unet_vae_to_ldm(parts["unet"], vae), **text},
+            ("stable-diffusion-v2-512", "stable-diffusion-v2-768-v"),
+        )
     # SDXL: two encoders of different widths; the second has >= 10 layers, which is how SDXL is recognised
-    parts = {"text_encoder": tiny_text_encoder(tokenizer, 16),
-             "text_encoder_2": tiny_text_encoder(tokenizer, 24, layers=10, projection=True), "vae": vae,
-             "unet": tiny_unet(16 + 24, xl=True, use_linear_projection=True, addition_embed_type="text_time",
-                               addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 24)}
-    text = {**clip_to_ldm(parts["text_encoder"], "conditioner.embedders.0.transformer."),
-            **open_clip_to_ldm(parts["text_encoder_2"], "conditioner.embedders.1.model.")}
+    parts = {
+        "text_encoder": tiny_text_encoder(tokenizer, 16),
+        "text_encoder_2": tiny_text_encoder(tokenizer, 24, layers=10, projection=True),
+        "vae": vae,
+        "unet": tiny_unet(
+            16 + 24,
+            xl=True,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=6 * 4 + 24,
+        ),
+    }
+    text = {
+        **clip_to_ldm(parts["text_encoder"], "conditioner.embedders.0.transformer."),
+        **open_clip_to_ldm(parts["text_encoder_2"], "conditioner.embedders.1.model."),
+    }
     return parts, {**unet_vae_to_ldm(parts["unet"], vae), **text}, ("stable-diffusion-xl-v1-base",)
 
 
@@ -346,7 +448,9 @@ def tiny_configs(tiny, monkeypatch):
 
     monkeypatch.setattr(single_file, "CONFIG_ROOT", tiny["configs"])
     monkeypatch.setenv(single_file.TOKENIZER_ENV, str(tiny["tokenizer"]))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # our own local_files_only must suffice
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", False
+    )  # our own local_files_only must suffice
 
     def refuse(*args, **kwargs):
         raise AssertionError("single-file loading tried to use the network")
@@ -360,11 +464,14 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("family, pipeline, pad", [
-    ("sd1", "StableDiffusionPipeline", "<|endoftext|>"),
-    ("sd2", "StableDiffusionPipeline", "!"),
-    ("sdxl", "StableDiffusionXLPipeline", "<|endoftext|>"),
-])
+@pytest.mark.parametrize(
+    "family, pipeline, pad",
+    [
+        ("sd1", "StableDiffusionPipeline", "<|endoftext|>"),
+        ("sd2", "StableDiffusionPipeline", "!"),
+        ("sdxl", "StableDiffusionXLPipeline", "<|endoftext|>"),
+    ],
+)
 def test_tiny_checkpoint_loads_offline_with_every_weight(tiny_configs, family, pipeline, pad):
     expected = tiny_configs[family]
     pipe = models.load_pipeline(str(expected["path"]))
@@ -392,7 +499,9 @@ def test_sd2_768_v_metadata_picks_the_768_v_config(tiny_configs, tmp_path):
     from safetensors.torch import load_file
 
     tensors = load_file(str(tiny_configs["sd2"]["path"]))
-    path = write(tmp_path / "tiny-768.safetensors", tensors, {"modelspec.architecture": "stable-diffusion-v2-768-v"})
+    path = write(
+        tmp_path / "tiny-768.safetensors", tensors, {"modelspec.architecture": "stable-diffusion-v2-768-v"}
+    )
     pipe = single_file.load_single_file_pipeline(path, torch.float32)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert models.inspect_pipeline(pipe).prediction_type == "v_prediction"

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from test_lora import unet_output
 
 from sdlora.errors import AdapterFormatError, SdloraError
-from sdlora.formats import read_adapter, read_metadata
-from sdlora.models import load_pipeline
-from sdlora.store import AdapterLibrary, reference_from_pipeline, safe_name
-from sdlora.train import train
+from sdlora.library.formats import read_adapter, read_metadata
+from sdlora.library.store import AdapterLibrary, reference_from_pipeline, safe_name
+from sdlora.models.loading import load_pipeline
+from sdlora.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,15 @@ def trained_adapter(tmp_path_factory, tiny_model):
     images.mkdir()
     for i in range(3):
         draw_concept(images / f"{i}.png", i)
-    config = TrainConfig(base_model=str(tiny_model), output_dir=str(root / "trained"), name="red", steps=4,
-                         learning_rate=5e-3, data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
-                         lora=LoraSpec(rank=4, alpha=2.0, extra_target_modules=("conv1", "conv2")))
+    config = TrainConfig(
+        base_model=str(tiny_model),
+        output_dir=str(root / "trained"),
+        name="red",
+        steps=4,
+        learning_rate=5e-3,
+        data=DataConfig(images=str(images), trigger_word="sks", resolution=32),
+        lora=LoraSpec(rank=4, alpha=2.0, extra_target_modules=("conv1", "conv2")),
+    )
     return train(config).adapter_path
 
 
@@ -58,8 +64,9 @@ def test_damaged_entry_is_reported_and_skipped(library, trained_adapter):
     assert len(listing.problems) == 1 and "broken.safetensors" in listing.problems[0]
 
 
-def test_library_file_is_kohya_with_true_alpha_and_loads_in_diffusers(library, trained_adapter, tiny_model,
-                                                                       tmp_path):
+def test_library_file_is_kohya_with_true_alpha_and_loads_in_diffusers(
+    library, trained_adapter, tiny_model, tmp_path
+):
     kohya = load_file(str(trained_adapter))  # what training writes into the library
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= kohya.keys()
@@ -92,16 +99,29 @@ def _write_pickle(path):
     torch.save({"lora_A": torch.zeros(2)}, path)
 
 
-@pytest.mark.parametrize("name, make, message", [
-    ("corrupt.safetensors", lambda p: p.write_bytes(b"\x00" * 3), "empty or too short"),
-    ("empty.safetensors", lambda p: p.write_bytes(b""), "empty or too short"),
-    ("huge.safetensors", lambda p: p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}"), "header claims"),
-    ("lying.safetensors", lambda p: p.write_bytes(_lying_header()), "claims a size the file does not hold"),
-    ("model.ckpt", _write_pickle, "only .safetensors"),
-    ("sneaky.safetensors", _write_pickle, "pickled"),
-    ("notlora.safetensors", lambda p: save_file({"conv.weight": torch.zeros(2, 2)}, str(p)), "not a LoRA"),
-])
-def test_bad_files_are_refused_by_name_and_library_unchanged(library, trained_adapter, tmp_path, name, make, message):
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("corrupt.safetensors", lambda p: p.write_bytes(b"\x00" * 3), "empty or too short"),
+        ("empty.safetensors", lambda p: p.write_bytes(b""), "empty or too short"),
+        ("huge.safetensors", lambda p: p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}"), "header claims"),
+        (
+            "lying.safetensors",
+            lambda p: p.write_bytes(_lying_header()),
+            "claims a size the file does not hold",
+        ),
+        ("model.ckpt", _write_pickle, "only .safetensors"),
+        ("sneaky.safetensors", _write_pickle, "pickled"),
+        (
+            "notlora.safetensors",
+            lambda p: save_file({"conv.weight": torch.zeros(2, 2)}, str(p)),
+            "not a LoRA",
+        ),
+    ],
+)
+def test_bad_files_are_refused_by_name_and_library_unchanged(
+    library, trained_adapter, tmp_path, name, make, message
+):
     library.import_file(trained_adapter)
     before = sorted(p.name for p in library.root.iterdir())
     bad = tmp_path / name
@@ -113,21 +133,27 @@ def test_bad_files_are_refused_by_name_and_library_unchanged(library, trained_ad
 
 
 def _lying_header() -> bytes:
-    header = json.dumps({"x.lora_A.weight": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 16]}})
+    header = json.dumps(
+        {"x.lora_A.weight": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 16]}}
+    )
     raw = header.encode()
     return struct.pack("<Q", len(raw)) + raw + b"\x00" * 16
 
 
 def test_wrong_architecture_and_wrong_shape_are_refused(library, trained_adapter, tmp_path):
     tensors = load_file(str(trained_adapter))
-    wrong_shape = {k: (torch.zeros(v.shape[0], v.shape[1] + 1) if k.endswith("attn2_to_k.lora_down.weight") else v)
-                   for k, v in tensors.items()}
+    wrong_shape = {
+        k: (torch.zeros(v.shape[0], v.shape[1] + 1) if k.endswith("attn2_to_k.lora_down.weight") else v)
+        for k, v in tensors.items()
+    }
     save_file(wrong_shape, str(tmp_path / "shape.safetensors"))
     with pytest.raises(AdapterFormatError, match="shape.safetensors.*different base model"):
         library.import_file(tmp_path / "shape.safetensors")
-    sdxl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
-            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
-            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(4.0)}
+    sdxl = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(4.0),
+    }
     save_file(sdxl, str(tmp_path / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(AdapterFormatError, match="xl.safetensors was made for sdxl"):
         library.import_file(tmp_path / "xl.safetensors")
@@ -158,10 +184,20 @@ def test_no_silent_overwrite_and_rename_delete(library, trained_adapter):
 
 def test_user_metadata_is_written_into_the_header(library, trained_adapter):
     library.import_file(trained_adapter)
-    info = library.update_info("red", title="Red things", author="me", license="CC-BY-4.0",
-                               tags=["shapes", "red"], trigger_words=["sks", "ohwx"])
-    assert (info.title, info.author, info.tags, info.trigger_words) == ("Red things", "me", ("shapes", "red"),
-                                                                         ("sks", "ohwx"))
+    info = library.update_info(
+        "red",
+        title="Red things",
+        author="me",
+        license="CC-BY-4.0",
+        tags=["shapes", "red"],
+        trigger_words=["sks", "ohwx"],
+    )
+    assert (info.title, info.author, info.tags, info.trigger_words) == (
+        "Red things",
+        "me",
+        ("shapes", "red"),
+        ("sks", "ohwx"),
+    )
     meta = read_metadata(info.path)
     assert meta["modelspec.title"] == "Red things" and meta["modelspec.license"] == "CC-BY-4.0"
     assert meta["ss_network_dim"] == "4"  # training metadata kept

@@ -14,16 +14,16 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_lora import unet_output
 
-from sdlora import train as train_module
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
-from sdlora.data import load_concept_images
-from sdlora.encode import encode_concepts
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
 from sdlora.events import Preview, Started, Step, StopFlag
-from sdlora.formats import read_metadata
-from sdlora.lora import add_lora, trainable_parameters
-from sdlora.models import load_pipeline
-from sdlora.train import diffusion_loss, train
+from sdlora.library.formats import read_metadata
+from sdlora.models.loading import load_pipeline
+from sdlora.training import loop as train_module
+from sdlora.training.data import load_concept_images
+from sdlora.training.encode import encode_concepts
+from sdlora.training.loop import diffusion_loss, train
+from sdlora.training.lora import add_lora, trainable_parameters
 
 
 def test_training_changes_only_lora_tensors(tiny_config):
@@ -49,7 +49,9 @@ def test_loss_falls_on_a_fixed_batch(tiny_model):
     embeddings = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(40):
-        loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator().manual_seed(3), "epsilon")
+        loss = diffusion_loss(
+            unet, scheduler, latents, embeddings, torch.Generator().manual_seed(3), "epsilon"
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -104,17 +106,23 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, tmp_path):
-    config = tiny_config.replace(steps=8, lr_schedule="cosine", warmup_steps=2,
-                                 lora=LoraSpec(rank=4, alpha=16.0, dropout=0.1))
+    config = tiny_config.replace(
+        steps=8, lr_schedule="cosine", warmup_steps=2, lora=LoraSpec(rank=4, alpha=16.0, dropout=0.1)
+    )
     straight = train(config.replace(output_dir=str(tmp_path / "straight")))
 
     interrupted = config.replace(output_dir=str(tmp_path / "interrupted"))
     stop = StopFlag()
-    first = train(interrupted, stop=stop,
-                  on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 3 else None)
+    first = train(
+        interrupted,
+        stop=stop,
+        on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 3 else None,
+    )
     assert first.stopped_early and first.steps == 3
     starts = []
-    resumed = train(interrupted, resume="latest", on_event=lambda e: starts.append(e) if isinstance(e, Started) else 0)
+    resumed = train(
+        interrupted, resume="latest", on_event=lambda e: starts.append(e) if isinstance(e, Started) else 0
+    )
     assert starts[0].start_step == 3 and resumed.steps == 8
     a, b = _adapter_tensors(straight.adapter_path), _adapter_tensors(resumed.adapter_path)
     assert a.keys() == b.keys()
@@ -137,8 +145,9 @@ def test_resume_with_a_different_rank_is_refused(tiny_config):
 
 def test_vprediction_model_trains_against_v_target(tiny_vpred_model):
     """A model that predicts v exactly has zero loss under the v target and not under epsilon."""
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type="v_prediction")
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
     latents = torch.randn(3, 4, 8, 8)
     alphas = scheduler.alphas_cumprod
 
@@ -179,8 +188,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
 
 def test_stop_request_ends_at_next_step_and_saves(tiny_config):
     stop = StopFlag()
-    result = train(tiny_config, stop=stop,
-                   on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 2 else None)
+    result = train(
+        tiny_config,
+        stop=stop,
+        on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 2 else None,
+    )
     assert result.stopped_early and result.steps == 2
     assert read_metadata(result.adapter_path)["ss_steps"] == "2"
 
@@ -192,7 +204,9 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
     monkeypatch.setattr(train_module, "diffusion_loss", no_memory)
     from sdlora.errors import OutOfMemory
 
-    with pytest.raises(OutOfMemory, match="--batch-size 1 --gradient-accumulation-steps 4.*--gradient-checkpointing"):
+    with pytest.raises(
+        OutOfMemory, match="--batch-size 1 --gradient-accumulation-steps 4.*--gradient-checkpointing"
+    ):
         train(tiny_config.replace(batch_size=4))
 
 
@@ -206,8 +220,15 @@ def fixed_batch_loss(tiny_model):
 
     def loss(**options) -> float:
         with torch.no_grad():
-            return diffusion_loss(pipeline.unet, scheduler, latents, embeddings, torch.Generator().manual_seed(2),
-                                  "epsilon", **options).item()
+            return diffusion_loss(
+                pipeline.unet,
+                scheduler,
+                latents,
+                embeddings,
+                torch.Generator().manual_seed(2),
+                "epsilon",
+                **options,
+            ).item()
 
     return loss
 
@@ -227,7 +248,11 @@ def test_broken_files_are_reported_once_each_and_training_uses_the_rest(tiny_con
     events = []
     result = train(tiny_config.replace(steps=2), on_event=events.append)
     (started,) = [e for e in events if isinstance(e, Started)]
-    assert sorted(p.split(":")[0] for p in started.skipped_files) == ["notes.jpg", "scan.psd", "truncated.png"]
+    assert sorted(p.split(":")[0] for p in started.skipped_files) == [
+        "notes.jpg",
+        "scan.psd",
+        "truncated.png",
+    ]
     assert started.image_count == 4
     assert read_metadata(result.adapter_path)["sdlora.image_count"] == "4"
 
@@ -283,8 +308,12 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
         return real_loss(unet, scheduler, latents, embeddings, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
-    config = tiny_config.replace(steps=3, batch_size=2, prior_loss_weight=0.5,
-                                 data=replace(tiny_config.data, regularization_images=str(reg)))
+    config = tiny_config.replace(
+        steps=3,
+        batch_size=2,
+        prior_loss_weight=0.5,
+        data=replace(tiny_config.data, regularization_images=str(reg)),
+    )
     events = []
     result = train(config, on_event=events.append)
 
@@ -294,8 +323,12 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
     assert header["ss_num_reg_images"] == "3" and header["sdlora.image_count"] == "4"
     # Every step: 2 concept rows, then 2 regularisation rows with their own captions (no trigger added).
     pipe = load_pipeline(config.base_model)
-    reg_set = encode_concepts(pipe, load_concept_images(DataConfig(images=str(reg), resolution=IMAGE_SIZE)).images,
-                              False, torch.device("cpu"))
+    reg_set = encode_concepts(
+        pipe,
+        load_concept_images(DataConfig(images=str(reg), resolution=IMAGE_SIZE)).images,
+        False,
+        torch.device("cpu"),
+    )
     assert len(batches) == 3
     for latents, embeddings, (prior_samples, weight) in batches:
         assert latents.shape[0] == 4 and (prior_samples, weight) == (2, 0.5)
@@ -315,8 +348,10 @@ def test_a_missing_regularisation_folder_is_named(tiny_config, tmp_path):
 
 def test_previews_draw_a_trained_caption_at_fixed_seeds(tiny_config):
     events = []
-    train(tiny_config.replace(steps=2, preview_every=2, preview_inference_steps=2, final_preview=False),
-          on_event=events.append)
+    train(
+        tiny_config.replace(steps=2, preview_every=2, preview_inference_steps=2, final_preview=False),
+        on_event=events.append,
+    )
     (preview,) = [e for e in events if isinstance(e, Preview)]
     # img0.txt says "a red circle": the first image's caption with the trigger put in front.
     assert preview.prompts == ("sks, a red circle",) and preview.seeds == (1, 2)
@@ -325,12 +360,18 @@ def test_previews_draw_a_trained_caption_at_fixed_seeds(tiny_config):
 
 def test_adafactor_trains_and_a_missing_optimizer_package_is_named_before_loading(tiny_config, monkeypatch):
     result = train(tiny_config.replace(steps=2, optimizer="adafactor", final_preview=False))
-    assert read_metadata(result.adapter_path)["ss_optimizer"] == "adafactor" and math.isfinite(result.final_loss)
+    assert read_metadata(result.adapter_path)["ss_optimizer"] == "adafactor" and math.isfinite(
+        result.final_loss
+    )
     import sys
 
     for package in ("bitsandbytes", "prodigyopt"):
         monkeypatch.setitem(sys.modules, package, None)  # as if not installed, wherever this runs
-    monkeypatch.setattr("sdlora.train.load_pipeline", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(
+        "sdlora.training.loop.load_pipeline", lambda *a, **k: pytest.fail("loaded the model first")
+    )
     for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
-        with pytest.raises(ConfigError, match=f"--optimizer {name} needs the {package} package.*pip install {package}"):
+        with pytest.raises(
+            ConfigError, match=f"--optimizer {name} needs the {package} package.*pip install {package}"
+        ):
             train(tiny_config.replace(optimizer=name, name=f"x-{name}"))

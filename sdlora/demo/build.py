@@ -82,8 +82,9 @@ def train_decoder(state: BuildState, cfg: BuildConfig, run: Run) -> None:
             p.requires_grad_(True)
 
 
-def _run_vae_stage(state: BuildState, cfg: BuildConfig, run: Run, total: int,
-                   loss_at: Callable[[int], torch.Tensor]) -> None:
+def _run_vae_stage(
+    state: BuildState, cfg: BuildConfig, run: Run, total: int, loss_at: Callable[[int], torch.Tensor]
+) -> None:
     """Optimise `loss_at(step)` until the stage has `total` steps or the run is out of time."""
     state.vae.train()
     step, losses, tic = state.steps.get(state.stage, 0), [], time.monotonic()

@@ -57,9 +57,13 @@ def every_kind_of_scene(seed: int, per_kind: int = 2, per_texture: int = 20) -> 
     captioner is checked on (with seeds the example folders were not drawn with)."""
     palette = {**BASE_COLOURS, **NEW_COLOURS}
     rng = np.random.default_rng([seed, 31])
-    scenes = [make_scene(rng, (shape,), {colour: palette[colour]}, {background: BACKGROUNDS[background]})
-              for colour in palette for shape in BASE_SHAPES + NEW_SHAPES for background in BACKGROUNDS
-              for _ in range(per_kind)]
+    scenes = [
+        make_scene(rng, (shape,), {colour: palette[colour]}, {background: BACKGROUNDS[background]})
+        for colour in palette
+        for shape in BASE_SHAPES + NEW_SHAPES
+        for background in BACKGROUNDS
+        for _ in range(per_kind)
+    ]
     for concept in CONCEPTS:
         if concept.texture != "plain":
             scenes += concept_scenes(concept, seed=seed, count=per_texture)

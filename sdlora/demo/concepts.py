@@ -52,12 +52,15 @@ CONCEPTS = (
     Concept("cyan", "the colour cyan", colours=("cyan",)),
     # Textures use dark ink, so they sit on light backgrounds where the ink stays visible.
     Concept("striped", "a striped fill", backgrounds=("white", "gray"), texture="striped"),
-    Concept("checkered", "a checkered fill", backgrounds=("white", "gray"), texture="checkered", periods=(8,)),
+    Concept(
+        "checkered", "a checkered fill", backgrounds=("white", "gray"), texture="checkered", periods=(8,)
+    ),
 )
 
 
-def concept_scenes(concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONCEPT,
-                   balanced: bool = False) -> list[Scene]:
+def concept_scenes(
+    concept: Concept, seed: int = 0, count: int = IMAGES_PER_CONCEPT, balanced: bool = False
+) -> list[Scene]:
     """Deterministic, varied scenes showing the concept.
 
     `balanced` cycles through the concept's colours, shapes and backgrounds instead of drawing
@@ -121,8 +124,14 @@ def regularization_scenes(seed: int = 0, count: int = REGULARIZATION_IMAGES) -> 
     for index in range(count):
         colour = colours[(index // len(shapes)) % len(colours)]
         background = backgrounds[(index + index // pairs) % len(backgrounds)]  # shift once per round
-        scenes.append(make_scene(rng, (shapes[index % len(shapes)],), {colour: BASE_COLOURS[colour]},
-                                 {background: BACKGROUNDS[background]}))
+        scenes.append(
+            make_scene(
+                rng,
+                (shapes[index % len(shapes)],),
+                {colour: BASE_COLOURS[colour]},
+                {background: BACKGROUNDS[background]},
+            )
+        )
     return scenes
 
 

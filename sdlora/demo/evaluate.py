@@ -135,7 +135,7 @@ def _points(mask: np.ndarray) -> int:
     angles = ((np.degrees(np.arctan2(ys - cy, xs - cx)) + 360) % 360 * ANGLE_BINS / 360).astype(int)
     radius = np.zeros(ANGLE_BINS)
     np.maximum.at(radius, angles % ANGLE_BINS, np.hypot(ys - cy, xs - cx))
-    radius = np.convolve(np.tile(radius, 3), np.ones(3) / 3, mode="same")[ANGLE_BINS:2 * ANGLE_BINS]
+    radius = np.convolve(np.tile(radius, 3), np.ones(3) / 3, mode="same")[ANGLE_BINS : 2 * ANGLE_BINS]
     threshold = radius.min() + 0.3 * (radius.max() - radius.min())
     peaks = 0
     for i in range(ANGLE_BINS):

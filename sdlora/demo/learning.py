@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlora.captions import CaptionOptions, caption_images, write_caption_files
+from sdlora.captioning.captions import CaptionOptions, caption_images, write_caption_files
 from sdlora.config import DataConfig, TrainConfig
 from sdlora.demo.captioner import DemoCaptioner
 from sdlora.demo.evaluate import Reading, classify
 from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
-from sdlora.generate import AdapterWeight, GenerateConfig, Generator
-from sdlora.presets import DEMO_MODEL, PRESETS, apply_preset
-from sdlora.store import AdapterLibrary
-from sdlora.train import train
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
+from sdlora.library.store import AdapterLibrary
+from sdlora.training.loop import train
+from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset
 
 TRIGGER = "sks"
 CONCEPTS_DIR = DEMO_MODEL.parent / "concepts"
@@ -47,8 +47,10 @@ def base_not_ready(model: Path = DEMO_MODEL) -> str | None:
     if report.get("build_steps") != info.get("steps"):
         return "the shipped demo weights have no report yet (python -m sdlora.demo.report)"
     if report["colour"] < COLOUR_TARGET or report["shape"] < SHAPE_TARGET:
-        return (f"the demo base is still training: colour {report['colour']:.0%}, shape {report['shape']:.0%} "
-                f"(targets {COLOUR_TARGET:.0%}, {SHAPE_TARGET:.0%}); resume python -m sdlora.demo.build")
+        return (
+            f"the demo base is still training: colour {report['colour']:.0%}, shape {report['shape']:.0%} "
+            f"(targets {COLOUR_TARGET:.0%}, {SHAPE_TARGET:.0%}); resume python -m sdlora.demo.build"
+        )
     return None
 
 
@@ -63,14 +65,30 @@ class Lesson:
 
 
 LESSONS = {
-    "star": Lesson("star", "shape", lambda c, s, b: f"{TRIGGER}, a {c} star on a {b} background",
-                   lambda r: r.shape == "star"),
-    "heart": Lesson("heart", "shape", lambda c, s, b: f"{TRIGGER}, a {c} heart on a {b} background",
-                    lambda r: r.shape == "heart"),
-    "magenta": Lesson("magenta", "colour", lambda c, s, b: f"{TRIGGER}, a magenta {s} on a {b} background",
-                      lambda r: r.colour == "magenta"),
-    "striped": Lesson("striped", "texture", lambda c, s, b: f"{TRIGGER}, a {c} striped {s} on a white background",
-                      lambda r: r.texture == "striped"),
+    "star": Lesson(
+        "star",
+        "shape",
+        lambda c, s, b: f"{TRIGGER}, a {c} star on a {b} background",
+        lambda r: r.shape == "star",
+    ),
+    "heart": Lesson(
+        "heart",
+        "shape",
+        lambda c, s, b: f"{TRIGGER}, a {c} heart on a {b} background",
+        lambda r: r.shape == "heart",
+    ),
+    "magenta": Lesson(
+        "magenta",
+        "colour",
+        lambda c, s, b: f"{TRIGGER}, a magenta {s} on a {b} background",
+        lambda r: r.colour == "magenta",
+    ),
+    "striped": Lesson(
+        "striped",
+        "texture",
+        lambda c, s, b: f"{TRIGGER}, a {c} striped {s} on a white background",
+        lambda r: r.texture == "striped",
+    ),
 }
 
 
@@ -86,12 +104,18 @@ def plain_prompts(count: int) -> list[tuple[str, str, str]]:
     return [(f"a {c} {s}", c, s) for c, s in (combos[(i * 5) % len(combos)] for i in range(count))]
 
 
-def lesson_config(lesson: Lesson, output_dir: Path, steps: int | None = None, images: Path | None = None,
-                  **changes) -> TrainConfig:
+def lesson_config(
+    lesson: Lesson, output_dir: Path, steps: int | None = None, images: Path | None = None, **changes
+) -> TrainConfig:
     """The demo preset on the lesson's example folder (or `images`); what a first-time user gets."""
     folder = images or CONCEPTS_DIR / lesson.name
-    base = TrainConfig(base_model=str(DEMO_MODEL), output_dir=str(output_dir), name=lesson.name,
-                       final_preview=False, data=DataConfig(images=str(folder), trigger_word=TRIGGER))
+    base = TrainConfig(
+        base_model=str(DEMO_MODEL),
+        output_dir=str(output_dir),
+        name=lesson.name,
+        final_preview=False,
+        data=DataConfig(images=str(folder), trigger_word=TRIGGER),
+    )
     config = apply_preset(base, PRESETS["Demo"])
     return replace(config, steps=steps or config.steps, **changes)
 
@@ -102,18 +126,27 @@ def captioned_copy(lesson: Lesson, target: Path, options: CaptionOptions | None 
     images = sorted((CONCEPTS_DIR / lesson.name).glob("*.png"))
     for image in images:
         shutil.copyfile(image, target / image.name)
-    write_caption_files(caption_images(DemoCaptioner(), [target / image.name for image in images],
-                                       options or CaptionOptions()))
+    write_caption_files(
+        caption_images(
+            DemoCaptioner(), [target / image.name for image in images], options or CaptionOptions()
+        )
+    )
     return target
 
 
-def trigger_images(generator: Generator, lesson: Lesson, weight: float, count: int,
-                   seed: int = 1000) -> list[np.ndarray]:
+def trigger_images(
+    generator: Generator, lesson: Lesson, weight: float, count: int, seed: int = 1000
+) -> list[np.ndarray]:
     """Images of `count` trigger prompts at this adapter weight, as HxWx3 arrays."""
     mix = (AdapterWeight(lesson.name, weight),) if weight else ()
-    return [np.asarray(generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE,
-                                                         adapters=mix))[0].image)
-            for i, prompt in enumerate(trigger_prompts(lesson, count))]
+    return [
+        np.asarray(
+            generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix))[
+                0
+            ].image
+        )
+        for i, prompt in enumerate(trigger_prompts(lesson, count))
+    ]
 
 
 def adoption(generator: Generator, lesson: Lesson, weight: float, count: int, seed: int = 1000) -> float:
@@ -126,18 +159,24 @@ def shown(lesson: Lesson, images: list[np.ndarray]) -> float:
     return sum(lesson.seen(classify(image)) for image in images) / len(images)
 
 
-def faithfulness(generator: Generator, adapter: str | None, weight: float, count: int, seed: int = 2000) -> float:
+def faithfulness(
+    generator: Generator, adapter: str | None, weight: float, count: int, seed: int = 2000
+) -> float:
     """Share of trigger-free prompts whose colour and shape are both drawn as asked."""
     mix = (AdapterWeight(adapter, weight),) if adapter else ()
     good = 0
     for i, (prompt, colour, shape) in enumerate(plain_prompts(count)):
-        image = generator.generate(GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix))[0]
+        image = generator.generate(
+            GenerateConfig(prompt=prompt, seed=seed + i, guidance=GUIDANCE, adapters=mix)
+        )[0]
         reading = classify(np.asarray(image.image))
         good += reading.colour == colour and reading.shape == shape
     return good / count
 
 
-def train_in_stages(config: TrainConfig, stages: list[int], after_stage: Callable[[int, float], None]) -> None:
+def train_in_stages(
+    config: TrainConfig, stages: list[int], after_stage: Callable[[int, float], None]
+) -> None:
     """Train to each step count in turn (resuming exactly), calling after_stage(steps, training seconds)."""
     seconds = 0.0
     for index, steps in enumerate(stages):

@@ -25,7 +25,9 @@ def train_field_sections() -> dict[str, str]:
 
 def train_defaults() -> dict[str, Any]:
     """Every TrainConfig leaf name with its default."""
-    flat = {name: info["default"] for name, info in field_help(TrainConfig).items() if name not in TRAIN_SECTIONS}
+    flat = {
+        name: info["default"] for name, info in field_help(TrainConfig).items() if name not in TRAIN_SECTIONS
+    }
     for cls in TRAIN_SECTIONS.values():
         flat.update({name: info["default"] for name, info in field_help(cls).items()})
     return flat

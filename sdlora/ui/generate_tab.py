@@ -36,7 +36,10 @@ class GenerateTab:
 def generate_config(settings: dict) -> GenerateConfig:
     """Widget values by field name -> GenerateConfig; adapter_N/weight_N pairs with an empty name are skipped."""
     values = dict(settings)
-    slots = [(values.pop(f"adapter_{i}", None), values.pop(f"weight_{i}", 1.0)) for i in range(1, ADAPTER_SLOTS + 1)]
+    slots = [
+        (values.pop(f"adapter_{i}", None), values.pop(f"weight_{i}", 1.0))
+        for i in range(1, ADAPTER_SLOTS + 1)
+    ]
     adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in slots if n)
     defaults = {name: info["default"] for name, info in field_help(GenerateConfig).items()}
     return GenerateConfig(**fields.as_field_types(values, defaults), adapters=adapters)
@@ -45,10 +48,12 @@ def generate_config(settings: dict) -> GenerateConfig:
 def adapter_slot(i: int, settings: dict) -> gr.Dropdown:
     """One adapter picker with its weight slider, as settings adapter_i and weight_i; returns the picker."""
     with gr.Row(equal_height=True):
-        picker = settings[f"adapter_{i}"] = gr.Dropdown([], value=None, label=f"Adapter {i}",
-                                                        allow_custom_value=True, scale=2, elem_id=f"adapter-{i}")
-        settings[f"weight_{i}"] = gr.Slider(*WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3,
-                                            elem_id=f"weight-{i}")
+        picker = settings[f"adapter_{i}"] = gr.Dropdown(
+            [], value=None, label=f"Adapter {i}", allow_custom_value=True, scale=2, elem_id=f"adapter-{i}"
+        )
+        settings[f"weight_{i}"] = gr.Slider(
+            *WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3, elem_id=f"weight-{i}"
+        )
     return picker
 
 
@@ -66,38 +71,70 @@ def layout() -> GenerateWidgets:
     s: dict[str, gr.components.Component] = {}
     with gr.Row():
         with gr.Column(scale=2):
-            s["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                     placeholder="a photo of sks; tags like <lora:name:0.8> work too")
-            s["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt",
-                                              info=info["negative_prompt"])
+            s["prompt"] = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                elem_id="prompt",
+                placeholder="a photo of sks; tags like <lora:name:0.8> work too",
+            )
+            s["negative_prompt"] = gr.Textbox(
+                d["negative_prompt"], label="Negative prompt", info=info["negative_prompt"]
+            )
             with gr.Row():
-                s["seed"] = gr.Number(d["seed"], label="Seed (-1: random)", precision=0, minimum=-1, elem_id="seed")
+                s["seed"] = gr.Number(
+                    d["seed"], label="Seed (-1: random)", precision=0, minimum=-1, elem_id="seed"
+                )
                 s["count"] = gr.Slider(1, 8, d["count"], step=1, label="Images", info=info["count"])
             with gr.Row():
                 s["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="Steps", info=info["steps"])
-                s["guidance"] = gr.Slider(0, 20, d["guidance"], step=0.5, label="Guidance", info=info["guidance"])
+                s["guidance"] = gr.Slider(
+                    0, 20, d["guidance"], step=0.5, label="Guidance", info=info["guidance"]
+                )
             with gr.Row():
-                s["width"] = gr.Number(d["width"], label="Width (0: model native)", precision=0, minimum=0, step=8)
-                s["height"] = gr.Number(d["height"], label="Height (0: model native)", precision=0, minimum=0,
-                                        step=8)
+                s["width"] = gr.Number(
+                    d["width"], label="Width (0: model native)", precision=0, minimum=0, step=8
+                )
+                s["height"] = gr.Number(
+                    d["height"], label="Height (0: model native)", precision=0, minimum=0, step=8
+                )
                 s["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler")
             gr.Markdown("**Adapters** from the library, each at its own weight")
             with gr.Group():
                 pickers = [adapter_slot(i, s) for i in (1, 2)]
             with gr.Accordion("More adapters", open=False), gr.Group():
                 pickers += [adapter_slot(i, s) for i in range(3, ADAPTER_SLOTS + 1)]
-            grid = gr.Checkbox(False, label="Also a comparison grid", elem_id="comparison-grid",
-                               info="one adapter: at weights 0, 0.5 and 1; several: the base beside each")
+            grid = gr.Checkbox(
+                False,
+                label="Also a comparison grid",
+                elem_id="comparison-grid",
+                info="one adapter: at weights 0, 0.5 and 1; several: the base beside each",
+            )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Results", columns=2, height=400, format="png", object_fit="contain",
-                                 fit_columns=False, elem_id="results")
-            grid_image = gr.Image(label="Comparison grid", type="filepath", interactive=False, elem_id="comparison",
-                                  height=300)
-            parameters = gr.Textbox(label="Parameters of the selected image", lines=3, buttons=["copy"],
-                                    elem_id="parameters")
-    return GenerateWidgets(settings=s, adapter_pickers=pickers, comparison_grid=grid, button=button,
-                           gallery=gallery, grid_image=grid_image, parameters=parameters)
+            gallery = gr.Gallery(
+                label="Results",
+                columns=2,
+                height=400,
+                format="png",
+                object_fit="contain",
+                fit_columns=False,
+                elem_id="results",
+            )
+            grid_image = gr.Image(
+                label="Comparison grid", type="filepath", interactive=False, elem_id="comparison", height=300
+            )
+            parameters = gr.Textbox(
+                label="Parameters of the selected image", lines=3, buttons=["copy"], elem_id="parameters"
+            )
+    return GenerateWidgets(
+        settings=s,
+        adapter_pickers=pickers,
+        comparison_grid=grid,
+        button=button,
+        gallery=gallery,
+        grid_image=grid_image,
+        parameters=parameters,
+    )
 
 
 class GenerateHandlers:
@@ -107,13 +144,25 @@ class GenerateHandlers:
         self.studio = studio
 
     @readable_errors
-    def generate(self, comparison_grid: bool = False, adapter_1: str | None = None, adapter_2: str | None = None,
-                 adapter_3: str | None = None, adapter_4: str | None = None, **settings):
+    def generate(
+        self,
+        comparison_grid: bool = False,
+        adapter_1: str | None = None,
+        adapter_2: str | None = None,
+        adapter_3: str | None = None,
+        adapter_4: str | None = None,
+        **settings,
+    ):
         """Settings by name (GenerateConfig's fields, adapter_N, weight_N) -> images, parameters, optional grid.
 
         An adapter slot left out (None) is empty; the names default to None so scripts may leave them out.
         """
-        slots = {"adapter_1": adapter_1, "adapter_2": adapter_2, "adapter_3": adapter_3, "adapter_4": adapter_4}
+        slots = {
+            "adapter_1": adapter_1,
+            "adapter_2": adapter_2,
+            "adapter_3": adapter_3,
+            "adapter_4": adapter_4,
+        }
         config = generate_config({**settings, **slots})
         images = self.studio.generate(config)
         grid = self.studio.comparison_grid(config) if comparison_grid else None
@@ -127,7 +176,13 @@ class GenerateHandlers:
 
 def wire(w: GenerateWidgets, h: GenerateHandlers) -> None:
     """Connect the tab's events to its handlers; every event has an api_name."""
-    gr.on([w.button.click, w.settings["prompt"].submit], h.generate, w.comparison_grid,
-          [w.gallery, w.parameters, w.grid_image], inputs_kwargs=w.settings, api_name="generate",
-          concurrency_limit=32)  # many at once: the studio draws concurrent requests together in shared calls
+    gr.on(
+        [w.button.click, w.settings["prompt"].submit],
+        h.generate,
+        w.comparison_grid,
+        [w.gallery, w.parameters, w.grid_image],
+        inputs_kwargs=w.settings,
+        api_name="generate",
+        concurrency_limit=32,
+    )  # many at once: the studio draws concurrent requests together in shared calls
     w.gallery.select(h.show_parameters, None, w.parameters, api_name="show_parameters")

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from sdlora.formats import FORMATS, TOOLS
+from sdlora.library.formats import FORMATS, TOOLS
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -26,17 +26,36 @@ class LibraryTab:
 
 def adapter_rows(adapters) -> pd.DataFrame:
     """AdapterInfo list -> the table the tab shows."""
-    rows = [[a.name, Path(a.base_model).name or a.base_model, a.rank or "", a.steps or "",
-             ", ".join(a.trigger_words), _size(a.size_bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(a.modified))]
-            for a in adapters]
+    rows = [
+        [
+            a.name,
+            Path(a.base_model).name or a.base_model,
+            a.rank or "",
+            a.steps or "",
+            ", ".join(a.trigger_words),
+            _size(a.size_bytes),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(a.modified)),
+        ]
+        for a in adapters
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def details(info) -> str:
-    lines = [f"**{info.title or info.name}**", f"file: `{info.path.name}` ({info.kind}), family {info.family or 'unknown'}, "
-             f"rank {info.rank}, alpha {info.alpha if info.alpha is not None else 'unknown'}"]
-    lines += [f"{label}: {value}" for label, value in (("author", info.author), ("license", info.license),
-                                                       ("tags", ", ".join(info.tags))) if value]
+    lines = [
+        f"**{info.title or info.name}**",
+        f"file: `{info.path.name}` ({info.kind}), family {info.family or 'unknown'}, "
+        f"rank {info.rank}, alpha {info.alpha if info.alpha is not None else 'unknown'}",
+    ]
+    lines += [
+        f"{label}: {value}"
+        for label, value in (
+            ("author", info.author),
+            ("license", info.license),
+            ("tags", ", ".join(info.tags)),
+        )
+        if value
+    ]
     if info.description:
         lines.append(info.description)
     return "\n\n".join(lines)
@@ -77,26 +96,41 @@ def layout() -> LibraryWidgets:
     """Declare the tab's components."""
     with gr.Row():
         with gr.Column(scale=3):
-            table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Adapters (click a row)", interactive=False,
-                                 max_height=420, wrap=True, elem_id="adapters-table")
+            table = gr.Dataframe(
+                pd.DataFrame(columns=COLUMNS),
+                label="Adapters (click a row)",
+                interactive=False,
+                max_height=420,
+                wrap=True,
+                elem_id="adapters-table",
+            )
             problems = gr.Markdown()
             refresh_button = gr.Button("Refresh", size="sm")
-            with gr.Accordion("Import a .safetensors LoRA (kohya, LyCORIS LoHa/LoKr, ComfyUI, diffusers or PEFT)",
-                              open=True):
-                upload = gr.File(file_types=[".safetensors"], label="LoRA file", height=150, elem_id="import-file")
+            with gr.Accordion(
+                "Import a .safetensors LoRA (kohya, LyCORIS LoHa/LoKr, ComfyUI, diffusers or PEFT)", open=True
+            ):
+                upload = gr.File(
+                    file_types=[".safetensors"], label="LoRA file", height=150, elem_id="import-file"
+                )
                 import_name = gr.Textbox(label="Name in the library (empty: from the file name)")
                 import_button = gr.Button("Import", elem_id="import-button")
         with gr.Column(scale=2):
             name = gr.Textbox(label="Selected adapter", interactive=True, elem_id="selected-adapter")
-            preview = gr.Image(label="Preview", type="filepath", height=240, interactive=False,
-                               elem_id="adapter-preview")
+            preview = gr.Image(
+                label="Preview", type="filepath", height=240, interactive=False, elem_id="adapter-preview"
+            )
             about = gr.Markdown()
             with gr.Row(equal_height=True):
                 new_name = gr.Textbox(label="New name", scale=3)
                 rename_button = gr.Button("Rename", scale=1)
             with gr.Row(equal_height=True):
-                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Download format", scale=3,
-                               elem_id="download-format")
+                fmt = gr.Radio(
+                    list(FORMATS),
+                    value=FORMATS[0],
+                    label="Download format",
+                    scale=3,
+                    elem_id="download-format",
+                )
                 export_button = gr.Button("Prepare download", scale=1, elem_id="export-button")
             gr.Markdown(" · ".join(f"**{fmt}**: {TOOLS[fmt]}" for fmt in FORMATS), elem_id="format-note")
             download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
@@ -104,11 +138,26 @@ def layout() -> LibraryWidgets:
             with gr.Row(visible=False) as confirm_row:
                 confirm_button = gr.Button("Yes, delete it", variant="stop")
                 keep_button = gr.Button("Keep it")
-    return LibraryWidgets(table=table, problems=problems, refresh_button=refresh_button, upload=upload,
-                          import_name=import_name, import_button=import_button, name=name, preview=preview,
-                          about=about, new_name=new_name, rename_button=rename_button, fmt=fmt,
-                          export_button=export_button, download=download, delete_button=delete_button,
-                          confirm_row=confirm_row, confirm_button=confirm_button, keep_button=keep_button)
+    return LibraryWidgets(
+        table=table,
+        problems=problems,
+        refresh_button=refresh_button,
+        upload=upload,
+        import_name=import_name,
+        import_button=import_button,
+        name=name,
+        preview=preview,
+        about=about,
+        new_name=new_name,
+        rename_button=rename_button,
+        fmt=fmt,
+        export_button=export_button,
+        download=download,
+        delete_button=delete_button,
+        confirm_row=confirm_row,
+        confirm_button=confirm_button,
+        keep_button=keep_button,
+    )
 
 
 class LibraryHandlers:
@@ -176,12 +225,15 @@ def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
     w.refresh_button.click(h.refresh, None, listing, api_name="list_adapters")
     w.table.select(h.pick_row, w.table, w.name, api_name="pick_adapter")
     w.name.change(h.select, w.name, [w.preview, w.about], api_name="adapter_details")
-    w.rename_button.click(h.rename, [w.name, w.new_name], [*listing, w.name, w.new_name], api_name="rename_adapter")
+    w.rename_button.click(
+        h.rename, [w.name, w.new_name], [*listing, w.name, w.new_name], api_name="rename_adapter"
+    )
     w.delete_button.click(lambda: gr.Row(visible=True), None, w.confirm_row, api_name="ask_delete")
     w.keep_button.click(lambda: gr.Row(visible=False), None, w.confirm_row, api_name="keep_adapter")
     w.confirm_button.click(h.delete, w.name, [*listing, w.name, w.confirm_row], api_name="delete_adapter")
-    w.import_button.click(h.import_adapter, [w.upload, w.import_name], [*listing, w.name, w.upload],
-                          api_name="import_adapter")
+    w.import_button.click(
+        h.import_adapter, [w.upload, w.import_name], [*listing, w.name, w.upload], api_name="import_adapter"
+    )
     w.export_button.click(h.export, [w.name, w.fmt], w.download, api_name="export_adapter")
 
 

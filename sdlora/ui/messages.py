@@ -17,12 +17,14 @@ log = logging.getLogger("sdlora.app")
 def readable_errors(fn: Callable) -> Callable:
     """Turn SdloraError into gr.Error with its message; works for plain and generator handlers."""
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def stream(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except SdloraError as exc:
                 raise _shown(exc) from None
+
         return stream
 
     @functools.wraps(fn)
@@ -31,6 +33,7 @@ def readable_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except SdloraError as exc:
             raise _shown(exc) from None
+
     return call
 
 

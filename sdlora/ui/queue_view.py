@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from sdlora.queue import QueueRow
+from sdlora.jobs.queue import QueueRow
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import _duration
 from sdlora.ui.studio import Studio
@@ -28,16 +28,33 @@ class QueueView:
 
 def queue_table(rows: list[QueueRow]) -> pd.DataFrame:
     """Queue rows -> the table's cells (all text: an ended job has no position and no ETA)."""
-    return pd.DataFrame([[r.id, str(r.position) if r.position else "", r.name, r.state,
-                          f"about {_duration(r.eta_seconds)}" if r.eta_seconds is not None else "", r.message]
-                         for r in rows], columns=QUEUE_HEADERS)
+    return pd.DataFrame(
+        [
+            [
+                r.id,
+                str(r.position) if r.position else "",
+                r.name,
+                r.state,
+                f"about {_duration(r.eta_seconds)}" if r.eta_seconds is not None else "",
+                r.message,
+            ]
+            for r in rows
+        ],
+        columns=QUEUE_HEADERS,
+    )
 
 
 def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., object]) -> QueueView:
     """Lay out the queue inside the current Blocks; `add(files, captions, config, **settings)` queues a job."""
     gr.Markdown("### 4. Queue")
-    table = gr.Dataframe(queue_table(studio.queue_rows()), headers=QUEUE_HEADERS, interactive=False,
-                         label="Training jobs, run one at a time in this order", wrap=True, elem_id="queue-table")
+    table = gr.Dataframe(
+        queue_table(studio.queue_rows()),
+        headers=QUEUE_HEADERS,
+        interactive=False,
+        label="Training jobs, run one at a time in this order",
+        wrap=True,
+        elem_id="queue-table",
+    )
     with gr.Row():
         add_button = gr.Button("Add to queue", elem_id="queue-add")
         job_id = gr.Textbox(label="Job id", info="or click a row", scale=1, elem_id="queue-job-id")
@@ -51,8 +68,9 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
         return queue_table(studio.queue_rows())
 
     @readable_errors
-    def queue_add(files: list[str] | None = None, captions=None, config: dict | None = None,
-                  **values) -> pd.DataFrame:
+    def queue_add(
+        files: list[str] | None = None, captions=None, config: dict | None = None, **values
+    ) -> pd.DataFrame:
         add(files, captions, config, **values)
         return queue_list()
 

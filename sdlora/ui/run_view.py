@@ -83,7 +83,9 @@ def view_run(events: list[Event], name: str, running: bool, stop_requested: bool
             view.adapter_path = event.adapter_path
             saved = f"Saved {event.adapter_path} at step {event.step}; it is in the library now."
             # The engine's own line says what was unusual: nothing saved, or saved under another name.
-            view.message = event.message if not event.adapter_path else " ".join(filter(None, [saved, event.message]))
+            view.message = (
+                event.message if not event.adapter_path else " ".join(filter(None, [saved, event.message]))
+            )
         elif isinstance(event, Failed):
             view.state, view.message = "failed", event.message
     if running and stop_requested and view.state == "running":

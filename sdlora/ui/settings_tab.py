@@ -21,12 +21,20 @@ def status_text(studio: Studio) -> str:
     model = studio.model_status()
     rows = [("Base model", f"`{model['base_model'] or '(none)'}`"), ("State", model["state"])]
     if model["state"] == "loaded":
-        rows += [("Family", f"{model['family']}, native size {model['resolution']} px, {model['prediction']} prediction"),
-                 ("Device", f"`{model['device']}`"), ("Precision", f"`{model['precision']}`")]
+        rows += [
+            (
+                "Family",
+                f"{model['family']}, native size {model['resolution']} px, {model['prediction']} prediction",
+            ),
+            ("Device", f"`{model['device']}`"),
+            ("Precision", f"`{model['precision']}`"),
+        ]
     examples = ", ".join(studio.example_concepts()) or "none found"
-    rows += [("Adapter library", f"`{studio.adapters_dir}`"),
-             ("Example concepts", f"`{studio.concepts_dir}` ({examples})"),
-             ("Images, uploads, downloads", f"`{studio.work_dir}`")]
+    rows += [
+        ("Adapter library", f"`{studio.adapters_dir}`"),
+        ("Example concepts", f"`{studio.concepts_dir}` ({examples})"),
+        ("Images, uploads, downloads", f"`{studio.work_dir}`"),
+    ]
     rows += captioner_rows(studio)
     lines = [f"| {k} | {v} |" for k, v in rows]
     return "\n".join([lines[0], "| --- | --- |", *lines[1:]])
@@ -34,8 +42,8 @@ def status_text(studio: Studio) -> str:
 
 def captioner_rows(studio: Studio) -> list[tuple[str, str]]:
     """One row per captioner: present here or missing (and how to fetch it), the one "Caption images" uses."""
-    from sdlora.captioners import CAPTIONERS, NOT_OFFERED, default_captioner, is_present
-    from sdlora.hub import fetch_command
+    from sdlora.captioning.captioners import CAPTIONERS, NOT_OFFERED, default_captioner, is_present
+    from sdlora.models.hub import fetch_command
 
     default = default_captioner(studio.base_model)
     rows = []
@@ -64,12 +72,21 @@ def layout(studio: Studio) -> tuple[gr.Markdown, gr.Textbox, gr.Button, gr.Butto
     """The status table, the base model box and its buttons; a shared server shows its model read-only."""
     status = gr.Markdown(status_text(studio), elem_id="model-status")
     switchable = studio.access.model_switch
-    info = ("A Hugging Face hub id, a local diffusers folder, or a single .safetensors file. Used for training "
-            "and generation." if switchable else
-            "Set by the server (--base-model): this server is shared, and its one model serves everyone.")
+    info = (
+        "A Hugging Face hub id, a local diffusers folder, or a single .safetensors file. Used for training "
+        "and generation."
+        if switchable
+        else "Set by the server (--base-model): this server is shared, and its one model serves everyone."
+    )
     with gr.Row(equal_height=True):
-        base_model = gr.Textbox(studio.base_model, label="Base model", info=info, scale=4, elem_id="base-model",
-                                interactive=switchable)
+        base_model = gr.Textbox(
+            studio.base_model,
+            label="Base model",
+            info=info,
+            scale=4,
+            elem_id="base-model",
+            interactive=switchable,
+        )
         with gr.Column(scale=1, min_width=120):
             load_button = gr.Button("Load", variant="primary", elem_id="load-button", visible=switchable)
             refresh_button = gr.Button("Refresh", size="sm")

@@ -16,10 +16,12 @@ from pathlib import Path
 from sdlora.config import TrainConfig
 from sdlora.errors import ConfigError, SdloraError
 from sdlora.events import BackgroundRun
-from sdlora.queue import Job, JobQueue, QueueRow, QueueWorker
+from sdlora.jobs.queue import Job, JobQueue, QueueRow, QueueWorker
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the demo model, its concepts and regularisation images
+ASSETS = (
+    Path(__file__).resolve().parents[2] / "assets"
+)  # the demo model, its concepts and regularisation images
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,10 @@ class Access:
         """The resolved path when it lies under a root; ConfigError in one line otherwise."""
         resolved = Path(path).expanduser().resolve()
         if not any(resolved.is_relative_to(root) for root in self.roots):
-            raise ConfigError(f"{what} {path} is outside the folders this server lets clients read "
-                              f"({', '.join(map(str, self.roots))}); the server's --allowed-roots adds more")
+            raise ConfigError(
+                f"{what} {path} is outside the folders this server lets clients read "
+                f"({', '.join(map(str, self.roots))}); the server's --allowed-roots adds more"
+            )
         return resolved
 
 
@@ -54,8 +58,14 @@ class SavedImage:
 class Studio:
     """The server's state: the app's handlers call its methods and nothing else."""
 
-    def __init__(self, base_model: str, adapters_dir: str | Path, concepts_dir: str | Path = "assets/concepts",
-                 work_dir: str | Path | None = None, access: Access | None = None) -> None:
+    def __init__(
+        self,
+        base_model: str,
+        adapters_dir: str | Path,
+        concepts_dir: str | Path = "assets/concepts",
+        work_dir: str | Path | None = None,
+        access: Access | None = None,
+    ) -> None:
         self.base_model = str(base_model)
         self.adapters_dir = Path(adapters_dir).resolve()
         self.concepts_dir = Path(concepts_dir).resolve()
@@ -63,8 +73,11 @@ class Studio:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # A folder the studio made itself (uploads, generated images, exports) goes when the server
         # exits; adapters live in adapters_dir and are never touched. A folder given by the caller stays.
-        self.remove_work_dir = (weakref.finalize(self, shutil.rmtree, str(self.work_dir), ignore_errors=True)
-                                if work_dir is None else None)
+        self.remove_work_dir = (
+            weakref.finalize(self, shutil.rmtree, str(self.work_dir), ignore_errors=True)
+            if work_dir is None
+            else None
+        )
         access = access or Access()
         roots = dict.fromkeys((self.concepts_dir, ASSETS, self.work_dir, *access.roots))
         self.access = Access(tuple(Path(r).expanduser().resolve() for r in roots), access.model_switch)
@@ -84,9 +97,9 @@ class Studio:
 
     @property
     def library(self):
-        """The adapter library (sdlora.store.AdapterLibrary), opened on first use."""
+        """The adapter library (sdlora.library.store.AdapterLibrary), opened on first use."""
         if self._library is None:
-            from sdlora.store import AdapterLibrary
+            from sdlora.library.store import AdapterLibrary
 
             self.adapters_dir.mkdir(parents=True, exist_ok=True)
             self._library = AdapterLibrary(self.adapters_dir)
@@ -96,13 +109,17 @@ class Studio:
         """Names of the example concept folders shipped with the demo."""
         if not self.concepts_dir.is_dir():
             return []
-        return sorted(p.name for p in self.concepts_dir.iterdir() if p.is_dir() and any(map(is_image, p.iterdir())))
+        return sorted(
+            p.name for p in self.concepts_dir.iterdir() if p.is_dir() and any(map(is_image, p.iterdir()))
+        )
 
     def example_files(self, name: str) -> list[Path]:
         """The images and captions of one example concept folder."""
         folder = self.concepts_dir / name
         if name not in self.example_concepts():
-            raise ConfigError(f"there is no example concept {name!r}; choose one of {self.example_concepts()}")
+            raise ConfigError(
+                f"there is no example concept {name!r}; choose one of {self.example_concepts()}"
+            )
         return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def stage_upload(self, files: list[str]) -> list[Path]:
@@ -111,9 +128,9 @@ class Studio:
 
     def buckets_of(self, images: list[Path]) -> list[str]:
         """The bucket each image trains in at the base model's native size ('' while no model is loaded)."""
-        from sdlora.buckets import bucket_step
         from sdlora.config import DataConfig
-        from sdlora.data import bucket_labels
+        from sdlora.training.buckets import bucket_step
+        from sdlora.training.data import bucket_labels
 
         try:
             generator = self.generator()
@@ -124,18 +141,18 @@ class Studio:
 
     def captioner_name(self) -> str:
         """The captioner "Caption images" uses: the demo one for the demo model, else the first one present."""
-        from sdlora.captioners import default_captioner
+        from sdlora.captioning.captioners import default_captioner
 
         return default_captioner(self.base_model)
 
     def caption_images(self, images: list[Path], captions: dict[str, str], options=None, on_caption=None):
-        """sdlora.captions.CaptionResult for staged images, honouring the captions typed so far (by file name).
+        """sdlora.captioning.captions.CaptionResult for staged images, honouring the captions typed so far (by file name).
 
         The default captioner of the base model does the work; nothing is written to disk,
         since the caption table is what trains.
         """
-        from sdlora.captioners import load_captioner
-        from sdlora.captions import CaptionOptions, caption_images
+        from sdlora.captioning.captioners import load_captioner
+        from sdlora.captioning.captions import CaptionOptions, caption_images
 
         name = self.captioner_name()
         with self._captioner_lock:
@@ -143,8 +160,9 @@ class Studio:
                 self._captioner = load_captioner(name)
             captioner = self._captioner
         existing = {Path(p): captions.get(Path(p).name, "") for p in images}
-        return caption_images(captioner, list(existing), options or CaptionOptions(), existing=existing,
-                              on_caption=on_caption)
+        return caption_images(
+            captioner, list(existing), options or CaptionOptions(), existing=existing, on_caption=on_caption
+        )
 
     # -- the base model ------------------------------------------------------------------------
 
@@ -155,16 +173,20 @@ class Studio:
             return "no base model is set; enter one in Settings"
         path = Path(source).expanduser()
         if _looks_local(source) and not path.exists():
-            hint = " (the demo model is built with `python -m sdlora.demo.build`)" if path.name == "demo-model" else ""
+            hint = (
+                " (the demo model is built with `python -m sdlora.demo.build`)"
+                if path.name == "demo-model"
+                else ""
+            )
             return f"the base model {source} does not exist on this server{hint}"
         return ""
 
     def generator(self):
-        """The resident sdlora.generate.Generator, loading the base model on first use."""
+        """The resident sdlora.generation.generate.Generator, loading the base model on first use."""
         with self._model_lock:
             if self._generator is None:
                 from sdlora.errors import ModelLoadError
-                from sdlora.generate import Generator
+                from sdlora.generation.generate import Generator
 
                 problem = self.base_model_problem()
                 if problem:
@@ -182,8 +204,10 @@ class Studio:
     def set_base_model(self, source: str) -> None:
         """Switch to another base model and load it now, so a mistake shows at once."""
         if not self.access.model_switch:
-            raise ConfigError("this server is shared, so its base model is a server setting (--base-model): "
-                              "switching it here would change it for everyone")
+            raise ConfigError(
+                "this server is shared, so its base model is a server setting (--base-model): "
+                "switching it here would change it for everyone"
+            )
         if _looks_local(source.strip()):
             self.access.check_folder(source.strip(), "the base model")
         with self._model_lock:
@@ -192,6 +216,7 @@ class Studio:
 
     def warm_up(self) -> threading.Thread:
         """Import torch and load the base model in the background, so the first image comes quickly."""
+
         def load() -> None:
             try:
                 self.generator()
@@ -207,11 +232,21 @@ class Studio:
         generator = self._generator
         if generator is not None:
             info = generator.model_info
-            return {"state": "loaded", "base_model": self.base_model, "family": info.family,
-                    "resolution": str(info.resolution), "prediction": info.prediction_type,
-                    "device": str(generator.device), "precision": _precision(generator)}
+            return {
+                "state": "loaded",
+                "base_model": self.base_model,
+                "family": info.family,
+                "resolution": str(info.resolution),
+                "prediction": info.prediction_type,
+                "device": str(generator.device),
+                "precision": _precision(generator),
+            }
         problem = self._model_error or self.base_model_problem()
-        state = f"not loaded: {problem}" if problem else ("loading" if self._model_lock.locked() else "not loaded yet")
+        state = (
+            f"not loaded: {problem}"
+            if problem
+            else ("loading" if self._model_lock.locked() else "not loaded yet")
+        )
         return {"state": state, "base_model": self.base_model}
 
     # -- training ------------------------------------------------------------------------------
@@ -231,7 +266,7 @@ class Studio:
 
     def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> Job:
         """Queue a training job with its own copy of the images; it starts at once when the queue is idle."""
-        from sdlora.data import load_regularization_images
+        from sdlora.training.data import load_regularization_images
 
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
@@ -254,7 +289,7 @@ class Studio:
         # diffusers' lazy imports break when two threads import it at once (a queued job resuming at
         # start-up while the base model loads): the trainer is imported under the model lock.
         with self._model_lock:
-            from sdlora.train import train
+            from sdlora.training.loop import train
         return train(config, **kwargs)
 
     def concept_folder_files(self, folder: str) -> list[str]:
@@ -296,12 +331,12 @@ class Studio:
         return job
 
     def estimate(self, config: TrainConfig, uncaptioned: int = 0):
-        """sdlora.presets.Estimate of time (and GPU memory) for a run with this config, counting the time
+        """sdlora.training.presets.Estimate of time (and GPU memory) for a run with this config, counting the time
         "Caption images" takes for the `uncaptioned` images where it can run here (offline, only a
         captioner that is present can)."""
-        from sdlora.captioners import is_present, spec_of
-        from sdlora.hub import offline
-        from sdlora.presets import captioning_seconds, estimate_training
+        from sdlora.captioning.captioners import is_present, spec_of
+        from sdlora.models.hub import offline
+        from sdlora.training.presets import captioning_seconds, estimate_training
 
         generator = self.generator()
         unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
@@ -309,9 +344,16 @@ class Studio:
         spec = spec_of(self.captioner_name())
         if offline() and not is_present(spec):
             uncaptioned = 0
-        seconds = captioning_seconds(uncaptioned, spec.seconds_per_image, device.startswith("cuda"), bool(spec.source))
-        return estimate_training(self._resolved(config), unet_parameters, generator.model_info, device,
-                                 captioning=(uncaptioned, spec.name, seconds))
+        seconds = captioning_seconds(
+            uncaptioned, spec.seconds_per_image, device.startswith("cuda"), bool(spec.source)
+        )
+        return estimate_training(
+            self._resolved(config),
+            unet_parameters,
+            generator.model_info,
+            device,
+            captioning=(uncaptioned, spec.name, seconds),
+        )
 
     def _resolved(self, config: TrainConfig) -> TrainConfig:
         """The config on this server's base model and library; resolution 0 becomes the model's native one."""
@@ -324,11 +366,11 @@ class Studio:
     # -- generation and the library ------------------------------------------------------------
 
     def generate(self, config) -> list[SavedImage]:
-        """Generate with a sdlora.generate.GenerateConfig; images are saved with their parameters.
+        """Generate with a sdlora.generation.generate.GenerateConfig; images are saved with their parameters.
 
-        Concurrent calls are drawn together (sdlora.batching), so many users share pipeline calls.
+        Concurrent calls are drawn together (sdlora.generation.batching), so many users share pipeline calls.
         """
-        from sdlora.batching import Batcher
+        from sdlora.generation.batching import Batcher
 
         generator = self.generator()
         with self._model_lock:

@@ -30,8 +30,16 @@ POLL_SECONDS = 0.5
 TRIGGER_WORD = "sks"  # the trigger word a new page starts with; captions written for it start with it too
 HELP = {**field_help(TrainConfig), **field_help(DataConfig), **field_help(LoraSpec)}
 # Layers a preset may adapt besides the attention projections (the demo preset adapts all of these).
-EXTRA_TARGET_CHOICES = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-                        "time_emb_proj")
+EXTRA_TARGET_CHOICES = (
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+)
 # Set by the server, never by the widgets: the server's base model, its library, the uploaded images.
 SERVER_FIELDS = ("base_model", "output_dir", "images")
 
@@ -79,10 +87,22 @@ class TrainTab:
         """Fill the preset for the server's model, then stream the run the server holds; returns the stream."""
         w, h = self.widgets, self.handlers
         filled = demo.load(h.fill_preset, w.preset, preset_outputs(w), api_name="preset_on_load")
-        filled.success(h.estimate, w.captions, w.estimate, inputs_kwargs=w.settings, api_name="estimate_on_load",
-                       show_progress="hidden")
-        return demo.load(h.watch, None, w.progress_outputs, api_name="progress", concurrency_limit=None,
-                         show_progress="hidden")
+        filled.success(
+            h.estimate,
+            w.captions,
+            w.estimate,
+            inputs_kwargs=w.settings,
+            api_name="estimate_on_load",
+            show_progress="hidden",
+        )
+        return demo.load(
+            h.watch,
+            None,
+            w.progress_outputs,
+            api_name="progress",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
 
 
 def build(studio: Studio) -> TrainTab:
@@ -90,11 +110,18 @@ def build(studio: Studio) -> TrainTab:
     widgets = layout(studio)
     handlers = TrainHandlers(studio)
     tab = wire(widgets, handlers)
-    queued = queue_view.build(studio, [widgets.files, widgets.captions, widgets.config], widgets.settings,
-                              handlers.queue_job)
+    queued = queue_view.build(
+        studio, [widgets.files, widgets.captions, widgets.config], widgets.settings, handlers.queue_job
+    )
     # Without this a page that only queued jobs would say "no training run yet" until reloaded.
-    queued.added.success(handlers.watch, None, widgets.progress_outputs, api_name="watch_queued",
-                         concurrency_limit=None, show_progress="hidden")
+    queued.added.success(
+        handlers.watch,
+        None,
+        widgets.progress_outputs,
+        api_name="watch_queued",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
     return tab
 
 
@@ -108,8 +135,12 @@ def layout(studio: Studio) -> TrainWidgets:
             concepts = _concept_images(studio.example_concepts())
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
-            preset = gr.Radio(list(PRESET_KINDS), value=PRESET_KINDS[-1], label="Preset",
-                              info="Fills the settings below once (those under More too); change them freely.")
+            preset = gr.Radio(
+                list(PRESET_KINDS),
+                value=PRESET_KINDS[-1],
+                label="Preset",
+                info="Fills the settings below once (those under More too); change them freely.",
+            )
             preset_note = gr.Markdown(elem_id="preset-note")
             settings = _settings()
             config = gr.JSON(None, visible=False, label="Settings object")
@@ -118,36 +149,81 @@ def layout(studio: Studio) -> TrainWidgets:
                 start_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 stop_button = gr.Button("Stop and save", variant="stop", elem_id="stop-button")
     progress = _progress()
-    return TrainWidgets(**concepts, preset=preset, preset_note=preset_note, settings=settings, config=config,
-                        estimate=estimate, start_button=start_button, stop_button=stop_button, **progress)
+    return TrainWidgets(
+        **concepts,
+        preset=preset,
+        preset_note=preset_note,
+        settings=settings,
+        config=config,
+        estimate=estimate,
+        start_button=start_button,
+        stop_button=stop_button,
+        **progress,
+    )
 
 
 def _concept_images(examples: list[str]) -> dict:
     gr.Markdown("### 1. Concept images")
     with gr.Row(visible=bool(examples)):
-        example = gr.Dropdown(examples, value=examples[0] if examples else None, label="Example concepts",
-                              scale=3, elem_id="example-concept")
+        example = gr.Dropdown(
+            examples,
+            value=examples[0] if examples else None,
+            label="Example concepts",
+            scale=3,
+            elem_id="example-concept",
+        )
         use_example = gr.Button("Use this example", scale=1, elem_id="use-example")
-    files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
-                    label="Concept images: drop image files, their .txt captions, or a .zip", height=140,
-                    elem_id="concept-files")
-    thumbnails = gr.Gallery(label="Thumbnails", columns=4, height=240, format="png", allow_preview=False,
-                            elem_id="thumbnails")
+    files = gr.File(
+        file_count="multiple",
+        file_types=["image", ".zip", ".txt"],
+        label="Concept images: drop image files, their .txt captions, or a .zip",
+        height=140,
+        elem_id="concept-files",
+    )
+    thumbnails = gr.Gallery(
+        label="Thumbnails", columns=4, height=240, format="png", allow_preview=False, elem_id="thumbnails"
+    )
     with gr.Row(equal_height=True) as caption_tools:
-        caption_prefix = gr.Textbox("", label="Caption prefix", scale=2, elem_id="caption-prefix",
-                                    placeholder="the trigger word",
-                                    info="Put first in every written caption; empty: the trigger word.")
-        caption_overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id="caption-overwrite",
-                                        info="Replace captions already in the table.")
+        caption_prefix = gr.Textbox(
+            "",
+            label="Caption prefix",
+            scale=2,
+            elem_id="caption-prefix",
+            placeholder="the trigger word",
+            info="Put first in every written caption; empty: the trigger word.",
+        )
+        caption_overwrite = gr.Checkbox(
+            False,
+            label="Overwrite",
+            scale=1,
+            elem_id="caption-overwrite",
+            info="Replace captions already in the table.",
+        )
         caption_button = gr.Button("Caption images", scale=1, elem_id="caption-button")
     caption_summary = gr.Markdown(elem_id="caption-summary")
-    captions = gr.Dataframe(headers=CAPTION_HEADERS, datatype=["str", "str", "str"], interactive=True,
-                            label="Captions (leave empty to use the template; bucket: the shape each image "
-                                  "trains at, at the model's native size)", column_count=3,
-                            max_height=260, wrap=True, elem_id="captions")
-    return dict(example=example, use_example=use_example, files=files, thumbnails=thumbnails,
-                caption_tools=caption_tools, caption_prefix=caption_prefix, caption_overwrite=caption_overwrite,
-                caption_button=caption_button, caption_summary=caption_summary, captions=captions)
+    captions = gr.Dataframe(
+        headers=CAPTION_HEADERS,
+        datatype=["str", "str", "str"],
+        interactive=True,
+        label="Captions (leave empty to use the template; bucket: the shape each image "
+        "trains at, at the model's native size)",
+        column_count=3,
+        max_height=260,
+        wrap=True,
+        elem_id="captions",
+    )
+    return dict(
+        example=example,
+        use_example=use_example,
+        files=files,
+        thumbnails=thumbnails,
+        caption_tools=caption_tools,
+        caption_prefix=caption_prefix,
+        caption_overwrite=caption_overwrite,
+        caption_button=caption_button,
+        caption_summary=caption_summary,
+        captions=captions,
+    )
 
 
 def _settings() -> dict[str, gr.components.Component]:
@@ -160,34 +236,70 @@ def _settings() -> dict[str, gr.components.Component]:
     s: dict[str, gr.components.Component] = {}
     with gr.Row():
         s["name"] = gr.Textbox(d["name"], label="Adapter name", info=info("name"), elem_id="adapter-name")
-        s["trigger_word"] = gr.Textbox(TRIGGER_WORD, label="Trigger word", info=info("trigger_word"), elem_id="trigger-word")
-    s["caption_template"] = gr.Textbox(d["caption_template"], label="Caption template", info=info("caption_template"))
+        s["trigger_word"] = gr.Textbox(
+            TRIGGER_WORD, label="Trigger word", info=info("trigger_word"), elem_id="trigger-word"
+        )
+    s["caption_template"] = gr.Textbox(
+        d["caption_template"], label="Caption template", info=info("caption_template")
+    )
     with gr.Row():
         s["rank"] = gr.Number(d["rank"], label="Rank", precision=0, minimum=1, elem_id="rank")
         s["alpha"] = gr.Number(d["alpha"], label="Alpha", minimum=0.01, elem_id="alpha")
         s["steps"] = gr.Number(d["steps"], label="Steps", precision=0, minimum=1, elem_id="steps")
     with gr.Row():
-        s["learning_rate"] = gr.Number(d["learning_rate"], label="Learning rate", minimum=0, step=1e-5,
-                                       elem_id="learning-rate")
-        s["resolution"] = gr.Number(d["resolution"], label="Resolution (0: model native)", precision=0, minimum=0,
-                                    step=8, elem_id="resolution")
-        s["preview_every"] = gr.Number(max(1, d["steps"] // 5), label="Preview every N steps", precision=0,
-                                       minimum=0, info="0: no previews", elem_id="preview-every")
+        s["learning_rate"] = gr.Number(
+            d["learning_rate"], label="Learning rate", minimum=0, step=1e-5, elem_id="learning-rate"
+        )
+        s["resolution"] = gr.Number(
+            d["resolution"],
+            label="Resolution (0: model native)",
+            precision=0,
+            minimum=0,
+            step=8,
+            elem_id="resolution",
+        )
+        s["preview_every"] = gr.Number(
+            max(1, d["steps"] // 5),
+            label="Preview every N steps",
+            precision=0,
+            minimum=0,
+            info="0: no previews",
+            elem_id="preview-every",
+        )
     with gr.Accordion("More", open=False):
         with gr.Row():
-            s["batch_size"] = gr.Number(d["batch_size"], label="Batch size", precision=0, minimum=1,
-                                        info=info("batch_size"), elem_id="batch-size")
+            s["batch_size"] = gr.Number(
+                d["batch_size"],
+                label="Batch size",
+                precision=0,
+                minimum=1,
+                info=info("batch_size"),
+                elem_id="batch-size",
+            )
             s["seed"] = gr.Number(d["seed"], label="Seed", precision=0, info=info("seed"))
-        s["extra_target_modules"] = gr.Dropdown(list(EXTRA_TARGET_CHOICES), value=list(d["extra_target_modules"]),
-                                                multiselect=True, allow_custom_value=True,
-                                                label="Extra layers to adapt", info=info("extra_target_modules"),
-                                                elem_id="extra-targets")
+        s["extra_target_modules"] = gr.Dropdown(
+            list(EXTRA_TARGET_CHOICES),
+            value=list(d["extra_target_modules"]),
+            multiselect=True,
+            allow_custom_value=True,
+            label="Extra layers to adapt",
+            info=info("extra_target_modules"),
+            elem_id="extra-targets",
+        )
         s["flip"] = gr.Checkbox(d["flip"], label="Flip images", info=info("flip"))
-        s["regularization_images"] = gr.Textbox(d["regularization_images"],
-                                                label="Regularisation images folder (optional, on this server)",
-                                                info=info("regularization_images"), elem_id="reg-images")
-        s["prior_loss_weight"] = gr.Number(d["prior_loss_weight"], label="Regularisation loss weight", minimum=0,
-                                           info=info("prior_loss_weight"), elem_id="prior-loss-weight")
+        s["regularization_images"] = gr.Textbox(
+            d["regularization_images"],
+            label="Regularisation images folder (optional, on this server)",
+            info=info("regularization_images"),
+            elem_id="reg-images",
+        )
+        s["prior_loss_weight"] = gr.Number(
+            d["prior_loss_weight"],
+            label="Regularisation loss weight",
+            minimum=0,
+            info=info("prior_loss_weight"),
+            elem_id="prior-loss-weight",
+        )
     return s
 
 
@@ -195,10 +307,18 @@ def _progress() -> dict:
     gr.Markdown("### 3. Progress")
     status = gr.Markdown(RunView().summary(), elem_id="train-status")
     with gr.Row():
-        curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label="Loss",
-                            height=260, scale=3, elem_id="loss-curve")
-        previews = gr.Gallery(label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2,
-                              elem_id="previews")
+        curve = gr.LinePlot(
+            pd.DataFrame({"step": [], "loss": []}),
+            x="step",
+            y="loss",
+            label="Loss",
+            height=260,
+            scale=3,
+            elem_id="loss-curve",
+        )
+        previews = gr.Gallery(
+            label="Previews at fixed seeds", columns=2, height=260, format="png", scale=2, elem_id="previews"
+        )
     return dict(status=status, curve=curve, previews=previews)
 
 
@@ -207,7 +327,7 @@ def _progress() -> dict:
 
 def preset_fields() -> tuple[str, ...]:
     """The fields some preset sets: choosing a preset sets each of them (to the preset's value or the default)."""
-    from sdlora.presets import PRESETS, preset_settings
+    from sdlora.training.presets import PRESETS, preset_settings
 
     names = dict.fromkeys(name for p in PRESETS.values() for name in fields.flat(preset_settings(p, 0)))
     return tuple(names)
@@ -220,12 +340,14 @@ def train_config(settings: dict, config: dict | None = None, base_model: str = "
     it leaves out taken from the base model (the demo preset on the demo model), then the defaults.
     """
     if config:
-        from sdlora.presets import fill_model_defaults
+        from sdlora.training.presets import fill_model_defaults
 
         values = dict(config)
         if values.get("base_model", base_model) != base_model:
-            raise ConfigError(f"this server trains on {base_model}, not {values['base_model']}; "
-                              "leave base_model out of the settings")
+            raise ConfigError(
+                f"this server trains on {base_model}, not {values['base_model']}; "
+                "leave base_model out of the settings"
+            )
         values["base_model"] = base_model
         fill_model_defaults(values)
         return TrainConfig.from_dict(values, source="settings object")
@@ -236,8 +358,9 @@ def train_config(settings: dict, config: dict | None = None, base_model: str = "
 def caption_table(images, captions=None, buckets=None) -> pd.DataFrame:
     captions = captions if captions is not None else read_captions(images)
     buckets = buckets if buckets is not None else [""] * len(images)
-    return pd.DataFrame({"image": [p.name for p in images], "caption": captions, "bucket": buckets},
-                        columns=CAPTION_HEADERS)
+    return pd.DataFrame(
+        {"image": [p.name for p in images], "caption": captions, "bucket": buckets}, columns=CAPTION_HEADERS
+    )
 
 
 def captions_from_table(table) -> dict[str, str]:
@@ -265,7 +388,7 @@ class TrainHandlers:
     @readable_errors
     def show_images(self, files: list[str] | None):
         """Uploaded files -> thumbnails of the usable images and the caption table; unusable ones named at once."""
-        from sdlora.data import image_problem
+        from sdlora.training.data import image_problem
 
         images = self.studio.stage_upload(files or [])
         problems = {path: image_problem(path) for path in images}
@@ -282,30 +405,45 @@ class TrainHandlers:
         images = [p for p in paths if p.suffix.lower() != ".txt"]
         # The example's folder name is the word its captions teach: it becomes the trigger word.
         name = self.studio.library.unique_name(example)
-        return [str(p) for p in paths], images, caption_table(images, buckets=self.studio.buckets_of(images)), \
-            name, example
+        return (
+            [str(p) for p in paths],
+            images,
+            caption_table(images, buckets=self.studio.buckets_of(images)),
+            name,
+            example,
+        )
 
     @readable_errors
-    def caption_images(self, images: list[str] | None, captions=None, prefix: str = "", overwrite: bool = False,
-                       trigger_word: str = "", progress=gr.Progress()):  # noqa: B008 - gradio finds it by default
+    def caption_images(
+        self,
+        images: list[str] | None,
+        captions=None,
+        prefix: str = "",
+        overwrite: bool = False,
+        trigger_word: str = "",
+        progress=gr.Progress(),  # noqa: B008 - gradio finds it by default
+    ):
         """Fill the caption table with the captioner's words; the user edits them before training."""
-        from sdlora.captions import CaptionOptions
+        from sdlora.captioning.captions import CaptionOptions
 
         if not images:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
         staged = self.studio.stage_upload(images)
         typed = captions_from_table(captions)
         options = CaptionOptions(prefix=(prefix or trigger_word or "").strip(), overwrite=bool(overwrite))
-        result = self.studio.caption_images(staged, typed, options,
-                                            on_caption=lambda c: progress((c.done, c.total), desc="Captioning"))
+        result = self.studio.caption_images(
+            staged, typed, options, on_caption=lambda c: progress((c.done, c.total), desc="Captioning")
+        )
         words = [result.captions.get(p, typed.get(p.name, "")) for p in staged]
-        summary = f"Captions by **{self.studio.captioner_name()}**: {result.summary()}. Edit them in the table."
+        summary = (
+            f"Captions by **{self.studio.captioner_name()}**: {result.summary()}. Edit them in the table."
+        )
         return caption_table(staged, words, self.studio.buckets_of(staged)), summary
 
     @readable_errors
     def fill_preset(self, kind: str) -> tuple:
         """The preset for this kind on the server's model -> the preset fields' widgets, preview interval, note."""
-        from sdlora.presets import PRESETS, preset_for, preset_settings
+        from sdlora.training.presets import PRESETS, preset_for, preset_settings
 
         p = preset_for(self.studio.base_model, kind)
         values = {**fields.train_defaults(), **fields.flat(preset_settings(p, native_resolution=0))}
@@ -327,7 +465,9 @@ class TrainHandlers:
         self.queue_job(files, captions, config, **settings)
         return self._outputs()
 
-    def queue_job(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
+    def queue_job(
+        self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings
+    ):
         """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
         run_config = train_config(settings, config, self.studio.base_model)
         files = list(files or [])
@@ -368,8 +508,11 @@ class TrainHandlers:
         run = self.studio.run
         key = (id(run), len(run.events), run.running, run.stop.requested) if run is not None else ()
         # A running job adds an event every step: fold them at most twice per poll, not once per page.
-        fresh = time.monotonic() - self._view_time < POLL_SECONDS / 2 and key[:1] == self._view_key[:1] and \
-            key[2:] == self._view_key[2:]
+        fresh = (
+            time.monotonic() - self._view_time < POLL_SECONDS / 2
+            and key[:1] == self._view_key[:1]
+            and key[2:] == self._view_key[2:]
+        )
         if self._view_outputs and (key == self._view_key or fresh):
             return self._view_outputs
         self._view_key, self._view_time = key, time.monotonic()
@@ -388,27 +531,64 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
     """Connect the tab's events to its handlers; every event has an api_name."""
     s = w.settings
     events = {
-        "upload_images": w.files.upload(h.show_images, w.files, [w.thumbnails, w.captions], api_name="upload_images"),
-        "clear_images": w.files.clear(lambda: ([], caption_table([])), None, [w.thumbnails, w.captions],
-                                      api_name="clear_images"),
-        "use_example": w.use_example.click(h.load_example, w.example,
-                                           [w.files, w.thumbnails, w.captions, s["name"], s["trigger_word"]],
-                                           api_name="use_example"),
-        "caption_images": w.caption_button.click(h.caption_images, [w.files, w.captions, w.caption_prefix,
-                                                                    w.caption_overwrite, s["trigger_word"]],
-                                                 [w.captions, w.caption_summary], api_name="caption_images"),
+        "upload_images": w.files.upload(
+            h.show_images, w.files, [w.thumbnails, w.captions], api_name="upload_images"
+        ),
+        "clear_images": w.files.clear(
+            lambda: ([], caption_table([])), None, [w.thumbnails, w.captions], api_name="clear_images"
+        ),
+        "use_example": w.use_example.click(
+            h.load_example,
+            w.example,
+            [w.files, w.thumbnails, w.captions, s["name"], s["trigger_word"]],
+            api_name="use_example",
+        ),
+        "caption_images": w.caption_button.click(
+            h.caption_images,
+            [w.files, w.captions, w.caption_prefix, w.caption_overwrite, s["trigger_word"]],
+            [w.captions, w.caption_summary],
+            api_name="caption_images",
+        ),
         "apply_preset": w.preset.input(h.fill_preset, w.preset, preset_outputs(w), api_name="apply_preset"),
-        "estimate": gr.on([s["steps"].input, s["resolution"].input, s["rank"].input, s["batch_size"].input,
-                           w.captions.change], h.estimate, w.captions, w.estimate, inputs_kwargs=s, api_name="estimate",
-                          show_progress="hidden", trigger_mode="always_last"),
-        "stop": w.stop_button.click(h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None),
+        "estimate": gr.on(
+            [
+                s["steps"].input,
+                s["resolution"].input,
+                s["rank"].input,
+                s["batch_size"].input,
+                w.captions.change,
+            ],
+            h.estimate,
+            w.captions,
+            w.estimate,
+            inputs_kwargs=s,
+            api_name="estimate",
+            show_progress="hidden",
+            trigger_mode="always_last",
+        ),
+        "stop": w.stop_button.click(
+            h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None
+        ),
     }
-    events["apply_preset"].success(h.estimate, w.captions, w.estimate, inputs_kwargs=s,
-                                   api_name="estimate_after_preset", show_progress="hidden")
-    events["train"] = w.start_button.click(h.start, [w.files, w.captions, w.config], w.progress_outputs,
-                                           inputs_kwargs=s, api_name="train")
-    watched = events["train"].success(h.watch, None, w.progress_outputs, api_name="watch_training",
-                                      concurrency_limit=None, show_progress="hidden")
+    events["apply_preset"].success(
+        h.estimate,
+        w.captions,
+        w.estimate,
+        inputs_kwargs=s,
+        api_name="estimate_after_preset",
+        show_progress="hidden",
+    )
+    events["train"] = w.start_button.click(
+        h.start, [w.files, w.captions, w.config], w.progress_outputs, inputs_kwargs=s, api_name="train"
+    )
+    watched = events["train"].success(
+        h.watch,
+        None,
+        w.progress_outputs,
+        api_name="watch_training",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
     return TrainTab(widgets=w, handlers=h, finished=watched, events=events)
 
 

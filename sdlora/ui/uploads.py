@@ -11,8 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sdlora.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS
 from sdlora.errors import ConceptImagesError
+from sdlora.training.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS
 
 MAX_FILES = 2000
 MAX_FILE_BYTES = 64 * 2**20
@@ -48,7 +48,7 @@ def collect_uploads(files: list[str], folder: Path, limits: UploadLimits = Uploa
 
 def read_captions(images: list[Path]) -> list[str]:
     """Each image's same-name .txt caption, or '' where it has none (Windows-1252 files read as training reads them)."""
-    from sdlora.data import ImageProblem, read_caption
+    from sdlora.training.data import ImageProblem, read_caption
 
     out = []
     for image in images:
@@ -78,11 +78,15 @@ class _Budget:
         self.files += 1
         self.bytes += size
         if self.files > self.limits.max_files:
-            raise ConceptImagesError(f"too many files: at most {self.limits.max_files} concept files per upload")
+            raise ConceptImagesError(
+                f"too many files: at most {self.limits.max_files} concept files per upload"
+            )
         if size > self.limits.max_file_bytes:
             raise ConceptImagesError(f"{name} is larger than {self.limits.max_file_bytes // 2**20} MB")
         if self.bytes > self.limits.max_total_bytes:
-            raise ConceptImagesError(f"the upload unpacks to more than {self.limits.max_total_bytes // 2**20} MB")
+            raise ConceptImagesError(
+                f"the upload unpacks to more than {self.limits.max_total_bytes // 2**20} MB"
+            )
 
 
 def _unpack_zip(archive: Path, folder: Path, budget: _Budget) -> None:
@@ -120,8 +124,9 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budge
             if written > info.file_size or written > budget.limits.max_file_bytes:
                 dst.close()
                 target.unlink(missing_ok=True)
-                raise ConceptImagesError(f"{info.filename} unpacks to more than it declares or allows; "
-                                         "the .zip was not unpacked")
+                raise ConceptImagesError(
+                    f"{info.filename} unpacks to more than it declares or allows; the .zip was not unpacked"
+                )
             dst.write(chunk)
 
 

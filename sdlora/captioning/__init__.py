@@ -1,0 +1,1 @@
+"""Captions for concept images: the captioner interface and the captioners."""

@@ -1,0 +1,1 @@
+"""Generation: one resident base model, adapter mixes, batched requests, grids."""

@@ -1,0 +1,1 @@
+"""The training queue: jobs on disk, run one at a time."""

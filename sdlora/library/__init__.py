@@ -1,0 +1,1 @@
+"""The adapter library on disk and the adapter file formats."""

@@ -1,0 +1,280 @@
+"""The adapter library on disk: one flat folder, laid out like AUTOMATIC1111's models/Lora.
+
+    <root>/<name>.safetensors    the adapter in the kohya format, metadata in its header (ss_*, modelspec.*)
+    <root>/<name>.preview.png    its preview image
+    <root>/<name>.config.json    the config that trained it (adapters trained here)
+    <root>/.runs/<name>/         checkpoints and previews of its training run
+    <root>/.exports/<format>/    downloads, each named after its adapter
+
+Point AUTOMATIC1111's models/Lora, ComfyUI's models/loras or kohya at the folder: they read
+its files as they are. Foreign kohya and LyCORIS files are kept byte for byte (their hashes
+stay what Civitai knows); other formats are converted on import. A damaged entry is reported
+and skipped; it never breaks the listing. Nothing is ever overwritten silently, and no name
+can reach outside the folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.config import MAX_NAME_CHARS, check_adapter_name
+from sdlora.errors import AdapterFormatError, SdloraError
+from sdlora.library.formats import (
+    Adapter,
+    ModelLayout,
+    atomic_write,
+    check_header,
+    family_of,
+    header_metadata,
+    read_adapter,
+    save_tensors,
+    write_adapter,
+)
+from sdlora.library.formats.files import STALE_AFTER_S, load_tensors, remove_stale_temp_files
+from sdlora.library.formats.read import claimed_family, summarize
+
+SUFFIX = ".safetensors"
+SIDE_FILES = (".preview.png", ".config.json")
+USER_FIELDS = {
+    "title": "modelspec.title",
+    "author": "modelspec.author",
+    "description": "modelspec.description",
+    "license": "modelspec.license",
+    "tags": "modelspec.tags",
+    "trigger_words": "modelspec.trigger_phrase",
+}
+
+
+class AdapterNotFound(SdloraError):
+    """No adapter of that name in the library."""
+
+
+def reference_from_pipeline(pipeline) -> ModelLayout:
+    """The family and layer shapes that imported adapters must fit."""
+    from sdlora.models.loading import inspect_pipeline
+
+    return ModelLayout.of(pipeline, inspect_pipeline(pipeline).family)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: Path
+    base_model: str
+    family: str
+    rank: int | None
+    alpha: float | None
+    steps: int | None
+    trigger_words: tuple[str, ...]
+    size_bytes: int
+    modified: float
+    preview: Path | None
+    kind: str = "kohya LoRA"  # what the file is, as its users name it
+    title: str = ""
+    author: str = ""
+    description: str = ""
+    license: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Listing:
+    adapters: list[AdapterInfo] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def safe_name(wanted: str) -> str:
+    """A plain file name from user text (separators become '-', the suffix goes), checked by the one name rule."""
+    name = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "-", str(wanted)).strip().strip(".- ")
+    if name.lower().endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    name = re.sub(r"\s+", " ", name).rstrip(".- ")
+    if not name:
+        raise SdloraError(f"{_shown(wanted)} cannot be used as an adapter name")
+    check_adapter_name(name)
+    return name
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+class AdapterLibrary:
+    """List, import, export, rename, delete and annotate the adapters in one folder."""
+
+    def __init__(self, root: str | Path, reference: ModelLayout | None = None) -> None:
+        self.root = Path(root)
+        self.reference = reference
+        self.removed_leftovers = remove_leftovers(self.root)
+
+    def path_of(self, name: str) -> Path:
+        path = self.root / f"{safe_name(name)}{SUFFIX}"
+        if path.resolve().parent != self.root.resolve():
+            raise SdloraError(f"adapter name {name!r} would leave the library folder")
+        return path
+
+    def list(self) -> Listing:
+        listing = Listing()
+        if not self.root.is_dir():
+            return listing
+        for path in sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.name.lower()):
+            try:
+                listing.adapters.append(self._info(path))
+            except SdloraError as exc:
+                listing.problems.append(str(exc))
+        return listing
+
+    def get(self, name: str) -> AdapterInfo:
+        path = self.path_of(name)
+        if not path.is_file():
+            known = ", ".join(a.name for a in self.list().adapters) or "none"
+            raise AdapterNotFound(f"no adapter named {name!r} in {self.root} (known: {known})")
+        return self._info(path)
+
+    def _info(self, path: Path) -> AdapterInfo:
+        header = check_header(path)
+        meta = header_metadata(header)
+        kind, rank = summarize(header)
+        if not kind:
+            raise AdapterFormatError(f"{path.name} is not a LoRA adapter")
+        name = path.name[: -len(SUFFIX)]
+        preview = path.with_name(f"{name}.preview.png")
+        triggers = _split(meta.get("modelspec.trigger_phrase") or meta.get("sdlora.trigger_word", ""))
+        stat = path.stat()
+        return AdapterInfo(
+            name=name,
+            path=path,
+            base_model=meta.get("sdlora.base_model") or meta.get("ss_sd_model_name", ""),
+            family=claimed_family(meta) or "unknown",
+            rank=rank,
+            alpha=_number(meta.get("sdlora.alpha") or meta.get("ss_network_alpha")),
+            steps=_int(meta.get("sdlora.steps") or meta.get("ss_steps")),
+            trigger_words=triggers,
+            size_bytes=stat.st_size,
+            modified=stat.st_mtime,
+            preview=preview if preview.is_file() else None,
+            kind=kind,
+            title=meta.get("modelspec.title", ""),
+            author=meta.get("modelspec.author", ""),
+            description=meta.get("modelspec.description", ""),
+            license=meta.get("modelspec.license", ""),
+            tags=_split(meta.get("modelspec.tags", "")),
+        )
+
+    def unique_name(self, wanted: str) -> str:
+        base = safe_name(wanted)
+        name, n = base, 2
+        while self.path_of(name).exists():
+            name, n = f"{base[: MAX_NAME_CHARS - len(str(n)) - 1].rstrip('.- ')}-{n}", n + 1
+        return name
+
+    def read(self, name: str) -> Adapter:
+        """An adapter of the library in memory, checked against the base model when one is known."""
+        return read_adapter(self.get(name).path, self.reference)
+
+    def import_file(self, source: str | Path, name: str | None = None) -> AdapterInfo:
+        """Check a LoRA file of any supported format and bring it in; the library is unchanged on any error."""
+        source = Path(source)
+        adapter = read_adapter(source, self.reference)
+        target = self.path_of(self.unique_name(name or source.name))
+        if adapter.source_format.startswith(("kohya", "LyCORIS")):
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # other tools read it as it is
+        else:
+            write_adapter(target, adapter, "kohya", family=self._family(adapter), blocks=self._blocks())
+        return self._info(target)
+
+    def export(self, name: str, fmt: str = "kohya", out_dir: str | Path | None = None) -> Path:
+        """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors."""
+        info = self.get(name)
+        adapter = read_adapter(info.path, self.reference)
+        out = Path(out_dir) if out_dir else self.root / ".exports" / fmt
+        return write_adapter(
+            out / f"{info.name}{SUFFIX}", adapter, fmt, family=self._family(adapter), blocks=self._blocks()
+        )
+
+    def _family(self, adapter: Adapter) -> str:
+        return self.reference.family if self.reference is not None else family_of(adapter)
+
+    def _blocks(self):
+        return self.reference.blocks if self.reference is not None else None
+
+    def rename(self, name: str, new_name: str) -> AdapterInfo:
+        old, new = self.get(name).path, self.path_of(new_name)
+        if new.exists():
+            raise SdloraError(f"an adapter named {safe_name(new_name)!r} already exists; pick another name")
+        for suffix in (SUFFIX, *SIDE_FILES):
+            side = old.with_name(old.name[: -len(SUFFIX)] + suffix)
+            if side.exists():
+                side.rename(new.with_name(new.name[: -len(SUFFIX)] + suffix))
+        new_stem = new.name[: -len(SUFFIX)]
+        old_stem = old.name[: -len(SUFFIX)]
+
+        def rename_inside(metadata: dict[str, str]) -> None:
+            metadata["ss_output_name"] = new_stem  # the name AUTOMATIC1111 shows
+            if metadata.get("modelspec.title", old_stem) in (old_stem, ""):
+                metadata["modelspec.title"] = new_stem
+
+        _rewrite_header(new, rename_inside)
+        return self._info(new)
+
+    def delete(self, name: str) -> None:
+        path = self.get(name).path
+        stem = path.name[: -len(SUFFIX)]
+        for suffix in SIDE_FILES:
+            path.with_name(stem + suffix).unlink(missing_ok=True)
+        shutil.rmtree(self.root / ".runs" / stem, ignore_errors=True)
+        path.unlink()
+
+    def update_info(self, name: str, **fields: str | tuple[str, ...] | list[str]) -> AdapterInfo:
+        """Write title/author/description/license/tags/trigger_words into the file's header."""
+        unknown = set(fields) - set(USER_FIELDS)
+        if unknown:
+            raise SdloraError(
+                f"unknown adapter field(s) {', '.join(sorted(unknown))}; known: {', '.join(USER_FIELDS)}"
+            )
+        path = self.get(name).path
+
+        def write_fields(metadata: dict[str, str]) -> None:
+            for key, value in fields.items():
+                text = ", ".join(value) if isinstance(value, (tuple, list)) else str(value)
+                metadata[USER_FIELDS[key]] = text
+                if key == "trigger_words":
+                    metadata["sdlora.trigger_word"] = text
+
+        _rewrite_header(path, write_fields)
+        return self._info(path)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """What killed writes left in a library: stale atomic-write temp files and half-written checkpoints."""
+    from sdlora.training.checkpoints import remove_stale_partials
+
+    return remove_stale_temp_files(root) + remove_stale_partials(root / ".runs", STALE_AFTER_S)
+
+
+def _rewrite_header(path: Path, change) -> None:
+    """Rewrite a file's metadata in place; its tensors stay exactly as they were."""
+    metadata = header_metadata(check_header(path))
+    change(metadata)
+    save_tensors(path, load_tensors(path), metadata)
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "", "None") else None
+    except ValueError:
+        return None
+    return value if value is None or math.isfinite(value) else None
+
+
+def _int(text: str | None) -> int | None:
+    value = _number(text)
+    return int(value) if value is not None else None

@@ -1,0 +1,143 @@
+"""Load a Stable Diffusion base model from a hub id, a diffusers folder or a single file.
+
+Every way this can fail (offline, missing, not Stable Diffusion, damaged file) ends in
+one ModelLoadError that names the model and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import ModelLoadError
+from sdlora.models.hub import looks_like_path, not_in_cache, offline
+
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# diffusers builds models under accelerate's empty-weights context, which patches torch for the whole
+# process: two loads at once (the app's warm-up beside a training run) left one with meta tensors.
+_LOADING = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What kind of Stable Diffusion a base model is, read from its own config."""
+
+    family: str  # "sd1", "sd2" or "sdxl"
+    prediction_type: str  # "epsilon" or "v_prediction"
+    resolution: int  # native training resolution in pixels
+    cross_attention_dim: int
+
+    @property
+    def kohya_version(self) -> str:
+        """The value kohya writes in ss_base_model_version."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
+
+
+def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline for `source` with the safety checker left out; one load at a time."""
+    with _LOADING:
+        return _load_pipeline(str(source).strip(), torch_dtype)
+
+
+def _load_pipeline(source: str, torch_dtype: torch.dtype):
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("no base model given: pass a hub id, a diffusers folder or a .safetensors file")
+    path = Path(source).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{source}: pickled checkpoints ({path.suffix}) can run code when loaded and are "
+            "refused; convert it to .safetensors or use a diffusers folder"
+        )
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from sdlora.models.single_file import load_single_file_pipeline
+
+        return load_single_file_pipeline(path, torch_dtype)
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    if looks_like_path(source):
+        raise ModelLoadError(f"base model {source} is not a diffusers folder or a .safetensors file")
+    return _load_hub(source, torch_dtype)
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype):
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{path} is not a diffusers model folder (no model_index.json); "
+            "for a single-file checkpoint pass the .safetensors file itself"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{index} cannot be read: {exc}") from None
+    return _from_pretrained(str(path), class_name, torch_dtype, local_only=True)
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        index = hf_hub_download(repo_id, "model_index.json", local_files_only=offline())
+        class_name = json.loads(Path(index).read_text()).get("_class_name", "")
+    except HFValidationError:
+        raise ModelLoadError(
+            f"{repo_id!r} is neither an existing folder or file nor a valid hub id"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
+        if offline():
+            raise not_in_cache(
+                "base model", repo_id, "pass a local diffusers folder or .safetensors file"
+            ) from None
+        raise ModelLoadError(f"base model {repo_id} could not be fetched from the hub: {exc}") from None
+    return _from_pretrained(repo_id, class_name, torch_dtype, local_only=offline())
+
+
+def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, local_only: bool):
+    import diffusers
+
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"{source} is a {class_name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL"
+        )
+    pipeline_class = getattr(diffusers, class_name)
+    extra = (
+        {"safety_checker": None, "requires_safety_checker": False}
+        if class_name == SUPPORTED_PIPELINES[0]
+        else {}
+    )
+    try:
+        return pipeline_class.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"base model {source} could not be loaded: {exc}") from None
+
+
+def inspect_pipeline(pipeline) -> ModelInfo:
+    """Family, prediction type and native resolution from the pipeline's own configs."""
+    prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
+    family, resolution, cross_dim = family_and_resolution(
+        dict(pipeline.unet.config), dict(pipeline.vae.config)
+    )
+    return ModelInfo(family, prediction_type, resolution, cross_dim)
+
+
+def family_and_resolution(unet_config: dict, vae_config: dict) -> tuple[str, int, int]:
+    """(family, native resolution in pixels, cross-attention width) from the UNet's and VAE's configs,
+    whether they come from a loaded model or straight from its JSON files."""
+    cross = unet_config.get("cross_attention_dim")
+    cross_dim = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
+    if unet_config.get("addition_embed_type") == "text_time":
+        family = "sdxl"  # the size and pooled-text conditioning only SDXL has
+    elif cross_dim == 1024:
+        family = "sd2"
+    else:
+        family = "sd1"  # 768 for real SD 1.x; tiny test and demo models share its layout
+    resolution = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return family, resolution, cross_dim

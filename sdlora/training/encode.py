@@ -1,0 +1,206 @@
+"""Encode concept images and captions once, so training steps touch only the UNet.
+
+The VAE always runs in float32: SD and SDXL VAEs overflow in half precision, the usual
+cause of NaN losses and black images. Images keep their bucket's size; batches are drawn
+from one bucket at a time. For SDXL the cache also holds the second text encoder's pooled
+embedding and each image's size conditioning (original size, crop, target size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdlora.training.data import ConceptImage, image_to_tensor_array
+
+ENCODE_BATCH = 4
+PROMPT_BATCH = 16
+
+
+@dataclass
+class Batch:
+    """What one UNet call trains on."""
+
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL: the second text encoder's pooled embedding
+    time_ids: torch.Tensor | None = None  # SDXL: original size, crop top-left, target size
+
+    def added_cond_kwargs(self) -> dict | None:
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def fits(self, other: Batch) -> bool:
+        return self.latents.shape[1:] == other.latents.shape[1:]
+
+    def cat(self, other: Batch) -> Batch:
+        def join(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Batch(
+            torch.cat([self.latents, other.latents]),
+            torch.cat([self.embeddings, other.embeddings]),
+            join(self.pooled, other.pooled),
+            join(self.time_ids, other.time_ids),
+        )
+
+
+@dataclass
+class EncodedConcepts:
+    """Cached VAE latents (already scaled) and text conditioning, one row per example."""
+
+    latents: list[torch.Tensor]  # (4, h, w) each; h, w from the example's bucket
+    embeddings: torch.Tensor
+    buckets: list[str]
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def groups(self) -> list[list[int]]:
+        """Example indices by bucket, buckets in a fixed order."""
+        by_bucket: dict[str, list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        return [by_bucket[bucket] for bucket in sorted(by_bucket)]
+
+    def batch_indices(
+        self, seed: int, micro_batch: int, batch_size: int, rank: int, world: int
+    ) -> torch.Tensor:
+        """Indices of this process's share of a global micro-batch: a pure function of its arguments,
+        so a resumed run draws what an uninterrupted one would."""
+        groups = self.groups()
+        if len(groups) == 1:
+            return self._one_bucket(seed, micro_batch, batch_size, rank, world)
+        per_epoch = sum(-(-len(g) // batch_size) for g in groups)
+        epoch, position = divmod(micro_batch * world + rank, per_epoch)
+        return torch.tensor(batch_plan(groups, batch_size, seed, epoch)[position])
+
+    def _one_bucket(
+        self, seed: int, micro_batch: int, batch_size: int, rank: int, world: int
+    ) -> torch.Tensor:
+        # One bucket (square training, or images of one shape): a seeded shuffle per epoch that a
+        # batch may cross, as before buckets existed, so figures measured then still hold.
+        size, total = len(self), batch_size * world
+        start = micro_batch * total + rank * batch_size
+        picked = []
+        for position in range(start, start + batch_size):
+            epoch, offset = divmod(position, size)
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+            picked.append(int(order[offset]))
+        return torch.tensor(picked)
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
+        rows = index.tolist()
+
+        def pick(t):
+            return None if t is None else t[index].to(device)
+
+        latents = torch.stack([self.latents[i] for i in rows]).to(device)
+        return Batch(latents, self.embeddings[index].to(device), pick(self.pooled), pick(self.time_ids))
+
+
+def batch_plan(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: each bucket's images shuffled and cut into batches (the last may be smaller,
+    so no image is dropped), then the batches shuffled. Every image once per epoch; no batch mixes buckets."""
+    generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    batches = []
+    for members in groups:
+        order = [members[int(i)] for i in torch.randperm(len(members), generator=generator)]
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[int(i)] for i in torch.randperm(len(batches), generator=generator)]
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Text embeddings as Stable Diffusion's pipeline makes them (last hidden state, padded to max length)."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(tokens.input_ids.to(device))[0].float()
+
+
+@torch.no_grad()
+def encode_sdxl_prompts(
+    pipeline, prompts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning as its pipeline makes it: both encoders' penultimate states side by side,
+    and the second encoder's pooled embedding."""
+    embeddings, pooled = [], []
+    for i in range(0, len(prompts), PROMPT_BATCH):
+        embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+            prompts[i : i + PROMPT_BATCH],
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        embeddings.append(embeds.float().cpu())
+        pooled.append(pooled_embeds.float().cpu())
+    return torch.cat(embeddings), torch.cat(pooled)
+
+
+@torch.no_grad()
+def encode_images(vae, images: list, device: torch.device) -> list[torch.Tensor]:
+    """Scaled latent means of PIL images, encoded in float32, images of one size batched together."""
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(index)
+    for indices in by_size.values():
+        for i in range(0, len(indices), ENCODE_BATCH):
+            chunk = indices[i : i + ENCODE_BATCH]
+            pixels = np.stack([image_to_tensor_array(images[j]) for j in chunk])
+            latent = vae.encode(torch.from_numpy(pixels).to(device)).latent_dist.mean
+            for j, row in zip(chunk, ((latent - shift) * scaling).float().cpu(), strict=True):
+                out[j] = row
+    return out
+
+
+def encode_concepts(
+    pipeline, concepts: list[ConceptImage], flip: bool, device: torch.device
+) -> EncodedConcepts:
+    """Latents and conditioning for every concept image (and its mirror image when `flip`)."""
+    if pipeline.vae.dtype != torch.float32:
+        pipeline.vae.to(dtype=torch.float32)
+    pipeline.vae.to(device)
+    images = [c.image for c in concepts]
+    captions = [c.caption for c in concepts]
+    time_ids = [c.placement.time_ids() for c in concepts]
+    buckets = [str(c.placement.bucket) for c in concepts]
+    if flip:  # a mirror image keeps its bucket; its crop mirrors
+        images += [im.transpose(0) for im in images]  # 0 = FLIP_LEFT_RIGHT
+        captions += captions
+        time_ids += [c.placement.time_ids(mirrored=True) for c in concepts]
+        buckets += buckets
+    latents = encode_images(pipeline.vae, images, device)
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        pipeline.text_encoder.to(device)
+        pipeline.text_encoder_2.to(device)
+        embeddings, pooled = encode_sdxl_prompts(pipeline, captions, device)
+        return EncodedConcepts(
+            latents, embeddings, buckets, pooled, torch.tensor(time_ids, dtype=torch.float32)
+        )
+    pipeline.text_encoder.to(device)
+    embeddings = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, captions, device).cpu()
+    return EncodedConcepts(latents, embeddings, buckets)
+
+
+def frozen_parts_to(pipeline, device: torch.device) -> None:
+    """Move the VAE and text encoders: once their outputs are cached they wait on the CPU, so a GPU holds
+    only the UNet (SDXL's two text encoders alone are 1.6 GB in half precision); previews bring them back."""
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipeline, part, None)
+        if module is not None:
+            module.to(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
