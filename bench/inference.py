@@ -58,10 +58,10 @@ def measure_generation(base_model: str, library: AdapterLibrary, names: list[str
     variants = {
         "base": (Generator(base_model, library), ()),
         "1 adapter, unfused": (
-            Generator(base_model, library, fuse_repeated_mixes=False),
+            Generator(base_model, library, fuse_mixes=False),
             (AdapterWeight(names[0], 1.0),),
         ),
-        "3 adapters, unfused": (Generator(base_model, library, fuse_repeated_mixes=False), three),
+        "3 adapters, unfused": (Generator(base_model, library, fuse_mixes=False), three),
         "3 adapters, fused": (Generator(base_model, library), three),
     }
     for generator, mix in variants.values():  # warm-up outside the clock; the repeat fuses the fused one
@@ -75,7 +75,7 @@ def measure_generation(base_model: str, library: AdapterLibrary, names: list[str
 
 
 def measure_switching(base_model: str, library: AdapterLibrary, names: list[str], resident: int, rounds: int):
-    generator = Generator(base_model, library, max_resident=resident, fuse_repeated_mixes=False)
+    generator = Generator(base_model, library, max_resident=resident, fuse_mixes=False)
     for name in names[:resident]:
         generator.apply_mix((AdapterWeight(name, 1.0),))
     mix_a = (AdapterWeight(names[0], 1.0), AdapterWeight(names[1], 0.5))
@@ -86,7 +86,7 @@ def measure_switching(base_model: str, library: AdapterLibrary, names: list[str]
 
 
 def measure_load(base_model: str, library: AdapterLibrary, names: list[str], rounds: int) -> float:
-    generator = Generator(base_model, library, max_resident=1, fuse_repeated_mixes=False)
+    generator = Generator(base_model, library, max_resident=1, fuse_mixes=False)
     generator.pipeline  # noqa: B018 - load the base outside the clock
     samples = []
     for i in range(rounds):

@@ -72,7 +72,7 @@ def assert_same_images(batched: list[np.ndarray], single: list[np.ndarray]) -> N
 
 
 def test_same_mix_at_eight_seeds_is_one_call_with_the_one_at_a_time_images(tiny_model, random_adapters):
-    generator = CountingGenerator(str(tiny_model), random_adapters, fuse_repeated_mixes=False)
+    generator = CountingGenerator(str(tiny_model), random_adapters, fuse_mixes=False)
     mix = (AdapterWeight("a0", 0.8),)
     configs = [GenerateConfig(prompt="a red circle", seed=seed, steps=3, adapters=mix) for seed in range(8)]
     single = one_at_a_time(generator, configs)
@@ -84,7 +84,7 @@ def test_same_mix_at_eight_seeds_is_one_call_with_the_one_at_a_time_images(tiny_
 
 
 def test_rows_with_different_adapters_share_one_call(tiny_model, random_adapters):
-    generator = CountingGenerator(str(tiny_model), random_adapters, fuse_repeated_mixes=False)
+    generator = CountingGenerator(str(tiny_model), random_adapters, fuse_mixes=False)
     mixes = [(), (AdapterWeight("a0", 1.0),), (AdapterWeight("a1", 0.5),), (AdapterWeight("a2", -0.7),)] * 2
     configs = [
         GenerateConfig(prompt=f"circle {i % 3}", seed=i // 4, steps=3, scheduler="DPM++ 2M", adapters=m)

@@ -77,16 +77,40 @@ def test_weight_zero_equals_base_and_fused_equals_unfused(tiny_model, two_adapte
     generator = Generator(str(tiny_model), two_adapters)
     base = pixels(generator)
     assert np.array_equal(pixels(generator, adapters=(AdapterWeight("reds", 0.0),)), base)
-    unfused = pixels(generator, adapters=(AdapterWeight("reds", 1.0),))
-    assert generator._fused is None and not np.array_equal(unfused, base)
-    fused = pixels(generator, adapters=(AdapterWeight("reds", 1.0),))  # same mix again: now fused
-    assert generator._fused is not None
+    fused = pixels(generator, adapters=(AdapterWeight("reds", 1.0),))
+    assert generator._fused is not None and not np.array_equal(fused, base)
     assert not any(
         hasattr(m, "lora_A") for m in generator.pipeline.unet.modules()
     )  # plain layers: no overhead
+    unfused = pixels(
+        Generator(str(tiny_model), two_adapters, fuse_mixes=False), adapters=(AdapterWeight("reds", 1.0),)
+    )
     assert np.abs(fused - unfused).max() <= 2.0  # within rounding of 8-bit pixels
     assert np.array_equal(pixels(generator), base)  # unfused before the change: base restored exactly
     assert any(hasattr(m, "lora_A") for m in generator.pipeline.unet.modules())  # adapters still resident
+
+
+def unet_output(generator: Generator, mix: tuple[AdapterWeight, ...]) -> torch.Tensor:
+    """The UNet's output for fixed inputs under `mix`: equal outputs mean equal images, on any machine."""
+    generator.apply_mix(mix)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return generator.pipeline.unet(latents, 10, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("mix", [(("reds", 0.6),), (("reds", 0.7), ("blues", -0.4))], ids=["one", "mix"])
+def test_same_request_gives_the_same_image_whatever_came_before(tiny_model, two_adapters, mix):
+    generator = Generator(str(tiny_model), two_adapters)
+    wanted = tuple(AdapterWeight(n, w) for n, w in mix)
+    first = unet_output(generator, wanted), pixels(generator, adapters=wanted)
+    second = unet_output(generator, wanted), pixels(generator, adapters=wanted)
+    pixels(generator, adapters=(AdapterWeight("blues", 1.0),))  # another mix in between
+    after = unet_output(generator, wanted), pixels(generator, adapters=wanted)
+    reordered = unet_output(generator, wanted[::-1]), pixels(generator, adapters=wanted[::-1])
+    for output, image in (second, after, reordered):
+        assert torch.equal(output, first[0])  # bit for bit: no 8-bit rounding can hide a difference
+        assert np.array_equal(image, first[1])
 
 
 def test_switching_a_b_a_reproduces_the_first_image(tiny_model, two_adapters):
@@ -186,9 +210,8 @@ def base_weights(generator: Generator) -> dict[str, torch.Tensor]:
 def test_unfusing_restores_the_base_weights_bit_for_bit(tiny_model, two_adapters, mix):
     generator = Generator(str(tiny_model), two_adapters)
     wanted = tuple(AdapterWeight(n, w) for n, w in mix)
-    generator.apply_mix(wanted)  # loaded, unfused: the base weights are still the base's
     before = base_weights(generator)
-    generator.apply_mix(wanted)  # the same mix again: fused
+    generator.apply_mix(wanted)  # loaded and fused
     assert generator._fused is not None
     fused = base_weights(generator)
     assert any(not torch.equal(fused[k], before[k]) for k in before)  # fusing did change the weights

@@ -181,10 +181,12 @@ def test_generation_mixes_and_fuses_on_sdxl(sdxl_config, tmp_path):
 
     base = pixels(0)
     assert base.shape == (32, 32, 3)  # the model's native size by default
-    unfused = pixels(1.0)
-    assert generator._fused is None and not np.array_equal(unfused, base)
     fused = pixels(1.0)
-    assert generator._fused is not None and np.abs(fused - unfused).max() <= 2
+    assert generator._fused is not None and not np.array_equal(fused, base)
+    generator.fuse_mixes = False
+    generator.apply_mix(())
+    unfused = pixels(1.0)
+    assert generator._fused is None and np.abs(fused - unfused).max() <= 2
     assert np.array_equal(pixels(0), base)  # unfused again: the base restored exactly
 
 

@@ -1,8 +1,10 @@
 """Generation over one resident base model with any mix of library adapters.
 
-Adapters stay loaded in an LRU of `max_resident`. A new mix runs unfused (switching is
-just `set_adapters`); when the same mix is asked for again it is fused into the weights,
-so a mix that does not change costs nothing per step. Three pitfalls shape the code: after
+Adapters stay loaded in an LRU of `max_resident`. A mix is fused into the weights when it is
+first drawn, so it costs nothing per step, and the same request gives the same image whatever
+was drawn before: fused from the same base copy in the same order, the weights are the same bits
+every time (a mix drawn unfused the first time and fused the next differed by an 8-bit level).
+Rows of one batch with different adapters run unfused, through peft. Three pitfalls shape the code: after
 `fuse_lora`, unloading does not restore the base unless `unfuse_lora` runs first; unfusing
 subtracts what fusing added, which is not exact in floating point (and cannot undo a NaN or
 an overflow), so the touched base weights are copied before fusing and put back after; and
@@ -64,8 +66,11 @@ def resolve_mix(config: GenerateConfig) -> tuple[str, tuple[AdapterWeight, ...]]
 
 
 def mix_key(mix: tuple[AdapterWeight, ...]) -> tuple[tuple[str, float], ...]:
-    """A mix as (name, weight) pairs without the adapters at weight 0: equal keys draw equal images."""
-    return tuple((a.name, float(a.weight)) for a in mix if a.weight != 0)
+    """A mix as (name, weight) pairs without the adapters at weight 0: equal keys draw equal images.
+
+    Sorted by name, so that a mix listed in another order is fused in the same order, to the same bits.
+    """
+    return tuple(sorted((a.name, float(a.weight)) for a in mix if a.weight != 0))
 
 
 def batch_key(config: GenerateConfig) -> tuple:
@@ -107,18 +112,17 @@ class Generator:
         library: AdapterLibrary,
         max_resident: int = 8,
         device: str | None = None,
-        fuse_repeated_mixes: bool = True,
+        fuse_mixes: bool = True,
         max_batch_pixels: int = 8 * 512 * 512,
     ) -> None:
         self.base_model = base_model
         self.max_batch_pixels = max_batch_pixels  # images x pixels per pipeline call: bounds its memory
         self.library = library
         self.max_resident = max(1, max_resident)
-        self.fuse_repeated_mixes = fuse_repeated_mixes
+        self.fuse_mixes = fuse_mixes  # False: every mix runs through the LoRA layers (for comparisons)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._pipeline = None
         self._resident: OrderedDict[str, tuple[str, float]] = OrderedDict()  # name -> (peft name, file mtime)
-        self._active: tuple[tuple[str, float], ...] = ()
         self._fused: tuple[tuple[str, float], ...] | None = None
         self._bypassed: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         self._saved_base: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -217,7 +221,7 @@ class Generator:
         return pipeline.image_processor.postprocess(decoded, output_type="pil")
 
     def apply_mix(self, mix: tuple[AdapterWeight, ...]) -> None:
-        """Make `mix` the active adapters: loaded, weighted, and fused once it repeats."""
+        """Make `mix` the active adapters: loaded, weighted, and fused (unless `fuse_mixes` is off)."""
         wanted = mix_key(mix)
         pipeline = self.pipeline
         if wanted == self._fused:
@@ -231,15 +235,13 @@ class Generator:
         else:
             pipeline.enable_lora()
             pipeline.set_adapters([self._resident[n][0] for n, _ in wanted], [w for _, w in wanted])
-            if wanted == self._active and self.fuse_repeated_mixes:
+            if self.fuse_mixes:
                 peft_names = [self._resident[n][0] for n, _ in wanted]
                 self._saved_base = snapshot_base_weights(pipeline, set(peft_names))
-                self._fused = (
-                    wanted  # set first: should fusing fail half-way, _unfuse still puts the copy back
-                )
+                # Set first: should fusing fail half-way, _unfuse still puts the copy back.
+                self._fused = wanted
                 pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
                 self._bypassed = bypass_lora_wrappers(pipeline.unet)
-        self._active = wanted
 
     def _apply_per_row(self, mixes: list[tuple[tuple[str, float], ...]]) -> list[str]:
         """Load and weight every row's one adapter, unfused; returns peft's adapter name for each row."""
@@ -253,7 +255,6 @@ class Generator:
         if weights:
             pipeline.enable_lora()
             pipeline.set_adapters([self._resident[n][0] for n in weights], list(weights.values()))
-        self._active = ()  # no single mix is active: the next repeat of one is not fused yet
         return [self._resident[mix[0][0]][0] if mix else BASE_ROW for mix in mixes]
 
     def _unfuse(self) -> None:
@@ -295,7 +296,6 @@ class Generator:
                 return
             self._unfuse()
             self._pipeline.delete_adapters(entry[0])
-            self._active = ()
 
     def comparison_grid(
         self,
