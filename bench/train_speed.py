@@ -23,16 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
-from sdlora.config import DataConfig, TrainConfig  # noqa: E402
+from sdlora.assets import DEMO_MODEL, EXAMPLE_CONCEPTS  # noqa: E402
+from sdlora.config import TrainConfig  # noqa: E402
 from sdlora.events import Step  # noqa: E402
 from sdlora.models.loading import load_pipeline  # noqa: E402
+from sdlora.settings import train_config_from  # noqa: E402
 from sdlora.training.data import load_concept_images, load_regularization_images  # noqa: E402
 from sdlora.training.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
 from sdlora.training.loop import diffusion_loss, train  # noqa: E402
 from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
-from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
 
-CONCEPTS = DEMO_MODEL.parent / "concepts" / "star"
+CONCEPTS = EXAMPLE_CONCEPTS / "star"
 
 
 def full_loop(config: TrainConfig) -> float:
@@ -101,16 +102,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = apply_preset(
-            TrainConfig(
-                base_model=args.base_model,
-                output_dir=tmp,
-                name="speed",
-                final_preview=False,
-                data=DataConfig(images=args.images, trigger_word="sks"),
-            ),
-            PRESETS["Demo"],
-        )
+        values = {
+            "output_dir": tmp,
+            "name": "speed",
+            "final_preview": False,
+            "data": {"images": args.images, "trigger_word": "sks"},
+        }
+        config = train_config_from(values, base_model=args.base_model, preset="Demo")
         config = replace(config, steps=args.steps)
         rows = []
         for threads in (1, 2):
