@@ -1,7 +1,9 @@
 """What the web app works on, without gradio: one base model, one adapter library, one training queue.
 
 Every method takes and returns engine types. torch, diffusers and the heavy engine modules
-are imported inside methods, so building the app stays as fast as importing gradio.
+are imported inside methods, so building the app stays as fast as importing gradio. What a client
+may name or switch is `ui.access.Access`; settings become a TrainConfig on `sdlora.settings`' one
+road; the captioner it keeps is `captioning.resident`, the images it draws `generation.saved_images`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sdlora.config import TrainConfig
 from sdlora.errors import ConfigError, SdloraError
 from sdlora.events import BackgroundRun
 from sdlora.generation.saved_images import ImageFolder, SavedImage
-from sdlora.jobs.queue import Job, JobQueue, QueueRow, QueueWorker
+from sdlora.jobs.queue import Job, JobQueue, QueueWorker
 from sdlora.models.hub import looks_like_path
 from sdlora.settings import train_config_from
 from sdlora.ui.access import Access
@@ -254,14 +256,6 @@ class Studio:
         """Ask the running job to save and stop after its current step; False when none runs."""
         return self.worker.stop_running()
 
-    def queue_rows(self) -> list[QueueRow]:
-        """Every job of the queue, in order, with position, state and ETA."""
-        return self.queue.rows()
-
-    def queue_busy(self) -> bool:
-        """Whether a job is queued or running."""
-        return self.queue.pending()
-
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued job, or stop (and save) the running one."""
         job = self.queue.job(job_id)
@@ -269,10 +263,6 @@ class Studio:
             self.worker.stop_running()
             return job
         return self.queue.cancel(job.id)
-
-    def move_job(self, job_id: str, offset: int) -> Job:
-        """Move a queued job up (negative offset) or down the queue."""
-        return self.queue.move(job_id, offset)
 
     def retry_job(self, job_id: str) -> Job:
         """Queue a failed, cancelled or stopped job again; it starts at once when the queue is idle."""

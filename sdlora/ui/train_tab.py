@@ -332,6 +332,17 @@ def preset_fields() -> tuple[str, ...]:
     return tuple(names)
 
 
+def settings_object(config: dict, studio: Studio) -> dict:
+    """A script's settings object, read strictly, less its base model: a server trains on its own."""
+    values = read_settings(config, "settings object")
+    if values.pop("base_model", studio.base_model) != studio.base_model:
+        raise ConfigError(
+            f"this server trains on {studio.base_model}, not {config['base_model']}; "
+            "leave base_model out of the settings"
+        )
+    return values
+
+
 def train_config(settings: dict, config: dict | None, studio: Studio, validate: bool = True) -> TrainConfig:
     """The settings widgets (by field name), or a script's settings object instead -> TrainConfig (sdlora.settings).
 
@@ -339,13 +350,7 @@ def train_config(settings: dict, config: dict | None, studio: Studio, validate: 
     it leaves out taken from the base model (the demo preset on the demo model), then the defaults.
     """
     if config:
-        values = dict(config)
-        if values.pop("base_model", studio.base_model) != studio.base_model:
-            raise ConfigError(
-                f"this server trains on {studio.base_model}, not {config['base_model']}; "
-                "leave base_model out of the settings"
-            )
-        return studio.train_config(values, "settings object", validate)
+        return studio.train_config(settings_object(config, studio), "settings object", validate)
     typed = fields.as_field_types(settings, fields.train_defaults())
     return studio.train_config(fields.nested(typed), "settings", validate)
 
@@ -465,7 +470,7 @@ class TrainHandlers:
         self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings
     ):
         """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
-        given = read_settings(config, "settings object") if config else {}
+        given = settings_object(config, studio=self.studio) if config else {}
         files = list(files or [])
         if not files and given.get("data", {}).get("images"):  # a concept folder on the server
             files = self.studio.concept_folder_files(given["data"]["images"])
@@ -500,7 +505,7 @@ class TrainHandlers:
     def _active(self) -> bool:
         """A job runs, or the queue holds one that is about to: the stream follows the queue's next job too."""
         run = self.studio.run
-        return (run is not None and run.running) or self.studio.queue_busy()
+        return (run is not None and run.running) or self.studio.queue.pending()
 
     def _outputs(self) -> tuple:
         """The run's view as widget values, built once per change however many pages watch it."""
