@@ -20,15 +20,8 @@ from sdlora.errors import SdloraError
 from sdlora.settings import defaults_line, train_config_from
 from sdlora.training.presets import PRESETS
 
-NOT_SETTINGS = (
-    "config",
-    "preset",
-    "resume",
-    "command",
-    "verb",
-    "quiet",
-    "overwrite",
-)  # flags, not TrainConfig
+# Flags that say how to run, not what to train: never passed on as TrainConfig settings.
+NOT_SETTINGS = ("config", "preset", "resume", "command", "verb", "quiet", "overwrite")
 
 
 def _flag(name: str, info: dict[str, Any]) -> str:

@@ -28,8 +28,6 @@ from sdlora.settings import train_config_from
 from sdlora.ui.access import Access
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
 
-__all__ = ["Access", "SavedImage", "Studio"]
-
 
 class Studio:
     """The server's state: the app's handlers call its methods and nothing else."""
