@@ -341,3 +341,12 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tensors_for, made_for, me
     with pytest.raises(AdapterFormatError, match=message) as caught:
         read_transformer_adapter(tmp_path / "x.safetensors", layout)
     assert "\n" not in str(caught.value) and "x.safetensors" in str(caught.value)
+
+
+def test_diffusers_names_alone_do_not_say_which_model_and_are_refused_without_one(tmp_path):
+    save_file(ai_toolkit_file({f"{B0}.attn.to_q": lora(32, 32, 4, 0)}), tmp_path / "x.safetensors")
+    with pytest.raises(AdapterFormatError, match="cannot tell whether it is for SD3 or Flux.1"):
+        read_transformer_adapter(tmp_path / "x.safetensors")
+    assert read_transformer_adapter(tmp_path / "x.safetensors", family="sd3").source_format.startswith(
+        "diffusers SD3"
+    )

@@ -73,6 +73,10 @@ def read_transformer_adapter(
     """A Flux.1 or SD3 LoRA file as an Adapter in diffusers names; with `layout`, checked to fit that model."""
     path = Path(path)
     name = path.name
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFormatError(
+            f"{name}: only .safetensors adapters are accepted (other files may be pickles)"
+        )
     header = check_header(path)
     metadata = header_metadata(header)
     keys = [_xlabs_roles(k) for k in header if k != "__metadata__"]
@@ -126,10 +130,9 @@ class AnchoredPeftAlphas(PeftAlphas):
 
 def _xlabs_roles(key: str) -> str:
     """XLabs writes `<stem>.down.weight`; as `.lora_down.weight` the shared grouping knows it."""
-    if ".processor." in key and key.endswith((".down.weight", ".up.weight")):
-        return key[: -len("down.weight") if key.endswith("down.weight") else -len("up.weight")] + (
-            "lora_down.weight" if key.endswith("down.weight") else "lora_up.weight"
-        )
+    for role in ("down", "up"):
+        if ".processor." in key and key.endswith(f".{role}.weight"):
+            return key.removesuffix(f".{role}.weight") + f".lora_{role}.weight"
     return key
 
 
