@@ -350,3 +350,18 @@ def test_diffusers_names_alone_do_not_say_which_model_and_are_refused_without_on
     assert read_transformer_adapter(tmp_path / "x.safetensors", family="sd3").source_format.startswith(
         "diffusers SD3"
     )
+
+
+def test_peft_state_of_a_transformer_keeps_its_module_paths(flux):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = flux.transformer
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"]), adapter_name="probe")
+    try:
+        state = get_peft_model_state_dict(transformer, adapter_name="probe")
+        adapter = Adapter.from_peft(state, 4.0, part="transformer")
+    finally:
+        transformer.delete_adapters("probe")
+    assert f"transformer.{B0}.attn.to_q" in adapter.layers
+    assert f"transformer.{S0}.attn.to_q" in adapter.layers and len(adapter.layers) == 3
