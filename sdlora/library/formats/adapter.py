@@ -79,7 +79,7 @@ class Adapter:
                 continue
             path = key.split(".lora_A.")[0]
             up = state[key.replace(".lora_A.", ".lora_B.")]
-            if part != UNET:
+            if part.startswith("text_encoder"):  # the transformer of SD3/Flux keeps its own paths
                 path = canonical_text_path(path)
             layers[f"{part}.{path}"] = LoraLayer(down, up, float(alpha))
         return cls(layers, dict(metadata or {}))

@@ -22,7 +22,8 @@ TOOLS = {
     "diffusers": "diffusers (load_lora_weights) and PEFT",
 }
 UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
-PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+# "transformer": the denoiser of SD3 and Flux.1 (their names are in transformer_names.py)
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2, "transformer")
 
 # Words of module names that themselves contain '_': turning kohya's '_' back into '.' keeps them.
 COMPOUND_WORDS = (
