@@ -18,10 +18,11 @@ from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
 from sdlora.events import Preview, Started, Step, StopFlag
 from sdlora.library.formats import read_metadata
+from sdlora.models.families import DEFAULT
 from sdlora.models.loading import load_pipeline
 from sdlora.training import loop as train_module
 from sdlora.training.data import load_concept_images
-from sdlora.training.encode import encode_concepts
+from sdlora.training.encode import Batch, encode_concepts
 from sdlora.training.loop import diffusion_loss, train
 from sdlora.training.lora import add_lora, trainable_parameters
 
@@ -44,14 +45,12 @@ def test_loss_falls_on_a_fixed_batch(tiny_model):
     unet = pipeline.unet
     add_lora(unet, LoraSpec(rank=8, alpha=8))
     optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=5e-3)
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    objective = DEFAULT.objective(pipeline.scheduler.config, "epsilon")
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     embeddings = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(40):
-        loss = diffusion_loss(
-            unet, scheduler, latents, embeddings, torch.Generator().manual_seed(3), "epsilon"
-        )
+        loss = diffusion_loss(unet, objective, Batch(latents, embeddings), torch.Generator().manual_seed(3))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -159,8 +158,10 @@ def test_vprediction_model_trains_against_v_target(tiny_vpred_model):
             return type("Out", (), {"sample": a * noise - s * latents})()
 
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    v_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "v_prediction")
-    eps_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "epsilon")
+    v_objective = DEFAULT.objective(scheduler.config, "v_prediction")
+    eps_objective = DEFAULT.objective(scheduler.config, "epsilon")
+    v_loss = diffusion_loss(PredictsV(), v_objective, Batch(latents, None), generator())
+    eps_loss = diffusion_loss(PredictsV(), eps_objective, Batch(latents, None), generator())
     assert v_loss.item() < 1e-8 < eps_loss.item()
 
 
@@ -214,20 +215,21 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
 def fixed_batch_loss(tiny_model):
     """The diffusion loss of the tiny UNet on one fixed batch of 4 and fixed noise, for given options."""
     pipeline = load_pipeline(str(tiny_model))
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+    batch = Batch(
+        torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1)),
+    )
 
-    def loss(**options) -> float:
+    def loss(min_snr_gamma=0.0, noise_offset=0.0, prior_samples=0, prior_loss_weight=1.0) -> float:
+        objective = DEFAULT.objective(pipeline.scheduler.config, "epsilon", min_snr_gamma, noise_offset)
         with torch.no_grad():
             return diffusion_loss(
                 pipeline.unet,
-                scheduler,
-                latents,
-                embeddings,
+                objective,
+                batch,
                 torch.Generator().manual_seed(2),
-                "epsilon",
-                **options,
+                prior_samples,
+                prior_loss_weight,
             ).item()
 
     return loss
@@ -303,9 +305,9 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
     batches = []
     real_loss = train_module.diffusion_loss
 
-    def recording_loss(unet, scheduler, latents, embeddings, *args, **kwargs):
-        batches.append((latents.clone(), embeddings.clone(), args[-2:]))
-        return real_loss(unet, scheduler, latents, embeddings, *args, **kwargs)
+    def recording_loss(denoiser, objective, batch, generator, *args):
+        batches.append((batch.latents.clone(), batch.embeddings.clone(), args))
+        return real_loss(denoiser, objective, batch, generator, *args)
 
     monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
     config = tiny_config.replace(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sdlora.config import ATTENTION_PROJECTIONS
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,6 +53,7 @@ class Family:
     activation_gb_per_latent_pixel: float  # training activations at batch 1, no checkpointing (the estimate)
     lora_parameters_per_rank: int  # attention-projection LoRA parameters at rank 1 (the estimate)
     denoiser: str = "unet"  # the pipeline attribute holding the model that is trained
+    lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # the denoiser layers LoraSpec adapts by default
     # Adapters for families of one layout may be tried on each other (the shapes then decide):
     # SD 1.x and 2.x name their layers alike, SDXL's are its own.
     adapter_layout: str = "sd-unet"
