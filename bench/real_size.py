@@ -3,7 +3,7 @@
 SD 1.5's and SDXL's UNets are built from the configs in sdlora/models/configs with random weights
 (nothing is downloaded). Latents and text conditioning are random stand-ins for the cache, so the
 measured step is what a cached run does each step. For each setting, side by side in one run:
-- loop: sdlora's own optimizer step (`sdlora.training.loop._optimizer_step` over a `Run`: batch from
+- loop: sdlora's own optimizer step (`sdlora.training.step.optimizer_step` over a `Run`: batch from
   the cache, accelerate, clipping, schedule) over the LoRA of rank 32 on the attention projections;
 - floor: a bare UNet forward + backward + optimizer step on the same batch;
 plus peak memory (GPU: torch's peak allocation; CPU: the process's peak resident size).
@@ -32,9 +32,9 @@ from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import DataConfig, LoraSpec, TrainConfig  # noqa: E402
 from sdlora.models.families import family_of  # noqa: E402
 from sdlora.training.encode import EncodedConcepts  # noqa: E402
-from sdlora.training.loop import Run, _optimizer_step, diffusion_loss  # noqa: E402
 from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
 from sdlora.training.optimizers import make_optimizer  # noqa: E402
+from sdlora.training.step import Run, diffusion_loss, optimizer_step  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "sdlora" / "models" / "configs"
 MODELS = {"SD 1.5": ("stable-diffusion-v1", 512), "SDXL": ("stable-diffusion-xl-v1-base", 1024)}
@@ -105,7 +105,7 @@ def measure(
     unet.train()
 
     def loop_step(i: int) -> None:
-        _optimizer_step(run, i)
+        optimizer_step(run, i)
 
     def bare_step(i: int) -> None:
         batch = encoded.batch(torch.tensor([0]), accelerator.device)

@@ -28,9 +28,10 @@ from sdlora.events import Step  # noqa: E402
 from sdlora.models.loading import inspect_pipeline, load_pipeline  # noqa: E402
 from sdlora.training.data import load_concept_images, load_regularization_images  # noqa: E402
 from sdlora.training.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
-from sdlora.training.loop import diffusion_loss, train  # noqa: E402
+from sdlora.training.loop import train  # noqa: E402
 from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
 from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
+from sdlora.training.step import diffusion_loss  # noqa: E402
 
 CONCEPTS = DEMO_MODEL.parent / "concepts" / "star"
 

@@ -19,8 +19,9 @@ from sdlora.library.store import AdapterLibrary, reference_from_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.data import load_concept_images
 from sdlora.training.encode import Batch, encode_concepts
-from sdlora.training.loop import diffusion_loss, train
+from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
+from sdlora.training.step import diffusion_loss
 
 
 def sdxl_output(pipeline, seed: int = 0) -> torch.Tensor:

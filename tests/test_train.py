@@ -21,10 +21,12 @@ from sdlora.library.formats import read_metadata
 from sdlora.models.families import DEFAULT
 from sdlora.models.loading import load_pipeline
 from sdlora.training import loop as train_module
+from sdlora.training import step as step_module
 from sdlora.training.data import load_concept_images
 from sdlora.training.encode import Batch, encode_concepts
-from sdlora.training.loop import diffusion_loss, train
+from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
+from sdlora.training.step import diffusion_loss
 
 
 def test_training_changes_only_lora_tensors(tiny_config):
@@ -171,7 +173,7 @@ def test_vprediction_model_end_to_end(tiny_config, tiny_vpred_model):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
-    real_loss = train_module.diffusion_loss
+    real_loss = step_module.diffusion_loss
     calls = []
 
     def loss_that_explodes(*args, **kwargs):
@@ -179,7 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train_module, "diffusion_loss", loss_that_explodes)
+    monkeypatch.setattr(step_module, "diffusion_loss", loss_that_explodes)
     config = tiny_config.replace(checkpoint_every=2)
     with pytest.raises(TrainingDiverged, match="step 5.*step-000004"):
         train(config)
@@ -202,7 +204,7 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "diffusion_loss", no_memory)
+    monkeypatch.setattr(step_module, "diffusion_loss", no_memory)
     from sdlora.errors import OutOfMemory
 
     with pytest.raises(
@@ -303,13 +305,13 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
         (reg / f"square{i}.txt").write_text("a blue square")
     (reg / "broken.png").write_bytes(b"\x89PNG not really")
     batches = []
-    real_loss = train_module.diffusion_loss
+    real_loss = step_module.diffusion_loss
 
     def recording_loss(denoiser, objective, batch, generator, *args):
         batches.append((batch.latents.clone(), batch.embeddings.clone(), args))
         return real_loss(denoiser, objective, batch, generator, *args)
 
-    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(step_module, "diffusion_loss", recording_loss)
     config = tiny_config.replace(
         steps=3,
         batch_size=2,

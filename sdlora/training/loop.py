@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -22,7 +21,7 @@ from sdlora.errors import OutOfMemory, SdloraError, TrainingDiverged
 from sdlora.events import EventCallback, Failed, Finished, Preview, Saved, Started, Step, StopFlag, Throughput
 from sdlora.library.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
 from sdlora.library.formats.names import UNetBlocks
-from sdlora.models.families import Family, Objective
+from sdlora.models.families import Family
 from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
 from sdlora.training import checkpoints
 from sdlora.training.buckets import bucket_step
@@ -41,10 +40,11 @@ from sdlora.training.devices import (
     out_of_memory_advice,
     resolve_mixed_precision,
 )
-from sdlora.training.encode import Batch, EncodedConcepts, encode_concepts, frozen_parts_to
+from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
+from sdlora.training.step import Run, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -111,20 +111,6 @@ class Prepared:
         """The files left out, with why."""
         problems = self.concepts.problems + (self.regularization.problems if self.regularization else [])
         return tuple(str(p) for p in problems)
-
-
-@dataclass(frozen=True)
-class Run:
-    """The inputs of every training step, together."""
-
-    config: TrainConfig
-    accelerator: Accelerator
-    denoiser: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_schedule: Any
-    objective: Objective  # the family's: how a batch is noised, the target, the weighting, the call
-    encoded: EncodedConcepts
-    encoded_prior: EncodedConcepts | None
 
 
 def _train(
@@ -249,14 +235,12 @@ def _train_steps(
 ) -> tuple[int, float]:
     """Steps until the last or a stop request: each logged, checkpointed and previewed as configured."""
     config = run.config
-    # Default preview: a caption the adapter was trained on (with the trigger), so the previews
-    # show the concept as it was taught rather than a bare trigger word the base cannot draw.
-    preview_prompts = config.preview_prompts or (prepared.concepts.images[0].caption,)
+    preview_prompts = _preview_prompts(config, prepared)
     throughput, loss_value, step = Throughput(), float("nan"), start
     throughput.tick()
     run.denoiser.train()
     while step < config.steps and not stop.requested:
-        loss_value = _optimizer_step(run, step)
+        loss_value = optimizer_step(run, step)
         if not math.isfinite(loss_value):
             raise _diverged(config, loss_value, step + 1)
         step += 1
@@ -272,6 +256,12 @@ def _train_steps(
             )
             run.denoiser.train()
     return step, loss_value
+
+
+def _preview_prompts(config: TrainConfig, prepared: Prepared) -> tuple[str, ...]:
+    """The configured prompts, else a caption the adapter was trained on (with the trigger): the
+    previews then show the concept as it was taught, not a bare trigger word the base cannot draw."""
+    return config.preview_prompts or (prepared.concepts.images[0].caption,)
 
 
 def _diverged(config: TrainConfig, loss_value: float, step: int) -> TrainingDiverged:
@@ -349,89 +339,10 @@ def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, 
 def _final_preview(run: Run, prepared: Prepared, path: Path, step: int) -> Preview:
     """The preview of the finished adapter, also saved beside it."""
     config = run.config
-    prompts = config.preview_prompts or (prepared.concepts.images[0].caption,)
+    prompts = _preview_prompts(config, prepared)
     preview = render_previews(prepared.pipeline, run.accelerator, run.denoiser, config, prompts, step)
     atomic_write(
         path.with_name(path.name.removesuffix(".safetensors") + ".preview.png"),
         lambda tmp: preview.images[0].save(tmp, format="PNG"),
     )
     return preview
-
-
-def _optimizer_step(run: Run, step: int) -> float:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss.
-
-    With regularisation images, each micro-batch also holds as many of them as concept
-    images (DreamBooth's prior preservation), weighted by `prior_loss_weight`.
-    """
-    config, accelerator = run.config, run.accelerator
-    losses = []
-    for micro in range(config.gradient_accumulation_steps):
-        # Noise, timesteps and image order are a pure function of (seed, step, process):
-        # a resumed run draws exactly what an uninterrupted one would.
-        generator = torch.Generator().manual_seed(
-            ((config.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index
-        )
-        micro_batch = step * config.gradient_accumulation_steps + micro
-        batch = _micro_batch(run, run.encoded, config.seed, micro_batch)
-        prior = (
-            _micro_batch(run, run.encoded_prior, config.seed + 1, micro_batch) if run.encoded_prior else None
-        )
-        with accelerator.accumulate(run.denoiser):
-            loss = batch_loss(run, batch, prior, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable_parameters(run.denoiser), config.max_grad_norm)
-            run.optimizer.step()
-            run.lr_schedule.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-    return sum(losses) / len(losses)
-
-
-def _micro_batch(run: Run, encoded: EncodedConcepts, seed: int, micro_batch: int) -> Batch:
-    """This process's share of one micro-batch of cached examples, on its device."""
-    accelerator = run.accelerator
-    index = encoded.batch_indices(
-        seed, micro_batch, run.config.batch_size, accelerator.process_index, accelerator.num_processes
-    )
-    return encoded.batch(index, accelerator.device)
-
-
-def batch_loss(run: Run, batch: Batch, prior: Batch | None, generator: torch.Generator) -> torch.Tensor:
-    """The concept batch's loss plus the weighted loss of its regularisation rows: one denoiser call when
-    both are the same size, two when their buckets differ (the sum is the same)."""
-    weight = run.config.prior_loss_weight
-    if prior is None:
-        return diffusion_loss(run.denoiser, run.objective, batch, generator)
-    if batch.fits(prior):
-        rows = batch.cat(prior)
-        return diffusion_loss(run.denoiser, run.objective, rows, generator, len(prior.latents), weight)
-    concept = diffusion_loss(run.denoiser, run.objective, batch, generator)
-    return concept + weight * diffusion_loss(run.denoiser, run.objective, prior, generator)
-
-
-def diffusion_loss(
-    denoiser,
-    objective: Objective,
-    batch: Batch,
-    generator: torch.Generator,
-    prior_samples: int = 0,
-    prior_loss_weight: float = 1.0,
-) -> torch.Tensor:
-    """MSE between the denoiser's prediction and the family objective's target, weighted as it says.
-
-    The last `prior_samples` rows are regularisation images: their mean loss is added with
-    weight `prior_loss_weight` to the mean loss of the others.
-    """
-    noised = objective.noised(batch.latents, generator)
-    prediction = objective.predict(denoiser, noised, batch)
-    per_sample = F.mse_loss(prediction.float(), noised.target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    weights = objective.weights(noised)
-    if weights is not None:
-        per_sample = per_sample * weights
-    if prior_samples:
-        concept, prior = per_sample[:-prior_samples], per_sample[-prior_samples:]
-        return concept.mean() + prior_loss_weight * prior.mean()
-    return per_sample.mean()
