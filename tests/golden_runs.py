@@ -7,6 +7,8 @@ their own home (commit 12aede2, before sdlora/models/families existed):
 
 tests/test_families.py trains the same runs on the current code and compares. Rerun the script
 only for a change that is meant to change what training learns, and say so in the commit.
+Each file records the CPU kernels and torch version that made it: float results are bit-exact
+only on the same kind of CPU (AVX2 and AVX-512 kernels round differently) and torch build.
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ def build_models(folder: Path) -> dict[str, Path]:
     }
 
 
+def made_on() -> dict[str, str]:
+    """What float results depend on besides the code: the CPU kernels torch picks, and torch itself."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     GOLDEN.mkdir(exist_ok=True)
@@ -112,7 +119,7 @@ def main() -> None:
         models = build_models(Path(tmp) / "models")
         for run, model in RUNS.items():
             tensors = train_run(run, models[model], Path(tmp) / run)
-            save_file(tensors, str(GOLDEN / f"{run}.safetensors"))
+            save_file(tensors, str(GOLDEN / f"{run}.safetensors"), metadata=made_on())
             print(run, len(tensors), "tensors", file=sys.stderr)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden_runs import DEMO_MODEL, GOLDEN, RUNS, train_run
+from golden_runs import DEMO_MODEL, GOLDEN, RUNS, made_on, train_run
 
 from sdlora.config import LoraSpec
 from sdlora.errors import ModelLoadError
@@ -40,13 +40,20 @@ def models(request) -> dict:
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_training_is_unchanged_by_the_family_seams(run, models, tmp_path):
+    """Bit for bit where the golden tensors were made (same CPU kernels, same torch); elsewhere float
+    rounding may differ in the last bits, so there only closeness is asserted."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    golden = load_file(str(GOLDEN / f"{run}.safetensors"))
+    path = GOLDEN / f"{run}.safetensors"
+    golden = load_file(str(path))
+    with safe_open(str(path), "pt") as file:
+        same_machine = file.metadata() == made_on()
     trained = train_run(run, models(RUNS[run]), tmp_path)
     assert sorted(trained) == sorted(golden)
-    differing = [key for key in golden if not torch.equal(trained[key], golden[key])]
+    same = torch.equal if same_machine else lambda a, b: torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    differing = [key for key in golden if not same(trained[key], golden[key])]
     assert not differing, f"{len(differing)} of {len(golden)} tensors differ, first {differing[0]}"
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "family_of_folder",
     "family_of_pipeline",
     "family_of_single_file",
+    "is_family_name",
     "pipeline_classes",
 ]
 

@@ -31,4 +31,4 @@ class DemoFamily(SD1Family):
             return False
 
 
-DEMO = DemoFamily(**{**vars(SD1), "words": "the demo model (SD 1.x layout)"})
+DEMO = DemoFamily(**vars(SD1) | {"words": "the demo model (SD 1.x layout)"})

@@ -32,8 +32,8 @@ class SD2Family(SD1Family):
 
 
 SD2 = SD2Family(
-    **{
-        **vars(SD1),
+    **vars(SD1)
+    | {
         "name": "sd2",
         "words": "SD 2.x",
         "kohya_version": "sd_v2",
