@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora.assets import DEMO_MARKER, REGULARIZATION, is_demo_model
 from sdlora.config import TrainConfig, read_settings
+from sdlora.models.families import DEFAULT, family_named
 
 if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
     from sdlora.models.loading import ModelInfo
@@ -91,12 +92,9 @@ def model_defaults(base_model: str) -> tuple[str, dict[str, Any]]:
     if resolution is None:
         return "defaults: generic (the base model's config could not be read before loading)", {}
     return (
-        f"defaults: {FAMILY_NAMES.get(family, family)} at its native {resolution} px (from the model's config)",
+        f"defaults: {family_named(family).words} at its native {resolution} px (from the model's config)",
         {"data": {"resolution": resolution}},
     )
-
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
@@ -143,21 +141,20 @@ STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
 # Activation memory per latent pixel at batch 1 without checkpointing, from published LoRA runs at
 # batch 1 in bf16 (SimpleTuner on an H100: SD 1.5 at 512 px in 2.9 GiB, SDXL at 1024 px in 13 GiB,
 # 6.5 GiB with checkpointing) less their bf16 weights. Checkpointing keeps about a fifth.
-ACTIVATION_GB_PER_LATENT_PIXEL = {"sd1": 1.2 / 64**2, "sd2": 1.2 / 64**2, "sdxl": 7.8 / 128**2}
+# (The numbers per family: Family.activation_gb_per_latent_pixel, lora_parameters_per_rank.)
 CHECKPOINTED_FRACTION = 0.2
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
-LORA_PARAMETERS_PER_RANK = {"sd1": 200_000, "sd2": 200_000, "sdxl": 730_000}  # attention projections, rank 1
 
 
 def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | None) -> float:
     """Peak GPU memory of a cached run: bf16 UNet, fp32 LoRA with its gradients and optimizer state,
     and activations; the VAE and text encoders wait on the CPU once their outputs are cached."""
-    family = info.family if info is not None else "sd1"
+    family = info.model_family if info is not None else DEFAULT
     latent_pixels = (config.data.resolution / 8) ** 2
-    activations = ACTIVATION_GB_PER_LATENT_PIXEL[family] * latent_pixels * config.batch_size
+    activations = family.activation_gb_per_latent_pixel * latent_pixels * config.batch_size
     if config.gradient_checkpointing:
         activations *= CHECKPOINTED_FRACTION
-    lora = LORA_PARAMETERS_PER_RANK[family] * config.lora.rank
+    lora = family.lora_parameters_per_rank * config.lora.rank
     lora_gb = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
     return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
 
@@ -203,6 +200,6 @@ def estimate_training(
         text += f", about {memory:.1f} GB of GPU memory"
         if memory > 10 and not config.gradient_checkpointing:
             text += " (gradient checkpointing would cut it)"
-    if info is not None and info.family == "sdxl":
-        text += f", SDXL at {config.data.resolution} px"
+    if info is not None and info.model_family.named_in_estimate:
+        text += f", {info.model_family.words} at {config.data.resolution} px"
     return Estimate(seconds, memory, text + " (rough)")

@@ -89,7 +89,7 @@ class Adapter:
 class ModelLayout:
     """What an adapter must fit: the base model's family and each adaptable layer's weight shape."""
 
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # the base model family's stored name (sdlora.models.families)
     shapes: dict[str, tuple[int, ...]]  # "<part>.<module path>" -> weight shape (out, in[, kh, kw])
     blocks: UNetBlocks | None = None
 
