@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from sdlora.cli import build_parser, config_from_args
+from sdlora.training.estimate import captioning_seconds, estimate_training
 from sdlora.training.presets import (
     DEMO_MODEL,
     PRESETS,
     apply_preset,
     default_config,
-    estimate_training,
     preset_for,
 )
 
@@ -86,7 +86,6 @@ def test_presets_apply_and_estimate():
 
 def test_estimate_counts_captioning_time():
     from sdlora.captioning.captioners import spec_of
-    from sdlora.training.presets import captioning_seconds
 
     config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=512)
     plain = estimate_training(config, 860_000_000, None, "cpu")

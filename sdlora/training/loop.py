@@ -29,6 +29,7 @@ from sdlora.training.buckets import bucket_step
 from sdlora.training.checkpoints import adapter_path
 from sdlora.training.data import bucket_counts, load_concept_images, load_regularization_images, tag_frequency
 from sdlora.training.encode import Batch, EncodedConcepts, encode_concepts, frozen_parts_to
+from sdlora.training.estimate import remember_speed
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
@@ -238,6 +239,9 @@ def _train(
         if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
             emit(render_previews(pipeline, accelerator, unet, config, preview_prompts, step))
             unet.train()
+
+    # The next estimate for these settings uses what this run measured (sdlora.training.estimate).
+    remember_speed(config, str(accelerator.device), throughput.seconds_per_step(), step - start)
 
     # 5. Save: a checkpoint to resume from, and the adapter with its metadata and config.
     if step == 0:  # stopped before the first step: an untrained adapter is all zeros, worth no file

@@ -58,10 +58,11 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
     with gr.Row():
         add_button = gr.Button("Add to queue", elem_id="queue-add")
         job_id = gr.Textbox(label="Job id", info="or click a row", scale=1, elem_id="queue-job-id")
-        cancel = gr.Button("Cancel / stop", elem_id="queue-cancel")
-        up = gr.Button("Up", elem_id="queue-up")
-        down = gr.Button("Down", elem_id="queue-down")
-        retry = gr.Button("Retry", elem_id="queue-retry")
+        # Clickable once a job is picked in a queue that holds jobs (job_controls): else they do nothing.
+        cancel = gr.Button("Cancel / stop", interactive=False, elem_id="queue-cancel")
+        up = gr.Button("Up", interactive=False, elem_id="queue-up")
+        down = gr.Button("Down", interactive=False, elem_id="queue-down")
+        retry = gr.Button("Retry", interactive=False, elem_id="queue-retry")
     timer = gr.Timer(REFRESH_SECONDS)
 
     def queue_list() -> pd.DataFrame:
@@ -98,6 +99,19 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
         """A click on a row fills the job id, so the buttons act on that job."""
         return str(event.row_value[QUEUE_HEADERS.index("id")])
 
+    def job_controls(job: str, rows: pd.DataFrame | None) -> list:
+        picked = bool((job or "").strip()) and rows is not None and len(rows) > 0
+        return [gr.Button(interactive=picked)] * 4
+
+    gr.on(
+        [job_id.change, table.change],
+        job_controls,
+        [job_id, table],
+        [cancel, up, down, retry],
+        api_name="queue_controls",
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
     # The list is cheap (one small file): the page re-reads it every second, also while idle, so jobs
     # queued by `python -m sdlora queue add` or another page show up without a click.
     timer.tick(queue_list, None, table, api_name="queue_list", concurrency_limit=None, show_progress="hidden")
