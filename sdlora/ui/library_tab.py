@@ -122,16 +122,11 @@ def layout() -> LibraryWidgets:
             with gr.Row(equal_height=True):
                 new_name = gr.Textbox(label="New name", scale=3)
                 rename_button = gr.Button("Rename", scale=1, interactive=False, elem_id="rename-button")
-            with gr.Row(equal_height=True):
-                fmt = gr.Radio(
-                    list(FORMATS),
-                    value=FORMATS[0],
-                    label="Download format",
-                    scale=3,
-                    elem_id="download-format",
-                )
-                download = gr.DownloadButton(**download_button(None), scale=2, elem_id="download")
+            fmt = gr.Radio(
+                list(FORMATS), value=FORMATS[0], label="Download format", elem_id="download-format"
+            )
             gr.Markdown(" · ".join(f"**{fmt}**: {TOOLS[fmt]}" for fmt in FORMATS), elem_id="format-note")
+            download = gr.DownloadButton(**download_button(None), elem_id="download")
             # Red and clickable only when there is something to delete.
             delete_button = gr.Button(
                 "Delete adapter", variant="stop", interactive=False, elem_id="delete-button"
