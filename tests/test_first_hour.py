@@ -29,6 +29,8 @@ def test_the_estimate_uses_the_seconds_per_step_this_machine_measured(tmp_path):
     # Another resolution costs another amount per step: the measurement does not carry over.
     other = config.replace(data=DataConfig(images="d", resolution=128))
     assert measured_speed(other, "cpu") is None and measured_speed(config, "cuda") is None
+    remember_speed(config, "cuda:0", 0.05, steps=600)  # the trainer names the GPU, the app the device type
+    assert measured_speed(config, "cuda") == pytest.approx(0.05)
 
 
 def test_a_damaged_speed_record_falls_back_to_the_formula(tmp_path):

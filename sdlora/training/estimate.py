@@ -54,7 +54,7 @@ def speed_key(config: TrainConfig, device: str) -> str:
     data, lora = config.data, config.lora
     parts = [
         Path(config.base_model).name or config.base_model,
-        device,
+        device.split(":")[0],  # the app's "cuda" and the trainer's "cuda:0" are one machine's GPU
         f"{data.resolution}px",
         f"batch {config.batch_size}x{config.gradient_accumulation_steps}",
         f"rank {lora.rank}",
