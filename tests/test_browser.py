@@ -65,7 +65,7 @@ def scenario(tmp_path: Path) -> Scenario:
         files = sorted(str(p) for p in README_CONCEPT.iterdir())
         prompt = next(p for p in sorted(README_CONCEPT.iterdir()) if p.suffix == ".txt").read_text().strip()
         steps = int(os.environ.get("SDLORA_SCREENSHOT_STEPS", "600"))  # the demo preset's
-        return Scenario(files, "star", "star", prompt, steps, max(1, steps // 4), None)
+        return Scenario(files, "star", "sks", f"sks, {prompt}", steps, max(1, steps // 4), None)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     files = [str(draw_concept(uploads / f"circle{i}.png", i, colour=(20, 140, 60))) for i in range(3)]

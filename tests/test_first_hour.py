@@ -101,7 +101,7 @@ def test_the_preset_shown_is_the_preset_in_force(handlers):
     assert preset_radio(str(DEMO_MODEL)) == {"choices": ["Demo"], "value": "Demo"}  # not "Object"
     *_, note = handlers.fill_preset("Demo")
     assert note.startswith("Preset **Demo**")
-    assert preset_radio("some/hub-model") == {"choices": ["Style", "Character", "Object"]}
+    assert preset_radio("some/hub-model") == {"choices": ["Style", "Character", "Object"], "value": "Object"}
 
 
 def test_controls_that_cannot_act_are_not_clickable(handlers):

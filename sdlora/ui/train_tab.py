@@ -144,11 +144,7 @@ def layout(studio: Studio) -> TrainWidgets:
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
             preset = gr.Radio(
-                **{
-                    "choices": list(PRESET_KINDS),
-                    "value": PRESET_KINDS[-1],
-                    **preset_radio(studio.base_model),
-                },
+                **preset_radio(studio.base_model),
                 label="Preset",
                 info="Fills the settings below once (those under More too); change them freely.",
                 elem_id="preset",
@@ -159,7 +155,7 @@ def layout(studio: Studio) -> TrainWidgets:
             estimate = gr.Markdown(elem_id="estimate")
             with gr.Row():
                 start_button = gr.Button("Train", variant="primary", elem_id="train-button")
-                # Clickable only while a run goes (RunControls): with nothing to stop it only misleads.
+                # Clickable only while a run goes (TrainHandlers.controls): with nothing to stop it only misleads.
                 stop_button = gr.Button(
                     "Stop and save", variant="stop", interactive=False, elem_id="stop-button"
                 )
@@ -353,7 +349,7 @@ def preset_in_force(base_model: str, kind: str | None):
 def preset_radio(base_model: str) -> dict:
     """The preset radio's choices and value: only presets that can be in force here, so it shows the one that is."""
     name, _ = preset_in_force(base_model, None)
-    return {"choices": [name], "value": name} if name not in PRESET_KINDS else {"choices": list(PRESET_KINDS)}
+    return {"choices": list(PRESET_KINDS) if name in PRESET_KINDS else [name], "value": name}
 
 
 def preset_fields() -> tuple[str, ...]:
