@@ -46,8 +46,8 @@ MAX_UPLOAD = "1gb"
 MAX_JOBS = 1000
 # Demo-model images are 64 px: show them enlarged with crisp pixels rather than as stamps.
 CSS = """
-#thumbnails img, #previews img, #results img, #adapter-preview img { image-rendering: pixelated; }
-#adapter-preview img { width: 100%; height: 100%; object-fit: contain; }
+#thumbnails img, #previews img, #results img, #adapter-preview img, #comparison img { image-rendering: pixelated; }
+#adapter-preview img, #comparison img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 

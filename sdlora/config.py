@@ -96,6 +96,17 @@ def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None
     return field(default=default, metadata=meta)
 
 
+# The one convention for a new concept's word: a rare token (one token in SD's and the demo's
+# tokenizers) that the base model draws nothing in particular for, as DreamBooth's examples use.
+TRIGGER_WORD = "sks"
+PREVIEWS_PER_RUN = 4  # previews a run shows when the interval follows its length
+
+
+def preview_interval(steps: int) -> int:
+    """Steps between previews for a run of `steps`: PREVIEWS_PER_RUN of them, never fewer than one."""
+    return max(1, steps // PREVIEWS_PER_RUN)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """Shape of the adapter: which layers it adapts and how strongly."""
@@ -137,7 +148,12 @@ class DataConfig:
     """Where the concept images are and how they become training examples."""
 
     images: str = _opt("", "Folder of concept images, with optional same-name .txt captions.")
-    trigger_word: str = _opt("", "Word that calls up the concept in prompts, e.g. 'sks'.", flag="--trigger")
+    trigger_word: str = _opt(
+        TRIGGER_WORD,
+        "Word that calls up the concept in prompts; put in front of every caption that lacks it "
+        "(empty: none).",
+        flag="--trigger",
+    )
     caption_template: str = _opt(
         "{trigger}", "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
     )
@@ -216,7 +232,9 @@ class TrainConfig:
     )
     checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
-    preview_every: int = _opt(0, "Render preview images every N steps (0 disables).")
+    preview_every: int = _opt(
+        0, "Render preview images every N steps (0 disables; the app starts at preview_interval(steps))."
+    )
     preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the first image's caption.")
     preview_seeds: tuple[int, ...] = _opt((1, 2), "Fixed seeds for previews, so images are comparable.")
     preview_inference_steps: int = _opt(20, "Denoising steps per preview image.")

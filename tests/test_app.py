@@ -168,15 +168,16 @@ def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path)
 
 
 def test_example_concept_loads_in_one_click(client):
-    files, gallery, table, name, trigger = client.predict("red-circles", api_name="/use_example")
+    files, gallery, table, name = client.predict("red-circles", api_name="/use_example")
     assert len(files) == 6 and len(gallery) == 3
     assert {row[0]: row[1] for row in table["data"]}["circle1.png"] == "a red circle number 1"
-    assert (name, trigger) == ("red-circles", "red-circles")
+    assert name == "red-circles"  # the trigger word stays the page's: one convention for every concept
     with pytest.raises(AppError, match="not in the list of choices|no example concept"):
         client.predict("../../etc", api_name="/use_example")
 
 
 def test_preset_fills_settings_and_estimate_is_shown(client):
+    from sdlora.config import preview_interval
     from sdlora.training.presets import NOTES, PRESETS
     from sdlora.ui.train_tab import preset_fields
 
@@ -190,7 +191,7 @@ def test_preset_fills_settings_and_estimate_is_shown(client):
     )
     assert filled["learning_rate"] == pytest.approx(preset["learning_rate"]) and NOTES["Character"] in note
     assert filled["regularization_images"] == "" and filled["extra_target_modules"] == []
-    assert preview_every == preset["steps"] // 5
+    assert preview_every == preview_interval(preset["steps"]) < preset["steps"]
     text = client.predict(rank=4, alpha=4, steps=100, resolution=0, api_name="/estimate")
     assert text.startswith("Estimate: about") and "100 steps on cpu" in text and "captioning" not in text
     table = {"headers": ["image", "caption", "bucket"], "data": [["a.png", "", ""], ["b.png", "typed", ""]]}
@@ -232,9 +233,12 @@ def test_upload_train_generate_with_two_adapters_and_download_both_formats(clien
     assert "<lora:blue-circles:0.5>" in parameters and "<lora:blue-circles-b:1>" in parameters
     assert "Seed: 5" in gallery[0]["caption"]
 
-    for fmt, prefix in (("diffusers", "unet."), ("kohya", "lora_unet_")):
+    for fmt, prefix, file_name in (
+        ("diffusers", "unet.", "blue-circles.diffusers.safetensors"),
+        ("kohya", "lora_unet_", "blue-circles.safetensors"),
+    ):
         path = client.predict("blue-circles", fmt, api_name="/export_adapter")
-        assert Path(path).name == "blue-circles.safetensors"
+        assert Path(path).name == file_name
         with safe_open(path, framework="pt") as handle:
             assert all(key.startswith(prefix) for key in handle.keys())
 

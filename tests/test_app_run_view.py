@@ -91,3 +91,11 @@ def test_a_run_saved_under_another_name_says_so_and_notices_are_shown():
     ]
     summary = view_run(events, "m", running=False, stop_requested=False).summary()
     assert "lib/m-2.safetensors" in summary and moved in summary and "Note: " + notice in summary
+
+
+def test_a_finished_run_keeps_the_speed_it_measured():
+    """The next estimate uses this figure: the page shows it after the run too, without an ETA."""
+    done = view_run(
+        [started(), step(1), step(2), Finished(2, "m.safetensors", stopped_early=False)], "m", False, False
+    )
+    assert done.state == "finished" and "0.50 s/step" in done.summary() and "left" not in done.summary()

@@ -12,7 +12,8 @@ from sdlora.cli import build_parser, config_from_args
 from sdlora.config import TrainConfig, read_settings
 from sdlora.errors import ConfigError
 from sdlora.settings import train_config_from
-from sdlora.training.presets import PRESETS, estimate_training, preset_for, preset_settings
+from sdlora.training.estimate import captioning_seconds, estimate_training
+from sdlora.training.presets import PRESETS, preset_for, preset_settings
 
 DEMO = TrainConfig.from_dict(preset_settings("Demo"))  # the demo preset over the defaults
 
@@ -107,7 +108,6 @@ def test_presets_apply_and_estimate():
 
 def test_estimate_counts_captioning_time():
     from sdlora.captioning.captioners import spec_of
-    from sdlora.training.presets import captioning_seconds
 
     config = train_config_from({"data.images": "d"}, base_model="m", preset="Style", native_resolution=512)
     plain = estimate_training(config, 860_000_000, None, "cpu")

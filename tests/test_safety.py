@@ -373,7 +373,7 @@ def test_an_adapter_imported_under_the_running_name_is_kept(tiny_config, library
 def test_latin1_caption_is_read_and_reported(concept_dir):
     (concept_dir / "img2.txt").write_bytes(b"caf\xe9 \x81")  # 0x81 is undefined in cp1252: Latin-1 then
     (concept_dir / "img1.txt").write_bytes("na\xefve".encode("cp1252"))
-    concepts = load_concept_images(DataConfig(images=str(concept_dir), resolution=32))
+    concepts = load_concept_images(DataConfig(images=str(concept_dir), trigger_word="", resolution=32))
     captions = {c.path.name: c.caption for c in concepts.images}
     assert captions["img1.png"] == "naïve" and captions["img2.png"].startswith("café")
     assert not concepts.problems

@@ -329,7 +329,7 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
     pipe = load_pipeline(config.base_model)
     reg_set = encode_concepts(
         pipe,
-        load_concept_images(DataConfig(images=str(reg), resolution=IMAGE_SIZE)).images,
+        load_concept_images(DataConfig(images=str(reg), trigger_word="", resolution=IMAGE_SIZE)).images,
         False,
         torch.device("cpu"),
     )

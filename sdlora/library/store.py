@@ -192,12 +192,14 @@ class AdapterLibrary:
         return self._info(target)
 
     def export(self, name: str, fmt: str = "kohya", out_dir: str | Path | None = None) -> Path:
-        """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors."""
+        """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors (kohya, which
+        every tool loads) or <out_dir>/<name>.<format>.safetensors, so two downloads never share a name."""
         info = self.get(name)
         adapter = read_adapter(info.path, self.reference)
         out = Path(out_dir) if out_dir else self.root / ".exports" / fmt
+        file_name = info.name + ("" if fmt == "kohya" else f".{fmt}") + SUFFIX
         return write_adapter(
-            out / f"{info.name}{SUFFIX}", adapter, fmt, family=self._family(adapter), blocks=self._blocks()
+            out / file_name, adapter, fmt, family=self._family(adapter), blocks=self._blocks()
         )
 
     def _family(self, adapter: Adapter) -> str:

@@ -41,6 +41,7 @@ from sdlora.training.devices import (
     resolve_mixed_precision,
 )
 from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
+from sdlora.training.estimate import remember_speed
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
@@ -255,6 +256,7 @@ def _train_steps(
                 )
             )
             run.denoiser.train()
+    remember_speed(config, str(run.accelerator.device), throughput.seconds_per_step(), step - start)
     return step, loss_value
 
 

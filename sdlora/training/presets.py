@@ -1,4 +1,4 @@
-"""Starting points for common concepts, and a rough time and memory estimate before a run.
+"""Starting points for common concepts: partial settings a user can still change.
 
 Presets only fill in numbers the user can still change. The demo model gets its own
 preset: it is tiny, trains at 64 px, and needs more than the attention projections to
@@ -8,16 +8,15 @@ docs/demo-model.md and docs/benchmarks.md, learning section).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdlora.assets import DEMO_MARKER, REGULARIZATION, is_demo_model
-from sdlora.config import TrainConfig, read_settings
-from sdlora.models.families import DEFAULT, family_named
+from sdlora.config import read_settings
+from sdlora.models.families import family_named
 
 if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
-    from sdlora.models.loading import ModelInfo
+    pass
 
 # Each preset is partial settings, keyed by TrainConfig field paths and read by the same strict reader
 # as a config file (read_settings), so a misspelt key fails loudly. data.resolution 0: the base
@@ -122,84 +121,17 @@ def read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
     return family, resolution
 
 
-@dataclass(frozen=True)
-class Estimate:
-    seconds: float
-    gpu_memory_gb: float | None
-    text: str
+# A run below this share of its preset's steps is warned about before it starts: the preset's
+# step count is what its concept was measured to need (the demo preset: docs/benchmarks.md).
+SHORT_RUN_SHARE = 0.5
 
 
-# Measured on this project's 2-core CPU: a full SD 1.5 UNet step at 512 px took 19 s; work
-# scales with parameters x latent pixels. Small models are dominated by a fixed cost per
-# step (the demo model: 120 steps at batch 4 in about 25 s). A GPU is taken as ~80x
-# faster: rough by design.
-CPU_SECONDS_PER_PARAM_PIXEL = 19.0 / (860e6 * 64 * 64)
-GPU_SPEEDUP = 80.0
-STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
-
-
-# Activation memory per latent pixel at batch 1 without checkpointing, from published LoRA runs at
-# batch 1 in bf16 (SimpleTuner on an H100: SD 1.5 at 512 px in 2.9 GiB, SDXL at 1024 px in 13 GiB,
-# 6.5 GiB with checkpointing) less their bf16 weights. Checkpointing keeps about a fifth.
-# (The numbers per family: Family.activation_gb_per_latent_pixel, lora_parameters_per_rank.)
-CHECKPOINTED_FRACTION = 0.2
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
-
-
-def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | None) -> float:
-    """Peak GPU memory of a cached run: bf16 UNet, fp32 LoRA with its gradients and optimizer state,
-    and activations; the VAE and text encoders wait on the CPU once their outputs are cached."""
-    family = info.model_family if info is not None else DEFAULT
-    latent_pixels = (config.data.resolution / 8) ** 2
-    activations = family.activation_gb_per_latent_pixel * latent_pixels * config.batch_size
-    if config.gradient_checkpointing:
-        activations *= CHECKPOINTED_FRACTION
-    lora = family.lora_parameters_per_rank * config.lora.rank
-    lora_gb = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
-    return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
-
-
-def captioning_seconds(images: int, seconds_per_image: float, on_gpu: bool, needs_weights: bool) -> float:
-    """Time to caption `images` with a captioner of this speed on this project's CPU; weighted
-    captioners (BLIP, Florence-2) run on the GPU when there is one, the demo captioner never needs it."""
-    return images * seconds_per_image / (GPU_SPEEDUP if on_gpu and needs_weights else 1.0)
-
-
-def estimate_training(
-    config: TrainConfig,
-    unet_parameters: int,
-    info: ModelInfo | None,
-    device: str,
-    captioning: tuple[int, str, float] = (0, "", 0.0),
-) -> Estimate:
-    """A rough duration (and GPU memory) for a run, shown before it starts.
-
-    `captioning` is (uncaptioned images, captioner name, its seconds for them): the time the
-    "Caption images" step adds before training, counted in the total.
-    """
-    latent_pixels = (config.data.resolution / 8) ** 2
-    images_per_step = config.batch_size * config.gradient_accumulation_steps
-    if config.data.regularization_images:
-        images_per_step *= 2  # as many regularisation images as concept images in every step
-    per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
-    if device.startswith("cuda"):
-        per_step /= GPU_SPEEDUP
-    overhead = STEP_OVERHEAD_SECONDS["cuda" if device.startswith("cuda") else "cpu"]
-    uncaptioned, captioner, caption_seconds = captioning
-    seconds = config.steps * (per_step + overhead * config.gradient_accumulation_steps) + caption_seconds
-    memory = gpu_memory_gb(config, unet_parameters, info) if device.startswith("cuda") else None
-    minutes = seconds / 60
-    text = f"about {minutes:.0f} min" if minutes >= 1 else f"about {seconds:.0f} s"
-    text += f" for {config.steps} steps on {device}"
-    if uncaptioned:
-        text += (
-            f", captioning {uncaptioned} image{'s' * (uncaptioned != 1)} with {captioner} included "
-            f"(about {caption_seconds:.0f} s)"
-        )
-    if memory is not None:
-        text += f", about {memory:.1f} GB of GPU memory"
-        if memory > 10 and not config.gradient_checkpointing:
-            text += " (gradient checkpointing would cut it)"
-    if info is not None and info.model_family.named_in_estimate:
-        text += f", {info.model_family.words} at {config.data.resolution} px"
-    return Estimate(seconds, memory, text + " (rough)")
+def short_run_warning(preset_name: str, steps: int) -> str:
+    """A line warning that `steps` is well below what the preset was measured to need, or ''."""
+    needed = PRESETS[preset_name]["steps"]
+    if steps >= needed * SHORT_RUN_SHARE:
+        return ""
+    return (
+        f"{steps} steps is well below the {needed} the {preset_name} preset needs: "
+        "the adapter may change nothing you can see."
+    )

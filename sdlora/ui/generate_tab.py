@@ -113,16 +113,16 @@ def layout() -> GenerateWidgets:
         with gr.Column(scale=3):
             gallery = gr.Gallery(
                 label="Results",
-                columns=2,
-                height=400,
+                columns=3,
+                height=300,
                 format="png",
                 object_fit="contain",
                 fit_columns=False,
                 elem_id="results",
             )
             grid_image = gr.Image(
-                label="Comparison grid", type="filepath", interactive=False, elem_id="comparison", height=300
-            )
+                label="Comparison grid", type="filepath", interactive=False, elem_id="comparison", height=440
+            )  # a grid holds a dozen images: it gets the room, so each cell stays readable
             parameters = gr.Textbox(
                 label="Parameters of the selected image", lines=3, buttons=["copy"], elem_id="parameters"
             )

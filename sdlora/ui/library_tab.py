@@ -77,8 +77,7 @@ class LibraryWidgets:
     new_name: gr.Textbox
     rename_button: gr.Button
     fmt: gr.Radio
-    export_button: gr.Button
-    download: gr.File
+    download: gr.DownloadButton  # holds the file in the chosen format, written when the adapter is picked
     delete_button: gr.Button
     confirm_row: gr.Row
     confirm_button: gr.Button
@@ -122,19 +121,16 @@ def layout() -> LibraryWidgets:
             about = gr.Markdown()
             with gr.Row(equal_height=True):
                 new_name = gr.Textbox(label="New name", scale=3)
-                rename_button = gr.Button("Rename", scale=1)
-            with gr.Row(equal_height=True):
-                fmt = gr.Radio(
-                    list(FORMATS),
-                    value=FORMATS[0],
-                    label="Download format",
-                    scale=3,
-                    elem_id="download-format",
-                )
-                export_button = gr.Button("Prepare download", scale=1, elem_id="export-button")
+                rename_button = gr.Button("Rename", scale=1, interactive=False, elem_id="rename-button")
+            fmt = gr.Radio(
+                list(FORMATS), value=FORMATS[0], label="Download format", elem_id="download-format"
+            )
             gr.Markdown(" · ".join(f"**{fmt}**: {TOOLS[fmt]}" for fmt in FORMATS), elem_id="format-note")
-            download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
-            delete_button = gr.Button("Delete adapter", variant="stop")
+            download = gr.DownloadButton(**download_button(None), elem_id="download")
+            # Red and clickable only when there is something to delete.
+            delete_button = gr.Button(
+                "Delete adapter", variant="stop", interactive=False, elem_id="delete-button"
+            )
             with gr.Row(visible=False) as confirm_row:
                 confirm_button = gr.Button("Yes, delete it", variant="stop")
                 keep_button = gr.Button("Keep it")
@@ -151,7 +147,6 @@ def layout() -> LibraryWidgets:
         new_name=new_name,
         rename_button=rename_button,
         fmt=fmt,
-        export_button=export_button,
         download=download,
         delete_button=delete_button,
         confirm_row=confirm_row,
@@ -215,8 +210,28 @@ class LibraryHandlers:
     @readable_errors
     def export(self, adapter_name: str, format_name: str) -> str:
         """Write an adapter in a format (kohya or diffusers) for download."""
+        if not (adapter_name or "").strip():
+            raise gr.Error("Pick an adapter in the table first.", print_exception=False)
         folder = tempfile.mkdtemp(prefix=f"export-{format_name}-", dir=self.studio.work_dir)
         return str(self.studio.library.export(adapter_name, format_name, folder))
+
+    def prepare_download(self, adapter_name: str, format_name: str):
+        """The download button holding the picked adapter in the chosen format: one click gives the file."""
+        path = self.export(adapter_name, format_name) if (adapter_name or "").strip() else None
+        return gr.DownloadButton(**download_button(path))
+
+    @staticmethod
+    def selection_controls(adapter_name: str) -> tuple:
+        """Rename and Delete act on the picked adapter: clickable only while one is picked."""
+        picked = bool((adapter_name or "").strip())
+        return gr.Button(interactive=picked), gr.Button(interactive=picked)
+
+
+def download_button(path: str | None) -> dict:
+    """The download button's label, file and state: named after the file it gives, idle without one."""
+    if not path:
+        return {"label": "Download (pick an adapter first)", "value": None, "interactive": False}
+    return {"label": f"Download {Path(path).name}", "value": path, "interactive": True}
 
 
 def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
@@ -225,6 +240,17 @@ def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
     w.refresh_button.click(h.refresh, None, listing, api_name="list_adapters")
     w.table.select(h.pick_row, w.table, w.name, api_name="pick_adapter")
     w.name.change(h.select, w.name, [w.preview, w.about], api_name="adapter_details")
+    w.name.change(
+        h.selection_controls, w.name, [w.rename_button, w.delete_button], api_name="selection_controls"
+    )
+    gr.on(
+        [w.name.change, w.fmt.change],
+        h.prepare_download,
+        [w.name, w.fmt],
+        w.download,
+        api_name="prepare_download",
+        trigger_mode="always_last",
+    )
     w.rename_button.click(
         h.rename, [w.name, w.new_name], [*listing, w.name, w.new_name], api_name="rename_adapter"
     )
@@ -234,7 +260,7 @@ def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
     w.import_button.click(
         h.import_adapter, [w.upload, w.import_name], [*listing, w.name, w.upload], api_name="import_adapter"
     )
-    w.export_button.click(h.export, [w.name, w.fmt], w.download, api_name="export_adapter")
+    gr.api(h.export, api_name="export_adapter")  # for scripts: the file path in a format, by adapter name
 
 
 def _size(n: int) -> str:

@@ -85,10 +85,11 @@ def layout(rows: pd.DataFrame) -> QueueWidgets:
     with gr.Row():
         add_button = gr.Button("Add to queue", elem_id="queue-add")
         job_id = gr.Textbox(label="Job id", info="or click a row", scale=1, elem_id="queue-job-id")
-        cancel = gr.Button("Cancel / stop", elem_id="queue-cancel")
-        up = gr.Button("Up", elem_id="queue-up")
-        down = gr.Button("Down", elem_id="queue-down")
-        retry = gr.Button("Retry", elem_id="queue-retry")
+        # Clickable once a job is picked in a queue that holds jobs (job_controls): else they do nothing.
+        cancel = gr.Button("Cancel / stop", interactive=False, elem_id="queue-cancel")
+        up = gr.Button("Up", interactive=False, elem_id="queue-up")
+        down = gr.Button("Down", interactive=False, elem_id="queue-down")
+        retry = gr.Button("Retry", interactive=False, elem_id="queue-retry")
     return QueueWidgets(table, add_button, job_id, cancel, up, down, retry, gr.Timer(REFRESH_SECONDS))
 
 
@@ -137,12 +138,27 @@ class QueueHandlers:
         """A click on a row fills the job id, so the buttons act on that job."""
         return str(event.row_value[QUEUE_HEADERS.index("id")])
 
+    @staticmethod
+    def job_controls(job: str, rows: pd.DataFrame | None) -> list:
+        """The job buttons are clickable only with a job picked in a queue that holds jobs."""
+        picked = bool((job or "").strip()) and rows is not None and len(rows) > 0
+        return [gr.Button(interactive=picked)] * 4
+
 
 # -- wiring ---------------------------------------------------------------------------------------
 
 
 def wire(w: QueueWidgets, h: QueueHandlers, add_inputs: list, settings: dict) -> QueueView:
     """Connect the queue's events to its handlers; every event has an api_name."""
+    gr.on(
+        [w.job_id.change, w.table.change],
+        h.job_controls,
+        [w.job_id, w.table],
+        [w.cancel, w.up, w.down, w.retry],
+        api_name="queue_controls",
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
     # The list is cheap (one small file): the page re-reads it every second, also while idle, so jobs
     # queued by `python -m sdlora queue add` or another page show up without a click.
     w.timer.tick(

@@ -52,6 +52,8 @@ class RunView:
             head += f", step {self.step}/{self.total_steps}"
         if self.state in ("running", "stopping") and self.seconds_per_step:
             head += f", {self.seconds_per_step:.2f} s/step, about {_duration(self.eta_seconds)} left"
+        elif self.seconds_per_step:  # what the run measured: the next estimate for these settings uses it
+            head += f", {self.seconds_per_step:.2f} s/step"
         if self.losses:
             head += f", loss {self.losses[-1][1]:.4f}"
         lines = [head]

@@ -270,12 +270,12 @@ class Studio:
         return job
 
     def estimate(self, config: TrainConfig, uncaptioned: int = 0):
-        """sdlora.training.presets.Estimate of time (and GPU memory) for a run with this config, counting the time
+        """sdlora.training.estimate.Estimate of time (and GPU memory) for a run with this config, counting the time
         "Caption images" takes for the `uncaptioned` images where it can run here (offline, only a
         captioner that is present can)."""
         from sdlora.captioning.captioners import is_present, spec_of
         from sdlora.models.hub import offline
-        from sdlora.training.presets import captioning_seconds, estimate_training
+        from sdlora.training.estimate import captioning_seconds, estimate_training
 
         generator = self.generator()
         unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())

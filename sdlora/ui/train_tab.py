@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import gradio as gr
 import pandas as pd
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help, merge_settings, read_settings
+from sdlora.config import (
+    DataConfig,
+    LoraSpec,
+    TrainConfig,
+    field_help,
+    merge_settings,
+    preview_interval,
+    read_settings,
+)
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
 from sdlora.ui import fields, queue_view
 from sdlora.ui.messages import readable_errors
@@ -26,8 +34,13 @@ from sdlora.ui.uploads import read_captions
 PRESET_KINDS = ("Style", "Character", "Object")
 CAPTION_HEADERS = ["image", "caption", "bucket"]  # bucket: at the model's native size, as training picks it
 POLL_SECONDS = 0.5
-TRIGGER_WORD = "sks"  # the trigger word a new page starts with; captions written for it start with it too
 HELP = {**field_help(TrainConfig), **field_help(DataConfig), **field_help(LoraSpec)}
+# Hints in the page's words where the config's help speaks of files and flags.
+HINTS = {
+    "name": "What the adapter is called in the library and in <lora:name> prompt tags.",
+    "trigger_word": "Write this word in a prompt to call up the concept; "
+    "training puts it in front of every caption that lacks it.",
+}
 # Layers a preset may adapt besides the attention projections (the demo preset adapts all of these).
 EXTRA_TARGET_CHOICES = (
     "proj_in",
@@ -85,10 +98,13 @@ class TrainTab:
     def on_page_load(self, demo: gr.Blocks) -> gr.Dependency:
         """Fill the preset for the server's model, then stream the run the server holds; returns the stream."""
         w, h = self.widgets, self.handlers
-        filled = demo.load(h.fill_preset, w.preset, preset_outputs(w), api_name="preset_on_load")
+        chosen = demo.load(
+            h.preset_choices, None, w.preset, api_name="preset_choices", show_progress="hidden"
+        )
+        filled = chosen.then(h.fill_preset, w.preset, preset_outputs(w), api_name="preset_on_load")
         filled.success(
             h.estimate,
-            w.captions,
+            [w.captions, w.preset],
             w.estimate,
             inputs_kwargs=w.settings,
             api_name="estimate_on_load",
@@ -135,10 +151,10 @@ def layout(studio: Studio) -> TrainWidgets:
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
             preset = gr.Radio(
-                list(PRESET_KINDS),
-                value=PRESET_KINDS[-1],
+                **preset_radio(studio.base_model),
                 label="Preset",
                 info="Fills the settings below once (those under More too); change them freely.",
+                elem_id="preset",
             )
             preset_note = gr.Markdown(elem_id="preset-note")
             settings = _settings()
@@ -146,7 +162,10 @@ def layout(studio: Studio) -> TrainWidgets:
             estimate = gr.Markdown(elem_id="estimate")
             with gr.Row():
                 start_button = gr.Button("Train", variant="primary", elem_id="train-button")
-                stop_button = gr.Button("Stop and save", variant="stop", elem_id="stop-button")
+                # Clickable only while a run goes (TrainHandlers.controls): with nothing to stop it only misleads.
+                stop_button = gr.Button(
+                    "Stop and save", variant="stop", interactive=False, elem_id="stop-button"
+                )
     progress = _progress()
     return TrainWidgets(
         **concepts,
@@ -189,7 +208,7 @@ def _concept_images(examples: list[str]) -> dict:
             scale=2,
             elem_id="caption-prefix",
             placeholder="the trigger word",
-            info="Put first in every written caption; empty: the trigger word.",
+            info="Captions written for you start with this (empty: with the trigger word).",
         )
         caption_overwrite = gr.Checkbox(
             False,
@@ -204,8 +223,7 @@ def _concept_images(examples: list[str]) -> dict:
         headers=CAPTION_HEADERS,
         datatype=["str", "str", "str"],
         interactive=True,
-        label="Captions (leave empty to use the template; bucket: the shape each image "
-        "trains at, at the model's native size)",
+        label="Captions: edit them here",
         column_count=3,
         max_height=260,
         wrap=True,
@@ -234,9 +252,9 @@ def _settings() -> dict[str, gr.components.Component]:
 
     s: dict[str, gr.components.Component] = {}
     with gr.Row():
-        s["name"] = gr.Textbox(d["name"], label="Adapter name", info=info("name"), elem_id="adapter-name")
+        s["name"] = gr.Textbox(d["name"], label="Adapter name", info=HINTS["name"], elem_id="adapter-name")
         s["trigger_word"] = gr.Textbox(
-            TRIGGER_WORD, label="Trigger word", info=info("trigger_word"), elem_id="trigger-word"
+            d["trigger_word"], label="Trigger word", info=HINTS["trigger_word"], elem_id="trigger-word"
         )
     s["caption_template"] = gr.Textbox(
         d["caption_template"], label="Caption template", info=info("caption_template")
@@ -258,11 +276,11 @@ def _settings() -> dict[str, gr.components.Component]:
             elem_id="resolution",
         )
         s["preview_every"] = gr.Number(
-            max(1, d["steps"] // 5),
+            preview_interval(d["steps"]),
             label="Preview every N steps",
             precision=0,
             minimum=0,
-            info="0: no previews",
+            info="follows Steps; 0: no previews",
             elem_id="preview-every",
         )
     with gr.Accordion("More", open=False):
@@ -312,7 +330,9 @@ def _progress() -> dict:
             y="loss",
             label="Loss",
             height=260,
+            y_axis_format=".3f",  # one width from the first step on: the axis kept cutting longer labels
             scale=3,
+            visible=False,  # shown with the first step: an empty chart says nothing
             elem_id="loss-curve",
         )
         previews = gr.Gallery(
@@ -322,6 +342,19 @@ def _progress() -> dict:
 
 
 # -- handlers -------------------------------------------------------------------------------------
+
+
+def preset_in_force(base_model: str, kind: str | None) -> str:
+    """The preset that choosing `kind` gives on this base model: on the demo model, always the Demo preset."""
+    from sdlora.training.presets import preset_for
+
+    return preset_for(base_model, kind if kind in PRESET_KINDS else PRESET_KINDS[-1])
+
+
+def preset_radio(base_model: str) -> dict:
+    """The preset radio's choices and value: only presets that can be in force here, so it shows the one that is."""
+    name = preset_in_force(base_model, None)
+    return {"choices": list(PRESET_KINDS) if name in PRESET_KINDS else [name], "value": name}
 
 
 def preset_fields() -> tuple[str, ...]:
@@ -400,18 +433,29 @@ class TrainHandlers:
 
     @readable_errors
     def load_example(self, example: str):
-        """An example concept folder -> files, thumbnails, captions, a free adapter name and the trigger word."""
+        """An example concept folder -> files, thumbnails, captions and a free adapter name.
+
+        The trigger word stays the page's (TRIGGER_WORD in sdlora.config): one convention for every concept.
+        """
         paths = self.studio.example_files(example)
         images = [p for p in paths if p.suffix.lower() != ".txt"]
-        # The example's folder name is the word its captions teach: it becomes the trigger word.
         name = self.studio.library.unique_name(example)
         return (
             [str(p) for p in paths],
             images,
             caption_table(images, buckets=self.studio.buckets_of(images)),
             name,
-            example,
         )
+
+    @staticmethod
+    def loaded_summary(captions=None) -> str:
+        """How many images the caption table holds and how many have a caption: the file box shows only a few."""
+        typed = captions_from_table(captions)
+        if not typed:
+            return ""
+        written = sum(bool(text.strip()) for text in typed.values())
+        images = f"{len(typed)} image{'s' * (len(typed) != 1)}"
+        return f"**{images} loaded**, {written} with a caption. Edit the captions in the table below."
 
     @readable_errors
     def caption_images(
@@ -443,22 +487,39 @@ class TrainHandlers:
     @readable_errors
     def fill_preset(self, kind: str) -> tuple:
         """The preset for this kind on the server's model -> the preset fields' widgets, preview interval, note."""
-        from sdlora.training.presets import NOTES, preset_for, preset_settings
+        from sdlora.training.presets import NOTES, preset_settings
 
-        name = preset_for(self.studio.base_model, kind)
+        name = self.preset_in_force(kind)
         values = {**fields.train_defaults(), **fields.flat(preset_settings(name))}
         note = f"Preset **{name}**: {NOTES[name]}"
         shown = [list(v) if isinstance(v, tuple) else v for v in (values[n] for n in preset_fields())]
-        return (*shown, max(1, values["steps"] // 5), note)
+        return (*shown, preview_interval(values["steps"]), note)
 
-    def estimate(self, captions=None, **settings) -> str:
-        """Settings by field name (and the caption table: its empty rows are captioning time) -> one line."""
+    def preset_in_force(self, kind: str | None) -> str:
+        """The preset that a choice of `kind` gives on the server's model."""
+        return preset_in_force(self.studio.base_model, kind)
+
+    def preset_choices(self) -> gr.Radio:
+        """The preset radio for the server's model (its model may have changed since the page was built)."""
+        return gr.Radio(**preset_radio(self.studio.base_model))
+
+    def estimate(self, captions=None, preset: str | None = None, **settings) -> str:
+        """Settings by field name (and the caption table: its empty rows are captioning time) -> one line,
+        with a warning when the run is too short to show anything."""
+        from sdlora.training.presets import short_run_warning
+
         uncaptioned = sum(not text.strip() for text in captions_from_table(captions).values())
         try:
             config = train_config(settings, None, self.studio, validate=False)
-            return "Estimate: " + self.studio.estimate(config, uncaptioned).text
+            text = "Estimate: " + self.studio.estimate(config, uncaptioned).text + "."
         except SdloraError as exc:
             return f"No estimate yet: {exc}"
+        warnings = [short_run_warning(self.preset_in_force(preset), config.steps)]
+        if config.preview_every > config.steps:
+            warnings.append(
+                f"Previews every {config.preview_every} steps: none will appear in {config.steps}."
+            )
+        return "\n\n".join([text, *(f"⚠ {w}" for w in warnings if w)])
 
     @readable_errors
     def start(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
@@ -501,6 +562,11 @@ class TrainHandlers:
             gr.Warning("No training run is in progress.")
         return self._outputs()
 
+    def controls(self) -> tuple:
+        """Stop is clickable only while a run goes; the loss chart shows once there is a loss to draw."""
+        _, curve, _ = self._outputs()
+        return gr.Button(interactive=self._active), gr.LinePlot(visible=len(curve) > 0)
+
     @property
     def _active(self) -> bool:
         """A job runs, or the queue holds one that is about to: the stream follows the queue's next job too."""
@@ -538,13 +604,21 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
         "upload_images": w.files.upload(
             h.show_images, w.files, [w.thumbnails, w.captions], api_name="upload_images"
         ),
+        "steps": s["steps"].input(
+            lambda steps: preview_interval(int(steps or 0)),
+            s["steps"],
+            s["preview_every"],
+            api_name="preview_interval",
+            show_progress="hidden",
+            trigger_mode="always_last",
+        ),
         "clear_images": w.files.clear(
             lambda: ([], caption_table([])), None, [w.thumbnails, w.captions], api_name="clear_images"
         ),
         "use_example": w.use_example.click(
             h.load_example,
             w.example,
-            [w.files, w.thumbnails, w.captions, s["name"], s["trigger_word"]],
+            [w.files, w.thumbnails, w.captions, s["name"]],
             api_name="use_example",
         ),
         "caption_images": w.caption_button.click(
@@ -556,14 +630,14 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
         "apply_preset": w.preset.input(h.fill_preset, w.preset, preset_outputs(w), api_name="apply_preset"),
         "estimate": gr.on(
             [
-                s["steps"].input,
+                s["preview_every"].input,
                 s["resolution"].input,
                 s["rank"].input,
                 s["batch_size"].input,
                 w.captions.change,
             ],
             h.estimate,
-            w.captions,
+            [w.captions, w.preset],
             w.estimate,
             inputs_kwargs=s,
             api_name="estimate",
@@ -574,9 +648,28 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
             h.stop, None, w.progress_outputs, api_name="stop", concurrency_limit=None
         ),
     }
+    for loaded in ("use_example", "upload_images"):  # the file box shows a few files: say how many there are
+        events[loaded].success(
+            h.loaded_summary,
+            w.captions,
+            w.caption_summary,
+            api_name=f"{loaded}_summary",
+            show_progress="hidden",
+        )
+    w.status.change(
+        h.controls, None, [w.stop_button, w.curve], api_name="run_controls", show_progress="hidden"
+    )
+    events["steps"].then(
+        h.estimate,
+        [w.captions, w.preset],
+        w.estimate,
+        inputs_kwargs=s,
+        api_name="estimate_after_steps",
+        show_progress="hidden",
+    )
     events["apply_preset"].success(
         h.estimate,
-        w.captions,
+        [w.captions, w.preset],
         w.estimate,
         inputs_kwargs=s,
         api_name="estimate_after_preset",
@@ -591,6 +684,15 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
         w.progress_outputs,
         api_name="watch_training",
         concurrency_limit=None,
+        show_progress="hidden",
+    )
+    # The run measured this machine's speed: the estimate for the same settings now uses it.
+    watched.then(
+        h.estimate,
+        [w.captions, w.preset],
+        w.estimate,
+        inputs_kwargs=s,
+        api_name="estimate_after_run",
         show_progress="hidden",
     )
     return TrainTab(widgets=w, handlers=h, finished=watched, events=events)

@@ -1,0 +1,176 @@
+"""How long a run will take (and how much GPU memory it needs), shown before it starts.
+
+The time comes from this machine whenever it can: every run writes its seconds per step to a
+small JSON file in its output folder (the library), keyed by the settings that decide a step's
+cost; the next estimate for the same model and settings uses it. Without such a record, a
+formula from the model's size gives a rough figure, and the text says which one it used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sdlora.config import TrainConfig
+from sdlora.models.families import DEFAULT
+
+if TYPE_CHECKING:  # models imports torch; the app reads this module before torch is loaded
+    from sdlora.models.loading import ModelInfo
+
+SPEED_FILE = ".speeds.json"  # in the output folder (the app's library), beside the adapters
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    gpu_memory_gb: float | None
+    text: str
+    seconds_per_step: float = 0.0
+    measured: bool = False  # True: from a run on this machine; False: the formula's rough figure
+
+
+# Measured on this project's 2-core CPU: a full SD 1.5 UNet step at 512 px took 19 s; work
+# scales with parameters x latent pixels. Small models are dominated by a fixed cost per
+# step. A GPU is taken as ~80x faster: rough by design, and replaced by a measurement after
+# the first run.
+CPU_SECONDS_PER_PARAM_PIXEL = 19.0 / (860e6 * 64 * 64)
+GPU_SPEEDUP = 80.0
+STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
+
+
+# Activation memory per latent pixel and LoRA parameters per rank are each family's own
+# (Family.activation_gb_per_latent_pixel, lora_parameters_per_rank). Checkpointing keeps about a fifth.
+CHECKPOINTED_FRACTION = 0.2
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
+
+
+def speed_key(config: TrainConfig, device: str) -> str:
+    """The settings that decide what one step costs: the same key, the same seconds per step."""
+    data, lora = config.data, config.lora
+    parts = [
+        Path(config.base_model).name or config.base_model,
+        device.split(":")[0],  # the app's "cuda" and the trainer's "cuda:0" are one machine's GPU
+        f"{data.resolution}px",
+        f"batch {config.batch_size}x{config.gradient_accumulation_steps}",
+        f"rank {lora.rank}",
+        "+".join(sorted(lora.extra_target_modules)) or "attention",
+        "with regularisation" if data.regularization_images else "no regularisation",
+        "checkpointed" if config.gradient_checkpointing else "",
+        config.mixed_precision,
+        config.optimizer,
+    ]
+    return ", ".join(p for p in parts if p)
+
+
+def _speed_records(folder: Path) -> dict:
+    try:
+        records = json.loads((folder / SPEED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or a damaged file: the formula answers until the next run rewrites it
+    return records if isinstance(records, dict) else {}
+
+
+def remember_speed(config: TrainConfig, device: str, seconds_per_step: float, steps: int) -> None:
+    """Record this run's seconds per step in its output folder, for the next estimate on these settings."""
+    from sdlora.library.formats.files import atomic_write_text
+
+    if seconds_per_step <= 0 or steps < 2:
+        return
+    folder = Path(config.output_dir)
+    records = _speed_records(folder)
+    records[speed_key(config, device)] = {
+        "seconds_per_step": round(seconds_per_step, 4),
+        "steps": steps,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    try:
+        atomic_write_text(folder / SPEED_FILE, json.dumps(records, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only library only costs the next estimate its measurement
+
+
+def measured_speed(config: TrainConfig, device: str) -> float | None:
+    """Seconds per step of the last run on this machine with these settings, or None."""
+    record = _speed_records(Path(config.output_dir)).get(speed_key(config, device))
+    try:
+        return float(record["seconds_per_step"]) if record else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def formula_seconds_per_step(config: TrainConfig, unet_parameters: int, device: str) -> float:
+    """A step's seconds from the model's size and the latent pixels it sees: rough, for before any run."""
+    latent_pixels = (config.data.resolution / 8) ** 2
+    images_per_step = config.batch_size * config.gradient_accumulation_steps
+    if config.data.regularization_images:
+        images_per_step *= 2  # as many regularisation images as concept images in every step
+    per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
+    if device.startswith("cuda"):
+        per_step /= GPU_SPEEDUP
+    overhead = STEP_OVERHEAD_SECONDS["cuda" if device.startswith("cuda") else "cpu"]
+    return per_step + overhead * config.gradient_accumulation_steps
+
+
+def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | None) -> float:
+    """Peak GPU memory of a cached run: bf16 UNet, fp32 LoRA with its gradients and optimizer state,
+    and activations; the VAE and text encoders wait on the CPU once their outputs are cached."""
+    family = info.model_family if info is not None else DEFAULT
+    latent_pixels = (config.data.resolution / 8) ** 2
+    activations = family.activation_gb_per_latent_pixel * latent_pixels * config.batch_size
+    if config.gradient_checkpointing:
+        activations *= CHECKPOINTED_FRACTION
+    lora = family.lora_parameters_per_rank * config.lora.rank
+    lora_gb = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
+    return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
+
+
+def captioning_seconds(images: int, seconds_per_image: float, on_gpu: bool, needs_weights: bool) -> float:
+    """Time to caption `images` with a captioner of this speed on this project's CPU; weighted
+    captioners (BLIP, Florence-2) run on the GPU when there is one, the demo captioner never needs it."""
+    return images * seconds_per_image / (GPU_SPEEDUP if on_gpu and needs_weights else 1.0)
+
+
+def estimate_training(
+    config: TrainConfig,
+    unet_parameters: int,
+    info: ModelInfo | None,
+    device: str,
+    captioning: tuple[int, str, float] = (0, "", 0.0),
+) -> Estimate:
+    """The duration (and GPU memory) of a run, shown before it starts; measured speed first, else the formula.
+
+    `captioning` is (uncaptioned images, captioner name, its seconds for them): the time the
+    "Caption images" step adds before training, counted in the total.
+    """
+    measured = measured_speed(config, device)
+    per_step = measured or formula_seconds_per_step(config, unet_parameters, device)
+    uncaptioned, captioner, caption_seconds = captioning
+    seconds = config.steps * per_step + caption_seconds
+    memory = gpu_memory_gb(config, unet_parameters, info) if device.startswith("cuda") else None
+    text = f"about {_duration(seconds)} for {config.steps} steps on {device} at {per_step:.2f} s/step"
+    text += (
+        " (measured in the last run here with these settings)"
+        if measured
+        else " (rough: from the model's size; the first run here measures it)"
+    )
+    if uncaptioned:
+        text += (
+            f", captioning {uncaptioned} image{'s' * (uncaptioned != 1)} with {captioner} included "
+            f"(about {caption_seconds:.0f} s)"
+        )
+    if memory is not None:
+        text += f", about {memory:.1f} GB of GPU memory"
+        if memory > 10 and not config.gradient_checkpointing:
+            text += " (gradient checkpointing would cut it)"
+    if info is not None and info.model_family.named_in_estimate:
+        text += f", {info.model_family.words} at {config.data.resolution} px"
+    return Estimate(seconds, memory, text, per_step, measured is not None)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
