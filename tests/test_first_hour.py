@@ -83,8 +83,16 @@ def handlers(tmp_path):
     def estimate(config, uncaptioned=0):
         return Estimate(config.steps * 0.5, None, f"about {config.steps * 0.5:.0f} s")
 
+    def train_config(values, source="settings", validate=True):
+        values = {**values, "output_dir": str(tmp_path)}
+        return train_config_from(values, base_model=str(DEMO_MODEL), source=source, validate=validate)
+
     studio = SimpleNamespace(
-        base_model=str(DEMO_MODEL), estimate=estimate, run=None, queue_busy=lambda: False
+        base_model=str(DEMO_MODEL),
+        estimate=estimate,
+        train_config=train_config,
+        run=None,
+        queue=SimpleNamespace(pending=lambda: False),
     )
     return TrainHandlers(studio)
 
