@@ -152,7 +152,7 @@ def _train(
     if unet.dtype != frozen_weight_dtype(accelerator):
         unet.to(dtype=frozen_weight_dtype(accelerator))
     unet.to(accelerator.device)
-    add_lora(unet, config.lora)
+    add_lora(unet, config.lora, seed=config.seed)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable, total = parameter_counts(unet)

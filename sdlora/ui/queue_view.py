@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.jobs.queue import QueueRow
+from sdlora.ui import serving
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import _duration
 from sdlora.ui.studio import Studio
@@ -69,9 +70,13 @@ def build(studio: Studio, add_inputs: list, settings: dict, add: Callable[..., o
 
     @readable_errors
     def queue_add(
-        files: list[str] | None = None, captions=None, config: dict | None = None, **values
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        request: gr.Request = None,
+        **values,
     ) -> pd.DataFrame:
-        add(files, captions, config, **values)
+        add(files, captions, config, client=serving.client_of(request), **values)
         return queue_list()
 
     @readable_errors

@@ -18,7 +18,7 @@ import pandas as pd
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
-from sdlora.ui import fields, queue_view
+from sdlora.ui import fields, queue_view, serving
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -460,15 +460,27 @@ class TrainHandlers:
             return f"No estimate yet: {exc}"
 
     @readable_errors
-    def start(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
+    def start(
+        self,
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        request: gr.Request = None,
+        **settings,
+    ):
         """Queue a job on the uploaded files (it starts at once when the queue is idle); returns the first view."""
-        self.queue_job(files, captions, config, **settings)
+        self.queue_job(files, captions, config, client=serving.client_of(request), **settings)
         return self._outputs()
 
     def queue_job(
-        self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings
+        self,
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        client: str = "",
+        **settings,
     ):
-        """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
+        """Add a training job on the uploaded files (or a settings object's server folder) to the queue, for `client`."""
         run_config = train_config(settings, config, self.studio.base_model)
         files = list(files or [])
         if not files and config and run_config.data.images:
@@ -476,7 +488,7 @@ class TrainHandlers:
         if not files:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
         run_config = run_config.replace(data=dataclasses.replace(run_config.data, images="(uploaded)"))
-        return self.studio.start_training(run_config, files, captions_from_table(captions))
+        return self.studio.start_training(run_config, files, captions_from_table(captions), client)
 
     async def watch(self):
         """Stream the server's run until it ends; awaits between polls, so an open page holds no thread."""
