@@ -139,8 +139,11 @@ def _check_number(name: str, value: Any, bounds: tuple[float, float], whole: boo
     low, high = bounds
     kind = "a whole number" if whole else "a number"
     number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
-    if not (number and math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{name} must be {kind} from {_number(low)} to {_number(high)}, got {value!r}")
+    # An int is always finite (and math.isfinite cannot take one beyond a float's range).
+    if not (number and (isinstance(value, int) or math.isfinite(value)) and low <= value <= high):
+        raise ConfigError(
+            f"{name} must be {kind} from {_number(low)} to {_number(high)}, got {_shown_value(value)}"
+        )
 
 
 def _number(value: float) -> str:
@@ -387,7 +390,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     """Check a value from a file against its default's type; ints are accepted for floats."""
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {_shown_value(value)}")
         return tuple(value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -395,12 +398,19 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        # An int beyond a float's range stays an int: the field's bounds then refuse it by name.
+        value = float(value) if ok and abs(value) < 2**1023 else value
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {_shown_value(value)}")
     return value
+
+
+def _shown_value(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def field_help(cls: type) -> dict[str, dict[str, Any]]:

@@ -282,6 +282,8 @@ def test_a_failed_base_switch_keeps_generating_with_the_old_model(tiny_model, tm
         ({"preview_seeds": [2**70]}, "preview_seeds"),
         ({"learning_rate": 1e308}, "learning_rate"),
         ({"learning_rate": math.inf}, "learning_rate"),
+        ({"learning_rate": 10**400}, "learning_rate"),  # beyond a float: refused, not an OverflowError
+        ({"steps": "9" * 100_000}, "steps"),
         ({"max_grad_norm": -1.0}, "max_grad_norm"),
         ({"lora": {"alpha": math.nan}}, "alpha"),
         ({"prior_loss_weight": math.nan}, "prior_loss_weight"),
