@@ -42,7 +42,7 @@ PROGRESS_WRITE_SECONDS = 10.0
 # newest), and a client can line up only so many jobs, each holding its own copy of its images.
 HISTORY_KEPT = 20
 MAX_PENDING_JOBS = 20
-MAX_PENDING_PER_CLIENT = 3
+MAX_PENDING_PER_CLIENT = 5
 
 
 @dataclass(frozen=True)

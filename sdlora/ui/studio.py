@@ -287,11 +287,11 @@ class Studio:
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         config = self._resolved(config)
         config.validate()
+        if config.data.regularization_images:
+            self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
         # The same cap as the run's own, checked now rather than after the job waited its turn.
         side, native = config.data.resolution, self.generator().model_info.resolution
         check_image_size(side, side, native, "training resolution")
-        if config.data.regularization_images:
-            self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
         load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
         staging = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
