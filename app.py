@@ -32,7 +32,7 @@ import gradio as gr  # noqa: E402
 
 from sdlora.assets import DEMO_MODEL, EXAMPLE_CONCEPTS  # noqa: E402
 from sdlora.config import TrainConfig  # noqa: E402
-from sdlora.ui import generate_tab, library_tab, settings_tab, train_tab  # noqa: E402
+from sdlora.ui import generate_tab, library_tab, serving, settings_tab, train_tab  # noqa: E402
 from sdlora.ui.access import Access  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
@@ -164,7 +164,8 @@ def launch(
         auth=auth,
         prevent_thread_lock=True,
         max_threads=MAX_JOBS,
-        allowed_paths=[str(studio.adapters_dir), str(studio.concepts_dir), str(studio.work_dir)],
+        allowed_paths=serving.allowed_paths(studio),
+        blocked_paths=serving.blocked_paths(studio),
         max_file_size=MAX_UPLOAD,
         show_error=False,
         quiet=True,
@@ -181,6 +182,7 @@ def launch(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     studio = Studio(args.base_model, args.adapters_dir, args.concepts_dir, access=access_for(args))
+    serving.remove_work_folder_on_sigterm(studio)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     launch(studio, args.host, args.port, args.share, auth)
 

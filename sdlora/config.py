@@ -43,6 +43,15 @@ MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's CFG slider; far beyond it imag
 # a CPU). The pixel cap bounds any model, SDXL included: 4 MP is (2 x 1024)^2.
 MAX_SIDE_FACTOR = 2
 MAX_PIXELS = 2048 * 2048
+# Prompts: CLIP reads 77 tokens and T5 at most 512; a token is about four characters of English, so
+# 3000 characters hold the longest prompt any supported encoder reads plus <lora:...> tags. A longer
+# one is only cut off by the tokenizer, after it has cost every other user's request its time.
+MAX_PROMPT_CHARS = 3000
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+MAX_PREVIEWS = 16  # preview prompts, and seeds: each pair is an image drawn at every preview step
+# Bidirectional controls reorder what a name shows: "\u202egnp.exe" displays as "exe.png".
+BIDI_CONTROLS = re.compile("[\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]")
+TARGET_MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def check_adapter_name(name: str, what: str = "adapter name") -> None:
@@ -54,11 +63,11 @@ def check_adapter_name(name: str, what: str = "adapter name") -> None:
         raise ConfigError(
             f"{what} {shown} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed"
         )
-    bad = ILLEGAL_NAME_CHARS.search(name)
+    bad = ILLEGAL_NAME_CHARS.search(name) or BIDI_CONTROLS.search(name)
     if bad:
         raise ConfigError(
             f"{what} {shown} must be a plain file name: it contains {bad.group()!r} "
-            '(no / \\ : * ? " < > | or control characters)'
+            '(no / \\ : * ? " < > |, control or text-direction characters)'
         )
     if name.startswith(".") or name.startswith(" ") or name.endswith((".", " ")):
         raise ConfigError(
@@ -86,9 +95,24 @@ def check_image_size(width: int, height: int, native: int | None, what: str = "i
         )
 
 
-def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    """A field with its help text; `dataclasses.MISSING` as the default makes it required."""
+def _opt(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    bounds: tuple[float, float] | None = None,
+    max_items: int | None = None,
+    max_chars: int | None = None,
+) -> Any:
+    """A field with its help text and limits; `dataclasses.MISSING` as the default makes it required.
+
+    `bounds` (inclusive) hold for a number and for every number of a list; `max_items` caps a
+    list's length and `max_chars` each text. `check_fields` enforces them all.
+    """
     meta = {"help": help, "flag": flag, "choices": choices}
+    meta.update(
+        {k: v for k, v in (("bounds", bounds), ("max_items", max_items), ("max_chars", max_chars)) if v}
+    )
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     if isinstance(default, (list, dict, tuple)):
@@ -107,20 +131,57 @@ def preview_interval(steps: int) -> int:
     return max(1, steps // PREVIEWS_PER_RUN)
 
 
+def check_fields(settings: Any) -> None:
+    """Refuse, in one line naming the field, a value outside its field's bounds, NaN or infinity, or an oversize text or list."""
+    for f in dataclasses.fields(settings):
+        value, meta = getattr(settings, f.name), f.metadata
+        items = value if isinstance(value, tuple) else (value,)
+        if "max_items" in meta and len(items) > meta["max_items"]:
+            raise ConfigError(f"{f.name} has {len(items)} entries; at most {meta['max_items']} are allowed")
+        for item in items:
+            if "max_chars" in meta and isinstance(item, str) and len(item) > meta["max_chars"]:
+                raise ConfigError(
+                    f"{f.name} is {len(item):,} characters long; at most {meta['max_chars']:,} are read"
+                )
+            if "bounds" in meta:
+                _check_number(f.name, item, meta["bounds"], whole="int" in str(f.type))
+
+
+def _check_number(name: str, value: Any, bounds: tuple[float, float], whole: bool) -> None:
+    low, high = bounds
+    kind = "a whole number" if whole else "a number"
+    number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+    # An int is always finite (and math.isfinite cannot take one beyond a float's range).
+    if not (number and (isinstance(value, int) or math.isfinite(value)) and low <= value <= high):
+        raise ConfigError(
+            f"{name} must be {kind} from {_number(low)} to {_number(high)}, got {_shown_value(value)}"
+        )
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """Shape of the adapter: which layers it adapts and how strongly."""
 
-    rank: int = _opt(8, "LoRA rank r: size of the low-rank update (4-32 is typical).")
-    alpha: float = _opt(8.0, "LoRA alpha: the update is scaled by alpha/rank.")
-    dropout: float = _opt(0.0, "Dropout on the LoRA input during training.")
+    rank: int = _opt(8, "LoRA rank r: size of the low-rank update (4-32 is typical).", bounds=(1, 1024))
+    alpha: float = _opt(8.0, "LoRA alpha: the update is scaled by alpha/rank.", bounds=(1e-3, 4096))
+    dropout: float = _opt(0.0, "Dropout on the LoRA input during training.", bounds=(0, 0.99))
     target_modules: tuple[str, ...] = _opt(
-        ATTENTION_PROJECTIONS, "UNet modules to adapt (name suffixes).", flag="--targets"
+        ATTENTION_PROJECTIONS,
+        "UNet modules to adapt (name suffixes).",
+        flag="--targets",
+        max_items=64,
+        max_chars=100,
     )
     extra_target_modules: tuple[str, ...] = _opt(
         (),
         "More UNet modules to adapt besides the attention projections, e.g. ff.net.2 proj_in.",
         flag="--extra-targets",
+        max_items=64,
+        max_chars=100,
     )
 
     @property
@@ -133,14 +194,15 @@ class LoraSpec:
         return tuple(dict.fromkeys(self.target_modules + self.extra_target_modules))
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_fields(self)
         if not self.all_target_modules:
             raise ConfigError("at least one target module is needed")
+        for module in self.all_target_modules:
+            # peft would read "*" or a pattern as a regex over every layer: a module name is dotted words.
+            if not isinstance(module, str) or not TARGET_MODULE.fullmatch(module):
+                raise ConfigError(
+                    f"target module {module!r} is not a module name suffix such as to_q or ff.net.2"
+                )
 
 
 @dataclass(frozen=True)
@@ -153,11 +215,17 @@ class DataConfig:
         "Word that calls up the concept in prompts; put in front of every caption that lacks it "
         "(empty: none).",
         flag="--trigger",
+        max_chars=200,
     )
     caption_template: str = _opt(
-        "{trigger}", "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
+        "{trigger}",
+        "Caption for images without a .txt file; {trigger} is replaced by the trigger word.",
+        max_chars=MAX_PROMPT_CHARS,
     )
-    resolution: int = _opt(512, "Training resolution in pixels: images train at about resolution² pixels.")
+    resolution: int = _opt(
+        512,
+        "Training resolution in pixels: images train at about resolution² pixels.",
+    )
     buckets: bool = _opt(
         True,
         "Keep each image's aspect ratio: train it in the bucket of about resolution² "
@@ -176,6 +244,7 @@ class DataConfig:
     def validate(self) -> None:
         if not self.images:
             raise ConfigError("no concept images given: pass --images DIR")
+        check_fields(self)
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         check_image_size(self.resolution, self.resolution, None, "training resolution")
@@ -196,11 +265,13 @@ class TrainConfig:
     name: str = _opt("my-lora", "Adapter name; the file is <output>/<name>.safetensors.")
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    steps: int = _opt(1000, "Optimizer steps to train.")
-    batch_size: int = _opt(1, "Images per step on each device.")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches summed into one optimizer step.")
+    steps: int = _opt(1000, "Optimizer steps to train.", bounds=(1, 100_000))
+    batch_size: int = _opt(1, "Images per step on each device.", bounds=(1, 64))
+    gradient_accumulation_steps: int = _opt(
+        1, "Micro-batches summed into one optimizer step.", bounds=(1, 256)
+    )
     learning_rate: float = _opt(
-        1e-4, "Peak learning rate (Prodigy finds its own: use 1.0 with it).", flag="--lr"
+        1e-4, "Peak learning rate (Prodigy finds its own: use 1.0 with it).", flag="--lr", bounds=(1e-8, 10)
     )
     optimizer: str = _opt(
         "adamw",
@@ -210,9 +281,9 @@ class TrainConfig:
         choices=OPTIMIZER_CHOICES,
     )
     lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup.", choices=LR_SCHEDULE_CHOICES)
-    warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.")
-    weight_decay: float = _opt(1e-2, "Weight decay on the LoRA weights.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    warmup_steps: int = _opt(0, "Steps of linear learning-rate warmup.", bounds=(0, 100_000))
+    weight_decay: float = _opt(1e-2, "Weight decay on the LoRA weights.", bounds=(0, 10))
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).", bounds=(0, 1e4))
     mixed_precision: str = _opt(
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
     )
@@ -221,23 +292,44 @@ class TrainConfig:
         0,
         "torch threads when training on a CPU; 0: torch's count (every core). Set 1 "
         "when other work shares the CPU: idle threads then spin and slow every step.",
+        bounds=(0, 1024),
     )
-    seed: int = _opt(42, "Seed of noise, timesteps and image order: same seed, same adapter.")
-    min_snr_gamma: float = _opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).")
+    seed: int = _opt(
+        42, "Seed of noise, timesteps and image order: same seed, same adapter.", bounds=(0, MAX_SEED)
+    )
+    min_snr_gamma: float = _opt(
+        0.0, "Min-SNR loss weighting gamma (5 is common; 0 disables).", bounds=(0, 1000)
+    )
     prior_loss_weight: float = _opt(
-        1.0, "Weight of the regularisation images' loss against the concept's (used only with --reg-images)."
+        1.0,
+        "Weight of the regularisation images' loss against the concept's (used only with --reg-images).",
+        bounds=(0, 100),
     )
     noise_offset: float = _opt(
-        0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables)."
+        0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).", bounds=(0, 1)
     )
-    checkpoint_every: int = _opt(0, "Save a resumable checkpoint every N steps (0: only at the end).")
-    checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.")
+    checkpoint_every: int = _opt(
+        0, "Save a resumable checkpoint every N steps (0: only at the end).", bounds=(0, 100_000)
+    )
+    checkpoints_to_keep: int = _opt(2, "How many of the newest checkpoints to keep.", bounds=(1, 1000))
     preview_every: int = _opt(
-        0, "Render preview images every N steps (0 disables; the app starts at preview_interval(steps))."
+        0,
+        "Render preview images every N steps (0 disables; the app starts at preview_interval(steps)).",
+        bounds=(0, 100_000),
     )
-    preview_prompts: tuple[str, ...] = _opt((), "Prompts for previews; default: the first image's caption.")
-    preview_seeds: tuple[int, ...] = _opt((1, 2), "Fixed seeds for previews, so images are comparable.")
-    preview_inference_steps: int = _opt(20, "Denoising steps per preview image.")
+    preview_prompts: tuple[str, ...] = _opt(
+        (),
+        "Prompts for previews; default: the first image's caption.",
+        max_items=MAX_PREVIEWS,
+        max_chars=MAX_PROMPT_CHARS,
+    )
+    preview_seeds: tuple[int, ...] = _opt(
+        (1, 2),
+        "Fixed seeds for previews, so images are comparable.",
+        bounds=(0, MAX_SEED),
+        max_items=MAX_PREVIEWS,
+    )
+    preview_inference_steps: int = _opt(20, "Denoising steps per preview image.", bounds=(1, 200))
     final_preview: bool = _opt(True, "Render <name>.preview.png beside the adapter when training ends.")
 
     def validate(self) -> None:
@@ -245,24 +337,7 @@ class TrainConfig:
         if not self.base_model:
             raise ConfigError("no base model given: pass --base-model (hub id, folder or .safetensors)")
         check_adapter_name(self.name)
-        for attr in ("steps", "batch_size", "gradient_accumulation_steps", "preview_inference_steps"):
-            if getattr(self, attr) < 1:
-                raise ConfigError(f"{attr} must be at least 1, got {getattr(self, attr)}")
-        for attr in (
-            "warmup_steps",
-            "checkpoint_every",
-            "preview_every",
-            "min_snr_gamma",
-            "noise_offset",
-            "cpu_threads",
-            "prior_loss_weight",
-        ):
-            if getattr(self, attr) < 0:
-                raise ConfigError(f"{attr} must not be negative, got {getattr(self, attr)}")
-        if self.checkpoints_to_keep < 1:
-            raise ConfigError("checkpoints_to_keep must be at least 1")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        check_fields(self)
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}")
         if self.optimizer not in OPTIMIZER_CHOICES:
@@ -397,7 +472,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     """Check a value from a file against its default's type; ints are accepted for floats."""
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {_shown_value(value)}")
         return tuple(value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -405,12 +480,19 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        # An int beyond a float's range stays an int: the field's bounds then refuse it by name.
+        value = float(value) if ok and abs(value) < 2**1023 else value
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {_shown_value(value)}")
     return value
+
+
+def _shown_value(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def field_help(cls: type) -> dict[str, dict[str, Any]]:
@@ -449,35 +531,38 @@ class AdapterWeight:
 class GenerateConfig:
     """What to draw. Sizes of 0 mean the base model's native resolution; seed -1 picks one at random."""
 
-    prompt: str = _opt(dataclasses.MISSING, "The prompt; <lora:name:weight> tags also work.")
-    negative_prompt: str = _opt("", "What the image should not show.")
-    seed: int = _opt(-1, "Seed of the first image (the next ones use seed+1, ...); -1 picks one at random.")
-    steps: int = _opt(20, "Denoising steps per image.")
-    guidance: float = _opt(7.5, "Classifier-free guidance scale: how closely the image follows the prompt.")
-    width: int = _opt(0, "Image width in pixels, a multiple of 8; 0: the model's native size.")
-    height: int = _opt(0, "Image height in pixels, a multiple of 8; 0: the model's native size.")
+    prompt: str = _opt(
+        dataclasses.MISSING, "The prompt; <lora:name:weight> tags also work.", max_chars=MAX_PROMPT_CHARS
+    )
+    negative_prompt: str = _opt("", "What the image should not show.", max_chars=MAX_PROMPT_CHARS)
+    seed: int = _opt(
+        -1,
+        "Seed of the first image (the next ones use seed+1, ...); -1 picks one at random.",
+        bounds=(-1, MAX_SEED - 16),  # room for seed+1, ... of the largest count
+    )
+    steps: int = _opt(20, "Denoising steps per image.", bounds=(1, 200))
+    guidance: float = _opt(
+        7.5,
+        "Classifier-free guidance scale: how closely the image follows the prompt.",
+        bounds=(0, MAX_GUIDANCE),
+    )
+    width: int = _opt(
+        0, "Image width in pixels, a multiple of 8; 0: the model's native size.", bounds=(0, MAX_PIXELS // 8)
+    )
+    height: int = _opt(
+        0, "Image height in pixels, a multiple of 8; 0: the model's native size.", bounds=(0, MAX_PIXELS // 8)
+    )
     scheduler: str = _opt("Euler a", "Sampler.", choices=SCHEDULERS)
     adapters: tuple[AdapterWeight, ...] = _opt(
         (), "Library adapters, each at its weight (negative allowed).", flag="--lora"
     )
-    count: int = _opt(1, "How many images, at seeds seed, seed+1, ...")
+    count: int = _opt(1, "How many images, at seeds seed, seed+1, ...", bounds=(1, 16))
 
     def validate(self, native_resolution: int | None = None) -> None:
         """Raise ConfigError for the first bad setting; sizes are checked against the native side when given."""
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if not 1 <= self.steps <= 200:
-            raise ConfigError(f"steps must be between 1 and 200, got {self.steps}")
-        if not 1 <= self.count <= 16:
-            raise ConfigError(f"count must be between 1 and 16, got {self.count}")
-        if (
-            isinstance(self.guidance, bool)
-            or not isinstance(self.guidance, (int, float))
-            or not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE)
-        ):
-            raise ConfigError(
-                f"guidance must be a number between 0 and {MAX_GUIDANCE:g}, got {self.guidance!r}"
-            )
+        check_fields(self)
         for side in (self.width, self.height):
             if side and (side < 8 or side % 8):
                 raise ConfigError(f"width and height must be multiples of 8, got {side}")

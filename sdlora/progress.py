@@ -40,7 +40,7 @@ class ConsoleProgress:
         elif isinstance(event, Preview):
             tqdm.write(f"preview at step {event.step}: {event.path}")
         elif isinstance(event, Failed):
-            tqdm.write(f"failed at step {event.step}: {event.message}")
+            self.close()  # the error itself is raised to the caller, who prints it once
         elif isinstance(event, Finished):
             self.close()
             if event.message:

@@ -37,11 +37,11 @@ def test_bad_values_fail_loudly(values, message):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"steps": 0}, "steps must be a whole number from 1 to"),
         ({"name": "../x"}, "plain file name"),
         ({"base_model": ""}, "no base model"),
-        ({"learning_rate": 0.0}, "learning rate must be positive"),
-        ({"lora": LoraSpec(rank=0)}, "rank must be at least 1"),
+        ({"learning_rate": 0.0}, "learning_rate must be a number from 1e-08 to 10, got 0.0"),
+        ({"lora": LoraSpec(rank=0)}, "rank must be a whole number from 1 to"),
         ({"data": DataConfig(images="d", resolution=30)}, "multiple of 8"),
         ({"data": DataConfig(images="")}, "no concept images"),
     ],

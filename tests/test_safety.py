@@ -225,7 +225,9 @@ def test_wrong_shape_file_copied_into_the_library_is_one_line_in_the_cli(tmp_pat
     )
     assert code == 2 and err.count("\n") == 1 and "odd.safetensors" in err and "Traceback" not in err
     code, out, err = cli(capsys, "adapters", "list", "--adapters-dir", str(lib))
-    assert code == 0 and "Traceback" not in err and "scalar" in out
+    # Both files are damaged: each is listed with a note saying why, never as a usable adapter.
+    assert code == 0 and "Traceback" not in err and "scalar" not in out
+    assert "damaged: scalar.safetensors" in err and "damaged: odd.safetensors" in err
 
 
 # 3. Generation values ---------------------------------------------------------------------------------

@@ -207,4 +207,5 @@ def test_user_metadata_is_written_into_the_header(library, trained_adapter):
 
 def test_safe_name():
     assert safe_name("my lora.safetensors") == "my lora"
-    assert safe_name("../../x") == "x"
+    with pytest.raises(SdloraError, match="plain file name"):
+        safe_name("../../x")  # refused, never mapped to another adapter's name

@@ -107,10 +107,15 @@ class Batcher:
     def _draw(self, requests: list[_Request]) -> None:
         try:
             results = self.generator.generate_batch([r.config for r in requests])
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller, who raises it
-            for request in requests:
-                request.error = exc
-                request.done.set()
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, who raises it
+            if len(requests) > 1:
+                # One request's failure is its own (a damaged adapter file, say): draw each alone, so
+                # the others get their images and only the one that caused it gets the error.
+                for request in requests:
+                    self._draw([request])
+                return
+            requests[0].error = exc
+            requests[0].done.set()
             return
         for request, images in zip(requests, results, strict=True):
             request.images = images

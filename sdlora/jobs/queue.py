@@ -32,7 +32,16 @@ STATES = ("queued", "running", "done", "failed", "cancelled", "stopped")
 PENDING = ("queued", "running")
 RETRYABLE = ("failed", "cancelled", "stopped")
 CHECKPOINTS_PER_JOB = 10  # a job that asks for no checkpoints gets this many, so a killed server loses little
-PROGRESS_EVERY_SECONDS = 1.0  # how often a running job writes its step to the file (and reads a stop request)
+STOP_CHECK_SECONDS = 1.0  # how often a running job reads the file for a stop request from another process
+# How often a running job writes its step and speed: only the queue table's ETA reads them, and each
+# write makes every open page re-read the file, so they are written now and then, without fsync
+# (a crash loses at most this much of the shown step; the checkpoints hold the real progress).
+PROGRESS_WRITE_SECONDS = 10.0
+# The file every open page reads each second stays small: at most this many ended jobs are kept (the
+# newest), and a client can line up only so many jobs, each holding its own copy of its images.
+HISTORY_KEPT = 20
+MAX_PENDING_JOBS = 20
+MAX_PENDING_PER_CLIENT = 5
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Job:
     trained: bool = False  # it got as far as training once: its checkpoints are its own, to resume from
     resumed_from: int = 0  # the checkpoint step the last run continued from (0: started fresh)
     stop_requested: bool = False  # set by `queue cancel` on a running job in another process
+    client: str = ""  # who queued it (a user name or an address; '' from the command line), for the caps
 
     def train_config(self) -> TrainConfig:
         """The job's settings, read back strictly (they were checked when the job was queued)."""
@@ -79,6 +89,9 @@ class JobQueue:
         self.adapters_dir = Path(adapters_dir).resolve()
         self.folder = self.adapters_dir / QUEUE_FOLDER
         self.path = self.folder / "queue.json"
+        self._cache: tuple[tuple, dict] | None = (
+            None  # (the file's identity, its state): unchanged, not re-parsed
+        )
 
     # -- reading and writing ---------------------------------------------------------------------
 
@@ -93,43 +106,54 @@ class JobQueue:
         raise ConfigError(f"there is no job {job_id!r} in the queue {self.path}")
 
     def _read(self) -> dict:
+        # Every open page asks for the rows each second: a file that has not changed is not parsed again.
         try:
+            stat = self.path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            cached = self._cache
+            if cached is not None and cached[0] == identity:
+                return {"next_id": cached[1]["next_id"], "jobs": list(cached[1]["jobs"])}
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {"next_id": 1, "jobs": []}
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"the queue file {self.path} cannot be read: {exc}") from None
-        return {"next_id": raw["next_id"], "jobs": [Job(**job) for job in raw["jobs"]]}
+        state = {"next_id": raw["next_id"], "jobs": [Job(**job) for job in raw["jobs"]]}
+        self._cache = (identity, state)
+        return {"next_id": state["next_id"], "jobs": list(state["jobs"])}
 
     @contextmanager
-    def _changing(self) -> Iterator[dict]:
-        """Hold the lock, hand out the current state, write it back atomically if the block succeeds."""
+    def _changing(self, durable: bool = True) -> Iterator[dict]:
+        """Hold the lock, hand out the current state, write it back atomically if the block changed it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "queue.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 state = self._read()
+                before = (state["next_id"], list(state["jobs"]))
                 yield state
-                self._write(state)
+                if (state["next_id"], state["jobs"]) != before:
+                    self._write(state, durable)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _write(self, state: dict) -> None:
+    def _write(self, state: dict, durable: bool = True) -> None:
         text = json.dumps(
-            {"next_id": state["next_id"], "jobs": [dataclasses.asdict(j) for j in state["jobs"]]}, indent=2
+            {"next_id": state["next_id"], "jobs": [dataclasses.asdict(j) for j in state["jobs"]]}, indent=1
         )
-        atomic_write_text(self.path, text + "\n")
+        atomic_write_text(self.path, text + "\n", durable)
 
-    def _update(self, job_id: str, **changes) -> Job:
-        with self._changing() as state:
+    def _update(self, job_id: str, durable: bool = True, **changes) -> Job:
+        with self._changing(durable) as state:
             index = _index(state["jobs"], job_id, self.path)
             state["jobs"][index] = job = dataclasses.replace(state["jobs"][index], **changes)
         return job
 
     # -- what users do ---------------------------------------------------------------------------
 
-    def add(self, config: TrainConfig) -> Job:
-        """Queue a job on a checked config (sdlora.settings.train_config_from): copy its images in, put it last."""
+    def add(self, config: TrainConfig, client: str = "") -> Job:
+        """Queue a job on a checked config (sdlora.settings.train_config_from) within the caps: copy its
+        images in, put it last."""
         # A job may run in another process with another working folder: local paths are made absolute.
         config = config.replace(
             output_dir=str(self.adapters_dir),
@@ -145,6 +169,7 @@ class JobQueue:
             raise ConceptImagesError(f"the concept images folder {source} does not exist")
         with self._changing() as state:
             self._refuse_taken_name(config.name, state["jobs"])
+            _refuse_over_cap(state["jobs"], client)
             job_id = str(state["next_id"])
             images = self.folder / job_id / "images"
             shutil.rmtree(images.parent, ignore_errors=True)
@@ -157,10 +182,18 @@ class JobQueue:
                 images=str(images),
                 created=time.time(),
                 total_steps=config.steps,
+                client=client,
             )
             state["next_id"] += 1
             state["jobs"].append(job)
+            forgotten = _trim_history(state["jobs"])
+        for old in forgotten:
+            shutil.rmtree(Path(old.images).parent, ignore_errors=True)
         return job
+
+    def reserved_names(self) -> set[str]:
+        """Names of the adapters that queued and running jobs will write: taken from the moment they are queued."""
+        return {job.name for job in self.jobs() if job.state in PENDING}
 
     def _refuse_taken_name(self, name: str, jobs: list[Job]) -> None:
         if (self.adapters_dir / f"{name}.safetensors").exists():
@@ -274,11 +307,18 @@ class JobQueue:
 
     def end(self, job_id: str, job_state: str, message: str) -> Job:
         """Record how a job ended; a finished job's image copy goes (a stopped or failed one may be retried)."""
-        job = self._update(
-            job_id, state=job_state, message=message, finished=time.time(), stop_requested=False
-        )
-        if job_state == "done":
-            shutil.rmtree(Path(job.images).parent, ignore_errors=True)
+        with self._changing() as state:
+            index = _index(state["jobs"], job_id, self.path)
+            state["jobs"][index] = job = dataclasses.replace(
+                state["jobs"][index],
+                state=job_state,
+                message=message,
+                finished=time.time(),
+                stop_requested=False,
+            )
+            forgotten = _trim_history(state["jobs"])
+        for old in ([job] if job_state == "done" else []) + forgotten:
+            shutil.rmtree(Path(old.images).parent, ignore_errors=True)
         return job
 
 
@@ -395,21 +435,28 @@ class QueueWorker:
 
 @dataclass
 class _ProgressWriter:
-    """Writes a running job's step and speed to the file now and then, and reads a stop request back."""
+    """Reads a stop request from the file each second; writes the running job's step and speed now and then."""
 
     queue: JobQueue
     job: Job
     stop: StopFlag
-    _last: float = field(default=0.0)
+    _checked: float = field(default=0.0)
+    _written: float = field(default=0.0)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Started):
+            self._written = time.monotonic()
             self.queue._update(
                 self.job.id, trained=True, resumed_from=event.start_step, step=event.start_step
             )
-        elif isinstance(event, Step) and time.monotonic() - self._last >= PROGRESS_EVERY_SECONDS:
-            self._last = time.monotonic()
-            job = self.queue._update(self.job.id, step=event.step, seconds_per_step=event.seconds_per_step)
+        elif isinstance(event, Step) and time.monotonic() - self._checked >= STOP_CHECK_SECONDS:
+            self._checked = now = time.monotonic()
+            if now - self._written >= PROGRESS_WRITE_SECONDS:
+                self._written = now
+                changes = {"step": event.step, "seconds_per_step": event.seconds_per_step}
+                job = self.queue._update(self.job.id, durable=False, **changes)
+            else:
+                job = self.queue.job(self.job.id)  # a read: unchanged files are not even parsed
             if job.stop_requested:
                 self.stop.request()
         elif isinstance(event, Finished):
@@ -421,6 +468,29 @@ def _index(jobs: list[Job], job_id: str, path: Path) -> int:
         if job.id == str(job_id).strip():
             return i
     raise ConfigError(f"there is no job {job_id!r} in the queue {path}")
+
+
+def _refuse_over_cap(jobs: list[Job], client: str) -> None:
+    pending = [job for job in jobs if job.state in PENDING]
+    if len(pending) >= MAX_PENDING_JOBS:
+        raise ConfigError(
+            f"the queue already holds {len(pending)} jobs, its most; add this one when one has ended"
+        )
+    mine = [job for job in pending if job.client == client]
+    if client and len(mine) >= MAX_PENDING_PER_CLIENT:
+        raise ConfigError(
+            f"you already have {len(mine)} jobs queued or running, the most one user may; "
+            "add this one when one of them has ended"
+        )
+
+
+def _trim_history(jobs: list[Job]) -> list[Job]:
+    """Drop all but the newest HISTORY_KEPT ended jobs from the list (in place); returns the dropped ones."""
+    ended = sorted((j for j in jobs if j.state not in PENDING), key=lambda j: j.finished, reverse=True)
+    dropped = ended[HISTORY_KEPT:]
+    for job in dropped:
+        jobs.remove(job)
+    return dropped
 
 
 def _absolute(path: str) -> str:

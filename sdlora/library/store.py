@@ -88,15 +88,23 @@ class Listing:
 
 
 def safe_name(wanted: str) -> str:
-    """A plain file name from user text (separators become '-', the suffix goes), checked by the one name rule."""
-    name = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "-", str(wanted)).strip().strip(".- ")
+    """The adapter name in `wanted` (a trailing .safetensors goes), checked by the one name rule, never altered."""
+    name = str(wanted)
     if name.lower().endswith(SUFFIX):
         name = name[: -len(SUFFIX)]
-    name = re.sub(r"\s+", " ", name).rstrip(".- ")
-    if not name:
-        raise SdloraError(f"{_shown(wanted)} cannot be used as an adapter name")
     check_adapter_name(name)
     return name
+
+
+def name_from_file(file_name: str) -> str:
+    """A name for a file imported without one: its name with separators and invisible characters as '-'."""
+    name = re.sub(r"[\\/:*?\"<>|\x00-\x1f\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]+", "-", file_name)
+    if name.lower().endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    name = re.sub(r"\s+", " ", name).strip(".- ")
+    if not name:
+        raise SdloraError(f"{_shown(file_name)} cannot be used as an adapter name; give one")
+    return safe_name(name)
 
 
 def _shown(text: str) -> str:
@@ -114,6 +122,7 @@ class AdapterLibrary:
         self.root = Path(root)
         self.reference = reference
         self.removed_leftovers = remove_leftovers(self.root)
+        self._checked: dict[str, tuple[tuple, str]] = {}  # file name -> (its identity, why it is unusable)
 
     def path_of(self, name: str) -> Path:
         path = self.root / f"{safe_name(name)}{SUFFIX}"
@@ -127,10 +136,26 @@ class AdapterLibrary:
             return listing
         for path in sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.name.lower()):
             try:
+                self._check_whole(path)
                 listing.adapters.append(self._info(path))
             except SdloraError as exc:
                 listing.problems.append(str(exc))
         return listing
+
+    def _check_whole(self, path: Path) -> None:
+        """Read the whole file once (again only when it changes): a damaged one is listed with its reason."""
+        stat = path.stat()
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size, id(self.reference))
+        known = self._checked.get(path.name)
+        if known is None or known[0] != identity:
+            try:
+                read_adapter(path, self.reference)
+                known = (identity, "")
+            except SdloraError as exc:
+                known = (identity, str(exc))
+            self._checked[path.name] = known
+        if known[1]:
+            raise AdapterFormatError(known[1])
 
     def get(self, name: str) -> AdapterInfo:
         path = self.path_of(name)
@@ -169,10 +194,23 @@ class AdapterLibrary:
             tags=_split(meta.get("modelspec.tags", "")),
         )
 
+    def reserved_names(self) -> set[str]:
+        """Names that queued and running training jobs will save under: no other verb may take them."""
+        from sdlora.jobs.queue import JobQueue
+
+        return JobQueue(self.root).reserved_names() if (self.root / ".queue").is_dir() else set()
+
+    def refuse_reserved(self, name: str) -> None:
+        """Refuse, in one line, a name a queued or running training job will save under."""
+        if safe_name(name) in self.reserved_names():
+            raise SdloraError(
+                f"a queued training job will save an adapter named {safe_name(name)!r}; pick another name"
+            )
+
     def unique_name(self, wanted: str) -> str:
         base = safe_name(wanted)
-        name, n = base, 2
-        while self.path_of(name).exists():
+        name, n, reserved = base, 2, self.reserved_names()
+        while self.path_of(name).exists() or name in reserved:
             name, n = f"{base[: MAX_NAME_CHARS - len(str(n)) - 1].rstrip('.- ')}-{n}", n + 1
         return name
 
@@ -183,8 +221,10 @@ class AdapterLibrary:
     def import_file(self, source: str | Path, name: str | None = None) -> AdapterInfo:
         """Check a LoRA file of any supported format and bring it in; the library is unchanged on any error."""
         source = Path(source)
+        if name is not None:
+            self.refuse_reserved(name)
         adapter = read_adapter(source, self.reference)
-        target = self.path_of(self.unique_name(name or source.name))
+        target = self.path_of(self.unique_name(name if name is not None else name_from_file(source.name)))
         if adapter.source_format.startswith(("kohya", "LyCORIS")):
             atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # other tools read it as it is
         else:
@@ -210,6 +250,7 @@ class AdapterLibrary:
 
     def rename(self, name: str, new_name: str) -> AdapterInfo:
         old, new = self.get(name).path, self.path_of(new_name)
+        self.refuse_reserved(new_name)
         if new.exists():
             raise SdloraError(f"an adapter named {safe_name(new_name)!r} already exists; pick another name")
         for suffix in (SUFFIX, *SIDE_FILES):

@@ -184,7 +184,7 @@ def _build_adapter(
     if denoiser.dtype != frozen_weight_dtype(accelerator):
         denoiser.to(dtype=frozen_weight_dtype(accelerator))
     denoiser.to(accelerator.device)
-    add_lora(denoiser, config.lora)
+    add_lora(denoiser, config.lora, seed=config.seed)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     optimizer = make_optimizer(config, trainable_parameters(denoiser))

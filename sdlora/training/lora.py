@@ -26,12 +26,32 @@ def peft_config(spec: LoraSpec) -> LoraConfig:
     )
 
 
-def add_lora(denoiser: torch.nn.Module, spec: LoraSpec) -> None:
-    """Freeze the denoiser and attach a trainable adapter to the spec's target modules."""
+def add_lora(denoiser: torch.nn.Module, spec: LoraSpec, seed: int | None = None) -> None:
+    """Freeze the denoiser and attach a trainable adapter to the spec's target modules; A drawn from
+    `seed` when given."""
     denoiser.requires_grad_(False)
     denoiser.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
+    if seed is not None:
+        draw_initial_weights(denoiser, seed)
     for param in trainable_parameters(denoiser):
         param.data = param.data.float()  # LoRA weights train in fp32 even over a half-precision base
+
+
+@torch.no_grad()
+def draw_initial_weights(unet: torch.nn.Module, seed: int) -> None:
+    """peft's 'gaussian' start (A ~ N(0, 1/r), B = 0), drawn from a generator of the run's own.
+
+    peft draws A from torch's process-wide generator, which every thread of a server shares (an
+    adapter loaded for a generation draws from it too), so the same config gave another adapter
+    whenever anything else ran meanwhile.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in unet.modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            weight = module.lora_A[ADAPTER_NAME].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) / module.r[ADAPTER_NAME])
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

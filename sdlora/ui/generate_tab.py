@@ -81,9 +81,9 @@ def layout() -> GenerateWidgets:
                 d["negative_prompt"], label="Negative prompt", info=info["negative_prompt"]
             )
             with gr.Row():
-                s["seed"] = gr.Number(
-                    d["seed"], label="Seed (-1: random)", precision=0, minimum=-1, elem_id="seed"
-                )
+                # No precision=0 on these: gradio's rounding turns NaN into an error no client
+                # sees; as floats they reach GenerateConfig, whose check names the field.
+                s["seed"] = gr.Number(d["seed"], label="Seed (-1: random)", minimum=-1, elem_id="seed")
                 s["count"] = gr.Slider(1, 8, d["count"], step=1, label="Images", info=info["count"])
             with gr.Row():
                 s["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="Steps", info=info["steps"])
@@ -91,12 +91,8 @@ def layout() -> GenerateWidgets:
                     0, 20, d["guidance"], step=0.5, label="Guidance", info=info["guidance"]
                 )
             with gr.Row():
-                s["width"] = gr.Number(
-                    d["width"], label="Width (0: model native)", precision=0, minimum=0, step=8
-                )
-                s["height"] = gr.Number(
-                    d["height"], label="Height (0: model native)", precision=0, minimum=0, step=8
-                )
+                s["width"] = gr.Number(d["width"], label="Width (0: model native)", minimum=0, step=8)
+                s["height"] = gr.Number(d["height"], label="Height (0: model native)", minimum=0, step=8)
                 s["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="Scheduler")
             gr.Markdown("**Adapters** from the library, each at its own weight")
             with gr.Group():

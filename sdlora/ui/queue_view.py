@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.jobs.queue import QueueRow
+from sdlora.ui import serving
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import _duration
 from sdlora.ui.studio import Studio
@@ -108,9 +109,14 @@ class QueueHandlers:
 
     @readable_errors
     def queue_add(
-        self, files: list[str] | None = None, captions=None, config: dict | None = None, **values
+        self,
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        request: gr.Request = None,
+        **values,
     ) -> pd.DataFrame:
-        self._add(files, captions, config, **values)
+        self._add(files, captions, config, client=serving.client_of(request), **values)
         return self.queue_list()
 
     @readable_errors

@@ -151,9 +151,18 @@ class Studio:
         self.access.check_model_switch()
         if looks_like_path(source.strip()):
             self.access.check_folder(source.strip(), "the base model")
+        # hostile (issue 24): a failed load keeps the working model, so generation goes on for everyone.
         with self._model_lock:
+            kept = self.base_model, self._generator, self._model_error
             self.base_model, self._generator, self._model_error = source.strip(), None, ""
-        self.generator()
+        try:
+            self.generator()
+        except Exception as exc:
+            with self._model_lock:
+                self.base_model, self._generator, self._model_error = kept
+            if isinstance(exc, SdloraError) and kept[1] is not None:
+                raise type(exc)(f"{exc}; the server still uses {kept[0]}") from None
+            raise
 
     def warm_up(self) -> threading.Thread:
         """Import torch and load the base model in the background, so the first image comes quickly."""
@@ -217,19 +226,30 @@ class Studio:
             validate=validate,
         )
 
-    def queue_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> Job:
-        """Queue a training job with its own copy of the images; it starts at once when the queue is idle."""
+    def queue_training(
+        self, config: TrainConfig, files: list[str], captions: dict[str, str], client: str = ""
+    ) -> Job:
+        """Queue a training job with its own copy of the images; it starts at once when the queue is idle.
+
+        `client` names who asked (a user or an address), so one client cannot fill the queue.
+        """
+        from sdlora.config import check_image_size
         from sdlora.training.data import load_regularization_images
 
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         if config.data.regularization_images:
             self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
+        # The same cap as the run's own, checked now rather than after the job waited its turn.
+        side, native = config.data.resolution, self.generator().model_info.resolution
+        check_image_size(side, side, native, "training resolution")
         load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
         staging = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
             write_captions(collect_uploads(files, staging), captions)
-            job = self.queue.add(config.replace(data=dataclasses.replace(config.data, images=str(staging))))
+            job = self.queue.add(
+                config.replace(data=dataclasses.replace(config.data, images=str(staging))), client
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.start_queue()

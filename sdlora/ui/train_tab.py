@@ -25,7 +25,7 @@ from sdlora.config import (
     read_settings,
 )
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
-from sdlora.ui import fields, queue_view
+from sdlora.ui import fields, queue_view, serving
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -522,15 +522,27 @@ class TrainHandlers:
         return "\n\n".join([text, *(f"⚠ {w}" for w in warnings if w)])
 
     @readable_errors
-    def start(self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings):
+    def start(
+        self,
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        request: gr.Request = None,
+        **settings,
+    ):
         """Queue a job on the uploaded files (it starts at once when the queue is idle); returns the first view."""
-        self.queue_job(files, captions, config, **settings)
+        self.queue_job(files, captions, config, client=serving.client_of(request), **settings)
         return self._outputs()
 
     def queue_job(
-        self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings
+        self,
+        files: list[str] | None = None,
+        captions=None,
+        config: dict | None = None,
+        client: str = "",
+        **settings,
     ):
-        """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
+        """Add a training job on the uploaded files (or a settings object's server folder) to the queue, for `client`."""
         given = settings_object(config, studio=self.studio) if config else {}
         files = list(files or [])
         if not files and given.get("data", {}).get("images"):  # a concept folder on the server
@@ -541,7 +553,7 @@ class TrainHandlers:
         uploaded = {"data": {"images": "(uploaded)"}}
         placed = merge_settings(given, uploaded) if config else None
         run_config = train_config({**settings, "images": "(uploaded)"}, placed, self.studio)
-        return self.studio.queue_training(run_config, files, captions_from_table(captions))
+        return self.studio.queue_training(run_config, files, captions_from_table(captions), client)
 
     async def watch(self):
         """Stream the server's run until it ends; awaits between polls, so an open page holds no thread."""

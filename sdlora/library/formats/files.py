@@ -58,16 +58,21 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder and rename, so a crash never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Write through a temp file in the same folder and rename, so a crash never leaves half a file.
+
+    `durable`: on disk before the rename, so a power cut leaves the old file; a file rewritten
+    often whose loss costs little (a running job's step) may skip the fsync.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves the old file
-            os.fsync(written.fileno())
+        if durable:
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -75,8 +80,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
