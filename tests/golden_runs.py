@@ -1,7 +1,10 @@
 """Short seeded training runs whose LoRA tensors are pinned in tests/golden/, bit for bit.
 
-The golden files were made by running this script on the code before the model families got
-their own home (commit 12aede2, before sdlora/models/families existed):
+The golden files were first made by running this script on the code before the model families
+got their own home (commit 12aede2, before sdlora/models/families existed), and held unchanged
+through that refactor; they were made again once, on purpose, when a new adapter's A matrices
+started being drawn from the run's own seed instead of torch's process-wide generator (issue #24
+item 9: the same config through the app and the CLI gave different adapters):
 
     PYTHONPATH=$PWD:$PWD/tests OMP_NUM_THREADS=1 python tests/golden_runs.py
 
