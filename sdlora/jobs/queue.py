@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from sdlora.config import TrainConfig
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
 from sdlora.events import BackgroundRun, Event, EventCallback, Finished, Started, Step, StopFlag
 from sdlora.training.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)  # one line per job on a server console
 
 QUEUE_FOLDER = ".queue"
 STATES = ("queued", "running", "done", "failed", "cancelled", "stopped")
@@ -287,6 +290,7 @@ class JobQueue:
         job = self._update(
             job_id, state=job_state, message=message, finished=time.time(), stop_requested=False
         )
+        log.info("job %s (%s) %s: %s", job.id, job.name, job_state, message)
         if job_state == "done":
             shutil.rmtree(Path(job.images).parent, ignore_errors=True)
         return job

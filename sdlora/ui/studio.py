@@ -6,6 +6,7 @@ are imported inside methods, so building the app stays as fast as importing grad
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,8 @@ from sdlora.errors import ConfigError, SdloraError
 from sdlora.events import BackgroundRun
 from sdlora.jobs.queue import Job, JobQueue, QueueRow, QueueWorker
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
+
+log = logging.getLogger(__name__)  # one line per request on the server console
 
 ASSETS = (
     Path(__file__).resolve().parents[2] / "assets"
@@ -377,7 +380,11 @@ class Studio:
             if self._batcher is None or self._batcher.generator is not generator:
                 self._batcher = Batcher(generator)
             batcher = self._batcher
-        return [self._save(g.image, g.parameters) for g in batcher.generate(config)]
+        images = [self._save(g.image, g.parameters) for g in batcher.generate(config)]
+        log.info(
+            "generated %d image(s): %s", len(images), images[0].parameters.splitlines()[0] if images else ""
+        )
+        return images
 
     def comparison_grid(self, config) -> SavedImage:
         """One grid at the same seeds: one adapter at weights 0, 0.5 and 1, or the base beside each adapter."""

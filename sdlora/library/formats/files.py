@@ -15,12 +15,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from sdlora.errors import AdapterFormatError
+
+if TYPE_CHECKING:  # torch loads with the first tensor: listing the library reads headers only
+    import torch
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # real LoRA headers are kilobytes; metadata-heavy ones a few MB
 MAX_TENSOR_ELEMENTS = 1 << 31
@@ -79,6 +81,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """An atomic safetensors write with string metadata."""
+    from safetensors.torch import save_file
+
     tensors = {key: value.contiguous() for key, value in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return Path(path)
@@ -153,6 +157,9 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checked file; refuses NaN, infinities and values past MAX_ABS_VALUE, which
     would poison a fused base."""
+    import torch
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad data
