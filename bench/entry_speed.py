@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from sdlora.jobs.queue import JobQueue
 REPO = Path(__file__).resolve().parents[1]
 BUSY = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 ENDED = ("done", "failed", "cancelled", "stopped")
+LIMIT_S = 900  # a run still going after this is reported as such (spinning threads can take that long)
 
 
 def child_env(**settings: str) -> dict[str, str]:
@@ -50,6 +52,7 @@ def cli_speed(flags: list[str], out: str, env: dict[str, str]) -> float:
         capture_output=True,
         text=True,
         check=True,
+        timeout=LIMIT_S,
     )
     found = re.search(r"speed: ([0-9.]+) s/step", done.stdout + done.stderr)
     if not found:
@@ -80,9 +83,12 @@ def app_speed(flags: list[str], adapters: str, env: dict[str, str]) -> float:
             check=True,
             capture_output=True,
         )
+        deadline = time.monotonic() + LIMIT_S
         while True:
             if app.poll() is not None:
                 raise RuntimeError(f"app.py exited with {app.returncode}")
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("app.py", LIMIT_S)
             job = JobQueue(adapters).jobs()[-1]
             if job.state in ENDED:
                 break
@@ -97,6 +103,7 @@ def app_speed(flags: list[str], adapters: str, env: dict[str, str]) -> float:
 
 def main(base_model: str, images: str, steps: int, write: bool = True) -> None:
     """Three runs under one busy process; writes the `train_speed_entry` section."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` ends the busy process
     busy = subprocess.Popen([sys.executable, "-c", BUSY], env=child_env())
     rows = []
     try:
@@ -115,8 +122,12 @@ def main(base_model: str, images: str, steps: int, write: bool = True) -> None:
                 flags = job_flags(base_model, images, steps, f"speed{i}")
                 env = child_env(**settings)
                 folder = str(Path(tmp) / f"lib{i}")
-                seconds = cli_speed(flags, folder, env) if entry == "cli" else app_speed(flags, folder, env)
-                rows.append(f"| {label} | {seconds:.3f} |")
+                try:
+                    speed = cli_speed if entry == "cli" else app_speed
+                    shown = f"{speed(flags, folder, env):.3f}"
+                except subprocess.TimeoutExpired:
+                    shown = f"not finished within {LIMIT_S} s"
+                rows.append(f"| {label} | {shown} |")
                 print(rows[-1], flush=True)
     finally:
         busy.kill()
