@@ -139,7 +139,8 @@ def main(base_model: str, images: str, steps: int, write: bool = True) -> None:
             f"{machine()}; base model `{Path(base_model).name}`, demo preset, {steps} steps, one run each, "
             "in this order, while a second process multiplies 1024x1024 matrices on every core. Seconds per "
             "step are the loop's own, over its last steps, as the CLI's closing line and the queue's job "
-            "record report them.",
+            f"record report them; a run not finished within {LIMIT_S} s took over {LIMIT_S // steps} s per "
+            "step, start-up included.",
             "",
             "| entry point | seconds per step |",
             "| --- | --- |",

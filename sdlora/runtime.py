@@ -14,9 +14,9 @@ import warnings
 
 # Idle OpenMP threads sleep instead of spinning. With spinning threads, two jobs on a shared CPU (the
 # app beside a training run, a browser, another user) starve each other: measured on a busy 2-core
-# CPU, the first demo-model image took 31 s instead of 0.6 s, and a CLI training step 16 s instead
-# of 1 s (bench/train_speed.py shows both entry points side by side). On an idle machine the cost
-# is nil: a sleeping thread wakes in microseconds, and a training step takes milliseconds.
+# CPU, the first demo-model image took 31 s instead of 0.6 s, and 12 demo-preset CLI training steps
+# beside a busy process had not finished in 900 s while the sleeping-thread CLI and app took about
+# 5 s a step (docs/benchmarks.md, `bench/train_speed.py --entry-points`).
 THREAD_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Library chatter that tells a user nothing they can act on. transformers warns at import about
 # optional image backends a trainer never uses.
