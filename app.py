@@ -29,12 +29,15 @@ runtime.prepare()  # threads and console, as for `python -m sdlora`; before grad
 
 import gradio as gr  # noqa: E402
 
+from sdlora.assets import DEMO_MODEL, EXAMPLE_CONCEPTS  # noqa: E402
+from sdlora.config import TrainConfig  # noqa: E402
 from sdlora.ui import generate_tab, library_tab, settings_tab, train_tab  # noqa: E402
-from sdlora.ui.studio import Access, Studio  # noqa: E402
+from sdlora.ui.access import Access  # noqa: E402
+from sdlora.ui.studio import Studio  # noqa: E402
 
-DEFAULT_BASE_MODEL = "assets/demo-model"
-DEFAULT_ADAPTERS_DIR = "./adapters"
-DEFAULT_CONCEPTS_DIR = "assets/concepts"
+DEFAULT_BASE_MODEL = str(DEMO_MODEL)  # the same defaults as `python -m sdlora train` and `generate`
+DEFAULT_ADAPTERS_DIR = TrainConfig.output_dir
+DEFAULT_CONCEPTS_DIR = str(EXAMPLE_CONCEPTS)
 MAX_UPLOAD = "1gb"
 # gradio's queue runs at most `max_threads` jobs at once, async ones included, and every open page
 # holds one: its progress stream. At gradio's 40, forty open pages stalled Stop and generation. The

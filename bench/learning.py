@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
+from sdlora.assets import DEMO_MODEL  # noqa: E402
 from sdlora.captioning.captions import CaptionOptions  # noqa: E402
+from sdlora.config import TrainConfig  # noqa: E402
 from sdlora.demo.learning import (  # noqa: E402
     CONCEPTS_DIR,
     LESSONS,
@@ -34,7 +36,9 @@ from sdlora.demo.learning import (  # noqa: E402
     lesson_config,
     train_in_stages,
 )
-from sdlora.training.presets import DEMO_MODEL, PRESETS  # noqa: E402
+from sdlora.training.presets import preset_settings  # noqa: E402
+
+DEMO_PRESET = TrainConfig.from_dict(preset_settings("Demo"), source="the demo preset")
 
 
 def measure(
@@ -117,7 +121,7 @@ def captions_main(args, where: str) -> None:
             "## Captions: by hand and by the demo captioner (`python bench/learning.py --captions`)",
             "",
             f"{where}; training on one thread, {args.jobs} run(s) side by side; the demo preset's "
-            f"{PRESETS['Demo'].steps} steps on the concept's 8 example images, trigger `sks`; {args.prompts} images "
+            f"{DEMO_PRESET.steps} steps on the concept's 8 example images, trigger `sks`; {args.prompts} images "
             "per measurement, 20 steps, guidance 6.",
             "",
             "| concept | captions | first caption | adoption at weight 1 | plain prompts right with the adapter |",
@@ -168,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (DEMO_MODEL / "model_index.json").exists():
         parser.error(f"no demo model at {DEMO_MODEL}; build it with python -m sdlora.demo.build")
-    preset = PRESETS["Demo"]
+    preset = DEMO_PRESET
     stages = args.stages or [preset.steps * k // 3 for k in range(1, 4)]
     where = machine()  # the load before these runs add their own
     if args.captions:
@@ -187,15 +191,15 @@ def main() -> None:
             rows, summary = result.result()
             curve += rows
             summaries.append(summary)
-    reg = Path(preset.regularization_images)
+    reg = Path(preset.data.regularization_images)
     text = "\n".join(
         [
             "## Learning on the demo model (`python bench/learning.py`)",
             "",
             f"{where}; training on one thread (`cpu_threads=1`; two are faster on an idle machine, "
             f"see the training loop section), {args.jobs} run(s) side by side. Demo preset: rank "
-            f"{preset.rank}, alpha {preset.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
-            f"{preset.resolution} px, targets: attention projections + {', '.join(preset.extra_target_modules)}; "
+            f"{preset.lora.rank}, alpha {preset.lora.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
+            f"{preset.data.resolution} px, targets: attention projections + {', '.join(preset.lora.extra_target_modules)}; "
             f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
             f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; "
             f"8 example images per concept (assets/concepts), "

@@ -3,8 +3,8 @@
 SD 1.5's and SDXL's UNets are built from the configs in sdlora/models/configs with random weights
 (nothing is downloaded). Latents and text conditioning are random stand-ins for the cache, so the
 measured step is what a cached run does each step. For each setting, side by side in one run:
-- loop: sdlora's own optimizer step (`sdlora.training.loop._optimizer_step`: batch from the cache, accelerate,
-  clipping, schedule) over the LoRA of rank 32 on the attention projections;
+- loop: sdlora's own optimizer step (`sdlora.training.step.optimizer_step` over a `Run`: batch from
+  the cache, accelerate, clipping, schedule) over the LoRA of rank 32 on the attention projections;
 - floor: a bare UNet forward + backward + optimizer step on the same batch;
 plus peak memory (GPU: torch's peak allocation; CPU: the process's peak resident size).
 On a CPU it runs a few steps at a reduced resolution; on a GPU SD 1.5 at 512 px and SDXL at
@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.config import DataConfig, LoraSpec, TrainConfig  # noqa: E402
+from sdlora.models.families import family_of  # noqa: E402
 from sdlora.training.encode import EncodedConcepts  # noqa: E402
-from sdlora.training.loop import _optimizer_step, diffusion_loss  # noqa: E402
 from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
 from sdlora.training.optimizers import make_optimizer  # noqa: E402
+from sdlora.training.step import Run, diffusion_loss, optimizer_step  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "sdlora" / "models" / "configs"
 MODELS = {"SD 1.5": ("stable-diffusion-v1", 512), "SDXL": ("stable-diffusion-xl-v1-base", 1024)}
@@ -56,9 +57,11 @@ def cache(unet, pixels: int, batch: int) -> EncodedConcepts:
     embeddings = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
     if unet.config.addition_embed_type != "text_time":
         return EncodedConcepts(latents, embeddings, [f"{pixels}x{pixels}"] * batch)
-    pooled = torch.randn(batch, 1280, generator=g)
-    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, dtype=torch.float32)
-    return EncodedConcepts(latents, embeddings, [f"{pixels}x{pixels}"] * batch, pooled, time_ids)
+    extras = {
+        "pooled": torch.randn(batch, 1280, generator=g),
+        "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, dtype=torch.float32),
+    }
+    return EncodedConcepts(latents, embeddings, [f"{pixels}x{pixels}"] * batch, extras)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -95,25 +98,19 @@ def measure(
     optimizer_ = make_optimizer(config, trainable_parameters(unet))
     schedule = get_scheduler("constant", optimizer=optimizer_)
     unet, optimizer_, schedule = accelerator.prepare(unet, optimizer_, schedule)
-    noise = DDPMScheduler(num_train_timesteps=1000)
+    family = family_of(dict(accelerator.unwrap_model(unet).config))
+    objective = family.objective(DDPMScheduler(num_train_timesteps=1000).config, "epsilon")
     encoded = cache(accelerator.unwrap_model(unet), pixels, 1)
+    run = Run(config, accelerator, unet, optimizer_, schedule, objective, encoded, None)
     unet.train()
 
     def loop_step(i: int) -> None:
-        _optimizer_step(config, accelerator, unet, optimizer_, schedule, noise, encoded, None, "epsilon", i)
+        optimizer_step(run, i)
 
     def bare_step(i: int) -> None:
         batch = encoded.batch(torch.tensor([0]), accelerator.device)
         with accelerator.autocast():
-            loss = diffusion_loss(
-                unet,
-                noise,
-                batch.latents,
-                batch.embeddings,
-                torch.Generator().manual_seed(i),
-                "epsilon",
-                added_cond_kwargs=batch.added_cond_kwargs(),
-            )
+            loss = diffusion_loss(unet, objective, batch, torch.Generator().manual_seed(i))
         loss.backward()
         optimizer_.step()
         optimizer_.zero_grad(set_to_none=True)

@@ -29,16 +29,18 @@ runtime.prepare()  # the loop measured here runs with the threading every entry 
 import torch  # noqa: E402
 
 from bench.report import machine, write_section  # noqa: E402
-from sdlora.config import DataConfig, TrainConfig  # noqa: E402
+from sdlora.assets import DEMO_MODEL, EXAMPLE_CONCEPTS  # noqa: E402
+from sdlora.config import TrainConfig  # noqa: E402
 from sdlora.events import Step  # noqa: E402
-from sdlora.models.loading import load_pipeline  # noqa: E402
+from sdlora.models.loading import inspect_pipeline, load_pipeline  # noqa: E402
+from sdlora.settings import train_config_from  # noqa: E402
 from sdlora.training.data import load_concept_images, load_regularization_images  # noqa: E402
 from sdlora.training.encode import encode_concepts, encode_images, encode_prompts  # noqa: E402
-from sdlora.training.loop import diffusion_loss, train  # noqa: E402
+from sdlora.training.loop import train  # noqa: E402
 from sdlora.training.lora import add_lora, trainable_parameters  # noqa: E402
-from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset  # noqa: E402
+from sdlora.training.step import diffusion_loss  # noqa: E402
 
-CONCEPTS = DEMO_MODEL.parent / "concepts" / "star"
+CONCEPTS = EXAMPLE_CONCEPTS / "star"
 
 
 def full_loop(config: TrainConfig) -> float:
@@ -58,25 +60,14 @@ def floor_and_uncached(config: TrainConfig, steps: int) -> tuple[float, float]:
     device = torch.device("cpu")
     cached = encode_concepts(pipeline, concepts + prior, False, device)
     batch = cached.batch(torch.arange(len(cached)), device)  # one bucket: the demo images are square
-    latents, embeddings = batch.latents, batch.embeddings
     unet = pipeline.unet
     add_lora(unet, config.lora)
     unet.train()
     optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=config.learning_rate)
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    objective = inspect_pipeline(pipeline).model_family.objective(pipeline.scheduler.config, "epsilon")
 
     def bare_step() -> None:
-        loss = diffusion_loss(
-            unet,
-            scheduler,
-            latents,
-            embeddings,
-            torch.Generator().manual_seed(0),
-            "epsilon",
-            prior_samples=len(prior),
-        )
+        loss = diffusion_loss(unet, objective, batch, torch.Generator().manual_seed(0), len(prior))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,16 +106,13 @@ def main() -> None:
         entry_points(args.base_model, args.images, args.steps, write=not args.no_write)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        config = apply_preset(
-            TrainConfig(
-                base_model=args.base_model,
-                output_dir=tmp,
-                name="speed",
-                final_preview=False,
-                data=DataConfig(images=args.images, trigger_word="sks"),
-            ),
-            PRESETS["Demo"],
-        )
+        values = {
+            "output_dir": tmp,
+            "name": "speed",
+            "final_preview": False,
+            "data": {"images": args.images, "trigger_word": "sks"},
+        }
+        config = train_config_from(values, base_model=args.base_model, preset="Demo")
         config = replace(config, steps=args.steps)
         rows = []
         for threads in (1, 2):

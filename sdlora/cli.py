@@ -16,18 +16,14 @@ import sys
 from typing import Any
 
 from sdlora import runtime
-from sdlora.config import (
-    AdapterWeight,
-    DataConfig,
-    GenerateConfig,
-    LoraSpec,
-    TrainConfig,
-    field_help,
-    read_config_file,
-)
+from sdlora.assets import DEMO_MODEL
+from sdlora.config import SECTIONS, AdapterWeight, GenerateConfig, TrainConfig, field_help, read_config_file
 from sdlora.errors import SdloraError
+from sdlora.settings import defaults_line, train_config_from
+from sdlora.training.presets import PRESETS
 
-SECTIONS = {"data": DataConfig, "lora": LoraSpec}
+# Flags that say how to run, not what to train: never passed on as TrainConfig settings.
+NOT_SETTINGS = ("config", "preset", "resume", "command", "verb", "quiet", "overwrite")
 
 
 def _flag(name: str, info: dict[str, Any]) -> str:
@@ -59,23 +55,26 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Merge a --config file with the flags that were given on the command line."""
-    return config_and_defaults(args)[0]
-
-
-def config_and_defaults(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """The config, and the line that says which model defaults filled what the user did not give."""
+    """A --config file, the flags given on the command line over it, and --preset: the one road's TrainConfig."""
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    for dest, value in vars(args).items():
-        if value is None or dest in ("config", "resume", "command", "quiet", "overwrite"):
-            continue
-        section, _, name = dest.rpartition(".")
-        target = values.setdefault(section, {}) if section else values
-        target[name] = tuple(value) if isinstance(value, list) else value
-    from sdlora.training.presets import fill_model_defaults
+    flags = {
+        dest: tuple(value) if isinstance(value, list) else value
+        for dest, value in vars(args).items()
+        if value is not None and dest not in NOT_SETTINGS
+    }
+    source = f"{args.config} and the command line" if args.config and flags else args.config or "command line"
+    return train_config_from({**values, **flags}, preset=args.preset, source=source)
 
-    label = fill_model_defaults(values)
-    return TrainConfig.from_dict(values, source=args.config or "command line"), label
+
+def add_run_flags(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """--config and --preset, which say where settings come from, then one flag per setting."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument(
+        "--preset",
+        choices=[name for name in PRESETS if name != "Demo"],
+        help="start from the settings for this kind of concept (the demo model always uses its own)",
+    )
+    add_config_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LoRA on the UNet attention projections. Runs unchanged "
         "under `accelerate launch` on several GPUs.",
     )
-    train.add_argument("--config", help="JSON or TOML file of settings (as saved beside every adapter)")
     train.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from, or 'latest'")
     train.add_argument(
         "--overwrite",
@@ -97,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over although this --name already has an adapter or checkpoints in --output",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(train)
+    add_run_flags(train, "JSON or TOML file of settings (as saved beside every adapter)")
     _add_generate_parser(commands)
     _add_adapters_parser(commands)
     _add_caption_parser(commands)
@@ -115,7 +113,11 @@ def _weighted(text: str) -> tuple[str, float]:
 
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
-    gen.add_argument("--base-model", required=True, help="hub id, diffusers folder or .safetensors file")
+    gen.add_argument(
+        "--base-model",
+        default=str(DEMO_MODEL),
+        help="hub id, diffusers folder or .safetensors file (default: the demo model, as in the app)",
+    )
     gen.add_argument(
         "--adapters-dir", default="adapters", help="the adapter library folder (default: adapters)"
     )
@@ -211,7 +213,7 @@ def _add_caption_parser(commands) -> None:
         help="the captioner's weights from another hub id or a local folder saved with "
         "save_pretrained (default: the captioner's own hub id, from the local cache offline)",
     )
-    cap.add_argument("--base-model", default="assets/demo-model", help="picks the default captioner")
+    cap.add_argument("--base-model", default=str(DEMO_MODEL), help="picks the default captioner")
     help_of = field_help(CaptionOptions)
     for name in ("prefix", "max_words", "batch_size"):
         info = help_of[name]
@@ -242,10 +244,7 @@ def _add_queue_parser(commands) -> None:
     add = verbs.add_parser(
         "add", help="queue a job with the train command's settings (its images are copied)"
     )
-    add.add_argument(
-        "--config", help="JSON or TOML file of settings; --output is the server's --adapters-dir"
-    )
-    add_config_flags(add)
+    add_run_flags(add, "JSON or TOML file of settings; --output is the server's --adapters-dir")
     for name, text in (
         ("list", "one line per job: id, position, name, state, ETA, message"),
         ("cancel", "cancel a queued job, or stop (and save) the running one"),
@@ -273,16 +272,16 @@ def _library_options(parser: argparse.ArgumentParser, default) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # checked before anything heavy loads: a mistake is refused at once
     from accelerate import PartialState
 
     from sdlora.events import StopFlag
     from sdlora.progress import ConsoleProgress
     from sdlora.training.loop import cpu_only, train
 
-    config, defaults = config_and_defaults(args)
     is_main = PartialState(cpu=cpu_only()).is_main_process
     if is_main and not args.quiet:
-        print(defaults)
+        print(defaults_line(config.base_model))
     progress = ConsoleProgress(enabled=is_main and not args.quiet)
     stop = StopFlag()
 
@@ -336,8 +335,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def import_base_model(given: str | None) -> str:
     """The model an import is checked against: --base-model, else the app's default (the demo model)."""
-    from sdlora.training.presets import DEMO_MODEL
-
     if given:
         return given
     if not DEMO_MODEL.is_dir():
@@ -440,7 +437,7 @@ def run_queue(args: argparse.Namespace) -> int:
     from sdlora.jobs.queue import JobQueue
 
     if args.verb == "add":
-        config = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "verb"}))
+        config = config_from_args(args)
         job = JobQueue(config.output_dir).add(config)
         print(f"queued job {job.id}: {job.name}")
         return 0

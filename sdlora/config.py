@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora.assets import DEMO_MODEL
 from sdlora.errors import ConfigError
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -168,9 +169,13 @@ class DataConfig:
 class TrainConfig:
     """Everything that determines a training run; saved beside the adapter to reproduce it."""
 
-    base_model: str = _opt("", "Base model: hub id, local diffusers folder, or single-file .safetensors.")
+    base_model: str = _opt(
+        str(DEMO_MODEL), "Base model: hub id, local diffusers folder, or single-file .safetensors."
+    )
     output_dir: str = _opt(
-        "outputs", "Folder for the adapter, its config, previews and checkpoints.", flag="--output"
+        "adapters",
+        "The adapter library: the adapter, its config, previews and checkpoints go here.",
+        flag="--output",
     )
     name: str = _opt("my-lora", "Adapter name; the file is <output>/<name>.safetensors.")
     data: DataConfig = field(default_factory=DataConfig)
@@ -272,6 +277,11 @@ class TrainConfig:
         return cls.from_dict(read_config_file(path), source=str(path))
 
 
+# The sections of a TrainConfig: their fields' names are unique across sections, so a flag, a widget
+# or an API parameter can name a field by its own name alone.
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraSpec}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a JSON or TOML file into a dict, with errors that name the file."""
     path = Path(path)
@@ -290,26 +300,79 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _build(cls: type, values: dict[str, Any], source: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+def read_settings(
+    values: dict[str, Any], source: str = "settings", cls: type | None = None
+) -> dict[str, Any]:
+    """Partial settings -> nested, typed settings, read strictly: a misspelt key or a wrong type is refused.
+
+    Keys are field names, nested tables (`{"lora": {"rank": 8}}`) or field paths (`{"lora.rank": 8}`);
+    config files, presets, settings objects and flags are all read here.
+    """
+    cls = cls or TrainConfig
+    values = _nest(values, source)
+    known = field_help(cls)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"known: {', '.join(fields)}"
+            f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(known)}"
         )
-    defaults = {name: info["default"] for name, info in field_help(cls).items()}
-    kwargs = {}
+    out: dict[str, Any] = {}
     for name, value in values.items():
-        default = defaults[name]
-        where = f"{source}: {name}"
+        default = known[name]["default"]
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where} must be a table of settings")
-            kwargs[name] = _build(type(default), value, f"{source}.{name}")
+                raise ConfigError(f"{source}: {name} must be a table of settings")
+            out[name] = read_settings(value, f"{source}.{name}", type(default))
         else:
-            kwargs[name] = _coerce(value, default, where)
-    return cls(**kwargs)
+            out[name] = _coerce(value, default, f"{source}: {name}")
+    return out
+
+
+def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Nested settings laid over each other: a later layer wins, field by field inside each section."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(name), dict):
+                out[name] = merge_settings(out[name], value)
+            else:
+                out[name] = value
+    return out
+
+
+def _nest(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Field paths ("lora.rank") -> nested tables, merged with any table given for the same section."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must be a table of settings, got {values!r}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        section, _, name = str(key).partition(".")
+        if name:
+            table = out.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: {section} must be a table of settings")
+            table[name] = value
+        elif isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value} if isinstance(out.get(key), dict) else dict(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    return _construct(cls, read_settings(values, source, cls))
+
+
+def _construct(cls: type, settings: dict[str, Any]) -> Any:
+    defaults = {name: info["default"] for name, info in field_help(cls).items()}
+    return cls(
+        **{
+            name: _construct(type(defaults[name]), value)
+            if dataclasses.is_dataclass(defaults[name])
+            else value
+            for name, value in settings.items()
+        }
+    )
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdlora.assets import DEMO_MODEL
 from sdlora.captioning.captioners import default_captioner, load_captioner, spec_of
 from sdlora.captioning.captions import CaptionOptions, caption_images, finish_caption, write_caption_files
 from sdlora.demo.captioner import DemoCaptioner, describe, every_kind_of_scene
@@ -19,7 +20,6 @@ from sdlora.demo.shapes import (
 )
 from sdlora.errors import ConfigError
 from sdlora.events import StopFlag
-from sdlora.training.presets import DEMO_MODEL
 
 STAR_FOLDER = DEMO_MODEL.parent / "concepts" / "star"
 

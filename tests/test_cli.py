@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -339,3 +340,59 @@ def test_library_options_after_the_verb_and_foreign_files(tiny_model, concept_di
         capsys, "adapters", "import", str(tmp_path / "bad.safetensors"), "--adapters-dir", str(lib)
     )
     assert code == 2 and err.count("\n") == 1 and "bad.safetensors" in err and "Traceback" not in err
+
+
+def test_train_and_generate_without_base_model_use_the_demo_model_and_the_apps_library(
+    tmp_path, monkeypatch, capsys
+):
+    """The CLI's defaults are the app's: the demo model, and the `adapters` library `generate` and the app read."""
+    import app
+
+    monkeypatch.chdir(tmp_path)
+    star = REPO / "assets" / "concepts" / "star"
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--images",
+        str(star),
+        "--name",
+        "star",
+        "--steps",
+        "1",
+        "--no-final-preview",
+        "--quiet",
+    )
+    assert code == 0, err
+    assert (tmp_path / "adapters" / "star.safetensors").is_file()
+    saved = json.loads((tmp_path / "adapters" / "star.config.json").read_text())
+    assert saved["base_model"] == str(REPO / "assets" / "demo-model") and saved["data"]["resolution"] == 64
+    assert Path(app.parse_args([]).adapters_dir).resolve() == tmp_path / "adapters"
+    code, out, err = cli(
+        capsys, "generate", "--prompt", "sks", "--lora", "star", "--steps", "1", "--out", "a.png"
+    )
+    assert code == 0, err
+    assert (tmp_path / "a.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train"], "no concept images given"),
+        (["train", "--images", "x", "--rank", "0"], "rank must be at least 1"),
+        (["generate", "--out", "a.png"], "the following arguments are required: --prompt"),
+        (["queue", "add", "--steps", "5"], "no concept images given"),
+    ],
+)
+def test_a_missing_option_is_refused_before_anything_heavy_loads(args, message):
+    code = (
+        "import sys\nfrom sdlora.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules]\n"
+        "print('heavy:', heavy)\nsys.exit(code)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "heavy: []" in result.stdout

@@ -7,35 +7,30 @@ from pathlib import Path
 
 import pytest
 
+from sdlora.assets import DEMO_MODEL
 from sdlora.cli import build_parser, config_from_args
-from sdlora.training.presets import (
-    DEMO_MODEL,
-    PRESETS,
-    apply_preset,
-    default_config,
-    estimate_training,
-    preset_for,
-)
+from sdlora.config import TrainConfig, read_settings
+from sdlora.errors import ConfigError
+from sdlora.settings import train_config_from
+from sdlora.training.presets import PRESETS, estimate_training, preset_for, preset_settings
+
+DEMO = TrainConfig.from_dict(preset_settings("Demo"))  # the demo preset over the defaults
 
 
 def test_demo_model_gets_demo_settings_when_no_flags_given():
     args = build_parser().parse_args(["train", "--base-model", str(DEMO_MODEL), "--images", "x"])
     config = config_from_args(args)
-    demo = PRESETS["Demo"]
     assert (config.steps, config.learning_rate, config.data.resolution, config.lora.rank) == (
-        demo.steps,
-        demo.learning_rate,
+        DEMO.steps,
+        DEMO.learning_rate,
         64,
-        demo.rank,
+        DEMO.lora.rank,
     )
-    assert config.lora.extra_target_modules == demo.extra_target_modules
-    assert config.data.regularization_images == demo.regularization_images
-    assert config.prior_loss_weight == demo.prior_loss_weight != 1.0  # the demo's weighting, not the default
-    assert (
-        len(list(Path(demo.regularization_images).glob("*.png")))
-        == len(list(Path(demo.regularization_images).glob("*.txt")))
-        > 0
-    )
+    assert config.lora.extra_target_modules == DEMO.lora.extra_target_modules
+    assert config.data.regularization_images == DEMO.data.regularization_images
+    assert config.prior_loss_weight == DEMO.prior_loss_weight != 1.0  # the demo's weighting, not the default
+    reg = Path(DEMO.data.regularization_images)
+    assert len(list(reg.glob("*.png"))) == len(list(reg.glob("*.txt"))) > 0
 
 
 def test_regularisation_images_given_by_the_user_win_over_the_demo_presets():
@@ -59,7 +54,7 @@ def test_regularisation_images_given_by_the_user_win_over_the_demo_presets():
 
 def test_flags_still_win_over_the_demo_preset():
     args = build_parser().parse_args(
-        ["train", "--base-model", "assets/demo-model", "--images", "x", "--steps", "7", "--rank", "2"]
+        ["train", "--base-model", str(DEMO_MODEL), "--images", "x", "--steps", "7", "--rank", "2"]
     )
     config = config_from_args(args)
     assert (config.steps, config.lora.rank) == (7, 2)
@@ -70,9 +65,35 @@ def test_other_models_keep_generic_defaults():
     assert config_from_args(args).data.resolution == 512
 
 
+def test_presets_are_partial_settings_read_as_strictly_as_a_config_file(monkeypatch):
+    """Every preset reads cleanly; one with a misspelt field path or a wrong type is refused, naming it."""
+    for name in PRESETS:
+        assert read_settings(PRESETS[name], name) == preset_settings(name)
+    monkeypatch.setitem(PRESETS, "Typo", {"lora.rnak": 4, "steps": 10})
+    with pytest.raises(ConfigError, match="preset Typo.lora: unknown setting.*rnak"):
+        preset_settings("Typo")
+    monkeypatch.setitem(PRESETS, "Typo", {"steps": "many"})
+    with pytest.raises(ConfigError, match="preset Typo: steps must be int"):
+        train_config_from({"data.images": "d"}, base_model="m", preset="Typo")
+
+
+def test_a_named_preset_sits_between_the_model_defaults_and_the_values_given():
+    config = train_config_from(
+        {"data.images": "d", "steps": 99}, base_model="m", preset="Style", native_resolution=768
+    )
+    assert (config.lora.rank, config.lora.alpha, config.steps, config.data.resolution) == (16, 16.0, 99, 768)
+    assert preset_for(str(DEMO_MODEL), "Style") == "Demo"  # the demo model has one preset for every kind
+    args = build_parser().parse_args(["train", "--base-model", "m", "--images", "d", "--preset", "Character"])
+    with pytest.raises(ConfigError, match="resolution 0 means the base model's native size"):
+        config_from_args(args)  # a model that says nothing before it loads: the user must say the size
+    args = build_parser().parse_args(
+        ["train", "--base-model", "m", "--images", "d", "--preset", "Character", "--resolution", "512"]
+    )
+    assert (config_from_args(args).lora.alpha, config_from_args(args).steps) == (8.0, 1200)
+
+
 def test_presets_apply_and_estimate():
-    assert preset_for("assets/demo-model", "Style") is PRESETS["Demo"]
-    config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=768)
+    config = train_config_from({"data.images": "d"}, base_model="m", preset="Style", native_resolution=768)
     assert (config.lora.rank, config.steps, config.data.resolution) == (16, 1500, 768)
     cpu = estimate_training(config, 860_000_000, None, "cpu")
     gpu = estimate_training(config, 860_000_000, None, "cuda")
@@ -88,7 +109,7 @@ def test_estimate_counts_captioning_time():
     from sdlora.captioning.captioners import spec_of
     from sdlora.training.presets import captioning_seconds
 
-    config = apply_preset(default_config("m", "d", "o", "n"), PRESETS["Style"], native_resolution=512)
+    config = train_config_from({"data.images": "d"}, base_model="m", preset="Style", native_resolution=512)
     plain = estimate_training(config, 860_000_000, None, "cpu")
     demo = spec_of("demo")
     seconds = captioning_seconds(30, demo.seconds_per_image, on_gpu=False, needs_weights=bool(demo.source))
@@ -101,55 +122,55 @@ def test_estimate_counts_captioning_time():
     )
 
 
-def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_trains():
+def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_trains(tmp_path):
     """Every field a preset sets has a widget (batch size, extra layers, prior weight under More), and the
     config built from the widgets holds exactly the preset's values: nothing is applied a second time."""
-    from types import SimpleNamespace
-
     import gradio as gr
 
     from sdlora.ui import fields
+    from sdlora.ui.studio import Studio
     from sdlora.ui.train_tab import TrainHandlers, layout, preset_fields, train_config
 
-    studio = SimpleNamespace(base_model=str(DEMO_MODEL), example_concepts=lambda: [])
+    studio = Studio(str(DEMO_MODEL), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
     with gr.Blocks():
         widgets = layout(studio)
     assert set(preset_fields()) <= set(widgets.settings)
     *values, preview_every, _ = TrainHandlers(studio).fill_preset("Object")
     shown = {name: fields.train_defaults()[name] for name in widgets.settings}
-    shown.update(zip(preset_fields(), values, strict=True), preview_every=preview_every)
-    config = train_config(shown)
-    demo = PRESETS["Demo"]
+    shown.update(zip(preset_fields(), values, strict=True), preview_every=preview_every, images="(uploaded)")
+    config = train_config(shown, None, studio)
     assert (config.batch_size, config.prior_loss_weight, config.lora.extra_target_modules) == (
-        demo.batch_size,
-        demo.prior_loss_weight,
-        demo.extra_target_modules,
+        DEMO.batch_size,
+        DEMO.prior_loss_weight,
+        DEMO.lora.extra_target_modules,
     )
     assert (config.lora.rank, config.steps, config.data.resolution, config.data.regularization_images) == (
-        demo.rank,
-        demo.steps,
-        demo.resolution,
-        demo.regularization_images,
+        DEMO.lora.rank,
+        DEMO.steps,
+        DEMO.data.resolution,
+        DEMO.data.regularization_images,
     )
-    edited = train_config({**shown, "batch_size": 1, "prior_loss_weight": 1.5, "extra_target_modules": []})
+    edited = {**shown, "batch_size": 1, "prior_loss_weight": 1.5, "extra_target_modules": []}
+    edited = train_config(edited, None, studio)
     assert (edited.batch_size, edited.prior_loss_weight, edited.lora.extra_target_modules) == (1, 1.5, ())
 
 
 def test_defaults_come_from_what_the_model_is_not_where_it_lives(tmp_path, tiny_sdxl_model, tiny_model):
     import shutil
 
-    from sdlora.cli import build_parser, config_and_defaults
-    from sdlora.training.presets import DEMO_MODEL
+    from sdlora.assets import DEMO_MARKER
+    from sdlora.settings import defaults_line
 
     copy = tmp_path / "somewhere" / "my-demo"
     copy.mkdir(parents=True)
-    for name in ("model_index.json", "sdlora_demo.json"):  # what marks it; the weights do not matter here
+    for name in ("model_index.json", DEMO_MARKER):  # what marks it; the weights do not matter here
         shutil.copy(DEMO_MODEL / name, copy / name)
 
     def run(base):
-        return config_and_defaults(
+        config = config_from_args(
             build_parser().parse_args(["train", "--base-model", str(base), "--images", "x"])
         )
+        return config, defaults_line(str(base))
 
     config, line = run(copy)
     assert (config.data.resolution, config.lora.rank, config.steps) == (64, 16, 600) and "demo preset" in line

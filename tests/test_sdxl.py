@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,9 +18,10 @@ from sdlora.library.formats import read_adapter, read_metadata
 from sdlora.library.store import AdapterLibrary, reference_from_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.data import load_concept_images
-from sdlora.training.encode import encode_concepts
-from sdlora.training.loop import diffusion_loss, train
+from sdlora.training.encode import Batch, encode_concepts
+from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
+from sdlora.training.step import diffusion_loss
 
 
 def sdxl_output(pipeline, seed: int = 0) -> torch.Tensor:
@@ -84,23 +85,18 @@ def test_loss_falls_on_a_fixed_batch(tiny_sdxl_model):
     unet = pipeline.unet
     add_lora(unet, LoraSpec(rank=8, alpha=8, extra_target_modules=("conv1", "conv2", "proj_in", "proj_out")))
     optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=1e-2)
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    family = inspect_pipeline(pipeline).model_family
+    objective = family.objective(pipeline.scheduler.config, "epsilon")
     g = torch.Generator().manual_seed(0)
     latents, embeddings = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 16, 64, generator=g)
     cond = {
-        "text_embeds": torch.randn(2, 32, generator=g),
+        "pooled": torch.randn(2, 32, generator=g),
         "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2),
     }
     losses = []
     for _ in range(40):
         loss = diffusion_loss(
-            unet,
-            scheduler,
-            latents,
-            embeddings,
-            torch.Generator().manual_seed(3),
-            "epsilon",
-            added_cond_kwargs=cond,
+            unet, objective, Batch(latents, embeddings, cond), torch.Generator().manual_seed(3)
         )
         optimizer.zero_grad()
         loss.backward()
@@ -165,9 +161,9 @@ def test_size_conditioning_carries_a_cropped_portraits_real_size_and_crop(tiny_s
         ).images
         encoded = encode_concepts(pipeline, images, flip=True, device=torch.device("cpu"))
         # (original height, width, crop top, crop left, target height, width); the mirror's crop mirrors too
-        assert tuple(encoded.time_ids[0].int().tolist()) == expected
+        assert tuple(encoded.extras["time_ids"][0].int().tolist()) == expected
         assert encoded.latents[0].shape[1:] == (expected[4] // 2, expected[5] // 2)
-        assert tuple(encoded.time_ids[1].int().tolist())[:4] == expected[:3] + (0,)
+        assert tuple(encoded.extras["time_ids"][1].int().tolist())[:4] == expected[:3] + (0,)
 
 
 def test_generation_mixes_and_fuses_on_sdxl(sdxl_config, tmp_path):

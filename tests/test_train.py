@@ -18,12 +18,15 @@ from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
 from sdlora.events import Preview, Started, Step, StopFlag
 from sdlora.library.formats import read_metadata
+from sdlora.models.families import DEFAULT
 from sdlora.models.loading import load_pipeline
 from sdlora.training import loop as train_module
+from sdlora.training import step as step_module
 from sdlora.training.data import load_concept_images
-from sdlora.training.encode import encode_concepts
-from sdlora.training.loop import diffusion_loss, train
+from sdlora.training.encode import Batch, encode_concepts
+from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
+from sdlora.training.step import diffusion_loss
 
 
 def test_training_changes_only_lora_tensors(tiny_config):
@@ -44,14 +47,12 @@ def test_loss_falls_on_a_fixed_batch(tiny_model):
     unet = pipeline.unet
     add_lora(unet, LoraSpec(rank=8, alpha=8))
     optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=5e-3)
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    objective = DEFAULT.objective(pipeline.scheduler.config, "epsilon")
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     embeddings = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(40):
-        loss = diffusion_loss(
-            unet, scheduler, latents, embeddings, torch.Generator().manual_seed(3), "epsilon"
-        )
+        loss = diffusion_loss(unet, objective, Batch(latents, embeddings), torch.Generator().manual_seed(3))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -159,8 +160,10 @@ def test_vprediction_model_trains_against_v_target(tiny_vpred_model):
             return type("Out", (), {"sample": a * noise - s * latents})()
 
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    v_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "v_prediction")
-    eps_loss = diffusion_loss(PredictsV(), scheduler, latents, None, generator(), "epsilon")
+    v_objective = DEFAULT.objective(scheduler.config, "v_prediction")
+    eps_objective = DEFAULT.objective(scheduler.config, "epsilon")
+    v_loss = diffusion_loss(PredictsV(), v_objective, Batch(latents, None), generator())
+    eps_loss = diffusion_loss(PredictsV(), eps_objective, Batch(latents, None), generator())
     assert v_loss.item() < 1e-8 < eps_loss.item()
 
 
@@ -170,7 +173,7 @@ def test_vprediction_model_end_to_end(tiny_config, tiny_vpred_model):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
-    real_loss = train_module.diffusion_loss
+    real_loss = step_module.diffusion_loss
     calls = []
 
     def loss_that_explodes(*args, **kwargs):
@@ -178,7 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train_module, "diffusion_loss", loss_that_explodes)
+    monkeypatch.setattr(step_module, "diffusion_loss", loss_that_explodes)
     config = tiny_config.replace(checkpoint_every=2)
     with pytest.raises(TrainingDiverged, match="step 5.*step-000004"):
         train(config)
@@ -201,7 +204,7 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "diffusion_loss", no_memory)
+    monkeypatch.setattr(step_module, "diffusion_loss", no_memory)
     from sdlora.errors import OutOfMemory
 
     with pytest.raises(
@@ -214,20 +217,21 @@ def test_out_of_memory_says_what_to_change(tiny_config, monkeypatch):
 def fixed_batch_loss(tiny_model):
     """The diffusion loss of the tiny UNet on one fixed batch of 4 and fixed noise, for given options."""
     pipeline = load_pipeline(str(tiny_model))
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    embeddings = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+    batch = Batch(
+        torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1)),
+    )
 
-    def loss(**options) -> float:
+    def loss(min_snr_gamma=0.0, noise_offset=0.0, prior_samples=0, prior_loss_weight=1.0) -> float:
+        objective = DEFAULT.objective(pipeline.scheduler.config, "epsilon", min_snr_gamma, noise_offset)
         with torch.no_grad():
             return diffusion_loss(
                 pipeline.unet,
-                scheduler,
-                latents,
-                embeddings,
+                objective,
+                batch,
                 torch.Generator().manual_seed(2),
-                "epsilon",
-                **options,
+                prior_samples,
+                prior_loss_weight,
             ).item()
 
     return loss
@@ -301,13 +305,13 @@ def test_regularisation_images_are_trained_beside_the_concept(tiny_config, tmp_p
         (reg / f"square{i}.txt").write_text("a blue square")
     (reg / "broken.png").write_bytes(b"\x89PNG not really")
     batches = []
-    real_loss = train_module.diffusion_loss
+    real_loss = step_module.diffusion_loss
 
-    def recording_loss(unet, scheduler, latents, embeddings, *args, **kwargs):
-        batches.append((latents.clone(), embeddings.clone(), args[-2:]))
-        return real_loss(unet, scheduler, latents, embeddings, *args, **kwargs)
+    def recording_loss(denoiser, objective, batch, generator, *args):
+        batches.append((batch.latents.clone(), batch.embeddings.clone(), args))
+        return real_loss(denoiser, objective, batch, generator, *args)
 
-    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(step_module, "diffusion_loss", recording_loss)
     config = tiny_config.replace(
         steps=3,
         batch_size=2,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdlora.assets import is_demo_model
 from sdlora.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ def is_present(spec: CaptionerSpec, source: str | None = None) -> bool:
 
 def default_captioner(base_model: str) -> str:
     """The demo captioner for the demo model; otherwise the first captioner present here."""
-    from sdlora.training.presets import is_demo_model
-
     if is_demo_model(base_model):
         return DEMO.name
     present = [spec.name for spec in CAPTIONERS.values() if spec is not DEMO and is_present(spec)]

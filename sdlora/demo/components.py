@@ -16,6 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdlora.assets import DEMO_MARKER
 from sdlora.demo.shapes import SIZE
 from sdlora.demo.tokenizer import write_vocab_files
 
@@ -28,7 +29,7 @@ SCHEDULE = dict(
     beta_schedule="scaled_linear",
     steps_offset=1,
 )
-BUILD_INFO = "sdlora_demo.json"  # training state stored beside the weights, for resuming without build/
+BUILD_INFO = DEMO_MARKER  # training state stored beside the weights, for resuming without build/
 
 
 def make_vae() -> AutoencoderKL:

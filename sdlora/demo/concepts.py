@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdlora.assets import EXAMPLE_CONCEPTS, REGULARIZATION
 from sdlora.demo.shapes import (
     BACKGROUNDS,
     BASE_COLOURS,
@@ -152,8 +153,8 @@ def export_regularization(folder: Path, seed: int = 0, count: int = REGULARIZATI
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/concepts"))
-    parser.add_argument("--regularization-out", type=Path, default=Path("assets/regularization"))
+    parser.add_argument("--out", type=Path, default=EXAMPLE_CONCEPTS)
+    parser.add_argument("--regularization-out", type=Path, default=REGULARIZATION)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for target in export_concepts(args.out, args.seed):

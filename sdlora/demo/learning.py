@@ -16,18 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
+from sdlora.assets import DEMO_MARKER, DEMO_MODEL, EXAMPLE_CONCEPTS
 from sdlora.captioning.captions import CaptionOptions, caption_images, write_caption_files
-from sdlora.config import DataConfig, TrainConfig
+from sdlora.config import TrainConfig
 from sdlora.demo.captioner import DemoCaptioner
 from sdlora.demo.evaluate import Reading, classify
 from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
 from sdlora.library.store import AdapterLibrary
+from sdlora.settings import train_config_from
 from sdlora.training.loop import train
-from sdlora.training.presets import DEMO_MODEL, PRESETS, apply_preset
 
 TRIGGER = "sks"
-CONCEPTS_DIR = DEMO_MODEL.parent / "concepts"
+CONCEPTS_DIR = EXAMPLE_CONCEPTS
 GUIDANCE = 6.0  # what docs/demo-model.md's report measures the base with
 COLOUR_TARGET, SHAPE_TARGET = 0.9, 0.8
 
@@ -39,7 +40,7 @@ def base_not_ready(model: Path = DEMO_MODEL) -> str | None:
     learning checks wait for a report (python -m sdlora.demo.report) of the shipped weights
     that meets the base's own targets.
     """
-    info_path = model / "sdlora_demo.json"
+    info_path = model / DEMO_MARKER
     if not (model / "model_index.json").exists() or not info_path.exists():
         return "the demo model is not built yet (python -m sdlora.demo.build)"
     info = json.loads(info_path.read_text())
@@ -109,14 +110,13 @@ def lesson_config(
 ) -> TrainConfig:
     """The demo preset on the lesson's example folder (or `images`); what a first-time user gets."""
     folder = images or CONCEPTS_DIR / lesson.name
-    base = TrainConfig(
-        base_model=str(DEMO_MODEL),
-        output_dir=str(output_dir),
-        name=lesson.name,
-        final_preview=False,
-        data=DataConfig(images=str(folder), trigger_word=TRIGGER),
-    )
-    config = apply_preset(base, PRESETS["Demo"])
+    values = {
+        "output_dir": str(output_dir),
+        "name": lesson.name,
+        "final_preview": False,
+        "data": {"images": str(folder), "trigger_word": TRIGGER},
+    }
+    config = train_config_from(values, base_model=str(DEMO_MODEL), source=f"lesson {lesson.name}")
     return replace(config, steps=steps or config.steps, **changes)
 
 

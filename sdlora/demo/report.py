@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sdlora.assets import DEMO_MARKER, DEMO_MODEL
 from sdlora.demo.evaluate import classify
 from sdlora.demo.shapes import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
 
@@ -104,7 +105,7 @@ def _steps_text(info: dict) -> str:
 
 def summary(report: Report, model: Path, steps: int, guidance: float) -> str:
     """Markdown block with overall and per-pair figures."""
-    info_path = model / "sdlora_demo.json"
+    info_path = model / DEMO_MARKER
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     seconds = [r["seconds"] for r in report.rows]
     lines = [
@@ -151,7 +152,7 @@ def write_summary(block: str) -> None:
 def main(argv: list[str] | None = None) -> str:
     """Command line entry point; returns the markdown block it wrote."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("assets/demo-model"))
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--per-pair", type=int, default=9, help="images per colour x shape pair")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=6.0)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
 
 def record_in_model(report: Report, model: Path, steps: int, guidance: float) -> None:
     """Note the figures beside the weights they measure; the next export replaces both."""
-    info_path = model / "sdlora_demo.json"
+    info_path = model / DEMO_MARKER
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info["report"] = {
         "unet_step": info.get("steps", {}).get("unet"),

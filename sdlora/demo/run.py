@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdlora.assets import DEMO_MODEL
 from sdlora.demo.shapes import render
 
 
@@ -21,7 +22,7 @@ class BuildConfig:
     """Knobs of the demo build; the defaults are the recipe the shipped model used."""
 
     seed: int = 0  # every image, initial weight and noise draw derives from it
-    out: Path = Path("assets/demo-model")  # exported fp16 diffusers folder
+    out: Path = DEMO_MODEL  # exported fp16 diffusers folder
     work: Path = Path("build/demo")  # full checkpoint, latent cache, log
     vae_steps: tuple[int, int] = (700, 1500)  # steps of stage vae1 and vae2
     vae_lr: tuple[float, float] = (1e-3, 2e-4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdlora.demo.components import BUILD_INFO, make_text_encoder, make_unet, make_vae
+from sdlora.library.formats.files import atomic_write
 
 STAGES = ("vae1", "vae2", "decoder", "cache", "unet", "done")
 
@@ -57,10 +57,7 @@ class BuildState:
             "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
             "unet_opt": self.unet_opt.state_dict() if self.unet_opt else None,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def fresh_state(tokenizer: CLIPTokenizer, seed: int) -> BuildState:

@@ -14,9 +14,7 @@ import dataclasses
 import fcntl
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from pathlib import Path
 from sdlora.config import TrainConfig
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
 from sdlora.events import BackgroundRun, Event, EventCallback, Finished, Started, Step, StopFlag
+from sdlora.library.formats.files import TEMP_FILE, atomic_write_text
 from sdlora.training.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)  # one line per job on a server console
@@ -60,6 +59,7 @@ class Job:
     stop_requested: bool = False  # set by `queue cancel` on a running job in another process
 
     def train_config(self) -> TrainConfig:
+        """The job's settings, read back strictly (they were checked when the job was queued)."""
         return TrainConfig.from_dict(self.config, source=f"queued job {self.id}")
 
 
@@ -118,20 +118,10 @@ class JobQueue:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, state: dict) -> None:
-        # The same temp-and-rename as sdlora.library.formats.atomic_write, which imports torch; the queue must not.
         text = json.dumps(
             {"next_id": state["next_id"], "jobs": [dataclasses.asdict(j) for j in state["jobs"]]}, indent=2
         )
-        fd, tmp = tempfile.mkstemp(prefix=".queue.json.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, text + "\n")
 
     def _update(self, job_id: str, **changes) -> Job:
         with self._changing() as state:
@@ -142,7 +132,7 @@ class JobQueue:
     # -- what users do ---------------------------------------------------------------------------
 
     def add(self, config: TrainConfig) -> Job:
-        """Queue a job: check its settings, copy its concept images into the job, and put it last."""
+        """Queue a job on a checked config (sdlora.settings.train_config_from): copy its images in, put it last."""
         # A job may run in another process with another working folder: local paths are made absolute.
         config = config.replace(
             output_dir=str(self.adapters_dir),
@@ -153,7 +143,6 @@ class JobQueue:
         )
         if config.checkpoint_every == 0:
             config = config.replace(checkpoint_every=max(1, config.steps // CHECKPOINTS_PER_JOB))
-        config.validate()
         source = Path(config.data.images)
         if not source.is_dir():
             raise ConceptImagesError(f"the concept images folder {source} does not exist")
@@ -268,7 +257,8 @@ class JobQueue:
         """Remove temp files of a queue write cut short by a killed process (the queue file itself is whole)."""
         with self._changing():
             for tmp in self.folder.glob(".queue.json.*.tmp"):
-                tmp.unlink(missing_ok=True)
+                if TEMP_FILE.match(tmp.name):
+                    tmp.unlink(missing_ok=True)
 
     def claim_next(self) -> Job | None:
         """The job to run now, marked running: an interrupted one first, else the first queued one."""

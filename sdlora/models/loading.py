@@ -15,11 +15,20 @@ import torch
 
 from sdlora import runtime
 from sdlora.errors import ModelLoadError
+from sdlora.models.families import (
+    FAMILIES,
+    Family,
+    family_named,
+    family_of,
+    family_of_pipeline,
+    pipeline_classes,
+)
+from sdlora.models.families.unet import cross_attention_width
 from sdlora.models.hub import looks_like_path, not_in_cache, offline
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = pipeline_classes()
 # diffusers builds models under accelerate's empty-weights context, which patches torch for the whole
 # process: two loads at once (the app's warm-up beside a training run) left one with meta tensors.
 _LOADING = threading.Lock()
@@ -29,15 +38,20 @@ _LOADING = threading.Lock()
 class ModelInfo:
     """What kind of Stable Diffusion a base model is, read from its own config."""
 
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # the family's stored name (sdlora.models.families)
     prediction_type: str  # "epsilon" or "v_prediction"
     resolution: int  # native training resolution in pixels
     cross_attention_dim: int
 
     @property
+    def model_family(self) -> Family:
+        """Everything that differs between families: ids, conditioning, objective."""
+        return family_named(self.family)
+
+    @property
     def kohya_version(self) -> str:
         """The value kohya writes in ss_base_model_version."""
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
+        return self.model_family.kohya_version
 
 
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
@@ -110,11 +124,7 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
             f"{source} is a {class_name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL"
         )
     pipeline_class = getattr(diffusers, class_name)
-    extra = (
-        {"safety_checker": None, "requires_safety_checker": False}
-        if class_name == SUPPORTED_PIPELINES[0]
-        else {}
-    )
+    extra = next(f.load_options for f in FAMILIES if class_name in f.pipeline_classes)
     try:
         return pipeline_class.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only, **extra)
     except (OSError, ValueError) as exc:
@@ -124,22 +134,15 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
 def inspect_pipeline(pipeline) -> ModelInfo:
     """Family, prediction type and native resolution from the pipeline's own configs."""
     prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
-    family, resolution, cross_dim = family_and_resolution(
-        dict(pipeline.unet.config), dict(pipeline.vae.config)
-    )
-    return ModelInfo(family, prediction_type, resolution, cross_dim)
+    family = family_of_pipeline(pipeline)
+    denoiser = dict(getattr(pipeline, family.denoiser).config)
+    resolution = family.native_resolution(denoiser, dict(pipeline.vae.config))
+    return ModelInfo(family.name, prediction_type, resolution, cross_attention_width(denoiser) or 0)
 
 
-def family_and_resolution(unet_config: dict, vae_config: dict) -> tuple[str, int, int]:
-    """(family, native resolution in pixels, cross-attention width) from the UNet's and VAE's configs,
-    whether they come from a loaded model or straight from its JSON files."""
-    cross = unet_config.get("cross_attention_dim")
-    cross_dim = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
-    if unet_config.get("addition_embed_type") == "text_time":
-        family = "sdxl"  # the size and pooled-text conditioning only SDXL has
-    elif cross_dim == 1024:
-        family = "sd2"
-    else:
-        family = "sd1"  # 768 for real SD 1.x; tiny test and demo models share its layout
-    resolution = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return family, resolution, cross_dim
+def family_and_resolution(denoiser_config: dict, vae_config: dict) -> tuple[str, int, int]:
+    """(family, native resolution in pixels, text conditioning width) from the denoiser's and VAE's
+    configs, whether they come from a loaded model or straight from its JSON files."""
+    family = family_of(denoiser_config)
+    resolution = family.native_resolution(denoiser_config, vae_config)
+    return family.name, resolution, cross_attention_width(denoiser_config) or 0

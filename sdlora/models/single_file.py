@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdlora.errors import ModelLoadError
+from sdlora.models.families import Family, family_named, family_of_single_file
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, SchedulerMixin
@@ -44,18 +45,6 @@ TOKENIZER_HELP = (
     f"Hugging Face cache), or put both files in a folder and set {TOKENIZER_ENV} to that folder"
 )
 
-# Prefixes of each part's weights in the original (LDM/SGM) layout, per architecture.
-UNET, VAE = ("model.diffusion_model.",), ("first_stage_model.", "vae.")
-PARTS = {
-    "sd1": {"UNet": UNET, "VAE": VAE, "text encoder": ("cond_stage_model.transformer.",)},
-    "sd2": {"UNet": UNET, "VAE": VAE, "text encoder": ("cond_stage_model.model.",)},
-    "sdxl": {
-        "UNet": UNET,
-        "VAE": VAE,
-        "first text encoder": ("conditioner.embedders.0.transformer.",),
-        "second text encoder": ("conditioner.embedders.1.model.",),
-    },
-}
 # diffusers' names for the Stable Diffusion variants we recognise but cannot train on.
 REFUSED = {
     "inpainting": "an SD 1.x inpainting model",
@@ -73,19 +62,13 @@ SD2_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1
 class CheckpointInfo:
     """What a single-file checkpoint holds, read from its header."""
 
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # the family's stored name (sdlora.models.families)
     prediction_type: str  # "epsilon" or "v_prediction"
 
     @property
     def architecture(self) -> str:
         """The config folder under models/configs, named like Stability's ModelSpec architecture ids."""
-        if self.family == "sd2":
-            return (
-                "stable-diffusion-v2-768-v"
-                if self.prediction_type == "v_prediction"
-                else "stable-diffusion-v2-512"
-            )
-        return {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}[self.family]
+        return family_named(self.family).config_folder(self.prediction_type)
 
 
 def load_single_file_pipeline(
@@ -122,13 +105,13 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     """Which Stable Diffusion a .safetensors file holds, from its header; refuses anything else."""
     shapes, metadata = _read_header(path)
     family = _family(path, shapes)
-    for part, prefixes in PARTS[family].items():
+    for part, prefixes in family.single_file_parts.items():
         if not any(key.startswith(prefixes) for key in shapes):
             raise ModelLoadError(
                 f"{path} has no {part} weights; sdlora needs a complete checkpoint (UNet, VAE "
                 "and text encoder): use the full model file or a diffusers folder"
             )
-    return CheckpointInfo(family, _prediction_type(path, family, shapes, metadata))
+    return CheckpointInfo(family.name, _prediction_type(path, family, shapes, metadata))
 
 
 def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -152,8 +135,8 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
     return shapes, metadata
 
 
-def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    """sd1, sd2 or sdxl, by diffusers' own key-based detection; anything else is refused."""
+def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> Family:
+    """The family, by diffusers' own key-based detection; anything else is refused."""
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
 
     # Shape-only stand-ins: diffusers' detection looks at key names and shapes, never values.
@@ -162,13 +145,10 @@ def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
         kind = infer_diffusers_model_type(stand_ins)
     except (KeyError, IndexError, ValueError, RuntimeError):
         kind = "unknown"
-    if kind == "v2":
-        return "sd2"
-    if kind == "xl_base":
-        return "sdxl"
+    family = family_of_single_file(kind)
     # "v1" is also diffusers' answer for anything it does not recognise, so confirm it.
-    if kind == "v1" and CHECKPOINT_KEY_NAMES["v1"] in shapes:
-        return "sd1"
+    if family is not None and (kind != "v1" or CHECKPOINT_KEY_NAMES["v1"] in shapes):
+        return family
     if kind in REFUSED:
         what = REFUSED[kind]
     elif any("lora" in key.lower() for key in shapes):
@@ -185,7 +165,7 @@ def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def _prediction_type(
-    path: Path, family: str, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
+    path: Path, family: Family, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
 ) -> str:
     """epsilon or v_prediction: declared metadata first, then marker keys, then (SD 2.x only) the weights."""
     declared = metadata.get("modelspec.prediction_type", "").strip().lower()
@@ -200,7 +180,7 @@ def _prediction_type(
         return "epsilon"
     if "v_pred" in shapes:  # marker key that merging tools add to v-prediction models
         return "v_prediction"
-    if family != "sd2":
+    if not family.prediction_from_weights():
         return "epsilon"
     if SD2_PROBE not in shapes:
         return "v_prediction"  # SD 2.0-v and 2.1, the common 2.x models, are v-prediction

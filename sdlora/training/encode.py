@@ -1,50 +1,42 @@
-"""Encode concept images and captions once, so training steps touch only the UNet.
+"""Encode concept images and captions once, so training steps touch only the denoiser.
 
 The VAE always runs in float32: SD and SDXL VAEs overflow in half precision, the usual
 cause of NaN losses and black images. Images keep their bucket's size; batches are drawn
-from one bucket at a time. For SDXL the cache also holds the second text encoder's pooled
-embedding and each image's size conditioning (original size, crop, target size).
+from one bucket at a time. The family turns captions into conditioning: the embeddings,
+and any further inputs by name in `extras` (SDXL: the pooled embedding and each image's
+size conditioning).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from sdlora.models.families import Family, family_of_pipeline
+from sdlora.models.families.unet import encode_prompts  # noqa: F401 - bench/train_speed.py reads it here
 from sdlora.training.data import ConceptImage, image_to_tensor_array
 
 ENCODE_BATCH = 4
-PROMPT_BATCH = 16
 
 
 @dataclass
 class Batch:
-    """What one UNet call trains on."""
+    """What one denoiser call trains on."""
 
     latents: torch.Tensor
     embeddings: torch.Tensor
-    pooled: torch.Tensor | None = None  # SDXL: the second text encoder's pooled embedding
-    time_ids: torch.Tensor | None = None  # SDXL: original size, crop top-left, target size
-
-    def added_cond_kwargs(self) -> dict | None:
-        if self.pooled is None:
-            return None
-        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's further inputs, by name
 
     def fits(self, other: Batch) -> bool:
         return self.latents.shape[1:] == other.latents.shape[1:]
 
     def cat(self, other: Batch) -> Batch:
-        def join(a, b):
-            return None if a is None else torch.cat([a, b])
-
         return Batch(
             torch.cat([self.latents, other.latents]),
             torch.cat([self.embeddings, other.embeddings]),
-            join(self.pooled, other.pooled),
-            join(self.time_ids, other.time_ids),
+            {name: torch.cat([value, other.extras[name]]) for name, value in self.extras.items()},
         )
 
 
@@ -55,8 +47,7 @@ class EncodedConcepts:
     latents: list[torch.Tensor]  # (4, h, w) each; h, w from the example's bucket
     embeddings: torch.Tensor
     buckets: list[str]
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # one row per example, by name
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -95,13 +86,9 @@ class EncodedConcepts:
         return torch.tensor(picked)
 
     def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
-        rows = index.tolist()
-
-        def pick(t):
-            return None if t is None else t[index].to(device)
-
-        latents = torch.stack([self.latents[i] for i in rows]).to(device)
-        return Batch(latents, self.embeddings[index].to(device), pick(self.pooled), pick(self.time_ids))
+        latents = torch.stack([self.latents[i] for i in index.tolist()]).to(device)
+        extras = {name: value[index].to(device) for name, value in self.extras.items()}
+        return Batch(latents, self.embeddings[index].to(device), extras)
 
 
 def batch_plan(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -113,38 +100,6 @@ def batch_plan(groups: list[list[int]], batch_size: int, seed: int, epoch: int) 
         order = [members[int(i)] for i in torch.randperm(len(members), generator=generator)]
         batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [batches[int(i)] for i in torch.randperm(len(batches), generator=generator)]
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Text embeddings as Stable Diffusion's pipeline makes them (last hidden state, padded to max length)."""
-    tokens = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return text_encoder(tokens.input_ids.to(device))[0].float()
-
-
-@torch.no_grad()
-def encode_sdxl_prompts(
-    pipeline, prompts: list[str], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's conditioning as its pipeline makes it: both encoders' penultimate states side by side,
-    and the second encoder's pooled embedding."""
-    embeddings, pooled = [], []
-    for i in range(0, len(prompts), PROMPT_BATCH):
-        embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
-            prompts[i : i + PROMPT_BATCH],
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
-        embeddings.append(embeds.float().cpu())
-        pooled.append(pooled_embeds.float().cpu())
-    return torch.cat(embeddings), torch.cat(pooled)
 
 
 @torch.no_grad()
@@ -167,9 +122,9 @@ def encode_images(vae, images: list, device: torch.device) -> list[torch.Tensor]
 
 
 def encode_concepts(
-    pipeline, concepts: list[ConceptImage], flip: bool, device: torch.device
+    pipeline, concepts: list[ConceptImage], flip: bool, device: torch.device, family: Family | None = None
 ) -> EncodedConcepts:
-    """Latents and conditioning for every concept image (and its mirror image when `flip`)."""
+    """Latents and the family's conditioning for every concept image (and its mirror image when `flip`)."""
     if pipeline.vae.dtype != torch.float32:
         pipeline.vae.to(dtype=torch.float32)
     pipeline.vae.to(device)
@@ -183,21 +138,14 @@ def encode_concepts(
         time_ids += [c.placement.time_ids(mirrored=True) for c in concepts]
         buckets += buckets
     latents = encode_images(pipeline.vae, images, device)
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        pipeline.text_encoder.to(device)
-        pipeline.text_encoder_2.to(device)
-        embeddings, pooled = encode_sdxl_prompts(pipeline, captions, device)
-        return EncodedConcepts(
-            latents, embeddings, buckets, pooled, torch.tensor(time_ids, dtype=torch.float32)
-        )
-    pipeline.text_encoder.to(device)
-    embeddings = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, captions, device).cpu()
-    return EncodedConcepts(latents, embeddings, buckets)
+    family = family or family_of_pipeline(pipeline)
+    embeddings, extras = family.encode_captions(pipeline, captions, time_ids, device)
+    return EncodedConcepts(latents, embeddings, buckets, extras)
 
 
 def frozen_parts_to(pipeline, device: torch.device) -> None:
     """Move the VAE and text encoders: once their outputs are cached they wait on the CPU, so a GPU holds
-    only the UNet (SDXL's two text encoders alone are 1.6 GB in half precision); previews bring them back."""
+    only the denoiser (SDXL's two text encoders alone are 1.6 GB in half precision); previews bring them back."""
     for part in ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipeline, part, None)
         if module is not None:

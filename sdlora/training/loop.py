@@ -9,29 +9,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
 
 from sdlora.config import TrainConfig, check_image_size
-from sdlora.errors import ConfigError, OutOfMemory, SdloraError, TrainingDiverged
-from sdlora.events import EventCallback, Failed, Finished, Saved, Started, Step, StopFlag, Throughput
+from sdlora.errors import OutOfMemory, SdloraError, TrainingDiverged
+from sdlora.events import EventCallback, Failed, Finished, Preview, Saved, Started, Step, StopFlag, Throughput
 from sdlora.library.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
 from sdlora.library.formats.names import UNetBlocks
-from sdlora.models.loading import inspect_pipeline, load_pipeline
+from sdlora.models.families import Family
+from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
 from sdlora.training import checkpoints
 from sdlora.training.buckets import bucket_step
 from sdlora.training.checkpoints import adapter_path
-from sdlora.training.data import bucket_counts, load_concept_images, load_regularization_images, tag_frequency
-from sdlora.training.encode import Batch, EncodedConcepts, encode_concepts, frozen_parts_to
+from sdlora.training.data import (
+    ConceptSet,
+    bucket_counts,
+    load_concept_images,
+    load_regularization_images,
+    tag_frequency,
+)
+from sdlora.training.devices import (
+    cpu_only,
+    cpu_threads,
+    frozen_weight_dtype,
+    out_of_memory_advice,
+    resolve_mixed_precision,
+)
+from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
+from sdlora.training.step import Run, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -82,27 +95,22 @@ def train(
         torch.set_num_threads(threads)
 
 
-def out_of_memory_advice(config: TrainConfig) -> str:
-    """What to change, in order of how little it costs the result."""
-    hints = []
-    if config.batch_size > 1:
-        hints.append(
-            f"--batch-size 1 --gradient-accumulation-steps {config.batch_size} (same effective batch)"
-        )
-    if not config.gradient_checkpointing:
-        hints.append("--gradient-checkpointing (about a third of the activation memory, ~20% slower)")
-    if config.mixed_precision in ("auto", "no") and torch.cuda.is_available():
-        hints.append("--mixed-precision fp16 or bf16")
-    if config.optimizer == "adamw":
-        hints.append("--optimizer adamw8bit or adafactor (smaller optimizer state)")
-    if config.data.resolution > 512:
-        hints.append(
-            f"--resolution {config.data.resolution * 3 // 4 // 64 * 64} (now {config.data.resolution})"
-        )
-    if config.lora.rank > 16:
-        hints.append(f"--rank 16 (now {config.lora.rank})")
-    advice = "; ".join(hints) or "a smaller base model or a machine with more memory"
-    return f"out of memory while training {config.name!r}. Try: {advice}. Checkpoints already saved are kept."
+@dataclass(frozen=True)
+class Prepared:
+    """What a run starts from: devices, the base model and its family, the images read."""
+
+    accelerator: Accelerator
+    pipeline: Any
+    family: Family
+    info: ModelInfo
+    concepts: ConceptSet
+    regularization: ConceptSet | None
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """The files left out, with why."""
+        problems = self.concepts.problems + (self.regularization.problems if self.regularization else [])
+        return tuple(str(p) for p in problems)
 
 
 def _train(
@@ -115,10 +123,20 @@ def _train(
     threads: int,
     replaceable: tuple | None = None,
 ) -> TrainResult:
-    # 1. Prepare: settings, devices, base model, concept images.
     config.validate()
     check_available(config)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
+    prepared = _prepare(config, files, pipeline)
+    encoded, encoded_prior = _encode_and_cache(config, prepared)
+    run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
+    start = _resume(run, resume_path)
+    emit(_started(run, prepared, start))
+    step, loss_value = _train_steps(run, prepared, emit, stop, start)
+    return _save(run, prepared, emit, step, loss_value, replaceable)
+
+
+def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared:
+    """Devices, the seed, the base model (loaded unless given) and the concept and regularisation images."""
     accelerator = Accelerator(
         cpu=cpu_only(),
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
@@ -131,115 +149,153 @@ def _train(
     step_px = bucket_step(pipeline.vae_scale_factor)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
-    skipped = tuple(str(p) for p in concepts.problems + (regularization.problems if regularization else []))
+    return Prepared(accelerator, pipeline, info.model_family, info, concepts, regularization)
 
-    # 2. Encode once: the VAE (always float32: a half-precision VAE overflows into NaN)
-    #    and the frozen text encoder are not trained, so their outputs are cached.
-    encoded = encode_concepts(pipeline, concepts.images, config.data.flip, accelerator.device)
-    encoded_prior = (
-        encode_concepts(pipeline, regularization.images, config.data.flip, accelerator.device)
-        if regularization
-        else None
-    )
 
-    if accelerator.device.type == "cuda":
+def _encode_and_cache(
+    config: TrainConfig, prepared: Prepared
+) -> tuple[EncodedConcepts, EncodedConcepts | None]:
+    """Encode once: the VAE (always float32: a half-precision VAE overflows into NaN) and the frozen
+    text encoders are not trained, so their outputs are cached; on a GPU they then wait on the CPU."""
+    pipeline, device, family = prepared.pipeline, prepared.accelerator.device, prepared.family
+    encoded = encode_concepts(pipeline, prepared.concepts.images, config.data.flip, device, family)
+    encoded_prior = None
+    if prepared.regularization:
+        images = prepared.regularization.images
+        encoded_prior = encode_concepts(pipeline, images, config.data.flip, device, family)
+    if device.type == "cuda":
         frozen_parts_to(pipeline, torch.device("cpu"))
+    return encoded, encoded_prior
 
-    # 3. Adapter, optimizer, schedule.
-    unet = pipeline.unet
+
+def _build_adapter(
+    config: TrainConfig,
+    prepared: Prepared,
+    encoded: EncodedConcepts,
+    encoded_prior: EncodedConcepts | None,
+    threads: int,
+) -> Run:
+    """The adapter on the family's denoiser, its optimizer and learning-rate schedule, and the objective."""
+    accelerator = prepared.accelerator
+    denoiser = getattr(prepared.pipeline, prepared.family.denoiser)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, threads))
-    if unet.dtype != frozen_weight_dtype(accelerator):
-        unet.to(dtype=frozen_weight_dtype(accelerator))
-    unet.to(accelerator.device)
-    add_lora(unet, config.lora)
+    if denoiser.dtype != frozen_weight_dtype(accelerator):
+        denoiser.to(dtype=frozen_weight_dtype(accelerator))
+    denoiser.to(accelerator.device)
+    add_lora(denoiser, config.lora)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trainable, total = parameter_counts(unet)
-    optimizer = make_optimizer(config, trainable_parameters(unet))
+        denoiser.enable_gradient_checkpointing()
+    optimizer = make_optimizer(config, trainable_parameters(denoiser))
     lr_schedule = get_scheduler(
         "constant_with_warmup" if config.lr_schedule == "constant" else "cosine",
         optimizer=optimizer,
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
         num_training_steps=config.steps * accelerator.num_processes,
     )
-    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
     checkpoints.register_lora_only_hooks(accelerator)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    objective = prepared.family.objective(
+        prepared.pipeline.scheduler.config,
+        prepared.info.prediction_type,
+        min_snr_gamma=config.min_snr_gamma,
+        noise_offset=config.noise_offset,
+    )
+    return Run(config, accelerator, denoiser, optimizer, lr_schedule, objective, encoded, encoded_prior)
 
-    start = 0
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        start = checkpoints.checkpoint_step(resume_path)
-    emit(
-        Started(
-            total_steps=config.steps,
-            start_step=start,
-            image_count=len(concepts.images),
-            trainable_parameters=trainable,
-            total_parameters=total,
-            skipped_files=skipped,
-            device=str(accelerator.device),
-            mixed_precision=accelerator.mixed_precision,
-            buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items()),
-            notices=tuple(
-                str(n) for n in concepts.notices + (regularization.notices if regularization else [])
-            ),
-        )
+
+def _resume(run: Run, resume_path: Path | None) -> int:
+    """The step to start from: 0, or a checkpoint's step after loading its adapter and optimizer state."""
+    if resume_path is None:
+        return 0
+    run.accelerator.load_state(str(resume_path))
+    return checkpoints.checkpoint_step(resume_path)
+
+
+def _started(run: Run, prepared: Prepared, start: int) -> Started:
+    """The event that opens a run: what it trains, on what, with which images."""
+    trainable, total = parameter_counts(run.denoiser)
+    concepts, regularization = prepared.concepts, prepared.regularization
+    return Started(
+        total_steps=run.config.steps,
+        start_step=start,
+        image_count=len(concepts.images),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        skipped_files=prepared.skipped,
+        device=str(run.accelerator.device),
+        mixed_precision=run.accelerator.mixed_precision,
+        buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items()),
+        notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else [])),
     )
 
-    # 4. The loop.
-    # Default preview: a caption the adapter was trained on (with the trigger), so the previews
-    # show the concept as it was taught rather than a bare trigger word the base cannot draw.
-    preview_prompts = config.preview_prompts or (concepts.images[0].caption,)
+
+def _train_steps(
+    run: Run, prepared: Prepared, emit: EventCallback, stop: StopFlag, start: int
+) -> tuple[int, float]:
+    """Steps until the last or a stop request: each logged, checkpointed and previewed as configured."""
+    config = run.config
+    preview_prompts = _preview_prompts(config, prepared)
     throughput, loss_value, step = Throughput(), float("nan"), start
     throughput.tick()
-    unet.train()
+    run.denoiser.train()
     while step < config.steps and not stop.requested:
-        loss_value = _optimizer_step(
-            config,
-            accelerator,
-            unet,
-            optimizer,
-            lr_schedule,
-            noise_scheduler,
-            encoded,
-            encoded_prior,
-            info.prediction_type,
-            step,
-        )
+        loss_value = optimizer_step(run, step)
         if not math.isfinite(loss_value):
-            last = checkpoints.list_checkpoints(checkpoints.checkpoint_folder(config))
-            error = TrainingDiverged(
-                f"loss became {loss_value} at step {step + 1}; training stopped. "
-                + (
-                    f"The last good checkpoint is {last[-1]} (resume with --resume latest and a lower --lr)."
-                    if last
-                    else "No checkpoint was saved yet; lower --lr, or use --mixed-precision no/bf16."
-                )
-            )
-            error.step = step + 1
-            raise error
+            raise _diverged(config, loss_value, step + 1)
         step += 1
         throughput.tick()
-        sps = throughput.seconds_per_step()
-        emit(
-            Step(
-                step=step,
-                total_steps=config.steps,
-                loss=loss_value,
-                learning_rate=lr_schedule.get_last_lr()[0],
-                seconds_per_step=sps,
-                eta_seconds=sps * (config.steps - step),
-            )
-        )
+        emit(_logged(run, step, loss_value, throughput.seconds_per_step()))
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            emit(Saved(step, str(checkpoints.save_checkpoint(accelerator, config, step)), "checkpoint"))
-        if config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
-            emit(render_previews(pipeline, accelerator, unet, config, preview_prompts, step))
-            unet.train()
+            emit(Saved(step, str(checkpoints.save_checkpoint(run.accelerator, config, step)), "checkpoint"))
+        if config.preview_every and step % config.preview_every == 0 and run.accelerator.is_main_process:
+            emit(
+                render_previews(
+                    prepared.pipeline, run.accelerator, run.denoiser, config, preview_prompts, step
+                )
+            )
+            run.denoiser.train()
+    return step, loss_value
 
-    # 5. Save: a checkpoint to resume from, and the adapter with its metadata and config.
+
+def _preview_prompts(config: TrainConfig, prepared: Prepared) -> tuple[str, ...]:
+    """The configured prompts, else a caption the adapter was trained on (with the trigger): the
+    previews then show the concept as it was taught, not a bare trigger word the base cannot draw."""
+    return config.preview_prompts or (prepared.concepts.images[0].caption,)
+
+
+def _diverged(config: TrainConfig, loss_value: float, step: int) -> TrainingDiverged:
+    """The error for a loss that stopped being a number, pointing at the last good checkpoint."""
+    last = checkpoints.list_checkpoints(checkpoints.checkpoint_folder(config))
+    error = TrainingDiverged(
+        f"loss became {loss_value} at step {step}; training stopped. "
+        + (
+            f"The last good checkpoint is {last[-1]} (resume with --resume latest and a lower --lr)."
+            if last
+            else "No checkpoint was saved yet; lower --lr, or use --mixed-precision no/bf16."
+        )
+    )
+    error.step = step
+    return error
+
+
+def _logged(run: Run, step: int, loss_value: float, seconds_per_step: float) -> Step:
+    """The progress event of one finished step."""
+    return Step(
+        step=step,
+        total_steps=run.config.steps,
+        loss=loss_value,
+        learning_rate=run.lr_schedule.get_last_lr()[0],
+        seconds_per_step=seconds_per_step,
+        eta_seconds=seconds_per_step * (run.config.steps - step),
+    )
+
+
+def _save(
+    run: Run, prepared: Prepared, emit: EventCallback, step: int, loss_value: float, replaceable: tuple | None
+) -> TrainResult:
+    """A checkpoint to resume from, and the adapter with its metadata, config and final preview."""
+    config, accelerator, skipped = run.config, run.accelerator, prepared.skipped
     if step == 0:  # stopped before the first step: an untrained adapter is all zeros, worth no file
         message = "stopped before the first step; no adapter was saved"
         emit(Finished(step=0, adapter_path="", stopped_early=True, message=message))
@@ -249,35 +305,10 @@ def _train(
     path, message = checkpoints.free_adapter_path(config, replaceable)
     config_path = path.with_name(path.name.removesuffix(".safetensors") + ".config.json")
     if accelerator.is_main_process:
-        captions = [c.caption for c in concepts.images]
-        metadata = training_metadata(
-            config,
-            info,
-            step,
-            captions,
-            tag_frequency(captions),
-            processes=accelerator.num_processes,
-            regularization_images=len(regularization.images) if regularization else 0,
-        )
-        trained = accelerator.unwrap_model(unet)
-        adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha)
-        write_adapter(
-            path,
-            adapter,
-            "kohya",
-            family=info.family,
-            blocks=UNetBlocks.of(trained.config),
-            metadata=metadata,
-        )
-        atomic_write_text(config_path, config.to_json() + "\n")
+        _write_adapter(run, prepared, path, config_path, step)
         emit(Saved(step, str(path), "adapter"))
         if config.final_preview:
-            preview = render_previews(pipeline, accelerator, unet, config, preview_prompts, step)
-            atomic_write(
-                path.with_name(path.name.removesuffix(".safetensors") + ".preview.png"),
-                lambda tmp: preview.images[0].save(tmp, format="PNG"),
-            )
-            emit(preview)
+            emit(_final_preview(run, prepared, path, step))
     accelerator.wait_for_everyone()
     stopped = step < config.steps
     emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped, message=message))
@@ -285,167 +316,33 @@ def _train(
     return TrainResult(path, config_path, step, stopped, loss_value, skipped, message)
 
 
-def _optimizer_step(
-    config: TrainConfig,
-    accelerator: Accelerator,
-    unet,
-    optimizer,
-    lr_schedule,
-    noise_scheduler,
-    encoded: EncodedConcepts,
-    encoded_prior: EncodedConcepts | None,
-    prediction_type: str,
-    step: int,
-) -> float:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss.
-
-    With regularisation images, each micro-batch also holds as many of them as concept
-    images (DreamBooth's prior preservation), weighted by `prior_loss_weight`.
-    """
-    losses = []
-    for micro in range(config.gradient_accumulation_steps):
-        # Noise, timesteps and image order are a pure function of (seed, step, process):
-        # a resumed run draws exactly what an uninterrupted one would.
-        generator = torch.Generator().manual_seed(
-            ((config.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index
-        )
-        index = encoded.batch_indices(
-            config.seed,
-            step * config.gradient_accumulation_steps + micro,
-            config.batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
-        batch = encoded.batch(index, accelerator.device)
-        prior = None
-        if encoded_prior is not None:
-            prior_index = encoded_prior.batch_indices(
-                config.seed + 1,
-                step * config.gradient_accumulation_steps + micro,
-                config.batch_size,
-                accelerator.process_index,
-                accelerator.num_processes,
-            )
-            prior = encoded_prior.batch(prior_index, accelerator.device)
-        with accelerator.accumulate(unet):
-            loss = batch_loss(config, unet, noise_scheduler, batch, prior, generator, prediction_type)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable_parameters(unet), config.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-    return sum(losses) / len(losses)
+def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, step: int) -> None:
+    """The adapter file (kohya format, with kohya's and modelspec's metadata) and the config beside it."""
+    config, regularization = run.config, prepared.regularization
+    captions = [c.caption for c in prepared.concepts.images]
+    metadata = training_metadata(
+        config,
+        prepared.info,
+        step,
+        captions,
+        tag_frequency(captions),
+        processes=run.accelerator.num_processes,
+        regularization_images=len(regularization.images) if regularization else 0,
+    )
+    trained = run.accelerator.unwrap_model(run.denoiser)
+    adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha)
+    blocks = UNetBlocks.of(trained.config)
+    write_adapter(path, adapter, "kohya", family=prepared.family.name, blocks=blocks, metadata=metadata)
+    atomic_write_text(config_path, config.to_json() + "\n")
 
 
-def batch_loss(
-    config: TrainConfig,
-    unet,
-    noise_scheduler,
-    batch: Batch,
-    prior: Batch | None,
-    generator: torch.Generator,
-    prediction_type: str,
-) -> torch.Tensor:
-    """The concept batch's loss plus the weighted loss of its regularisation rows: one UNet call when
-    both are the same size, two when their buckets differ (the sum is the same)."""
-
-    def loss_of(rows: Batch, prior_samples: int = 0) -> torch.Tensor:
-        return diffusion_loss(
-            unet,
-            noise_scheduler,
-            rows.latents,
-            rows.embeddings,
-            generator,
-            prediction_type,
-            config.min_snr_gamma,
-            config.noise_offset,
-            prior_samples,
-            config.prior_loss_weight,
-            added_cond_kwargs=rows.added_cond_kwargs(),
-        )
-
-    if prior is None:
-        return loss_of(batch)
-    if batch.fits(prior):
-        return loss_of(batch.cat(prior), prior_samples=len(prior.latents))
-    return loss_of(batch) + config.prior_loss_weight * loss_of(prior)
-
-
-def diffusion_loss(
-    unet,
-    noise_scheduler,
-    latents: torch.Tensor,
-    embeddings: torch.Tensor,
-    generator: torch.Generator,
-    prediction_type: str,
-    min_snr_gamma: float = 0.0,
-    noise_offset: float = 0.0,
-    prior_samples: int = 0,
-    prior_loss_weight: float = 1.0,
-    added_cond_kwargs: dict | None = None,
-) -> torch.Tensor:
-    """MSE between the UNet's prediction and the epsilon or v target, optionally Min-SNR weighted.
-
-    The last `prior_samples` rows are regularisation images: their mean loss is added with
-    weight `prior_loss_weight` to the mean loss of the others. SDXL's pooled embedding and size
-    conditioning come in `added_cond_kwargs`.
-    """
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(
-            noise
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator
-    ).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    elif prediction_type == "epsilon":
-        target = noise
-    else:
-        raise ConfigError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
-    prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings, **extra).sample
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
-        per_sample = per_sample * weight
-    if prior_samples:
-        concept, prior = per_sample[:-prior_samples], per_sample[-prior_samples:]
-        return concept.mean() + prior_loss_weight * prior.mean()
-    return per_sample.mean()
-
-
-def cpu_threads(requested: int, available: int) -> int:
-    """Threads for CPU training: the requested count, else the caller's (torch's default: every core).
-
-    On an idle machine more threads won for every UNet measured, the tiny test models and the
-    demo model included (bench/train_speed.py); only when other work holds the cores do extra
-    OpenMP threads spin and lose, and then the user (or OMP_NUM_THREADS) says so.
-    """
-    return requested or available
-
-
-def cpu_only() -> bool:
-    """Without CUDA, say so to accelerate: only then does torchrun/accelerate launch use gloo across processes."""
-    return not torch.cuda.is_available()
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """'auto' -> bf16 or fp16 on a GPU, 'no' on a CPU; half precision on a CPU falls back to 'no'."""
-    if not torch.cuda.is_available():
-        # Measured on this project's CPUs: bf16 ran 4x slower and fp16 is silently ignored.
-        return "no"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
-
-
-def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
-    """Frozen UNet weights can sit in half precision; the adapter itself always trains in float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+def _final_preview(run: Run, prepared: Prepared, path: Path, step: int) -> Preview:
+    """The preview of the finished adapter, also saved beside it."""
+    config = run.config
+    prompts = _preview_prompts(config, prepared)
+    preview = render_previews(prepared.pipeline, run.accelerator, run.denoiser, config, prompts, step)
+    atomic_write(
+        path.with_name(path.name.removesuffix(".safetensors") + ".preview.png"),
+        lambda tmp: preview.images[0].save(tmp, format="PNG"),
+    )
+    return preview

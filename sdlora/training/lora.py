@@ -1,4 +1,4 @@
-"""Add a LoRA adapter to the UNet with peft, and read its weights back out.
+"""Add a LoRA adapter to a family's denoiser (the UNet today) with peft, and read its weights back out.
 
 W' = W + (alpha/r)·B·A with B initialised to zero, so an adapter that has not trained
 yet leaves the model exactly as it was.
@@ -26,11 +26,11 @@ def peft_config(spec: LoraSpec) -> LoraConfig:
     )
 
 
-def add_lora(unet: torch.nn.Module, spec: LoraSpec) -> None:
-    """Freeze the UNet and attach a trainable adapter to the spec's target modules."""
-    unet.requires_grad_(False)
-    unet.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
-    for param in trainable_parameters(unet):
+def add_lora(denoiser: torch.nn.Module, spec: LoraSpec) -> None:
+    """Freeze the denoiser and attach a trainable adapter to the spec's target modules."""
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
+    for param in trainable_parameters(denoiser):
         param.data = param.data.float()  # LoRA weights train in fp32 even over a half-precision base
 
 

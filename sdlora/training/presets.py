@@ -8,87 +8,74 @@ docs/demo-model.md and docs/benchmarks.md, learning section).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig
+from sdlora.assets import DEMO_MARKER, REGULARIZATION, is_demo_model
+from sdlora.config import TrainConfig, read_settings
+from sdlora.models.families import DEFAULT, family_named
 
 if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
     from sdlora.models.loading import ModelInfo
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
-DEMO_REGULARIZATION = DEMO_MODEL.parent / "regularization"
-
-
-@dataclass(frozen=True)
-class Preset:
-    rank: int
-    alpha: float
-    steps: int
-    learning_rate: float
-    resolution: int  # 0: the base model's native resolution
-    batch_size: int = 1
-    extra_target_modules: tuple[str, ...] = ()
-    regularization_images: str = ""
-    prior_loss_weight: float = 1.0  # the regularisation images' loss against the concept's
-    note: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    "Style": Preset(
-        rank=16,
-        alpha=16,
-        steps=1500,
-        learning_rate=1e-4,
-        resolution=0,
-        note="a look across many subjects: more steps, higher rank",
-    ),
-    "Character": Preset(
-        rank=16,
-        alpha=8,
-        steps=1200,
-        learning_rate=1e-4,
-        resolution=0,
-        note="a person or character: 10-30 varied images with captions work best",
-    ),
-    "Object": Preset(
-        rank=8,
-        alpha=8,
-        steps=800,
-        learning_rate=1e-4,
-        resolution=0,
-        note="one thing from several angles: low rank is enough",
-    ),
-    "Demo": Preset(
-        rank=16,
-        alpha=16,
-        steps=600,
-        learning_rate=2e-3,
-        resolution=64,
-        batch_size=4,
-        extra_target_modules=("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
-        regularization_images=str(DEMO_REGULARIZATION),
-        prior_loss_weight=2.0,
-        note="the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "
-        "adapts the ResNet convolutions and feed-forward layers as well as attention (a new shape "
-        "needs them); "
-        "trains beside 24 of the base's own scenes (assets/regularization), their loss weighted 2x, "
-        "so prompts without the trigger keep drawing what they asked for",
-    ),
+# Each preset is partial settings, keyed by TrainConfig field paths and read by the same strict reader
+# as a config file (read_settings), so a misspelt key fails loudly. data.resolution 0: the base
+# model's native resolution. The settings a preset leaves out keep their defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "Style": {
+        "lora.rank": 16,
+        "lora.alpha": 16.0,
+        "steps": 1500,
+        "learning_rate": 1e-4,
+        "data.resolution": 0,
+    },
+    "Character": {
+        "lora.rank": 16,
+        "lora.alpha": 8.0,
+        "steps": 1200,
+        "learning_rate": 1e-4,
+        "data.resolution": 0,
+    },
+    "Object": {"lora.rank": 8, "lora.alpha": 8.0, "steps": 800, "learning_rate": 1e-4, "data.resolution": 0},
+    "Demo": {
+        "lora.rank": 16,
+        "lora.alpha": 16.0,
+        "steps": 600,
+        "learning_rate": 2e-3,
+        "data.resolution": 64,
+        "batch_size": 4,
+        "lora.extra_target_modules": ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+        "data.regularization_images": str(REGULARIZATION),
+        "prior_loss_weight": 2.0,  # the regularisation images' loss against the concept's
+    },
+}
+NOTES = {
+    "Style": "a look across many subjects: more steps, higher rank",
+    "Character": "a person or character: 10-30 varied images with captions work best",
+    "Object": "one thing from several angles: low rank is enough",
+    "Demo": "the embedded 64-px demo model: learns a new shape, colour or texture in minutes on a CPU; "
+    "adapts the ResNet convolutions and feed-forward layers as well as attention (a new shape "
+    "needs them); "
+    "trains beside 24 of the base's own scenes (assets/regularization), their loss weighted 2x, "
+    "so prompts without the trigger keep drawing what they asked for",
 }
 
 
-DEMO_MARKER = "sdlora_demo.json"  # the demo builder's record, kept beside the weights
+def preset_settings(name: str) -> dict[str, Any]:
+    """A preset as nested, checked TrainConfig settings (data.resolution 0: the model's native one)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return read_settings(PRESETS[name], f"preset {name}")
 
 
-def is_demo_model(base_model: str) -> bool:
-    """True for the embedded demo model wherever it lives: its folder carries the builder's record."""
-    try:
-        folder = Path(base_model).expanduser()
-        return (folder / DEMO_MARKER).is_file() and (folder / "model_index.json").is_file()
-    except OSError:
-        return False
+def preset_for(base_model: str, kind: str) -> str:
+    """The name of the preset for a kind of concept; on the demo model every kind uses the demo preset."""
+    if is_demo_model(base_model):
+        return "Demo"
+    if kind not in PRESETS:
+        raise KeyError(f"unknown preset {kind!r}; choose one of {', '.join(PRESETS)}")
+    return kind
 
 
 def model_defaults(base_model: str) -> tuple[str, dict[str, Any]]:
@@ -99,35 +86,19 @@ def model_defaults(base_model: str) -> tuple[str, dict[str, Any]]:
     unreadable keeps the generic defaults.
     """
     if is_demo_model(base_model):
-        return f"defaults: the demo preset (demo model, {DEMO_MARKER} in {base_model})", preset_settings(
-            PRESETS["Demo"]
-        )
-    family, resolution = _read_family_and_resolution(base_model)
+        label = f"defaults: the demo preset (demo model, {DEMO_MARKER} in {base_model})"
+        return label, preset_settings("Demo")
+    family, resolution = read_family_and_resolution(base_model)
     if resolution is None:
         return "defaults: generic (the base model's config could not be read before loading)", {}
     return (
-        f"defaults: {FAMILY_NAMES.get(family, family)} at its native {resolution} px (from the model's config)",
+        f"defaults: {family_named(family).words} at its native {resolution} px (from the model's config)",
         {"data": {"resolution": resolution}},
     )
 
 
-def fill_model_defaults(values: dict[str, Any]) -> str:
-    """Fill the settings `values` (nested, as in a config file) does not give from what its base model is."""
-    label, settings = model_defaults(str(values.get("base_model", "")))
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            section = values.setdefault(key, {})
-            for name, setting in value.items():
-                section.setdefault(name, setting)
-        else:
-            values.setdefault(key, value)
-    return label
-
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-def _read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
+def read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
+    """The family and native resolution a local model's configs say; ("", None) when they cannot be read."""
     import json
 
     path = Path(base_model).expanduser()
@@ -138,6 +109,8 @@ def _read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
             path = CONFIG_ROOT / inspect_checkpoint(path).architecture
         except Exception:  # noqa: BLE001 - loading reports a damaged file properly; here only defaults are at stake
             return "", None
+    if not (path / "unet" / "config.json").is_file():
+        return "", None  # a hub id, or not a diffusers folder: nothing to read before loading
     from sdlora.models.loading import family_and_resolution
 
     try:
@@ -147,56 +120,6 @@ def _read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
     except (OSError, ValueError, KeyError, TypeError):
         return "", None
     return family, resolution
-
-
-def preset_for(base_model: str, kind: str) -> Preset:
-    """The preset for a kind of concept; on the demo model every kind uses the demo preset."""
-    if is_demo_model(base_model):
-        return PRESETS["Demo"]
-    if kind not in PRESETS:
-        raise KeyError(f"unknown preset {kind!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[kind]
-
-
-def preset_settings(preset: Preset, native_resolution: int = 512) -> dict[str, Any]:
-    """The preset as nested TrainConfig settings: the one mapping from presets to configs."""
-    data: dict[str, Any] = {"resolution": preset.resolution or native_resolution}
-    settings: dict[str, Any] = {
-        "steps": preset.steps,
-        "learning_rate": preset.learning_rate,
-        "batch_size": preset.batch_size,
-        "data": data,
-        "lora": {
-            "rank": preset.rank,
-            "alpha": preset.alpha,
-            "extra_target_modules": preset.extra_target_modules,
-        },
-    }
-    if preset.regularization_images:  # the weight only means something beside its images
-        data["regularization_images"] = preset.regularization_images
-        settings["prior_loss_weight"] = preset.prior_loss_weight
-    return settings
-
-
-def apply_preset(config: TrainConfig, preset: Preset, native_resolution: int = 512) -> TrainConfig:
-    """A copy of `config` with the preset's settings filled in."""
-    settings = preset_settings(preset, native_resolution)
-    data, lora = replace(config.data, **settings.pop("data")), replace(config.lora, **settings.pop("lora"))
-    return replace(config, data=data, lora=lora, **settings)
-
-
-def default_config(
-    base_model: str, images: str, output_dir: str, name: str, trigger_word: str = "", kind: str = "Object"
-) -> TrainConfig:
-    """What a first run with no tuning flags uses: the preset of the base model and concept kind."""
-    base = TrainConfig(
-        base_model=base_model,
-        output_dir=output_dir,
-        name=name,
-        data=DataConfig(images=images, trigger_word=trigger_word),
-        lora=LoraSpec(),
-    )
-    return apply_preset(base, preset_for(base_model, kind))
 
 
 @dataclass(frozen=True)
@@ -218,21 +141,20 @@ STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
 # Activation memory per latent pixel at batch 1 without checkpointing, from published LoRA runs at
 # batch 1 in bf16 (SimpleTuner on an H100: SD 1.5 at 512 px in 2.9 GiB, SDXL at 1024 px in 13 GiB,
 # 6.5 GiB with checkpointing) less their bf16 weights. Checkpointing keeps about a fifth.
-ACTIVATION_GB_PER_LATENT_PIXEL = {"sd1": 1.2 / 64**2, "sd2": 1.2 / 64**2, "sdxl": 7.8 / 128**2}
+# (The numbers per family: Family.activation_gb_per_latent_pixel, lora_parameters_per_rank.)
 CHECKPOINTED_FRACTION = 0.2
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "prodigy": 16}
-LORA_PARAMETERS_PER_RANK = {"sd1": 200_000, "sd2": 200_000, "sdxl": 730_000}  # attention projections, rank 1
 
 
 def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | None) -> float:
     """Peak GPU memory of a cached run: bf16 UNet, fp32 LoRA with its gradients and optimizer state,
     and activations; the VAE and text encoders wait on the CPU once their outputs are cached."""
-    family = info.family if info is not None else "sd1"
+    family = info.model_family if info is not None else DEFAULT
     latent_pixels = (config.data.resolution / 8) ** 2
-    activations = ACTIVATION_GB_PER_LATENT_PIXEL[family] * latent_pixels * config.batch_size
+    activations = family.activation_gb_per_latent_pixel * latent_pixels * config.batch_size
     if config.gradient_checkpointing:
         activations *= CHECKPOINTED_FRACTION
-    lora = LORA_PARAMETERS_PER_RANK[family] * config.lora.rank
+    lora = family.lora_parameters_per_rank * config.lora.rank
     lora_gb = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
     return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
 
@@ -278,6 +200,6 @@ def estimate_training(
         text += f", about {memory:.1f} GB of GPU memory"
         if memory > 10 and not config.gradient_checkpointing:
             text += " (gradient checkpointing would cut it)"
-    if info is not None and info.family == "sdxl":
-        text += f", SDXL at {config.data.resolution} px"
+    if info is not None and info.model_family.named_in_estimate:
+        text += f", {info.model_family.words} at {config.data.resolution} px"
     return Estimate(seconds, memory, text + " (rough)")

@@ -7,19 +7,21 @@ import torch
 from sdlora.config import TrainConfig
 from sdlora.events import Preview
 from sdlora.generation.grid import image_grid
+from sdlora.models.families import family_of_pipeline
 from sdlora.training.checkpoints import run_folder
 from sdlora.training.encode import frozen_parts_to
 
 
 @torch.no_grad()
 def render_previews(
-    pipeline, accelerator, unet, config: TrainConfig, prompts: tuple[str, ...], step: int
+    pipeline, accelerator, denoiser, config: TrainConfig, prompts: tuple[str, ...], step: int
 ) -> Preview:
     """One image per (prompt, seed) with the adapter as trained so far; the grid is saved in the run folder."""
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(denoiser)
     model.eval()
     frozen_parts_to(pipeline, accelerator.device)
-    preview = type(pipeline).from_pipe(pipeline, unet=model)  # SD 1.x/2.x and SDXL alike
+    # The same pipeline class around the training denoiser: every family's own sampler and conditioning.
+    preview = type(pipeline).from_pipe(pipeline, **{family_of_pipeline(pipeline).denoiser: model})
     preview.set_progress_bar_config(disable=True)
     images = []
     with accelerator.autocast():

@@ -10,25 +10,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
-
-TRAIN_SECTIONS = {"data": DataConfig, "lora": LoraSpec}
+from sdlora.config import SECTIONS, TrainConfig, field_help
 
 
 def train_field_sections() -> dict[str, str]:
     """Each TrainConfig leaf name -> its section ('' for the top level, 'data', 'lora')."""
-    out = {name: "" for name in field_help(TrainConfig) if name not in TRAIN_SECTIONS}
-    for section, cls in TRAIN_SECTIONS.items():
+    out = {name: "" for name in field_help(TrainConfig) if name not in SECTIONS}
+    for section, cls in SECTIONS.items():
         out.update({name: section for name in field_help(cls)})
     return out
 
 
 def train_defaults() -> dict[str, Any]:
     """Every TrainConfig leaf name with its default."""
-    flat = {
-        name: info["default"] for name, info in field_help(TrainConfig).items() if name not in TRAIN_SECTIONS
-    }
-    for cls in TRAIN_SECTIONS.values():
+    flat = {name: info["default"] for name, info in field_help(TrainConfig).items() if name not in SECTIONS}
+    for cls in SECTIONS.values():
         flat.update({name: info["default"] for name, info in field_help(cls).items()})
     return flat
 
@@ -47,7 +43,7 @@ def flat(settings: dict[str, Any]) -> dict[str, Any]:
     """Nested settings (a preset, a config file) -> leaf names."""
     out: dict[str, Any] = {}
     for name, value in settings.items():
-        if name in TRAIN_SECTIONS and isinstance(value, dict):
+        if name in SECTIONS and isinstance(value, dict):
             out.update(value)
         else:
             out[name] = value

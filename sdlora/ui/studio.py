@@ -1,61 +1,35 @@
 """What the web app works on, without gradio: one base model, one adapter library, one training queue.
 
 Every method takes and returns engine types. torch, diffusers and the heavy engine modules
-are imported inside methods, so building the app stays as fast as importing gradio.
+are imported inside methods, so building the app stays as fast as importing gradio. What a client
+may name or switch is `ui.access.Access`; settings become a TrainConfig on `sdlora.settings`' one
+road; the captioner it keeps is `captioning.resident`, the images it draws `generation.saved_images`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sdlora.assets import ASSETS, DEMO_MODEL, EXAMPLE_CONCEPTS
+from sdlora.captioning.resident import ResidentCaptioner
 from sdlora.config import TrainConfig
 from sdlora.errors import ConfigError, SdloraError
 from sdlora.events import BackgroundRun
-from sdlora.jobs.queue import Job, JobQueue, QueueRow, QueueWorker
+from sdlora.generation.saved_images import ImageFolder, SavedImage
+from sdlora.jobs.queue import Job, JobQueue, QueueWorker
+from sdlora.models.hub import looks_like_path
+from sdlora.settings import train_config_from
+from sdlora.ui.access import Access
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
 
 log = logging.getLogger(__name__)  # one line per request on the server console
-
-ASSETS = (
-    Path(__file__).resolve().parents[2] / "assets"
-)  # the demo model, its concepts and regularisation images
-
-
-@dataclass(frozen=True)
-class Access:
-    """What a client of this server may do beyond its own uploads: read folders under `roots`, switch the model.
-
-    A client names folders (regularisation images, a concept folder, a base model) on the server's
-    disk; outside the roots they are refused before anything reads them, so an error never lists
-    a server folder's files.
-    """
-
-    roots: tuple[Path, ...] = ()  # besides the studio's own: its concepts folder, assets/ and work folder
-    model_switch: bool = True  # False on a shared server: the one resident model is everyone's
-
-    def check_folder(self, path: str, what: str) -> Path:
-        """The resolved path when it lies under a root; ConfigError in one line otherwise."""
-        resolved = Path(path).expanduser().resolve()
-        if not any(resolved.is_relative_to(root) for root in self.roots):
-            raise ConfigError(
-                f"{what} {path} is outside the folders this server lets clients read "
-                f"({', '.join(map(str, self.roots))}); the server's --allowed-roots adds more"
-            )
-        return resolved
-
-
-@dataclass(frozen=True)
-class SavedImage:
-    """A generated image on disk, with the parameters that made it."""
-
-    path: Path
-    parameters: str
 
 
 class Studio:
@@ -65,7 +39,7 @@ class Studio:
         self,
         base_model: str,
         adapters_dir: str | Path,
-        concepts_dir: str | Path = "assets/concepts",
+        concepts_dir: str | Path = EXAMPLE_CONCEPTS,
         work_dir: str | Path | None = None,
         access: Access | None = None,
     ) -> None:
@@ -81,9 +55,7 @@ class Studio:
             if work_dir is None
             else None
         )
-        access = access or Access()
-        roots = dict.fromkeys((self.concepts_dir, ASSETS, self.work_dir, *access.roots))
-        self.access = Access(tuple(Path(r).expanduser().resolve() for r in roots), access.model_switch)
+        self.access = (access or Access()).with_roots(self.concepts_dir, ASSETS, self.work_dir)
         self.queue = JobQueue(self.adapters_dir)
         self.worker = QueueWorker(self.queue, train=self._train)
         self._library = None
@@ -91,10 +63,8 @@ class Studio:
         self._batcher = None
         self._model_error = ""
         self._model_lock = threading.Lock()
-        self._run_lock = threading.Lock()
-        self._image_count = 0
-        self._captioner = None  # loaded on the first "Caption images" and kept, like the base model
-        self._captioner_lock = threading.Lock()
+        self.images = ImageFolder(self.work_dir / "images")
+        self.captioning = ResidentCaptioner(lambda: self.base_model)  # loaded on first use and kept
 
     # -- folders and examples ------------------------------------------------------------------
 
@@ -142,31 +112,6 @@ class Studio:
             return [""] * len(images)
         return bucket_labels(images, DataConfig(resolution=info.resolution), bucket_step(scale))
 
-    def captioner_name(self) -> str:
-        """The captioner "Caption images" uses: the demo one for the demo model, else the first one present."""
-        from sdlora.captioning.captioners import default_captioner
-
-        return default_captioner(self.base_model)
-
-    def caption_images(self, images: list[Path], captions: dict[str, str], options=None, on_caption=None):
-        """sdlora.captioning.captions.CaptionResult for staged images, honouring the captions typed so far (by file name).
-
-        The default captioner of the base model does the work; nothing is written to disk,
-        since the caption table is what trains.
-        """
-        from sdlora.captioning.captioners import load_captioner
-        from sdlora.captioning.captions import CaptionOptions, caption_images
-
-        name = self.captioner_name()
-        with self._captioner_lock:
-            if self._captioner is None or self._captioner.name != name:
-                self._captioner = load_captioner(name)
-            captioner = self._captioner
-        existing = {Path(p): captions.get(Path(p).name, "") for p in images}
-        return caption_images(
-            captioner, list(existing), options or CaptionOptions(), existing=existing, on_caption=on_caption
-        )
-
     # -- the base model ------------------------------------------------------------------------
 
     def base_model_problem(self) -> str:
@@ -175,10 +120,10 @@ class Studio:
         if not source:
             return "no base model is set; enter one in Settings"
         path = Path(source).expanduser()
-        if _looks_local(source) and not path.exists():
+        if looks_like_path(source) and not path.exists():
             hint = (
                 " (the demo model is built with `python -m sdlora.demo.build`)"
-                if path.name == "demo-model"
+                if path.name == DEMO_MODEL.name
                 else ""
             )
             return f"the base model {source} does not exist on this server{hint}"
@@ -206,12 +151,8 @@ class Studio:
 
     def set_base_model(self, source: str) -> None:
         """Switch to another base model and load it now, so a mistake shows at once."""
-        if not self.access.model_switch:
-            raise ConfigError(
-                "this server is shared, so its base model is a server setting (--base-model): "
-                "switching it here would change it for everyone"
-            )
-        if _looks_local(source.strip()):
+        self.access.check_model_switch()
+        if looks_like_path(source.strip()):
             self.access.check_folder(source.strip(), "the base model")
         with self._model_lock:
             self.base_model, self._generator, self._model_error = source.strip(), None, ""
@@ -267,21 +208,31 @@ class Studio:
         """Run queued jobs in the background, an interrupted one first (from its last checkpoint)."""
         self.worker.start()
 
-    def start_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> Job:
+    def train_config(
+        self, values: dict[str, Any], source: str = "settings", validate: bool = True
+    ) -> TrainConfig:
+        """Settings -> the TrainConfig of a run on this server's base model, into its library (sdlora.settings)."""
+        return train_config_from(
+            {**values, "output_dir": str(self.adapters_dir)},
+            base_model=self.base_model,
+            native_resolution=lambda: self.generator().model_info.resolution,
+            source=source,
+            validate=validate,
+        )
+
+    def queue_training(self, config: TrainConfig, files: list[str], captions: dict[str, str]) -> Job:
         """Queue a training job with its own copy of the images; it starts at once when the queue is idle."""
         from sdlora.training.data import load_regularization_images
 
         if self.base_model_problem():
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
-        config = self._resolved(config)
-        config.validate()
         if config.data.regularization_images:
             self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
         load_regularization_images(config.data)  # a wrong folder is reported now, not after the run starts
         staging = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
             write_captions(collect_uploads(files, staging), captions)
-            job = self.queue.add(config.replace(data=_replace(config.data, images=str(staging))))
+            job = self.queue.add(config.replace(data=dataclasses.replace(config.data, images=str(staging))))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.start_queue()
@@ -306,14 +257,6 @@ class Studio:
         """Ask the running job to save and stop after its current step; False when none runs."""
         return self.worker.stop_running()
 
-    def queue_rows(self) -> list[QueueRow]:
-        """Every job of the queue, in order, with position, state and ETA."""
-        return self.queue.rows()
-
-    def queue_busy(self) -> bool:
-        """Whether a job is queued or running."""
-        return self.queue.pending()
-
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued job, or stop (and save) the running one."""
         job = self.queue.job(job_id)
@@ -321,10 +264,6 @@ class Studio:
             self.worker.stop_running()
             return job
         return self.queue.cancel(job.id)
-
-    def move_job(self, job_id: str, offset: int) -> Job:
-        """Move a queued job up (negative offset) or down the queue."""
-        return self.queue.move(job_id, offset)
 
     def retry_job(self, job_id: str) -> Job:
         """Queue a failed, cancelled or stopped job again; it starts at once when the queue is idle."""
@@ -344,27 +283,19 @@ class Studio:
         generator = self.generator()
         unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
         device = str(generator.device)
-        spec = spec_of(self.captioner_name())
+        spec = spec_of(self.captioning.name())
         if offline() and not is_present(spec):
             uncaptioned = 0
         seconds = captioning_seconds(
             uncaptioned, spec.seconds_per_image, device.startswith("cuda"), bool(spec.source)
         )
         return estimate_training(
-            self._resolved(config),
+            config,
             unet_parameters,
             generator.model_info,
             device,
             captioning=(uncaptioned, spec.name, seconds),
         )
-
-    def _resolved(self, config: TrainConfig) -> TrainConfig:
-        """The config on this server's base model and library; resolution 0 becomes the model's native one."""
-        config = config.replace(base_model=self.base_model, output_dir=str(self.adapters_dir))
-        if config.data.resolution == 0:
-            native = self.generator().model_info.resolution
-            config = config.replace(data=_replace(config.data, resolution=native))
-        return config
 
     # -- generation and the library ------------------------------------------------------------
 
@@ -380,7 +311,7 @@ class Studio:
             if self._batcher is None or self._batcher.generator is not generator:
                 self._batcher = Batcher(generator)
             batcher = self._batcher
-        images = [self._save(g.image, g.parameters) for g in batcher.generate(config)]
+        images = [self.images.save(g.image, g.parameters) for g in batcher.generate(config)]
         log.info(
             "generated %d image(s): %s", len(images), images[0].parameters.splitlines()[0] if images else ""
         )
@@ -392,36 +323,12 @@ class Studio:
         grid = self.generator().comparison_grid(config, adapters=names if len(names) > 1 else ())
         what = f"{names[0]} at weights 0, 0.5, 1" if len(names) == 1 else "base beside " + ", ".join(names)
         seed = f", first seed {config.seed}" if config.seed >= 0 else ""
-        return self._save(grid, f"comparison grid: {what}; prompt {config.prompt!r}{seed}")
+        return self.images.save(grid, f"comparison grid: {what}; prompt {config.prompt!r}{seed}")
 
     def forget_adapter(self, name: str) -> None:
         """Drop a renamed, replaced or deleted adapter from the resident model."""
         if self._generator is not None:
             self._generator.forget(name)
-
-    def _save(self, image, parameters: str) -> SavedImage:
-        from PIL.PngImagePlugin import PngInfo
-
-        folder = self.work_dir / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        with self._run_lock:
-            self._image_count += 1
-            path = folder / f"{self._image_count:05d}.png"
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-        image.save(path, pnginfo=info)
-        return SavedImage(path, parameters)
-
-
-def _looks_local(source: str) -> bool:
-    """A path rather than a hub id: "org/name" is a hub id, unless its first part is a local folder."""
-    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source.split("/")[0]).is_dir()
-
-
-def _replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def _precision(generator) -> str:

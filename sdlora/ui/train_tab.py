@@ -9,14 +9,13 @@ handlers build the config from those names, and the API's parameters carry the s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import gradio as gr
 import pandas as pd
 
-from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help
+from sdlora.config import DataConfig, LoraSpec, TrainConfig, field_help, merge_settings, read_settings
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
 from sdlora.ui import fields, queue_view
 from sdlora.ui.messages import readable_errors
@@ -329,30 +328,31 @@ def preset_fields() -> tuple[str, ...]:
     """The fields some preset sets: choosing a preset sets each of them (to the preset's value or the default)."""
     from sdlora.training.presets import PRESETS, preset_settings
 
-    names = dict.fromkeys(name for p in PRESETS.values() for name in fields.flat(preset_settings(p, 0)))
+    names = dict.fromkeys(name for p in PRESETS for name in fields.flat(preset_settings(p)))
     return tuple(names)
 
 
-def train_config(settings: dict, config: dict | None = None, base_model: str = "") -> TrainConfig:
-    """The settings widgets (by field name), or a script's settings object instead -> TrainConfig.
+def settings_object(config: dict, studio: Studio) -> dict:
+    """A script's settings object, read strictly, less its base model: a server trains on its own."""
+    values = read_settings(config, "settings object")
+    if values.pop("base_model", studio.base_model) != studio.base_model:
+        raise ConfigError(
+            f"this server trains on {studio.base_model}, not {config['base_model']}; "
+            "leave base_model out of the settings"
+        )
+    return values
+
+
+def train_config(settings: dict, config: dict | None, studio: Studio, validate: bool = True) -> TrainConfig:
+    """The settings widgets (by field name), or a script's settings object instead -> TrainConfig (sdlora.settings).
 
     A settings object is read as a --config file is: strictly (a misspelt key is refused), with what
     it leaves out taken from the base model (the demo preset on the demo model), then the defaults.
     """
     if config:
-        from sdlora.training.presets import fill_model_defaults
-
-        values = dict(config)
-        if values.get("base_model", base_model) != base_model:
-            raise ConfigError(
-                f"this server trains on {base_model}, not {values['base_model']}; "
-                "leave base_model out of the settings"
-            )
-        values["base_model"] = base_model
-        fill_model_defaults(values)
-        return TrainConfig.from_dict(values, source="settings object")
+        return studio.train_config(settings_object(config, studio), "settings object", validate)
     typed = fields.as_field_types(settings, fields.train_defaults())
-    return TrainConfig.from_dict(fields.nested(typed), source="settings")
+    return studio.train_config(fields.nested(typed), "settings", validate)
 
 
 def caption_table(images, captions=None, buckets=None) -> pd.DataFrame:
@@ -431,23 +431,23 @@ class TrainHandlers:
         staged = self.studio.stage_upload(images)
         typed = captions_from_table(captions)
         options = CaptionOptions(prefix=(prefix or trigger_word or "").strip(), overwrite=bool(overwrite))
-        result = self.studio.caption_images(
+        result = self.studio.captioning.caption(
             staged, typed, options, on_caption=lambda c: progress((c.done, c.total), desc="Captioning")
         )
         words = [result.captions.get(p, typed.get(p.name, "")) for p in staged]
         summary = (
-            f"Captions by **{self.studio.captioner_name()}**: {result.summary()}. Edit them in the table."
+            f"Captions by **{self.studio.captioning.name()}**: {result.summary()}. Edit them in the table."
         )
         return caption_table(staged, words, self.studio.buckets_of(staged)), summary
 
     @readable_errors
     def fill_preset(self, kind: str) -> tuple:
         """The preset for this kind on the server's model -> the preset fields' widgets, preview interval, note."""
-        from sdlora.training.presets import PRESETS, preset_for, preset_settings
+        from sdlora.training.presets import NOTES, preset_for, preset_settings
 
-        p = preset_for(self.studio.base_model, kind)
-        values = {**fields.train_defaults(), **fields.flat(preset_settings(p, native_resolution=0))}
-        note = f"Preset **{kind if p is PRESETS.get(kind) else 'Demo'}**: {p.note}"
+        name = preset_for(self.studio.base_model, kind)
+        values = {**fields.train_defaults(), **fields.flat(preset_settings(name))}
+        note = f"Preset **{name}**: {NOTES[name]}"
         shown = [list(v) if isinstance(v, tuple) else v for v in (values[n] for n in preset_fields())]
         return (*shown, max(1, values["steps"] // 5), note)
 
@@ -455,7 +455,8 @@ class TrainHandlers:
         """Settings by field name (and the caption table: its empty rows are captioning time) -> one line."""
         uncaptioned = sum(not text.strip() for text in captions_from_table(captions).values())
         try:
-            return "Estimate: " + self.studio.estimate(train_config(settings), uncaptioned).text
+            config = train_config(settings, None, self.studio, validate=False)
+            return "Estimate: " + self.studio.estimate(config, uncaptioned).text
         except SdloraError as exc:
             return f"No estimate yet: {exc}"
 
@@ -469,14 +470,17 @@ class TrainHandlers:
         self, files: list[str] | None = None, captions=None, config: dict | None = None, **settings
     ):
         """Add a training job on the uploaded files (or a settings object's server folder) to the queue."""
-        run_config = train_config(settings, config, self.studio.base_model)
+        given = settings_object(config, studio=self.studio) if config else {}
         files = list(files or [])
-        if not files and config and run_config.data.images:
-            files = self.studio.concept_folder_files(run_config.data.images)
+        if not files and given.get("data", {}).get("images"):  # a concept folder on the server
+            files = self.studio.concept_folder_files(given["data"]["images"])
         if not files:
             raise ConceptImagesError("Add concept images first (drop files or a .zip, or use an example).")
-        run_config = run_config.replace(data=dataclasses.replace(run_config.data, images="(uploaded)"))
-        return self.studio.start_training(run_config, files, captions_from_table(captions))
+        # The job trains on its own copy of the files, which the studio stages: until then "(uploaded)".
+        uploaded = {"data": {"images": "(uploaded)"}}
+        placed = merge_settings(given, uploaded) if config else None
+        run_config = train_config({**settings, "images": "(uploaded)"}, placed, self.studio)
+        return self.studio.queue_training(run_config, files, captions_from_table(captions))
 
     async def watch(self):
         """Stream the server's run until it ends; awaits between polls, so an open page holds no thread."""
@@ -501,7 +505,7 @@ class TrainHandlers:
     def _active(self) -> bool:
         """A job runs, or the queue holds one that is about to: the stream follows the queue's next job too."""
         run = self.studio.run
-        return (run is not None and run.running) or self.studio.queue_busy()
+        return (run is not None and run.running) or self.studio.queue.pending()
 
     def _outputs(self) -> tuple:
         """The run's view as widget values, built once per change however many pages watch it."""

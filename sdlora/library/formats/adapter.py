@@ -81,7 +81,7 @@ class Adapter:
                 continue
             path = key.split(".lora_A.")[0]
             up = state[key.replace(".lora_A.", ".lora_B.")]
-            if part != UNET:
+            if part.startswith("text_encoder"):  # the transformer of SD3/Flux keeps its own paths
                 path = canonical_text_path(path)
             layers[f"{part}.{path}"] = LoraLayer(down, up, float(alpha))
         return cls(layers, dict(metadata or {}))
@@ -91,7 +91,7 @@ class Adapter:
 class ModelLayout:
     """What an adapter must fit: the base model's family and each adaptable layer's weight shape."""
 
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # the base model family's stored name (sdlora.models.families)
     shapes: dict[str, tuple[int, ...]]  # "<part>.<module path>" -> weight shape (out, in[, kh, kw])
     blocks: UNetBlocks | None = None
 

@@ -17,11 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import safe_open
-
 from sdlora.errors import AdapterFormatError
 
-if TYPE_CHECKING:  # torch loads with the first tensor: listing the library reads headers only
+if TYPE_CHECKING:  # torch loads on first tensor read or write: the queue and captions write files without it
     import torch
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # real LoRA headers are kilobytes; metadata-heavy ones a few MB
@@ -68,6 +66,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves the old file
+            os.fsync(written.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -81,9 +81,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """An atomic safetensors write with string metadata."""
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
     from safetensors.torch import save_file
 
-    tensors = {key: value.contiguous() for key, value in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return Path(path)
 
@@ -148,6 +148,8 @@ def header_metadata(header: dict) -> dict[str, str]:
 def read_metadata(path: Path) -> dict[str, str]:
     """The safetensors header's string metadata; AdapterFormatError if it is not a safetensors file."""
     try:
+        from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files

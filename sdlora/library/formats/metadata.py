@@ -13,18 +13,6 @@ from pathlib import Path
 from sdlora.config import TrainConfig
 from sdlora.models.loading import ModelInfo
 
-MODELSPEC_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
-# modelspec names the layer naming: SD 1.x/2.x kohya files use diffusers' paths, SDXL's the original ones.
-MODELSPEC_IMPLEMENTATION = {
-    "sd1": "diffusers",
-    "sd2": "diffusers",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-}
-
 
 def training_metadata(
     config: TrainConfig,
@@ -37,6 +25,7 @@ def training_metadata(
 ) -> dict[str, str]:
     """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*."""
     now = datetime.now(UTC)
+    family = info.model_family
     res = config.data.resolution
     folder = Path(config.data.images).name or "images"
     return {
@@ -56,7 +45,7 @@ def training_metadata(
         "ss_network_dim": str(config.lora.rank),
         "ss_network_alpha": repr(float(config.lora.alpha)),
         "ss_base_model_version": info.kohya_version,
-        "ss_v2": str(info.family == "sd2"),
+        "ss_v2": str(family.kohya_v2),
         "ss_sd_model_name": Path(config.base_model).name or config.base_model,
         "ss_output_name": config.name,
         "ss_steps": str(steps),
@@ -81,8 +70,8 @@ def training_metadata(
         "ss_tag_frequency": json.dumps({folder: tag_frequency}),
         "ss_training_comment": f"trained with sdlora; trigger word: {config.data.trigger_word}".strip(),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[info.family],
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[info.family],
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": config.name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": now.strftime("%Y-%m-%d"),

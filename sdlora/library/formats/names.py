@@ -16,13 +16,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sdlora.models.families import DEFAULT, family_named, is_family_name
+
 FORMATS = ("kohya", "diffusers")  # what the library writes; the first is its own
 TOOLS = {
     "kohya": "AUTOMATIC1111, Forge, ComfyUI, kohya and diffusers",
     "diffusers": "diffusers (load_lora_weights) and PEFT",
 }
 UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
-PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+# "transformer": the denoiser of SD3 and Flux.1 (their names are in transformer_names.py)
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2, "transformer")
 
 # Words of module names that themselves contain '_': turning kohya's '_' back into '.' keeps them.
 COMPOUND_WORDS = (
@@ -89,11 +92,6 @@ TOP_TO_LDM = {
     "conv_out": "out.2",
 }
 TOP_FROM_LDM = {ldm: diffusers for diffusers, ldm in TOP_TO_LDM.items()}
-KOHYA_TEXT_PREFIXES = {
-    "sd1": {TEXT_ENCODER: "lora_te_"},
-    "sd2": {TEXT_ENCODER: "lora_te_"},
-    "sdxl": {TEXT_ENCODER: "lora_te1_", TEXT_ENCODER_2: "lora_te2_"},
-}
 
 
 @dataclass(frozen=True)
@@ -225,14 +223,15 @@ def canonical_text_path(path: str) -> str:
 def kohya_stem(layer: str, family: str, blocks: UNetBlocks | None) -> str:
     """The kohya name of a layer: diffusers paths for SD 1.x/2.x UNets, LDM paths for SDXL's."""
     part, path = layer.split(".", 1)
+    kind = family_named(family) if is_family_name(family) else DEFAULT
     if part == UNET:
-        if family == "sdxl":
+        if kind.kohya_original_unet_names:
             ldm = to_ldm(path, blocks or SDXL_BLOCKS)
             if ldm is None:
                 raise ValueError(f"{path} has no name in the original SDXL UNet")
             path = ldm
         return "lora_unet_" + flat(path)
-    prefixes = KOHYA_TEXT_PREFIXES.get(family, KOHYA_TEXT_PREFIXES["sd1"])
+    prefixes = kind.kohya_text_prefixes
     if part not in prefixes:
         raise ValueError(f"a {family} model has no {part}")
     return prefixes[part] + flat(path)

@@ -27,6 +27,7 @@ from sdlora.library.formats.names import (
     from_ldm,
     split_kohya_stem,
 )
+from sdlora.models.families import DEFAULT, family_claimed_by, family_named, is_family_name
 
 if TYPE_CHECKING:  # torch loads with a file's tensors; summaries of headers need none
     import torch
@@ -90,7 +91,6 @@ UNET_ROOTS = (
     "time_embedding",
     "add_embedding",
 )
-FAMILY_WORDS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter:
@@ -134,11 +134,7 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
         shape = layout.shapes.get(key) if layout is not None else None
         layers[key] = build_layer(name, key, parts, alpha, shape)
     if unmatched:
-        where = (
-            f"this {FAMILY_WORDS.get(layout.family, layout.family)} base model"
-            if layout
-            else "a Stable Diffusion model"
-        )
+        where = f"this {family_words(layout.family)} base model" if layout else "a Stable Diffusion model"
         raise AdapterFormatError(
             f"{name}: {len(unmatched)} of {len(groups)} layers match nothing in {where} "
             f"(first: {_short(unmatched[0], 70)}); made for a different architecture"
@@ -202,24 +198,25 @@ def _is_lokr(roles: dict[str, str]) -> bool:
 
 def claimed_family(metadata: dict[str, str]) -> str | None:
     """The base family a file's header names (sdlora's, kohya's or modelspec's key), if any."""
-    if metadata.get("sdlora.family") in FAMILY_WORDS:
-        return metadata["sdlora.family"]
-    claimed = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
-    if "xl" in claimed:
-        return "sdxl"
-    if metadata.get("ss_v2") == "True" or claimed.startswith(("sd_v2", "stable-diffusion-v2")):
-        return "sd2"
-    if claimed.startswith(("sd_v1", "stable-diffusion-v1")):
-        return "sd1"
-    return None
+    family = family_claimed_by(metadata)
+    return family.name if family is not None else None
+
+
+def family_words(name: str) -> str:
+    """A family's name as a person says it ('SD 1.x'); an unknown stored name as it is."""
+    return family_named(name).words if is_family_name(name) else name
 
 
 def check_family(name: str, metadata: dict[str, str], layout: ModelLayout | None) -> None:
+    """Refuse a file whose header names a family of another layout than the base model's."""
     claimed = metadata.get("ss_base_model_version", "") or metadata.get("modelspec.architecture", "")
-    if layout is not None and claimed and ((claimed_family(metadata) == "sdxl") != (layout.family == "sdxl")):
+    if layout is None or not claimed:
+        return
+    made_for = family_claimed_by(metadata) or DEFAULT
+    base = family_named(layout.family) if is_family_name(layout.family) else DEFAULT
+    if made_for.adapter_layout != base.adapter_layout:
         raise AdapterFormatError(
-            f"{name} was made for {claimed}; the base model here is "
-            f"{FAMILY_WORDS.get(layout.family, layout.family)}"
+            f"{name} was made for {claimed}; the base model here is {family_words(layout.family)}"
         )
 
 

@@ -17,17 +17,18 @@ from sdlora.library.formats.adapter import Adapter
 from sdlora.library.formats.files import save_tensors
 from sdlora.library.formats.names import FORMATS, UNET, UNetBlocks, kohya_stem
 from sdlora.library.formats.read import DIFFUSERS_METADATA_KEY, claimed_family
+from sdlora.models.families import family_for_parts
 
 if TYPE_CHECKING:  # torch loads with the first tensor written, not with the library listing
     import torch
 
 
 def family_of(adapter: Adapter) -> str:
-    """The base family an adapter says it is for (sd1 when it says nothing)."""
+    """The base family an adapter says it is for, else the one its parts fit (SD 1.x when that fits)."""
     claimed = claimed_family(adapter.metadata)
     if claimed:
         return claimed
-    return "sdxl" if any(key.startswith("text_encoder_2.") for key in adapter.layers) else "sd1"
+    return family_for_parts(key.split(".", 1)[0] for key in adapter.layers).name
 
 
 def kohya_tensors(adapter: Adapter, family: str, blocks: UNetBlocks | None = None) -> dict[str, torch.Tensor]:

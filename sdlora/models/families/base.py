@@ -1,0 +1,101 @@
+"""What a model family is: everything that differs between kinds of base model, in one object.
+
+A family is recognised from its configs, named in the user's words and in the ids other tools
+write (kohya, modelspec), loaded with its pipeline class, turns captions into conditioning, and
+says how a batch is noised, what the denoiser should answer and how it is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sdlora.config import ATTENTION_PROJECTIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdlora.training.encode import Batch
+
+
+@dataclass(frozen=True)
+class Noised:
+    """A batch after the forward process: what the denoiser sees, and what it should answer."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+class Objective(Protocol):
+    """How a family trains: noise a batch, call the denoiser, weight each sample's loss."""
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> Noised: ...
+
+    def predict(self, denoiser: Any, noised: Noised, batch: Batch) -> torch.Tensor: ...
+
+    def weights(self, noised: Noised) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of base model. Subclasses (one file each) fill the fields and override the methods."""
+
+    name: str  # stored in adapter headers (sdlora.family): never renamed
+    words: str  # what a person calls it
+    pipeline_classes: tuple[str, ...]  # diffusers pipeline class names (model_index.json's _class_name)
+    kohya_version: str  # kohya's ss_base_model_version
+    modelspec_architecture: str  # modelspec.architecture of an adapter for it
+    modelspec_implementation: str  # modelspec.implementation: whose layer names the kohya file uses
+    kohya_text_prefixes: dict[str, str]  # text-encoder part -> kohya name prefix
+    single_file_kind: str  # diffusers' infer_diffusers_model_type answer for its single files
+    single_file_parts: dict[str, tuple[str, ...]]  # part a person knows -> its key prefixes in a single file
+    activation_gb_per_latent_pixel: float  # training activations at batch 1, no checkpointing (the estimate)
+    lora_parameters_per_rank: int  # attention-projection LoRA parameters at rank 1 (the estimate)
+    denoiser: str = "unet"  # the pipeline attribute holding the model that is trained
+    lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # the denoiser layers LoraSpec adapts by default
+    # Adapters for families of one layout may be tried on each other (the shapes then decide):
+    # SD 1.x and 2.x name their layers alike, SDXL's are its own.
+    adapter_layout: str = "sd-unet"
+    kohya_v2: bool = False  # kohya's ss_v2 flag
+    kohya_original_unet_names: bool = False  # kohya names UNet layers by the original (LDM) paths
+    named_in_estimate: bool = False  # the estimate says which family (the costly ones)
+    load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+
+    def recognises(self, denoiser_config: dict) -> bool:
+        """Whether a denoiser config (a loaded model's or its config.json) is this family's."""
+        raise NotImplementedError
+
+    def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
+        """The side in pixels the model was trained at."""
+        raise NotImplementedError
+
+    def config_folder(self, prediction_type: str) -> str:
+        """The folder under models/configs that describes its single files (modelspec architecture ids)."""
+        raise NotImplementedError
+
+    def claimed_by(self, metadata: dict[str, str]) -> bool:
+        """Whether an adapter header's kohya or modelspec id says it was made for this family."""
+        raise NotImplementedError
+
+    def prediction_from_weights(self) -> bool:
+        """Whether its single files may be either epsilon or v-prediction models, told apart by weights."""
+        return False
+
+    def encode_captions(
+        self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Captions as the denoiser's conditioning: the embeddings, and any further inputs by name.
+
+        `time_ids` are each image's size conditioning (original size, crop, target size)."""
+        raise NotImplementedError
+
+    def objective(
+        self,
+        scheduler_config: Any,
+        prediction_type: str,
+        min_snr_gamma: float = 0.0,
+        noise_offset: float = 0.0,
+    ) -> Objective:
+        """How a batch is noised, what the target is and how each sample's loss is weighted."""
+        raise NotImplementedError
