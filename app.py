@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 from pathlib import Path
 
+from sdlora import runtime
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Idle OpenMP threads sleep instead of spinning: a web server shares its CPU (another job, the
-# browser), and spinning threads then starve each other. Measured with a busy 2-core CPU: the first
-# demo-model image took 31 s with spinning threads and 0.6 s without.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+runtime.prepare()  # threads and console, as for `python -m sdlora`; before gradio pulls anything in
 
 import gradio as gr  # noqa: E402
 
@@ -179,8 +178,15 @@ def launch(
     return demo
 
 
+def log_to_console() -> None:
+    """One line per request and per job under the address line; from libraries only their warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sdlora").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    log_to_console()
     studio = Studio(args.base_model, args.adapters_dir, args.concepts_dir, access=access_for(args))
     serving.remove_work_folder_on_sigterm(studio)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

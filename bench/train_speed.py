@@ -1,10 +1,12 @@
-"""Training-loop overhead: `python bench/train_speed.py [--base-model M]`.
+"""Training speed: `python bench/train_speed.py [--base-model M] [--entry-points]`.
 
 Measured in one run, at 1 and at 2 torch threads:
 - the full loop: seconds per step of `sdlora.training.loop.train` (from its own step events);
 - the floor: a bare UNet forward + backward + optimizer step on the same cached batch;
 - the loop if latents and text embeddings were not cached: the floor plus encoding the
   batch with the VAE and the text encoder every step.
+With --entry-points instead: the CLI and the app, each in its own process as a user starts it,
+training the same job while a second busy process holds the CPU (bench/entry_speed.py).
 Writes its section of docs/benchmarks.md. Real-size SD 1.5 and SDXL UNets: bench/real_size.py.
 """
 
@@ -18,9 +20,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdlora import runtime  # noqa: E402
+
+runtime.prepare()  # the loop measured here runs with the threading every entry point gets
+
+import torch  # noqa: E402
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.assets import DEMO_MODEL, EXAMPLE_CONCEPTS  # noqa: E402
@@ -90,7 +96,15 @@ def main() -> None:
     parser.add_argument("--images", default=str(CONCEPTS))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--entry-points", action="store_true", help="the CLI and the app side by side under a busy process"
+    )
     args = parser.parse_args()
+    if args.entry_points:
+        from bench.entry_speed import main as entry_points
+
+        entry_points(args.base_model, args.images, args.steps, write=not args.no_write)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         values = {
             "output_dir": tmp,

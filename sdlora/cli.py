@@ -2,6 +2,8 @@
 
 The train flags are generated from the config dataclasses, so help texts and defaults
 have one source. Precedence: dataclass defaults < --config file < flags on the line.
+torch, diffusers and transformers are imported inside the run_* functions that use them, so
+`--help`, a refused option and `adapters list` answer without loading them.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import signal
 import sys
 from typing import Any
 
+from sdlora import runtime
 from sdlora.assets import DEMO_MODEL
 from sdlora.config import SECTIONS, AdapterWeight, GenerateConfig, TrainConfig, field_help, read_config_file
 from sdlora.errors import SdloraError
@@ -269,15 +271,6 @@ def _library_options(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--base-model", default=default, help="check imports against this base model")
 
 
-def quiet_library_progress_bars() -> None:
-    """Loading bars of diffusers and transformers would interleave with the training bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # checked before anything heavy loads: a mistake is refused at once
     from accelerate import PartialState
@@ -286,7 +279,6 @@ def run_train(args: argparse.Namespace) -> int:
     from sdlora.progress import ConsoleProgress
     from sdlora.training.loop import cpu_only, train
 
-    quiet_library_progress_bars()
     is_main = PartialState(cpu=cpu_only()).is_main_process
     if is_main and not args.quiet:
         print(defaults_line(config.base_model))
@@ -326,7 +318,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlora.generation.generate import Generator
     from sdlora.library.store import AdapterLibrary
 
-    quiet_library_progress_bars()
     config = generate_config_from_args(args)
     generator = Generator(args.base_model, AdapterLibrary(args.adapters_dir))
     out = Path(args.out)
@@ -377,7 +368,6 @@ def run_adapters(args: argparse.Namespace) -> int:
         from sdlora.library.store import reference_from_pipeline
         from sdlora.models.loading import load_pipeline
 
-        quiet_library_progress_bars()
         library.reference = reference_from_pipeline(load_pipeline(import_base_model(args.base_model)))
         try:
             print(library.import_file(args.file, name=args.name).path)
@@ -466,8 +456,7 @@ def run_queue(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # transformers warns at import about optional image backends a trainer never uses.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    runtime.prepare()  # again for callers other than __main__; torch may be loaded by now
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -13,6 +13,7 @@ class ConsoleProgress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._bar: tqdm | None = None
+        self.seconds_per_step = 0.0  # the training loop's own measure, over its last steps
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
@@ -34,6 +35,7 @@ class ConsoleProgress:
             )
         elif isinstance(event, Step) and self._bar is not None:
             self._bar.update(event.step - self._bar.n)
+            self.seconds_per_step = event.seconds_per_step
             self._bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}")
         elif isinstance(event, Saved):
             tqdm.write(f"saved {event.kind} at step {event.step}: {event.path}")
@@ -45,6 +47,8 @@ class ConsoleProgress:
             self.close()
             if event.message:
                 tqdm.write(event.message)
+            if self.seconds_per_step:
+                tqdm.write(f"speed: {self.seconds_per_step:.3f} s/step over the last steps")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import shutil
 import threading
 import time
@@ -26,6 +27,8 @@ from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
 from sdlora.events import BackgroundRun, Event, EventCallback, Finished, Started, Step, StopFlag
 from sdlora.library.formats.files import TEMP_FILE, atomic_write_text
 from sdlora.training.data import CAPTION_EXTENSION, IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)  # one line per job on a server console
 
 QUEUE_FOLDER = ".queue"
 STATES = ("queued", "running", "done", "failed", "cancelled", "stopped")
@@ -317,6 +320,7 @@ class JobQueue:
                 stop_requested=False,
             )
             forgotten = _trim_history(state["jobs"])
+        log.info("job %s (%s) %s: %s", job.id, job.name, job_state, message)
         for old in ([job] if job_state == "done" else []) + forgotten:
             shutil.rmtree(Path(old.images).parent, ignore_errors=True)
         return job

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora import runtime
 from sdlora.errors import ModelLoadError
 from sdlora.models.families import (
     FAMILIES,
@@ -56,6 +57,7 @@ class ModelInfo:
 def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32):
     """A diffusers pipeline for `source` with the safety checker left out; one load at a time."""
     with _LOADING:
+        runtime.quiet_loading_bars()  # one line per job on a console, not a bar per model part
         return _load_pipeline(str(source).strip(), torch_dtype)
 
 

@@ -11,8 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from sdlora.config import TrainConfig
 from sdlora.errors import CheckpointError
 
@@ -32,6 +30,8 @@ def checkpoint_folder(config: TrainConfig) -> Path:
 
 def register_lora_only_hooks(accelerator) -> None:
     """Make accelerate's save_state/load_state store just the adapter, not the whole UNet."""
+    from safetensors.torch import load_file, save_file
+
     from sdlora.training.lora import (  # peft: only a training run needs it
         load_lora_state_dict,
         lora_state_dict,

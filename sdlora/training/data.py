@@ -10,13 +10,16 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdlora.config import DataConfig
 from sdlora.errors import ConceptImagesError
 from sdlora.training.buckets import Bucket, Placement, fit_to_bucket, make_buckets, square_bucket
+
+if TYPE_CHECKING:  # numpy loads with the first 16-bit image or tensor, not with `python -m sdlora --help`
+    import numpy as np
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTENSION = ".txt"
@@ -182,6 +185,8 @@ def open_image(path: Path) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to RGB; transparency is composited over white, 16-bit scaled to 8-bit."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
@@ -251,6 +256,8 @@ def make_caption(caption: str | None, trigger_word: str, template: str) -> str:
 
 def image_to_tensor_array(image: Image.Image) -> np.ndarray:
     """HWC uint8 RGB -> CHW float32 in [-1, 1], as the VAE expects."""
+    import numpy as np
+
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 

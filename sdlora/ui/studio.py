@@ -9,6 +9,7 @@ road; the captioner it keeps is `captioning.resident`, the images it draws `gene
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,8 @@ from sdlora.models.hub import looks_like_path
 from sdlora.settings import train_config_from
 from sdlora.ui.access import Access
 from sdlora.ui.uploads import collect_uploads, is_image, write_captions
+
+log = logging.getLogger(__name__)  # one line per request on the server console
 
 
 class Studio:
@@ -328,7 +331,11 @@ class Studio:
             if self._batcher is None or self._batcher.generator is not generator:
                 self._batcher = Batcher(generator)
             batcher = self._batcher
-        return [self.images.save(g.image, g.parameters) for g in batcher.generate(config)]
+        images = [self.images.save(g.image, g.parameters) for g in batcher.generate(config)]
+        log.info(
+            "generated %d image(s): %s", len(images), images[0].parameters.splitlines()[0] if images else ""
+        )
+        return images
 
     def comparison_grid(self, config) -> SavedImage:
         """One grid at the same seeds: one adapter at weights 0, 0.5 and 1, or the base beside each adapter."""

@@ -8,8 +8,7 @@ below only ever see down, up and alpha.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from sdlora.library.formats.names import (
     PARTS,
@@ -19,6 +18,9 @@ from sdlora.library.formats.names import (
     UNetBlocks,
     canonical_text_path,
 )
+
+if TYPE_CHECKING:  # the layer types load with the first tensor, not with the library listing
+    import torch
 
 
 def alpha_or_rank(alpha: float | None, rank: int) -> float:
@@ -108,6 +110,8 @@ class ModelLayout:
 
 def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Weight shape of every Linear and Conv2d, by module path (peft wrappers see through to the base)."""
+    import torch
+
     shapes = {}
     for name, module in model.named_modules():
         if {"base_layer", "lora_A", "lora_B"} & set(name.split(".")):

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sdlora.errors import AdapterFormatError
-from sdlora.library.formats import lycoris
 from sdlora.library.formats.adapter import Adapter, LoraLayer, ModelLayout, alpha_or_rank
 from sdlora.library.formats.files import check_header, header_metadata, load_tensors
 from sdlora.library.formats.names import (
@@ -30,6 +28,9 @@ from sdlora.library.formats.names import (
     split_kohya_stem,
 )
 from sdlora.models.families import DEFAULT, family_claimed_by, family_named, is_family_name
+
+if TYPE_CHECKING:  # torch loads with a file's tensors; summaries of headers need none
+    import torch
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps peft's LoraConfig per model part
 ROLE_SUFFIXES = (
@@ -303,6 +304,8 @@ def build_layer(
 def _build_layer(
     name: str, key: str, parts: dict[str, torch.Tensor], alpha: float | None, shape: tuple[int, ...] | None
 ) -> LoraLayer:
+    from sdlora.library.formats import lycoris
+
     if "hada_w1_a" in parts:
         return _checked(name, key, lycoris.loha(parts, alpha, shape or _loha_shape(parts)), shape)
     if _is_lokr(parts):
@@ -343,6 +346,8 @@ def _lokr_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 def _checked(name: str, key: str, layer: LoraLayer, shape: tuple[int, ...] | None) -> LoraLayer:
     """Reshape a layer to its weight's shape (1x1 convolutions vs linear), refusing what cannot fit."""
+    import torch
+
     if layer.rank < 1 or layer.up.ndim < 2 or layer.up.shape[0] == 0 or layer.up[0].numel() != layer.rank:
         raise AdapterFormatError(
             f"{name}: layer {_short(key, 70)} has up{tuple(layer.up.shape)} for "

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sdlora.errors import AdapterFormatError
 from sdlora.library.formats.adapter import Adapter
@@ -19,6 +18,9 @@ from sdlora.library.formats.files import save_tensors
 from sdlora.library.formats.names import FORMATS, UNET, UNetBlocks, kohya_stem
 from sdlora.library.formats.read import DIFFUSERS_METADATA_KEY, claimed_family
 from sdlora.models.families import family_for_parts
+
+if TYPE_CHECKING:  # torch loads with the first tensor written, not with the library listing
+    import torch
 
 
 def family_of(adapter: Adapter) -> str:
@@ -30,6 +32,8 @@ def family_of(adapter: Adapter) -> str:
 
 
 def kohya_tensors(adapter: Adapter, family: str, blocks: UNetBlocks | None = None) -> dict[str, torch.Tensor]:
+    import torch
+
     tensors = {}
     for key, layer in adapter.layers.items():
         try:
