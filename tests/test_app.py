@@ -338,25 +338,26 @@ def test_flags():
         app.parse_args(["--auth", "no-colon"])
 
 
-def torch_imported_by(code: str) -> bool:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; {code}; print('torch' in sys.modules)"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
+def torch_imported_after(*steps: str) -> list[bool]:
+    """Run the steps in turn in a fresh interpreter; whether torch was imported after each one."""
+    check = "print('torch imported:', 'torch' in sys.modules)"
+    code = "; ".join(["import sys", *(f"{step}; {check}" for step in steps)])
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    answers = [
+        line.split(": ")[1] == "True"
+        for line in out.stdout.splitlines()
+        if line.startswith("torch imported:")
+    ]
+    assert len(answers) == len(steps), out.stdout
+    return answers
+
+
+def test_importing_the_app_and_building_the_page_do_not_import_torch(tmp_path):
+    # One interpreter for both: each start costs seconds of imports.
+    imported, built = torch_imported_after(
+        "import app", f"from sdlora.ui.studio import Studio; app.build_app(Studio('none', {str(tmp_path)!r}))"
     )
-    return out.stdout.strip().endswith("True")
-
-
-def test_importing_the_app_does_not_import_torch():
-    assert not torch_imported_by("import app")
-
-
-def test_building_the_page_does_not_import_torch(tmp_path):
-    assert not torch_imported_by(
-        f"import app; from sdlora.ui.studio import Studio; app.build_app(Studio('none', {str(tmp_path)!r}))"
-    )
+    assert not imported and not built
 
 
 def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path):
