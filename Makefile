@@ -23,8 +23,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) app.py
 
+# The suite's budget is 15 minutes on a 2-core machine: the slowest tests are listed after each run.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff check (pyproject.toml; TID251 keeps gradio out of the engine) and ruff format, checked.
 lint: $(STAMP)

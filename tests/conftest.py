@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD-1.x-shaped models built once per session, and concept images."""
+"""Shared fixtures: tiny models built once per session, the app servers the app tests share, concept images."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from app_server import DEMO_MODEL, serving_model  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noqa: E402
 
@@ -36,6 +37,44 @@ def tiny_vpred_model(tmp_path_factory) -> Path:
 def tiny_sdxl_model(tmp_path_factory) -> Path:
     """A diffusers folder of a tiny SDXL (two text encoders, text_time conditioning) with random weights."""
     return save_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tiny_model, tmp_path_factory):
+    """The app over the tiny model, shared by the app tests that only add adapters and finished jobs.
+
+    Its concepts folder is assets/concepts, as in a checkout. Tests that need an empty queue, another
+    library or another base model start their own server (app_server.serving).
+    """
+    with serving_model(str(tiny_model), tmp_path_factory.mktemp("tiny-app")) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def demo_app(tmp_path_factory):
+    """The app over the shipped demo model, whose default captioner (the demo one) needs no weights."""
+    if not (DEMO_MODEL / "model_index.json").exists():
+        pytest.skip(f"no demo model at {DEMO_MODEL} (python -m sdlora.demo.build)")
+    with serving_model(str(DEMO_MODEL), tmp_path_factory.mktemp("demo-app")) as served:
+        yield served
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    """The UNet's output on a fixed random latent, timestep pair and context: compares weights by behaviour."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 16, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (a subprocess per command would spend most of the time importing torch)."""
+    from sdlora.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def draw_concept(path: Path, index: int, colour=(220, 30, 30)) -> Path:

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 import httpx
+from app_server import serving
 from gradio_client import Client, handle_file
-from test_app import serving
 
 from sdlora.ui.studio import Studio
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from app_server import CONCEPTS, REPO, serving
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
@@ -21,42 +19,16 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import app  # noqa: E402
 from sdlora.events import Step  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(studio: Studio, **launch):
-    """The app over `studio` on a free port, closed afterwards; yields what the fixtures hand to tests."""
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True, **launch)
-    try:
-        yield SimpleNamespace(url=demo.local_url, studio=studio, root=Path(studio.adapters_dir).parent)
-    finally:
-        demo.close()
-
-
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
-    """The app on a free port over the tiny model, with one example concept folder."""
-    root = tmp_path_factory.mktemp("app")
-    example = root / "concepts" / "red-circles"
-    example.mkdir(parents=True)
-    for i in range(3):
-        draw_concept(example / f"circle{i}.png", i)
-        (example / f"circle{i}.txt").write_text(f"a red circle number {i}")
-    with serving(
-        Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")
-    ) as served:
-        yield served
+def served(tiny_app):
+    """The app on the tiny model (conftest's shared server), with assets/concepts as its example folders."""
+    return tiny_app
 
 
 @pytest.fixture()
@@ -168,10 +140,13 @@ def test_zip_that_escapes_its_folder_is_refused_with_a_message(client, tmp_path)
 
 
 def test_example_concept_loads_in_one_click(client):
-    files, gallery, table, name = client.predict("red-circles", api_name="/use_example")
-    assert len(files) == 6 and len(gallery) == 3
-    assert {row[0]: row[1] for row in table["data"]}["circle1.png"] == "a red circle number 1"
-    assert name == "red-circles"  # the trigger word stays the page's: one convention for every concept
+    star = CONCEPTS / "star"
+    images = sorted(star.glob("*.png"))
+    files, gallery, table, name = client.predict("star", api_name="/use_example")
+    assert len(gallery) == len(images) and len(files) == len(images) + len(list(star.glob("*.txt")))
+    captions = {row[0]: row[1] for row in table["data"]}
+    assert captions[images[1].name] == images[1].with_suffix(".txt").read_text().strip()
+    assert name == "star"  # the trigger word stays the page's: one convention for every concept
     with pytest.raises(AppError, match="not in the list of choices|no example concept"):
         client.predict("../../etc", api_name="/use_example")
 
@@ -331,25 +306,19 @@ def test_settings_show_model_device_and_folders(client, served):
 
 def test_missing_base_model_still_starts_and_says_why(tmp_path):
     studio = Studio(str(tmp_path / "no-such-model"), tmp_path / "adapters", tmp_path / "concepts")
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    try:
-        text = Client(demo.local_url, verbose=False).predict(api_name="/settings")
-        assert "not loaded" in text and "does not exist" in text
-    finally:
-        demo.close()
+    with serving(studio) as server:
+        text = Client(server.url, verbose=False).predict(api_name="/settings")
+    assert "not loaded" in text and "does not exist" in text
 
 
 def test_auth_keeps_strangers_out(tmp_path):
     studio = Studio(str(tmp_path / "none"), tmp_path / "adapters", tmp_path / "concepts")
-    demo = app.launch(studio, port=free_port(), auth=("me", "secret"), prevent_thread_lock=True)
-    try:
-        assert "Base model" in Client(demo.local_url, auth=("me", "secret"), verbose=False).predict(
+    with serving(studio, auth=("me", "secret")) as server:
+        assert "Base model" in Client(server.url, auth=("me", "secret"), verbose=False).predict(
             api_name="/settings"
         )
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain error for a refused login
-            Client(demo.local_url, auth=("me", "wrong"), verbose=False)
-    finally:
-        demo.close()
+            Client(server.url, auth=("me", "wrong"), verbose=False)
 
 
 def test_flags():
@@ -369,25 +338,26 @@ def test_flags():
         app.parse_args(["--auth", "no-colon"])
 
 
-def torch_imported_by(code: str) -> bool:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; {code}; print('torch' in sys.modules)"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
+def torch_imported_after(*steps: str) -> list[bool]:
+    """Run the steps in turn in a fresh interpreter; whether torch was imported after each one."""
+    check = "print('torch imported:', 'torch' in sys.modules)"
+    code = "; ".join(["import sys", *(f"{step}; {check}" for step in steps)])
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    answers = [
+        line.split(": ")[1] == "True"
+        for line in out.stdout.splitlines()
+        if line.startswith("torch imported:")
+    ]
+    assert len(answers) == len(steps), out.stdout
+    return answers
+
+
+def test_importing_the_app_and_building_the_page_do_not_import_torch(tmp_path):
+    # One interpreter for both: each start costs seconds of imports.
+    imported, built = torch_imported_after(
+        "import app", f"from sdlora.ui.studio import Studio; app.build_app(Studio('none', {str(tmp_path)!r}))"
     )
-    return out.stdout.strip().endswith("True")
-
-
-def test_importing_the_app_does_not_import_torch():
-    assert not torch_imported_by("import app")
-
-
-def test_building_the_page_does_not_import_torch(tmp_path):
-    assert not torch_imported_by(
-        f"import app; from sdlora.ui.studio import Studio; app.build_app(Studio('none', {str(tmp_path)!r}))"
-    )
+    assert not imported and not built
 
 
 def test_the_studios_own_work_folder_goes_at_exit_and_a_given_one_stays(tmp_path):
@@ -409,9 +379,8 @@ def test_the_train_tab_trains_and_generates_on_an_sdxl_base(tiny_sdxl_model, tmp
     studio = Studio(
         str(tiny_sdxl_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work"
     )
-    demo = app.launch(studio, port=free_port(), prevent_thread_lock=True)
-    try:
-        client = Client(demo.local_url, verbose=False)
+    with serving(studio) as server:
+        client = Client(server.url, verbose=False)
         outputs = train_and_watch(client, images, "xl-circles", steps=3, preview_every=0)
         assert "finished" in outputs[-1][0], outputs[-1][0]
         from sdlora.library.formats import read_metadata
@@ -429,5 +398,3 @@ def test_the_train_tab_trains_and_generates_on_an_sdxl_base(tiny_sdxl_model, tmp
         )
         assert len(gallery) == 1 and "<lora:xl-circles:1>" in parameters and "Size: 32x32" in parameters
         assert "sdxl" in client.predict(api_name="/settings").lower()
-    finally:
-        demo.close()

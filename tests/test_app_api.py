@@ -8,27 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from app_server import REPO, serving
 from conftest import draw_concept
 
 pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from test_app import serving  # noqa: E402
-
 import app  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    with serving(
-        Studio(str(tiny_model), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    ) as served:
-        yield served
+def served(tiny_app):
+    """The app on the tiny model, assets/concepts as its concepts folder (conftest's shared server)."""
+    return tiny_app
 
 
 @pytest.fixture()

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from app_server import CONCEPTS
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DEMO_MODEL = REPO / "assets" / "demo-model"
-STAR = REPO / "assets" / "concepts" / "star"
+STAR = CONCEPTS / "star"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The app on the demo model, whose default captioner is the demo one (no weights, no download)."""
-    from test_app import serving
-
-    from sdlora.ui.studio import Studio
-
-    root = tmp_path_factory.mktemp("app-captions")
-    with serving(
-        Studio(str(DEMO_MODEL), root / "adapters", root / "concepts", work_dir=root / "work")
-    ) as served:
-        yield SimpleNamespace(client=Client(served.url, verbose=False), studio=served.studio)
+def served(demo_app):
+    """The app on the demo model (conftest's shared server): its default captioner needs no weights."""
+    return SimpleNamespace(client=Client(demo_app.url, verbose=False), studio=demo_app.studio)
 
 
 def test_caption_images_fills_empty_rows_keeps_typed_ones_and_writes_nothing(served, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_app import serving
+from app_server import serving
 from tiny_models import IMAGE_SIZE
 
 pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
@@ -17,9 +17,11 @@ from sdlora.library.formats import read_metadata  # noqa: E402
 from sdlora.ui.studio import Studio  # noqa: E402
 
 
-@pytest.fixture()
-def served(tiny_model, tmp_path):
-    studio = Studio(str(tiny_model), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """A server of its own (its queue holds only these tests' jobs), shared by them: each ends idle."""
+    root = tmp_path_factory.mktemp("queue-app")
+    studio = Studio(str(tiny_model), root / "adapters", root / "concepts", work_dir=root / "work")
     with serving(studio) as server:
         yield studio, Client(server.url, verbose=False)
         studio.stop_training()

@@ -125,8 +125,8 @@ def test_a_bad_request_fails_alone(tiny_model, random_adapters):
 
 
 def test_the_web_app_draws_concurrent_generate_requests_together(tiny_model, random_adapters, tmp_path):
+    from app_server import serving
     from gradio_client import Client
-    from test_app import serving
 
     from sdlora.ui.studio import Studio
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from app_server import serving_model
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
@@ -130,20 +131,21 @@ def browser():
 
 @pytest.fixture(scope="module", params=["tiny_model", "tiny_sdxl_model"])
 def server(request, tmp_path_factory):
-    """The app on the tiny SD 1.x model, then on the tiny SDXL (the same steps in the browser on both)."""
-    from test_app import serving
-
-    from sdlora.ui.studio import Studio
-
-    root = tmp_path_factory.mktemp("browser-app")
-    if README_MODE and not DEMO_MODEL.is_dir():
-        pytest.skip(f"the README screenshots need the demo model at {DEMO_MODEL}")
-    if README_MODE and request.param != "tiny_model":
-        pytest.skip("the README screenshots are taken on the demo model")
-    base_model = str(DEMO_MODEL) if README_MODE else str(request.getfixturevalue(request.param))
-    studio = Studio(base_model, root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    with serving(studio) as served:
-        yield SimpleNamespace(url=served.url, family="sdxl" if request.param == "tiny_sdxl_model" else "sd1")
+    """The app on the tiny SD 1.x model (conftest's shared server), then on the tiny SDXL: the same steps."""
+    family = "sdxl" if request.param == "tiny_sdxl_model" else "sd1"
+    if README_MODE:
+        if not DEMO_MODEL.is_dir():
+            pytest.skip(f"the README screenshots need the demo model at {DEMO_MODEL}")
+        if request.param != "tiny_model":
+            pytest.skip("the README screenshots are taken on the demo model")
+        with serving_model(str(DEMO_MODEL), tmp_path_factory.mktemp("browser-app")) as served:
+            yield SimpleNamespace(url=served.url, family=family)
+    elif request.param == "tiny_model":
+        yield SimpleNamespace(url=request.getfixturevalue("tiny_app").url, family=family)
+    else:
+        base_model = str(request.getfixturevalue(request.param))
+        with serving_model(base_model, tmp_path_factory.mktemp("browser-app")) as served:
+            yield SimpleNamespace(url=served.url, family=family)
 
 
 def shoot(page, name: str, folder: Path) -> None:
@@ -242,18 +244,9 @@ def exactly(text: str) -> re.Pattern:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    """The app on the demo model, whose default captioner (the demo one) needs no weights."""
-    from test_app import serving
-
-    from sdlora.ui.studio import Studio
-
-    if not DEMO_MODEL.is_dir():
-        pytest.skip(f"captioning in the browser needs the demo model at {DEMO_MODEL}")
-    root = tmp_path_factory.mktemp("browser-captions")
-    studio = Studio(str(DEMO_MODEL), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    with serving(studio) as served:
-        yield served.url
+def demo_server(demo_app) -> str:
+    """The app on the demo model (conftest's shared server), whose default captioner needs no weights."""
+    return demo_app.url
 
 
 def test_caption_images_fills_the_caption_table_in_chromium(browser, demo_server, tmp_path):

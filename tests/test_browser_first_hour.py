@@ -25,7 +25,7 @@ SPEED = re.compile(r"([\d.]+) s/step")
 @pytest.fixture(scope="module")
 def demo_app(tmp_path_factory):
     """The app on the demo model with the shipped example concepts and an empty library."""
-    from test_app import serving
+    from app_server import serving
 
     from sdlora.ui.studio import Studio
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 from sdlora.cli import build_parser, config_from_args
 from sdlora.library.formats import read_metadata
@@ -156,15 +157,6 @@ def test_two_process_run_writes_exactly_one_adapter(model, request, concept_dir,
     assert header["sdlora.processes"] == "2"
     assert header["ss_base_model_version"] == ("sdxl_base_v1-0" if model == "tiny_sdxl_model" else "sd_v1")
     assert result.stdout.count("finished step 3") == 1
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process (a subprocess per command would spend most of the time importing torch)."""
-    from sdlora.cli import main
-
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path, capsys):

@@ -2,67 +2,59 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sdlora.demo.learning import (
-    CONCEPTS_DIR,
+    GUIDANCE,
     LESSONS,
     base_not_ready,
-    captioned_copy,
     generator_for,
     lesson_config,
     shown,
-    trigger_images,
+    trigger_prompts,
 )
+from sdlora.generation.generate import AdapterWeight, GenerateConfig
 from sdlora.training.loop import train
 
 needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
 LESSON = LESSONS["magenta"]  # bench/learning.py: 92% at the preset's 600 steps, 42% at half weight
 PROMPTS = 20
+# The suite's one demo-model learning proof. The other concepts, the adoption curve, the bleed into
+# trigger-free prompts and the demo captioner's captions (within 10 points of the hand-written ones)
+# are measured by bench/learning.py, which writes docs/benchmarks.md.
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def adoption_at(tmp_path_factory) -> dict[float, float]:
+    """Adoption of the trained adapter at weights 0, 0.5 and 1, each weight's images drawn in one batch."""
     out = tmp_path_factory.mktemp("learning")
     train(lesson_config(LESSON, out))
-    return generator_for(out)
-
-
-STAR = LESSONS["star"]
-# bench/learning.py, section learning_captions: the star folder with its hand-written captions, the
-# demo preset's 600 steps, 24 prompts. Captioned by the demo captioner it must come within 10 points.
-HAND_CAPTIONED_STAR = 0.96
-
-
-@pytest.fixture(scope="module")
-def star_from_captioner(tmp_path_factory):
-    folder = captioned_copy(STAR, tmp_path_factory.mktemp("captioned") / "star")
-    out = tmp_path_factory.mktemp("learning-star")
-    train(lesson_config(STAR, out, images=folder))
-    return folder, generator_for(out)
-
-
-@needs_ready_base
-def test_star_folder_captioned_by_the_demo_captioner_teaches_the_star(star_from_captioner):
-    folder, generator = star_from_captioner
-    written = {p.name: p.read_text() for p in folder.glob("*.txt")}
-    by_hand = {p.name: p.read_text() for p in (CONCEPTS_DIR / "star").glob("*.txt")}
-    assert written.keys() == by_hand.keys() and len(written) == 8
-    assert shown(STAR, trigger_images(generator, STAR, 1.0, 24)) >= HAND_CAPTIONED_STAR - 0.10
+    generator = generator_for(out)
+    prompts = trigger_prompts(LESSON, PROMPTS)
+    rates = {}
+    for weight in (0.0, 0.5, 1.0):
+        mix = (AdapterWeight(LESSON.name, weight),) if weight else ()
+        # The same seeds as sdlora.demo.learning.trigger_images; batched rows equal its one-at-a-time
+        # images up to float rounding (test_batching), at a third less CPU.
+        configs = [
+            GenerateConfig(prompt=prompt, seed=1000 + i, guidance=GUIDANCE, adapters=mix)
+            for i, prompt in enumerate(prompts)
+        ]
+        images = [np.asarray(row[0].image) for row in generator.generate_batch(configs)]
+        rates[weight] = shown(LESSON, images)
+    return rates
 
 
 @needs_ready_base
-def test_trigger_prompts_show_the_new_concept(trained):
-    assert shown(LESSON, trigger_images(trained, LESSON, 1.0, PROMPTS)) >= 0.7
+def test_trigger_prompts_show_the_new_concept(adoption_at):
+    assert adoption_at[1.0] >= 0.7, adoption_at
 
 
 @needs_ready_base
-def test_weight_zero_does_not_and_half_is_in_between(trained):
-    at = {
-        weight: shown(LESSON, trigger_images(trained, LESSON, weight, PROMPTS)) for weight in (0.0, 0.5, 1.0)
-    }
-    assert at[0.0] <= 0.1
-    assert at[0.0] < at[0.5] < at[1.0], at
+def test_weight_zero_does_not_and_half_is_in_between(adoption_at):
+    assert adoption_at[0.0] <= 0.1, adoption_at
+    assert adoption_at[0.0] < adoption_at[0.5] < adoption_at[1.0], adoption_at
 
 
 def test_learning_checks_wait_for_a_base_that_meets_its_targets(tmp_path):

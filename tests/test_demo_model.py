@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -40,9 +39,7 @@ def test_demo_model_has_lora_target_modules(pipe):
     assert any(name.endswith("to_out.0") for name, _ in pipe.unet.named_modules())
 
 
-def test_demo_model_draws_a_64px_image_quickly(pipe):
-    pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))  # warm-up
-    tic = time.perf_counter()
-    image = pipe("a red circle", num_inference_steps=20, generator=torch.Generator().manual_seed(1)).images[0]
+def test_demo_model_draws_a_64px_image(pipe):
+    # How fast is bench/inference.py's figure in docs/benchmarks.md, not a threshold here.
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images[0]
     assert image.size == (64, 64)
-    assert time.perf_counter() - tic < 5  # generous: CI machines vary; the report measures the real figure

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import unet_output
 
 from sdlora.config import LoraSpec
 from sdlora.models.loading import load_pipeline
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts
-
-
-def unet_output(unet, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    context = torch.randn(2, 16, unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([10, 500]), encoder_hidden_states=context).sample
 
 
 def test_step0_output_equals_base(tiny_model):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import cli
+from conftest import cli
 from tiny_models import IMAGE_SIZE
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
@@ -103,7 +103,7 @@ def test_cli_adds_lists_reorders_and_cancels_in_the_same_file(tiny_model, concep
 
 
 def start_server(tiny_model, out: Path, log: Path) -> subprocess.Popen:
-    from test_app import free_port
+    from app_server import free_port
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import save_file
 
-from sdlora.cli import main
 from sdlora.config import (
     AdapterWeight,
     DataConfig,
@@ -70,12 +70,6 @@ def library(tmp_path, reference):
 
 def library_files(lib: AdapterLibrary) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in lib.root.iterdir() if p.is_file()}
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # 1. Non-finite and absurd values ---------------------------------------------------------------------

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 import torch
+from conftest import unet_output
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
-from test_lora import unet_output
 
 from sdlora.errors import AdapterFormatError, SdloraError
 from sdlora.library.formats import read_adapter, read_metadata

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, draw_concept
+from conftest import IMAGE_SIZE, draw_concept, unet_output
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
-from test_lora import unet_output
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
