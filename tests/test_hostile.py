@@ -104,8 +104,8 @@ def damaged_adapter(path: Path, tensors) -> Path:
 @pytest.fixture(scope="module")
 def served(tiny_model, adapter_tensors, tmp_path_factory):
     """The app over a library holding a damaged adapter and a cancelled job (its images kept); no job runs."""
+    from app_server import serving
     from gradio_client import Client
-    from test_app import serving
 
     root = tmp_path_factory.mktemp("hostile-app")
     concept = root / "concept"
@@ -471,7 +471,7 @@ def test_the_training_size_cap_follows_the_native_size_when_queued(tiny_model, c
 def test_the_work_folder_goes_when_the_server_gets_sigterm(tiny_model, tmp_path):
     temp = tmp_path / "tmp"
     temp.mkdir()
-    from test_app import free_port
+    from app_server import free_port
 
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
     command = [
