@@ -370,7 +370,7 @@ def test_train_and_generate_without_base_model_use_the_demo_model_and_the_apps_l
     "args, message",
     [
         (["train"], "no concept images given"),
-        (["train", "--images", "x", "--rank", "0"], "rank must be at least 1"),
+        (["train", "--images", "x", "--rank", "0"], "rank must be a whole number from 1 to"),
         (["generate", "--out", "a.png"], "the following arguments are required: --prompt"),
         (["queue", "add", "--steps", "5"], "no concept images given"),
     ],

@@ -40,7 +40,7 @@ def test_the_road_and_the_queue_import_no_torch():
 def test_the_road_checks_once_and_names_the_setting():
     with pytest.raises(ConfigError, match="settings.lora: unknown setting.*rnak"):
         train_config_from({"lora.rnak": 4, "data.images": "d"})
-    with pytest.raises(ConfigError, match="rank must be at least 1"):
+    with pytest.raises(ConfigError, match="rank must be a whole number from 1 to"):
         train_config_from({"lora": {"rank": 0}, "data": {"images": "d"}})
     unchecked = train_config_from(
         {"lora.rank": 0}, validate=False
