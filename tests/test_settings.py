@@ -81,7 +81,9 @@ def test_the_four_doors_give_equal_train_configs(tmp_path, monkeypatch, capsys):
 
     studio = Studio(str(DEMO_MODEL), library, EXAMPLE_CONCEPTS, work_dir=tmp_path / "work")
     queued = []
-    monkeypatch.setattr(studio, "queue_training", lambda config, files, captions: queued.append(config))
+    monkeypatch.setattr(
+        studio, "queue_training", lambda config, files, captions, client="": queued.append(config)
+    )
     handlers = TrainHandlers(studio)
     with gr.Blocks():
         widgets = layout(studio)
