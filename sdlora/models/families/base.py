@@ -61,6 +61,8 @@ class Family:
     kohya_original_unet_names: bool = False  # kohya names UNet layers by the original (LDM) paths
     named_in_estimate: bool = False  # the estimate says which family (the costly ones)
     load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+    bucket_latent_step: int = 8  # buckets' side step in latent pixels (a transformer's: its patch size)
+    prediction_type: str | None = None  # what the denoiser answers when its scheduler does not say
 
     def recognises(self, denoiser_config: dict) -> bool:
         """Whether a denoiser config (a loaded model's or its config.json) is this family's."""
