@@ -1,4 +1,4 @@
-"""Training SD3.5 and Flux.1 adapters on tiny models through the same loop as the UNet families."""
+"""Training SD3.5 and Flux.1 adapters on tiny models through the same loop as the UNet families, and\nusing the files it saves (diffusers' own loaders, sdlora's Generator)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import IMAGE_SIZE
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_transformers import tiny_flux_model, tiny_sd3_model  # noqa: F401 - fixtures
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.events import Started, Step, StopFlag
+from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
+from sdlora.library.formats import read_adapter, read_metadata, write_adapter
+from sdlora.library.store import AdapterLibrary
 from sdlora.models.families import family_of_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
@@ -29,6 +33,12 @@ FAMILIES = ("sd3", "flux")
 def transformer_model(request) -> Path:
     """The tiny SD3 or Flux.1 diffusers folder."""
     return request.getfixturevalue(f"tiny_{request.param}_model")
+
+
+@pytest.fixture()
+def flux_model(request) -> Path:
+    """The tiny Flux.1 dev diffusers folder."""
+    return request.getfixturevalue("tiny_flux_model")
 
 
 @pytest.fixture()
@@ -149,3 +159,90 @@ def test_the_cli_trains_a_transformer_model(transformer_model, concept_dir, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     header = load_file(str(tmp_path / "out" / "cli.safetensors"))
     assert header and all(k.startswith("lora_unet_") for k in header)  # kohya's names for the transformer
+
+
+def hand_fused_output(model: Path, adapter, batch: Batch, skip: str = "\0") -> torch.Tensor:
+    """The base transformer with each layer's ΔW added by hand (those under `skip` left out), no LoRA machinery."""
+    pipeline = load_pipeline(str(model))
+    modules = dict(pipeline.transformer.named_modules())
+    with torch.no_grad():
+        for path, layer in adapter.in_part("transformer").items():
+            if not path.startswith(skip):
+                modules[path].weight += layer.delta().reshape(modules[path].weight.shape)
+    return transformer_output(pipeline, batch)
+
+
+def diffusers_output(model: Path, path: Path, batch: Batch) -> torch.Tensor:
+    """The transformer's output after diffusers' own `load_lora_weights` read the file."""
+    pipeline = load_pipeline(str(model))
+    pipeline.load_lora_weights(str(path), adapter_name="mine")
+    return transformer_output(pipeline, batch)
+
+
+def test_the_saved_adapter_loads_through_diffusers_and_equals_base_plus_delta(transformer_config, tmp_path):
+    model = Path(transformer_config.base_model)
+    trained = load_pipeline(str(model))
+    result = train(transformer_config, pipeline=trained)  # rank 4, alpha 16: scale 4, so a lost alpha shows
+    batch = fixed_batch(trained)
+    expected = transformer_output(trained, batch)
+    adapter = read_adapter(result.adapter_path)  # the library's kohya file, read back
+    export = write_adapter(
+        tmp_path / "export.safetensors", adapter, "diffusers", family=adapter.metadata["sdlora.family"]
+    )
+    reloaded = diffusers_output(model, export, batch)
+    assert not torch.allclose(reloaded, transformer_output(load_pipeline(str(model)), batch), atol=1e-4)
+    assert torch.allclose(reloaded, expected, atol=1e-5)
+    assert torch.allclose(hand_fused_output(model, adapter, batch), expected, atol=1e-5)
+
+
+def test_the_flux_kohya_file_loads_through_diffusers_as_base_plus_delta(flux_model, concept_dir, tmp_path):
+    config = TrainConfig(
+        base_model=str(flux_model),
+        output_dir=str(tmp_path / "out"),
+        name="kohya",
+        steps=4,
+        learning_rate=1e-2,
+        final_preview=False,
+        data=DataConfig(images=str(concept_dir), trigger_word="sks", resolution=IMAGE_SIZE),
+        lora=LoraSpec(rank=4, alpha=16.0),
+    )
+    path = train(config).adapter_path
+    # diffusers' kohya-Flux reader assumes Flux.1's real single-block widths (3072): the tiny model's
+    # single blocks are left out of the file it reads, and of the sum it is compared with.
+    tensors = {k: v for k, v in load_file(str(path)).items() if "single_blocks" not in k}
+    double_only = tmp_path / "double.safetensors"
+    save_file(tensors, str(double_only), metadata=read_metadata(path))
+    batch = fixed_batch(load_pipeline(str(flux_model)))
+    reloaded = diffusers_output(flux_model, double_only, batch)
+    by_hand = hand_fused_output(flux_model, read_adapter(path), batch, skip="single_transformer_blocks.")
+    assert torch.allclose(reloaded, by_hand, atol=1e-5)
+
+
+def test_generation_with_the_adapter_fused_equals_unfused(transformer_model, concept_dir, tmp_path):
+    config = TrainConfig(
+        base_model=str(transformer_model),
+        output_dir=str(tmp_path / "lib"),
+        name="reds",
+        steps=5,
+        learning_rate=2e-2,
+        final_preview=False,
+        data=DataConfig(images=str(concept_dir), trigger_word="sks", resolution=IMAGE_SIZE),
+        lora=LoraSpec(rank=4, alpha=8.0),
+    )
+    train(config)
+    library = AdapterLibrary(tmp_path / "lib")
+
+    def pixels(generator: Generator, weight: float | None) -> np.ndarray:
+        adapters = () if weight is None else (AdapterWeight("reds", weight),)
+        request = GenerateConfig(
+            prompt="sks", seed=5, steps=3, width=IMAGE_SIZE, height=IMAGE_SIZE, adapters=adapters
+        )
+        return np.asarray(generator.generate(request)[0].image, dtype=np.float32)
+
+    generator = Generator(str(transformer_model), library)
+    base = pixels(generator, None)
+    fused = pixels(generator, 1.0)
+    assert generator._fused is not None and not np.array_equal(fused, base)
+    unfused = pixels(Generator(str(transformer_model), library, fuse_mixes=False), 1.0)
+    assert np.abs(fused - unfused).max() <= 2.0  # within rounding of 8-bit pixels
+    assert np.array_equal(pixels(generator, None), base)  # unfused again: the base restored exactly

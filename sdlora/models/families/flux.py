@@ -77,6 +77,11 @@ class FluxFamily(TransformerFamily):
 
         return flux_image_seq_len(latents.shape[-2], latents.shape[-1])
 
+    def latents_for_vae(self, pipeline: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Flux's 'latent' output is its packed tokens: unpacked to the image's latent grid first."""
+        unpacked = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        return super().latents_for_vae(pipeline, unpacked, height, width)
+
     def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity: packed latents, sigma as the timestep, dev's guidance, position ids."""
         from sdlora.training import flow_matching as fm

@@ -90,6 +90,7 @@ class TransformerFamily(Family):
     adapter_layout: str = "transformer"
     bucket_latent_step: int = 2  # the transformer's 2x2 patches: buckets in steps of VAE factor x 2
     prediction_type: str = "flow"
+    own_scheduler_only: bool = True
     default_weighting: str = "logit_normal"
 
     def config_folder(self, prediction_type: str) -> str:
