@@ -15,15 +15,18 @@ from safetensors.torch import load_file, save_file
 from tiny_transformers import tiny_flux_model, tiny_sd3_model  # noqa: F401 - fixtures
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
+from sdlora.errors import AdapterFormatError
 from sdlora.events import Started, Step, StopFlag
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
 from sdlora.library.formats import read_adapter, read_metadata, write_adapter
+from sdlora.library.formats.adapter import Adapter, LoraLayer, ModelLayout
 from sdlora.library.store import AdapterLibrary
 from sdlora.models.families import family_of_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
 from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
+from sdlora.training.presets import estimate_training
 from sdlora.training.step import diffusion_loss
 
 FAMILIES = ("sd3", "flux")
@@ -39,6 +42,12 @@ def transformer_model(request) -> Path:
 def flux_model(request) -> Path:
     """The tiny Flux.1 dev diffusers folder."""
     return request.getfixturevalue("tiny_flux_model")
+
+
+@pytest.fixture()
+def sd3_model(request) -> Path:
+    """The tiny SD3 diffusers folder."""
+    return request.getfixturevalue("tiny_sd3_model")
 
 
 @pytest.fixture()
@@ -246,3 +255,43 @@ def test_generation_with_the_adapter_fused_equals_unfused(transformer_model, con
     unfused = pixels(Generator(str(transformer_model), library, fuse_mixes=False), 1.0)
     assert np.abs(fused - unfused).max() <= 2.0  # within rounding of 8-bit pixels
     assert np.array_equal(pixels(generator, None), base)  # unfused again: the base restored exactly
+
+
+def one_layer_adapter(layout: ModelLayout, part: str) -> Adapter:
+    """A rank-2 adapter on the first attention query of `part` in this layout."""
+    key = sorted(k for k in layout.shapes if k.startswith(part + ".") and k.endswith("to_q"))[0]
+    out_features, in_features = layout.shapes[key]
+    return Adapter({key: LoraLayer(torch.ones(2, in_features), torch.ones(out_features, 2), 2.0)})
+
+
+def test_an_adapter_of_another_family_is_refused_in_one_line(tiny_model, flux_model, sd3_model, tmp_path):
+    sd1 = ModelLayout.of(load_pipeline(str(tiny_model)), "sd1")
+    flux = ModelLayout.of(load_pipeline(str(flux_model)), "flux")
+    sd3 = ModelLayout.of(load_pipeline(str(sd3_model)), "sd3")
+    flux_file = write_adapter(
+        tmp_path / "flux.safetensors", one_layer_adapter(flux, "transformer"), family="flux"
+    )
+    sd1_file = write_adapter(tmp_path / "sd1.safetensors", one_layer_adapter(sd1, "unet"), family="sd1")
+    assert read_adapter(flux_file, flux).layers  # its own family reads it
+    for path, layout in ((flux_file, sd1), (flux_file, sd3), (sd1_file, flux)):
+        with pytest.raises(AdapterFormatError) as caught:
+            read_adapter(path, layout)
+        message = str(caught.value)
+        assert "\n" not in message and path.name in message, message
+
+
+def test_the_estimate_knows_the_transformer_families(flux_model):
+    info = inspect_pipeline(load_pipeline(str(flux_model)))
+    config = TrainConfig(
+        base_model=str(flux_model),
+        data=DataConfig(images=".", resolution=1024),
+        lora=LoraSpec(rank=16, alpha=16.0),
+        mixed_precision="bf16",
+    )
+    estimate = estimate_training(config, 11_900_000_000, info, "cuda")
+    # SimpleTuner: a Flux.1 rank-16 LoRA at 1024 px needs more than 30 GB with a bf16 base
+    assert estimate.gpu_memory_gb > 30 and "Flux.1 at 1024 px" in estimate.text
+    checkpointed = estimate_training(
+        config.replace(gradient_checkpointing=True), 11_900_000_000, info, "cuda"
+    )
+    assert checkpointed.gpu_memory_gb < estimate.gpu_memory_gb
