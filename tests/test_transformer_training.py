@@ -26,7 +26,7 @@ from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
 from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
-from sdlora.training.presets import estimate_training
+from sdlora.training.presets import estimate_training, read_family_and_resolution
 from sdlora.training.step import diffusion_loss
 
 FAMILIES = ("sd3", "flux")
@@ -295,3 +295,8 @@ def test_the_estimate_knows_the_transformer_families(flux_model):
         config.replace(gradient_checkpointing=True), 11_900_000_000, info, "cuda"
     )
     assert checkpointed.gpu_memory_gb < estimate.gpu_memory_gb
+
+
+def test_the_family_and_native_size_are_read_before_loading(flux_model, sd3_model):
+    assert read_family_and_resolution(str(flux_model)) == ("flux", 1024)  # Flux's config has no size
+    assert read_family_and_resolution(str(sd3_model)) == ("sd3", IMAGE_SIZE)  # sample size x VAE factor
