@@ -1,4 +1,5 @@
-"""Training SD3.5 and Flux.1 adapters on tiny models through the same loop as the UNet families, and\nusing the files it saves (diffusers' own loaders, sdlora's Generator)."""
+"""Training SD3.5 and Flux.1 adapters on tiny models through the same loop as the UNet families, and
+using the files it saves (diffusers' own loaders, sdlora's Generator)."""
 
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def test_the_cli_trains_a_transformer_model(transformer_model, concept_dir, tmp_
 
 
 def hand_fused_output(model: Path, adapter, batch: Batch, skip: str = "\0") -> torch.Tensor:
-    """The base transformer with each layer's ΔW added by hand (those under `skip` left out), no LoRA machinery."""
+    """The base transformer with each layer's ΔW added by hand (but those under `skip`), no LoRA machinery."""
     pipeline = load_pipeline(str(model))
     modules = dict(pipeline.transformer.named_modules())
     with torch.no_grad():

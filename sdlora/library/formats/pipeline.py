@@ -16,7 +16,7 @@ from sdlora.library.formats.write import diffusers_tensors, peft_configs
 
 
 def load_into_pipeline(pipeline, adapter: Adapter, adapter_name: str) -> None:
-    """Attach `adapter` to the pipeline's UNet or transformer and text encoders as peft adapter `adapter_name`."""
+    """Attach `adapter` to the pipeline's denoiser and text encoders as peft adapter `adapter_name`."""
     tensors = diffusers_tensors(adapter)
     configs = peft_configs(adapter)
     for part, config in configs.items():
