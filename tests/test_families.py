@@ -103,10 +103,28 @@ def test_the_demo_model_is_sd1_in_its_configs_and_known_by_its_marker(tiny_model
 
 
 @pytest.mark.parametrize(
+    ("config", "name", "words"),
+    [
+        (
+            {"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 4096, "sample_size": 128},
+            "sd3",
+            "SD3.5",
+        ),
+        ({"joint_attention_dim": 4096, "pos_embed_max_size": 192, "sample_size": 128}, "sd3", "SD3.5"),
+        ({"_class_name": "FluxTransformer2DModel", "guidance_embeds": True}, "flux", "Flux.1"),
+        ({"num_single_layers": 38, "guidance_embeds": False}, "flux", "Flux.1"),
+    ],
+)
+def test_transformer_families_are_recognised_from_their_configs(config, name, words):
+    family = family_of(config)
+    assert (family.name, family.words, family.denoiser) == (name, words, "transformer")
+
+
+@pytest.mark.parametrize(
     "config",
     [
-        {"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 4096, "sample_size": 128},
-        {"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096},
+        {"_class_name": "PixArtTransformer2DModel", "sample_size": 128},
+        {"_class_name": "HunyuanDiT2DModel", "sample_size": 128},
         {"sample_size": 64},  # a UNet without text conditioning
     ],
 )
@@ -119,8 +137,8 @@ def test_an_unknown_denoiser_is_refused_in_one_line(config):
 
 
 def test_an_unknown_family_name_is_refused_in_one_line():
-    with pytest.raises(ModelLoadError, match="unknown model family 'flux'.*sd1"):
-        family_named("flux")
+    with pytest.raises(ModelLoadError, match="unknown model family 'pixart'.*sd1"):
+        family_named("pixart")
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -134,8 +152,8 @@ def test_a_family_reads_back_the_ids_it_writes(family):
 def test_headers_of_other_tools_name_their_family():
     assert family_claimed_by({"ss_v2": "True", "ss_base_model_version": ""}) is SD2
     assert family_claimed_by({"modelspec.architecture": "stable-diffusion-xl-v1-refiner/lora"}) is SDXL
-    assert family_claimed_by({"sdlora.family": "flux", "ss_base_model_version": "sd_v1"}) is SD1
-    assert family_claimed_by({"ss_base_model_version": "flux1"}) is None
+    assert family_claimed_by({"sdlora.family": "pixart", "ss_base_model_version": "sd_v1"}) is SD1
+    assert family_claimed_by({"ss_base_model_version": "pixart_sigma"}) is None
     assert family_claimed_by({}) is None
 
 
@@ -143,6 +161,8 @@ def test_an_adapter_that_names_no_family_is_taken_by_its_parts():
     assert family_for_parts(["unet", "text_encoder"]) is DEFAULT is SD1
     assert family_for_parts(["unet"]) is SD1
     assert family_for_parts(["unet", "text_encoder", "text_encoder_2"]) is SDXL
+    assert family_for_parts(["transformer", "text_encoder", "text_encoder_2"]).name == "sd3"
+    assert family_for_parts(["transformer", "text_encoder"]).name == "flux"
 
 
 def test_family_names_are_spelled_only_in_the_family_home():

@@ -29,6 +29,7 @@ from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F40
 from sdlora.errors import ConfigError
 from sdlora.library.formats import load_into_pipeline
 from sdlora.library.store import AdapterLibrary, reference_from_pipeline
+from sdlora.models.families import family_of_pipeline
 from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
 
 BASE_ROW = "__base__"  # peft's adapter name for a row that runs without adapters
@@ -180,7 +181,8 @@ class Generator:
                 row_adapters = self._apply_per_row(mixes)
             info = inspect_pipeline(pipeline)
             width, height = config.width or info.resolution, config.height or info.resolution
-            pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+            if not info.model_family.own_scheduler_only:  # SD3.5, Flux.1: their flow-matching sampler
+                pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
             rows = []  # (request, prompt, negative prompt, seed): one image each
             for i, (request, (prompt, _)) in enumerate(zip(configs, resolved, strict=True)):
                 first = request.seed if request.seed >= 0 else secrets.randbelow(2**32 - 16)
@@ -217,7 +219,8 @@ class Generator:
                 output_type="latent",
             ).images
         vae = pipeline.vae
-        decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
+        family = family_of_pipeline(pipeline)
+        decoded = vae.decode(family.latents_for_vae(pipeline, latents, height, width)).sample
         return pipeline.image_processor.postprocess(decoded, output_type="pil")
 
     def apply_mix(self, mix: tuple[AdapterWeight, ...]) -> None:
@@ -241,7 +244,9 @@ class Generator:
                 # Set first: should fusing fail half-way, _unfuse still puts the copy back.
                 self._fused = wanted
                 pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
-                self._bypassed = bypass_lora_wrappers(pipeline.unet)
+                self._bypassed = bypass_lora_wrappers(
+                    getattr(pipeline, family_of_pipeline(pipeline).denoiser)
+                )
 
     def _apply_per_row(self, mixes: list[tuple[tuple[str, float], ...]]) -> list[str]:
         """Load and weight every row's one adapter, unfused; returns peft's adapter name for each row."""

@@ -120,8 +120,10 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
     import diffusers
 
     if class_name not in SUPPORTED_PIPELINES:
+        words = [f.words for f in reversed(FAMILIES)]
         raise ModelLoadError(
-            f"{source} is a {class_name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL"
+            f"{source} is a {class_name or 'unknown'} model, not one sdlora can train "
+            f"({', '.join(words[:-1])} or {words[-1]})"
         )
     pipeline_class = getattr(diffusers, class_name)
     extra = next(f.load_options for f in FAMILIES if class_name in f.pipeline_classes)
@@ -133,8 +135,10 @@ def _from_pretrained(source: str, class_name: str, torch_dtype: torch.dtype, loc
 
 def inspect_pipeline(pipeline) -> ModelInfo:
     """Family, prediction type and native resolution from the pipeline's own configs."""
-    prediction_type = getattr(pipeline.scheduler.config, "prediction_type", "epsilon") or "epsilon"
     family = family_of_pipeline(pipeline)
+    prediction_type = (
+        getattr(pipeline.scheduler.config, "prediction_type", None) or family.prediction_type or "epsilon"
+    )
     denoiser = dict(getattr(pipeline, family.denoiser).config)
     resolution = family.native_resolution(denoiser, dict(pipeline.vae.config))
     return ModelInfo(family.name, prediction_type, resolution, cross_attention_width(denoiser) or 0)

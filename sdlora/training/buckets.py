@@ -42,9 +42,10 @@ class Placement:
         return (*self.original_size, top, left, self.bucket.height, self.bucket.width)
 
 
-def bucket_step(vae_scale_factor: int) -> int:
-    """8 latent pixels: 64 px for every published SD model, less for the tiny test models."""
-    return 8 * vae_scale_factor
+def bucket_step(vae_scale_factor: int, latent_step: int = 8) -> int:
+    """`latent_step` latent pixels: 8 (64 px) for every published UNet model, a transformer's patch size
+    (2: 16 px) for SD3.5 and Flux.1, less for the tiny test models."""
+    return latent_step * vae_scale_factor
 
 
 def make_buckets(resolution: int, step: int, max_aspect: float = MAX_ASPECT) -> list[Bucket]:

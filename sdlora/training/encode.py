@@ -145,8 +145,9 @@ def encode_concepts(
 
 def frozen_parts_to(pipeline, device: torch.device) -> None:
     """Move the VAE and text encoders: once their outputs are cached they wait on the CPU, so a GPU holds
-    only the denoiser (SDXL's two text encoders alone are 1.6 GB in half precision); previews bring them back."""
-    for part in ("vae", "text_encoder", "text_encoder_2"):
+    only the denoiser (SDXL's two text encoders alone are 1.6 GB in half precision, T5-XXL 9.5 GB);
+    previews bring them back."""
+    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):  # SD3.5: T5 is the third
         module = getattr(pipeline, part, None)
         if module is not None:
             module.to(device)

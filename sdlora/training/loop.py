@@ -147,7 +147,7 @@ def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared
     pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
     info = inspect_pipeline(pipeline)
     check_image_size(config.data.resolution, config.data.resolution, info.resolution, "training resolution")
-    step_px = bucket_step(pipeline.vae_scale_factor)
+    step_px = bucket_step(pipeline.vae_scale_factor, info.model_family.bucket_latent_step)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
     return Prepared(accelerator, pipeline, info.model_family, info, concepts, regularization)
@@ -184,7 +184,7 @@ def _build_adapter(
     if denoiser.dtype != frozen_weight_dtype(accelerator):
         denoiser.to(dtype=frozen_weight_dtype(accelerator))
     denoiser.to(accelerator.device)
-    add_lora(denoiser, config.lora, seed=config.seed)
+    add_lora(denoiser, config.lora, prepared.family.lora_targets, seed=config.seed)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     optimizer = make_optimizer(config, trainable_parameters(denoiser))
@@ -332,7 +332,7 @@ def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, 
         regularization_images=len(regularization.images) if regularization else 0,
     )
     trained = run.accelerator.unwrap_model(run.denoiser)
-    adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha)
+    adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha, part=prepared.family.denoiser)
     blocks = UNetBlocks.of(trained.config)
     write_adapter(path, adapter, "kohya", family=prepared.family.name, blocks=blocks, metadata=metadata)
     atomic_write_text(config_path, config.to_json() + "\n")

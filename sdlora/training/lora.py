@@ -10,27 +10,40 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from sdlora.config import LoraSpec
+from sdlora.config import ATTENTION_PROJECTIONS, LoraSpec
 
 ADAPTER_NAME = "default"
 
 
-def peft_config(spec: LoraSpec) -> LoraConfig:
+def targets_for(spec: LoraSpec, family_targets: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The layers to adapt: the family's default targets where the spec keeps the default (a transformer's
+    attention has text-stream projections too), plus the spec's extra targets."""
+    if family_targets is None or spec.target_modules != ATTENTION_PROJECTIONS:
+        return spec.all_target_modules
+    return tuple(dict.fromkeys(family_targets + spec.extra_target_modules))
+
+
+def peft_config(spec: LoraSpec, family_targets: tuple[str, ...] | None = None) -> LoraConfig:
     """The peft LoraConfig for a spec; B starts at zero ('gaussian' only changes A's init)."""
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         init_lora_weights="gaussian",
-        target_modules=list(spec.all_target_modules),
+        target_modules=list(targets_for(spec, family_targets)),
     )
 
 
-def add_lora(denoiser: torch.nn.Module, spec: LoraSpec, seed: int | None = None) -> None:
-    """Freeze the denoiser and attach a trainable adapter to the spec's target modules; A drawn from
-    `seed` when given."""
+def add_lora(
+    denoiser: torch.nn.Module,
+    spec: LoraSpec,
+    family_targets: tuple[str, ...] | None = None,
+    seed: int | None = None,
+) -> None:
+    """Freeze the denoiser and attach a trainable adapter to the spec's (or family's default) targets;
+    A drawn from `seed` when given."""
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
+    denoiser.add_adapter(peft_config(spec, family_targets), adapter_name=ADAPTER_NAME)
     if seed is not None:
         draw_initial_weights(denoiser, seed)
     for param in trainable_parameters(denoiser):

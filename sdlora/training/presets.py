@@ -108,14 +108,19 @@ def read_family_and_resolution(base_model: str) -> tuple[str, int | None]:
             path = CONFIG_ROOT / inspect_checkpoint(path).architecture
         except Exception:  # noqa: BLE001 - loading reports a damaged file properly; here only defaults are at stake
             return "", None
-    if not (path / "unet" / "config.json").is_file():
+    from sdlora.models.families import FAMILIES
+
+    # The denoiser's folder: "unet", or "transformer" for SD3.5 and Flux.1
+    folders = [path / part for part in dict.fromkeys(f.denoiser for f in FAMILIES)]
+    denoiser = next((folder for folder in folders if (folder / "config.json").is_file()), None)
+    if denoiser is None:
         return "", None  # a hub id, or not a diffusers folder: nothing to read before loading
     from sdlora.models.loading import family_and_resolution
 
     try:
-        unet = json.loads((path / "unet" / "config.json").read_text())
+        config = json.loads((denoiser / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
-        family, resolution, _ = family_and_resolution(unet, vae)
+        family, resolution, _ = family_and_resolution(config, vae)
     except (OSError, ValueError, KeyError, TypeError):
         return "", None
     return family, resolution

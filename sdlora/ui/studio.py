@@ -301,7 +301,10 @@ class Studio:
         from sdlora.training.estimate import captioning_seconds, estimate_training
 
         generator = self.generator()
-        unet_parameters = sum(p.numel() for p in generator.pipeline.unet.parameters())
+        denoiser = getattr(
+            generator.pipeline, generator.model_info.model_family.denoiser
+        )  # UNet or transformer
+        unet_parameters = sum(p.numel() for p in denoiser.parameters())
         device = str(generator.device)
         spec = spec_of(self.captioning.name())
         if offline() and not is_present(spec):

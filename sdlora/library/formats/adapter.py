@@ -98,6 +98,10 @@ class ModelLayout:
     @classmethod
     def of(cls, pipeline, family: str) -> ModelLayout:
         """The layout of a loaded pipeline (or one built on the meta device)."""
+        if getattr(pipeline, "unet", None) is None:  # SD3.5, Flux.1: the transformer and CLIP encoders
+            from sdlora.library.formats.transformer_write import transformer_layout
+
+            return transformer_layout(pipeline, family)
         shapes: dict[str, tuple[int, ...]] = {}
         for part in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
             model = getattr(pipeline, part, None)

@@ -108,6 +108,10 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
     if not keys:
         raise AdapterFormatError(f"{name} holds no tensors")
     refuse_other_networks(name, keys)
+    if _for_a_transformer(metadata, keys, layout):
+        from sdlora.library.formats.transformer_read import read_transformer_adapter
+
+        return read_transformer_adapter(path, layout)
     groups, strays = group_keys(keys)
     if not any("down" in roles or "hada_w1_a" in roles or _is_lokr(roles) for roles in groups.values()):
         raise AdapterFormatError(
@@ -140,6 +144,19 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
             f"(first: {_short(unmatched[0], 70)}); made for a different architecture"
         )
     return Adapter(layers, metadata, describe(groups))
+
+
+def _for_a_transformer(metadata: dict[str, str], keys: list[str], layout: ModelLayout | None) -> bool:
+    """Whether the file is read as an SD3.5/Flux.1 adapter: the base model is one, or (with no base
+    model) the header or the layer names say so."""
+    if layout is not None:
+        return is_family_name(layout.family) and family_named(layout.family).adapter_layout == "transformer"
+    claimed = family_claimed_by(metadata)
+    if claimed is not None:
+        return claimed.adapter_layout == "transformer"
+    from sdlora.library.formats.transformer_names import family_of_stems
+
+    return family_of_stems(list(group_keys(keys)[0])) is not None
 
 
 def _alpha(name: str, key: str, tensor: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from sdlora.library.formats.adapter import Adapter
 from sdlora.library.formats.files import save_tensors
 from sdlora.library.formats.names import FORMATS, UNET, UNetBlocks, kohya_stem
 from sdlora.library.formats.read import DIFFUSERS_METADATA_KEY, claimed_family
-from sdlora.models.families import family_for_parts
+from sdlora.models.families import family_for_parts, family_named
 
 if TYPE_CHECKING:  # torch loads with the first tensor written, not with the library listing
     import torch
@@ -97,11 +97,16 @@ def write_adapter(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write `adapter` in 'kohya' or 'diffusers' format with its user-facing metadata (plus `metadata`)."""
+    family = family or family_of(adapter)
+    if family_named(family).adapter_layout == "transformer":  # SD3.5, Flux.1: their own names and fusions
+        from sdlora.library.formats.transformer_write import write_transformer_adapter
+
+        return write_transformer_adapter(path, adapter, fmt, family, metadata=metadata)
     header = {k: v for k, v in adapter.metadata.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
     header.update(metadata or {})
     header["format"] = "pt"
     if fmt == "kohya":
-        tensors = kohya_tensors(adapter, family or family_of(adapter), blocks)
+        tensors = kohya_tensors(adapter, family, blocks)
     elif fmt == "diffusers":
         tensors = diffusers_tensors(adapter)
         header.update(diffusers_metadata(adapter))

@@ -3,7 +3,7 @@
 `FAMILIES` lists them in the order they are recognised (the most particular first; SD 1.x is
 the catch-all for text-conditioned UNets). The engine asks a family, never tests a name.
 
-To add a family (SD3.5, Flux.1): write `<name>.py` with a `Family` subclass and its instance
+To add a family: write `<name>.py` with a `Family` subclass and its instance
 (recognition from the denoiser's config, words, kohya/modelspec ids, pipeline class, the
 denoiser attribute, kohya text prefixes, caption encoding, the objective and denoiser call,
 the estimate's numbers), add it to `FAMILIES` below at its place in the order, and add its
@@ -19,11 +19,13 @@ from typing import Any
 from sdlora.errors import ModelLoadError
 from sdlora.models.families.base import Family, Noised, Objective
 from sdlora.models.families.demo import DEMO
+from sdlora.models.families.flux import FLUX
 from sdlora.models.families.sd1 import SD1
 from sdlora.models.families.sd2 import SD2
+from sdlora.models.families.sd3 import SD3
 from sdlora.models.families.sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)  # recognition order
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, SDXL, SD2, SD1)  # recognition order
 DEFAULT = SD1  # what a file that names no family is taken for (kohya's default too)
 
 __all__ = [
@@ -99,11 +101,13 @@ def family_claimed_by(metadata: dict[str, str]) -> Family | None:
 
 
 def family_for_parts(parts: Iterable[str]) -> Family:
-    """The family an adapter's text-encoder parts fit: the default when it fits, else the first that does."""
+    """The family an adapter's parts fit (its denoiser and text encoders): the default when it fits,
+    else the first that does."""
+    parts = set(parts)
     denoisers = {f.denoiser for f in FAMILIES}
-    text_parts = {part for part in parts if part not in denoisers}
+    text_parts = parts - denoisers
     for family in (DEFAULT, *FAMILIES):
-        if text_parts <= set(family.kohya_text_prefixes):
+        if parts & denoisers <= {family.denoiser} and text_parts <= set(family.kohya_text_prefixes):
             return family
     return DEFAULT
 

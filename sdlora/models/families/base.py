@@ -61,6 +61,9 @@ class Family:
     kohya_original_unet_names: bool = False  # kohya names UNet layers by the original (LDM) paths
     named_in_estimate: bool = False  # the estimate says which family (the costly ones)
     load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+    bucket_latent_step: int = 8  # buckets' side step in latent pixels (a transformer's: its patch size)
+    prediction_type: str | None = None  # what the denoiser answers when its scheduler does not say
+    own_scheduler_only: bool = False  # generation keeps the model's own sampler (flow matching has one)
 
     def recognises(self, denoiser_config: dict) -> bool:
         """Whether a denoiser config (a loaded model's or its config.json) is this family's."""
@@ -89,6 +92,12 @@ class Family:
 
         `time_ids` are each image's size conditioning (original size, crop, target size)."""
         raise NotImplementedError
+
+    def latents_for_vae(self, pipeline: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A pipeline's 'latent' output as its VAE decodes it: unscaled, unshifted, in float32."""
+        config = pipeline.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return latents.float() / config.scaling_factor + shift
 
     def objective(
         self,

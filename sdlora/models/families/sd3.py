@@ -1,0 +1,98 @@
+"""SD3.5 (Medium, Large): an MMDiT over 16-channel latents, CLIP-L + CLIP-G + T5 prompts, 1024 px.
+
+Trained by flow matching with sigmas drawn logit-normally (the SD3 paper; diffusers' SD3 script)
+and the scheduler's fixed shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sdlora.models.families.base import Noised
+from sdlora.models.families.sd1 import _claimed
+from sdlora.models.families.transformer import (
+    MAX_SEQUENCE_LENGTH,
+    PROMPT_BATCH,
+    TransformerFamily,
+    parts_to,
+)
+
+if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
+    import torch
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# The joint blocks' image-stream and text-stream attention projections.
+JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(frozen=True)
+class SD3Family(TransformerFamily):
+    """Stable Diffusion 3 and 3.5."""
+
+    def recognises(self, denoiser_config: dict) -> bool:
+        """SD3's transformer: by class name, or a joint-attention config with a position-embedding grid."""
+        if denoiser_config.get("_class_name"):
+            return denoiser_config["_class_name"] == "SD3Transformer2DModel"
+        return "joint_attention_dim" in denoiser_config and "pos_embed_max_size" in denoiser_config
+
+    def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
+        """The transformer's latent size times the VAE's downscaling (128 x 8 = 1024 for SD3.5)."""
+        return int(denoiser_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def claimed_by(self, metadata: dict[str, str]) -> bool:
+        """kohya's sd3 or modelspec's stable-diffusion-3."""
+        return _claimed(metadata).startswith(("sd3", "stable-diffusion-3", "stable-diffusion-v3"))
+
+    def encode_captions(
+        self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The pipeline's own prompt encoding: CLIP-L and CLIP-G states beside T5's, and both pooled."""
+        import torch
+
+        parts_to(pipeline, device, TEXT_PARTS)
+        embeddings, pooled = [], []
+        with torch.no_grad():
+            for i in range(0, len(captions), PROMPT_BATCH):
+                embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+                    captions[i : i + PROMPT_BATCH],
+                    None,
+                    None,
+                    device=device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                )
+                embeddings.append(embeds.float().cpu())
+                pooled.append(pooled_embeds.float().cpu())
+        return torch.cat(embeddings), {"pooled": torch.cat(pooled)}
+
+    def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
+        """The MMDiT's velocity: latents, timestep (sigma x 1000), text states and pooled text."""
+        return transformer(
+            hidden_states=noised.noisy,
+            timestep=noised.timesteps,
+            encoder_hidden_states=batch.embeddings,
+            pooled_projections=batch.extras["pooled"],
+            return_dict=False,
+        )[0]
+
+
+SD3 = SD3Family(
+    name="sd3",
+    words="SD3.5",
+    pipeline_classes=("StableDiffusion3Pipeline",),
+    kohya_version="sd3",
+    modelspec_architecture="stable-diffusion-3/lora",
+    modelspec_implementation="https://github.com/Stability-AI/sd3.5",
+    kohya_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    single_file_kind="sd3",
+    single_file_parts={},
+    # SimpleTuner on an H100: SD3.5 Medium, rank 128, batch 3, 1024 px in 34.6 GiB (issue #20), per image
+    # less its bf16 weights (5 GB): a rough figure until measured here.
+    activation_gb_per_latent_pixel=8.0 / 128**2,
+    lora_parameters_per_rank=24 * 8 * 2 * 1536,  # 24 joint blocks, 8 projections of width 1536 (Medium)
+    lora_targets=JOINT_ATTENTION,
+    named_in_estimate=True,
+    default_weighting="logit_normal",
+)

@@ -1,0 +1,120 @@
+"""What the transformer families (SD3.5, Flux.1) share: flow-matching training and cached prompts.
+
+The objective is flow_matching.py's: a batch lies on the line from the clean latents to noise at a
+sigma drawn by the weighting scheme and shifted as the model's scheduler shifts; the transformer
+answers the velocity noise - x. Each family says how its transformer is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sdlora.models.families.base import Family, Noised
+
+if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
+    import torch
+
+    from sdlora.training.flow_matching import TimestepSampling
+
+# Tokens of T5 conditioning per caption (the pipelines allow up to 512; 77 keeps the cache and steps small).
+MAX_SEQUENCE_LENGTH = 77
+PROMPT_BATCH = 16
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """Flow matching over the base model's own scheduler: sigmas by a weighting scheme, velocity targets."""
+
+    scheduler: Any  # a diffusers FlowMatchEulerDiscreteScheduler
+    sampling: TimestepSampling
+    call: Callable[[Any, Noised, Any], torch.Tensor]  # the family's transformer call
+    image_seq_len: Callable[[torch.Tensor], int | None] = lambda latents: None  # the shift's token count
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        """The batch at one drawn sigma per sample; the draws are fixed by `generator` alone."""
+        from sdlora.training.flow_matching import flow_sample
+
+        sample = flow_sample(latents, self.scheduler, self.sampling, generator, self.image_seq_len(latents))
+        return Noised(sample.noisy, sample.timesteps, sample.target)
+
+    def predict(self, denoiser: Any, noised: Noised, batch: Any) -> torch.Tensor:
+        """The transformer's velocity for a noised batch, called the family's way."""
+        return self.call(denoiser, noised, batch)
+
+    def weights(self, noised: Noised) -> torch.Tensor | None:
+        """The scheme's loss weight per sample (sigma_sqrt, cosmap), or None where the loss is flat."""
+        if self.sampling.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = noised.timesteps.float() / self.scheduler.config.num_train_timesteps
+        return compute_loss_weighting_for_sd3(self.sampling.diffusers_name, sigmas)
+
+
+def flow_objective(
+    scheduler_config: Any,
+    weighting_scheme: str,
+    call: Callable[[Any, Noised, Any], torch.Tensor],
+    image_seq_len: Callable[[torch.Tensor], int | None] | None = None,
+) -> FlowObjective:
+    """A flow-matching objective over the base model's own scheduler and shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdlora.training.flow_matching import TimestepSampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    extra = {"image_seq_len": image_seq_len} if image_seq_len else {}
+    return FlowObjective(scheduler, TimestepSampling(weighting_scheme), call, **extra)
+
+
+def unwrapped_config(denoiser: Any) -> Any:
+    """The transformer's config, through any distributed wrapper around it."""
+    return getattr(denoiser, "module", denoiser).config
+
+
+def parts_to(pipeline: Any, device: torch.device, parts: tuple[str, ...]) -> None:
+    """Move the text encoders a family's prompts need to `device` (absent ones are skipped)."""
+    for part in parts:
+        module = getattr(pipeline, part, None)
+        if module is not None:
+            module.to(device)
+
+
+@dataclass(frozen=True)
+class TransformerFamily(Family):
+    """A family whose denoiser is a diffusion transformer trained by flow matching."""
+
+    denoiser: str = "transformer"
+    adapter_layout: str = "transformer"
+    bucket_latent_step: int = 2  # the transformer's 2x2 patches: buckets in steps of VAE factor x 2
+    prediction_type: str = "flow"
+    own_scheduler_only: bool = True
+    default_weighting: str = "logit_normal"
+
+    def config_folder(self, prediction_type: str) -> str:
+        """No single-file configs ship for these families yet."""
+        from sdlora.errors import ModelLoadError
+
+        raise ModelLoadError(f"{self.words} single files are not supported; use a diffusers folder")
+
+    def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
+        """The transformer's velocity for a noised batch (the family's way)."""
+        raise NotImplementedError
+
+    def image_seq_len(self, latents: torch.Tensor) -> int | None:
+        """The token count a resolution-dependent shift reads; None where the shift is fixed."""
+        return None
+
+    def objective(
+        self,
+        scheduler_config: Any,
+        prediction_type: str,
+        min_snr_gamma: float = 0.0,
+        noise_offset: float = 0.0,
+    ) -> FlowObjective:
+        """Flow matching as the model was trained (Min-SNR and noise offset are DDPM's and do not apply)."""
+        return flow_objective(
+            scheduler_config, self.default_weighting, self.call_transformer, self.image_seq_len
+        )
