@@ -25,9 +25,10 @@ from sdlora.library.store import AdapterLibrary
 from sdlora.models.families import family_of_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
+from sdlora.training.estimate import estimate_training
 from sdlora.training.loop import train
 from sdlora.training.lora import add_lora, trainable_parameters
-from sdlora.training.presets import estimate_training, read_family_and_resolution
+from sdlora.training.presets import read_family_and_resolution
 from sdlora.training.step import diffusion_loss
 
 FAMILIES = ("sd3", "flux")
