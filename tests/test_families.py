@@ -169,7 +169,7 @@ def test_family_names_are_spelled_only_in_the_family_home():
     """Outside sdlora/models/families the engine asks a family; it never tests a family's name."""
     package = Path(__file__).resolve().parents[1] / "sdlora"
     home = package / "models" / "families"
-    spelled = re.compile(r'"(sd1|sd2|sdxl)"')
+    spelled = re.compile(r'"(sd1|sd2|sdxl|sd3|flux)"')
     found = [
         f"{path.relative_to(package)}:{number}"
         for path in package.rglob("*.py")

@@ -311,7 +311,7 @@ def test_sd3_kohya_and_comfyui_names_read_exactly(sd3, tmp_path):
         (
             lambda: kohya_file({"joint_blocks.0.x_block.attn.qkv": lora(96, 32, 4, 0)}),
             "flux",
-            "made for SD3; the base model here is Flux.1",
+            "made for SD3.5; the base model here is Flux.1",
         ),
         (
             lambda: kohya_file({"down_blocks.0.attentions.0.proj_in": lora(32, 32, 4, 0)}),

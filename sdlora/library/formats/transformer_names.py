@@ -23,9 +23,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sdlora.models.families import FLUX, SD3
+
 TRANSFORMER = "transformer"
-TRANSFORMER_FAMILIES = ("sd3", "flux")
-FAMILY_WORDS = {"sd3": "SD3", "flux": "Flux.1"}
+TRANSFORMER_FAMILIES = (SD3.name, FLUX.name)
+FAMILY_WORDS = {family.name: family.words for family in (SD3, FLUX)}
 
 QKV, ADD_QKV = (
     ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -130,7 +132,7 @@ class NameBook:
 
 def name_book(family: str, blocks: int, single_blocks: int = 0) -> NameBook:
     """The names of a Flux ('flux') or SD3 ('sd3') transformer with this many (double/joint, single) blocks."""
-    if family == "flux":
+    if family == FLUX.name:
         entries = [Fused(orig, (diff,)) for orig, diff in FLUX_TOP]
         entries.append(Fused("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True))
         for i in range(blocks):
@@ -140,7 +142,7 @@ def name_book(family: str, blocks: int, single_blocks: int = 0) -> NameBook:
             # XLabs' single-block qkv covers the attention alone (no proj_mlp rows)
             qkv = _inside(f"single_transformer_blocks.{i}", QKV)
             entries.append(Fused(f"single_blocks.{i}.attn_qkv", qkv, (1, 1, 1), written=False))
-    elif family == "sd3":
+    elif family == SD3.name:
         entries = [Fused(orig, (diff,)) for orig, diff in SD3_TOP]
         entries.append(Fused("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True))
         for i in range(blocks):
@@ -196,9 +198,9 @@ def family_of_stems(stems: list[str]) -> str | None:
     """'flux' or 'sd3' when a file's layer names say which transformer they were made for, else None."""
     text = " ".join(stems)
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks|img_attn|txt_attn", text):
-        return "flux"
+        return FLUX.name
     if re.search(r"joint_blocks|x_block|context_block", text):
-        return "sd3"
+        return SD3.name
     if re.search(r"(^| )(transformer\.|lora_transformer_|diffusion_model\.)?transformer_blocks", text):
         return "transformer"  # diffusers names: either family; the base model decides
     return None

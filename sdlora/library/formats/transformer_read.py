@@ -30,6 +30,7 @@ from sdlora.library.formats.transformer_names import (
     family_of_stems,
     xlabs_original,
 )
+from sdlora.models.families import FLUX, SD3
 
 UNET_WORDS = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d")
 T5_MARKERS = ("lora_te3_", "text_encoders.t5xxl.", "text_encoder_3.")
@@ -60,10 +61,10 @@ def claimed_transformer_family(metadata: dict[str, str]) -> str | None:
     claimed = " ".join(
         (metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", ""))
     ).lower()
-    if "flux" in claimed:
-        return "flux"
-    if "sd3" in claimed or "stable-diffusion-3" in claimed or "stable-diffusion-v3" in claimed:
-        return "sd3"
+    if FLUX.name in claimed:
+        return FLUX.name
+    if SD3.name in claimed or "stable-diffusion-3" in claimed or "stable-diffusion-v3" in claimed:
+        return SD3.name
     return None
 
 
@@ -165,7 +166,7 @@ def locate(name: str, stem: str, family: str, book: NameBook) -> Target | None:
     """Where a file's layer stem goes in the model, in any tool's naming; None if nowhere."""
     stem = stem.removeprefix("base_model.model.")
     if stem.startswith(T5_MARKERS) or (
-        family == "flux" and stem.startswith(("lora_te2_", "text_encoder_2."))
+        family == FLUX.name and stem.startswith(("lora_te2_", "text_encoder_2."))
     ):
         raise AdapterFormatError(
             f"{name} adapts the T5 text encoder ({stem[:50]}); sdlora does not apply T5 layers"

@@ -30,20 +30,28 @@ from sdlora.library.formats.transformer_names import (
     name_book,
 )
 from sdlora.library.formats.write import diffusers_metadata, diffusers_tensors
+from sdlora.models.families import FLUX, SD3
 
 KOHYA_TEXT = {TEXT_ENCODER: "lora_te1_", TEXT_ENCODER_2: "lora_te2_"}  # CLIP-L, CLIP-G (SD3 only)
 # What kohya writes for each model (flux_utils.MODEL_VERSION_FLUX_V1; sai_model_spec's ARCH_*).
 ARCHITECTURE = {
-    "flux": {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"},
-    "flux-schnell": {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell/lora"},
-    "sd3": {"ss_base_model_version": "sd3", "modelspec.architecture": "stable-diffusion-3/lora"},
+    family.name: {
+        "ss_base_model_version": family.kohya_version,
+        "modelspec.architecture": family.modelspec_architecture,
+    }
+    for family in (FLUX, SD3)
+} | {
+    f"{FLUX.name}-schnell": {
+        "ss_base_model_version": FLUX.kohya_version,
+        "modelspec.architecture": "flux-1-schnell/lora",
+    }
 }
 
 
 def transformer_layout(pipeline, family: str) -> ModelLayout:
     """What a Flux or SD3 adapter must fit: the transformer's and the CLIP encoders' layer shapes (not T5's)."""
     parts = {TRANSFORMER: pipeline.transformer, TEXT_ENCODER: pipeline.text_encoder}
-    if family == "sd3":
+    if family == SD3.name:
         parts[TEXT_ENCODER_2] = pipeline.text_encoder_2
     shapes = {}
     for part, model in parts.items():
@@ -72,7 +80,7 @@ def kohya_transformer_tensors(
     for entry, members in grouped.items():
         _put(tensors, "lora_unet_" + entry.flat, _fused(entry, members, layout))
     for part, prefix in KOHYA_TEXT.items():
-        if part == TEXT_ENCODER_2 and family != "sd3" and adapter.in_part(part):
+        if part == TEXT_ENCODER_2 and family != SD3.name and adapter.in_part(part):
             raise AdapterFormatError(f"a {family} model has no second CLIP text encoder to adapt")
         for path, layer in adapter.in_part(part).items():
             _put(tensors, prefix + flat(canonical_text_path(path)), layer)
