@@ -354,7 +354,7 @@ def run_adapters(args: argparse.Namespace) -> int:
 
     library = AdapterLibrary(args.adapters_dir)
     if args.verb == "list":
-        listing = library.list()
+        listing = library.list(whole=False)  # headers only: a quick look, no torch
         for a in listing.adapters:
             when = datetime.fromtimestamp(a.modified).strftime("%Y-%m-%d %H:%M")
             print(
