@@ -35,7 +35,7 @@ from sdlora.library.formats import (
     write_adapter,
 )
 from sdlora.library.formats.files import STALE_AFTER_S, load_tensors, remove_stale_temp_files
-from sdlora.library.formats.read import claimed_family, summarize
+from sdlora.library.formats.read import claimed_family, header_problem, summarize
 
 SUFFIX = ".safetensors"
 SIDE_FILES = (".preview.png", ".config.json")
@@ -140,6 +140,8 @@ class AdapterLibrary:
             try:
                 if whole:
                     self._check_whole(path)
+                elif problem := header_problem(path.name, check_header(path)):
+                    raise AdapterFormatError(problem)
                 listing.adapters.append(self._info(path))
             except SdloraError as exc:
                 listing.problems.append(str(exc))

@@ -209,6 +209,17 @@ def summarize(header: dict) -> tuple[str, int | None]:
     return describe(groups), max(ranks, default=None)
 
 
+def header_problem(name: str, header: dict) -> str | None:
+    """Why a plain LoRA layer cannot be used, from a checked header's shapes alone (no tensor is read)."""
+    groups, _ = group_keys([key for key in header if key != "__metadata__"])
+    for key, roles in groups.items():
+        if "down" in roles and "up" in roles:
+            down, up = header[roles["down"]]["shape"], header[roles["up"]]["shape"]
+            if len(down) < 2 or len(up) < 2 or up[1] != down[0]:
+                return f"{name}: layer {key} has down {tuple(down)} and up {tuple(up)}, which cannot multiply; damaged file"
+    return None
+
+
 def _is_lokr(roles: dict[str, str]) -> bool:
     return any(role.startswith("lokr_") for role in roles)
 
