@@ -202,6 +202,22 @@ def test_a_settings_object_over_http_is_refused_in_one_line_naming_the_field(ser
     assert message and "\n" not in message and field in message, message
 
 
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"rank": math.nan}, "rank"),
+        ({"steps": math.nan}, "steps"),
+        ({"learning_rate": math.inf}, "learning_rate"),
+    ],
+)
+def test_the_train_fields_over_http_are_refused_in_one_line_naming_the_field(served, values, field):
+    uploads = [("files", (p.name, p.read_bytes())) for p in sorted(served.concept.iterdir())]
+    paths = httpx.post(f"{served.url}gradio_api/upload", files=uploads, timeout=30).json()
+    files = [{"path": path, "meta": {"_type": "gradio.FileData"}} for path in paths]
+    message = raw_call(served, "train", files=files, **values)
+    assert message and "\n" not in message and field in message, message
+
+
 def test_one_client_cannot_fill_the_queue(served):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError

@@ -259,10 +259,12 @@ def _settings() -> dict[str, gr.components.Component]:
     s["caption_template"] = gr.Textbox(
         d["caption_template"], label="Caption template", info=info("caption_template")
     )
+    # No precision=0 on the number fields: gradio's rounding turns NaN into an error no client sees;
+    # as floats they reach the one road, whose check names the field (a whole 8.0 becomes 8).
     with gr.Row():
-        s["rank"] = gr.Number(d["rank"], label="Rank", precision=0, minimum=1, elem_id="rank")
+        s["rank"] = gr.Number(d["rank"], label="Rank", minimum=1, elem_id="rank")
         s["alpha"] = gr.Number(d["alpha"], label="Alpha", minimum=0.01, elem_id="alpha")
-        s["steps"] = gr.Number(d["steps"], label="Steps", precision=0, minimum=1, elem_id="steps")
+        s["steps"] = gr.Number(d["steps"], label="Steps", minimum=1, elem_id="steps")
     with gr.Row():
         s["learning_rate"] = gr.Number(
             d["learning_rate"], label="Learning rate", minimum=0, step=1e-5, elem_id="learning-rate"
@@ -270,7 +272,6 @@ def _settings() -> dict[str, gr.components.Component]:
         s["resolution"] = gr.Number(
             d["resolution"],
             label="Resolution (0: model native)",
-            precision=0,
             minimum=0,
             step=8,
             elem_id="resolution",
@@ -278,7 +279,6 @@ def _settings() -> dict[str, gr.components.Component]:
         s["preview_every"] = gr.Number(
             preview_interval(d["steps"]),
             label="Preview every N steps",
-            precision=0,
             minimum=0,
             info="follows Steps; 0: no previews",
             elem_id="preview-every",
@@ -288,12 +288,11 @@ def _settings() -> dict[str, gr.components.Component]:
             s["batch_size"] = gr.Number(
                 d["batch_size"],
                 label="Batch size",
-                precision=0,
                 minimum=1,
                 info=info("batch_size"),
                 elem_id="batch-size",
             )
-            s["seed"] = gr.Number(d["seed"], label="Seed", precision=0, info=info("seed"))
+            s["seed"] = gr.Number(d["seed"], label="Seed", info=info("seed"))
         s["extra_target_modules"] = gr.Dropdown(
             list(EXTRA_TARGET_CHOICES),
             value=list(d["extra_target_modules"]),
