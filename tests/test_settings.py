@@ -57,7 +57,8 @@ def test_the_four_doors_give_equal_train_configs(tmp_path, monkeypatch, capsys):
     from sdlora.jobs.queue import JobQueue
     from sdlora.ui import fields
     from sdlora.ui.studio import Studio
-    from sdlora.ui.train_tab import TrainHandlers, layout, preset_fields
+    from sdlora.ui.train_handlers import TrainHandlers, preset_fields
+    from sdlora.ui.train_layout import layout
 
     images, library = EXAMPLE_CONCEPTS / "star", tmp_path / "adapters"
     given = {"name": "door", "trigger_word": "sks", "steps": 30, "rank": 4, "alpha": 2.0}
