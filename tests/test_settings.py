@@ -161,3 +161,21 @@ def test_packaged_assets_are_found_from_any_working_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
+
+
+def test_the_loop_trusts_a_checked_config_and_a_queued_job_is_checked_when_read_back(
+    tiny_config, tmp_path, monkeypatch
+):
+    from sdlora.jobs.queue import JobQueue
+    from sdlora.training.loop import train
+
+    queue = JobQueue(tmp_path / "library")
+    queue.add(tiny_config)
+    state = json.loads(queue.path.read_text())
+    state["jobs"][0]["config"]["lora"]["rank"] = 0  # the queue file edited by hand
+    queue.path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="rank must be a whole number"):
+        queue.jobs()[0].train_config()
+
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: pytest.fail("train() checked the config again"))
+    assert train(tiny_config.replace(steps=1, final_preview=False)).steps == 1
