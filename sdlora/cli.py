@@ -188,6 +188,21 @@ def _add_adapters_parser(commands) -> None:
     ren.add_argument("new_name")
     dele = _verb(verbs, "delete", "delete an adapter and its side files")
     dele.add_argument("name")
+    size = _verb(verbs, "resize", "a new adapter at a lower rank (truncated SVD of each layer's update)")
+    size.add_argument("name")
+    size.add_argument(
+        "--rank", type=int, help="the new rank (with --keep or --ratio: the most a layer keeps)"
+    )
+    size.add_argument("--keep", type=float, help="per layer, the rank that keeps this fraction of its norm")
+    size.add_argument("--ratio", type=float, help="per layer, singular values >= this x the largest")
+    mix = _verb(verbs, "merge", "several adapters with weights as one new adapter (NAME:WEIGHT ...)")
+    mix.add_argument("weighted", nargs="+", metavar="NAME:WEIGHT")
+    mix.add_argument("--rank", type=int, help="SVD of the sum to this rank (default: exact, ranks add up)")
+    for verb in (size, mix):
+        verb.add_argument(
+            "--as", dest="new_name", required=True, metavar="NEW", help="the new adapter's name"
+        )
+        verb.add_argument("--overwrite", action="store_true", help="replace an adapter of that name")
 
 
 def _add_caption_parser(commands) -> None:
@@ -391,6 +406,29 @@ def run_adapters(args: argparse.Namespace) -> int:
     elif args.verb == "delete":
         library.delete(args.name)
         print(f"deleted {args.name}")
+    elif args.verb == "resize":
+        from sdlora.library.tools.resize import resize_in_library
+        from sdlora.library.tools.saving import check_against
+
+        resized = resize_in_library(
+            check_against(library, args.base_model),
+            args.name,
+            args.new_name,
+            args.rank,
+            args.keep,
+            args.ratio,
+            args.overwrite,
+        )
+        print("\n".join(resized.lines()))
+    elif args.verb == "merge":
+        from sdlora.library.tools.merge import merge_in_library, parse_weighted
+        from sdlora.library.tools.saving import check_against
+
+        weighted = [parse_weighted(text) for text in args.weighted]
+        merged = merge_in_library(
+            check_against(library, args.base_model), weighted, args.new_name, args.rank, args.overwrite
+        )
+        print("\n".join(merged.lines()))
     return 0
 
 

@@ -66,6 +66,16 @@ def save_new_adapter(library: AdapterLibrary, adapter: Adapter, name: str, overw
     return path
 
 
+def check_against(library: AdapterLibrary, base_model: str | None) -> AdapterLibrary:
+    """The library, checking the adapters it reads against `base_model` when one is given (else as they are)."""
+    if base_model:
+        from sdlora.library.store import reference_from_pipeline
+        from sdlora.models.loading import load_pipeline
+
+        library.reference = reference_from_pipeline(load_pipeline(base_model))
+    return library
+
+
 def file_size_note(before: int, after: int) -> str:
     """The file size before and after, as the report says it."""
     return f"file size {_megabytes(before)} -> {_megabytes(after)} ({after / before:.0%})"
