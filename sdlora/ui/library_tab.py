@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.library.formats import FORMATS, TOOLS
+from sdlora.ui import library_reshape
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -88,6 +89,8 @@ def build(studio: Studio) -> LibraryTab:
     """Lay out the Library tab and wire its events."""
     widgets, handlers = layout(), LibraryHandlers(studio)
     wire(widgets, handlers)
+    listing = [widgets.table, widgets.problems]  # Resize and Merge: new adapters from library adapters
+    library_reshape.build(studio, widgets.table, listing, handlers.refresh, widgets.name)
     return LibraryTab(table=widgets.table, problems=widgets.problems, refresh=handlers.refresh)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -76,6 +77,7 @@ class Report:
     title: str
     layers: list[LayerFigures] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    saved: Path | None = None  # the new adapter's file, once the library has it
 
     @property
     def retained(self) -> float:

@@ -173,7 +173,7 @@ def merge_in_library(
     )
     how = f", SVD to rank {rank}" if rank is not None else " (exact)"
     merged.metadata = new_metadata(merged, new_name, f"merge of {recipe}{how}")
-    path = save_new_adapter(library, merged, new_name, overwrite=overwrite)
+    path = report.saved = save_new_adapter(library, merged, new_name, overwrite=overwrite)
     report.title = f"{recipe} -> {path.stem}, {report.title}"
     report.notes.append(
         file_size_note(sum(i.size_bytes for i in infos), path.stat().st_size) + " (inputs together)"

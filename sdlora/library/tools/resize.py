@@ -58,7 +58,7 @@ def resize_in_library(
     resized.metadata = new_metadata(
         resized, new_name, f"{source.name} resized to {RankRule(rank, keep, ratio).words()}"
     )
-    path = save_new_adapter(library, resized, new_name, overwrite=overwrite)
+    path = report.saved = save_new_adapter(library, resized, new_name, overwrite=overwrite)
     report.title = f"{source.name} (rank {source.rank}) -> {path.stem}, {report.title}"
     report.notes.append(file_size_note(source.size_bytes, path.stat().st_size))
     return report
