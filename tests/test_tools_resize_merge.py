@@ -234,37 +234,41 @@ def test_cli_refuses_in_one_line_and_writes_nothing(library, capsys, args, words
     assert sorted(p.name for p in library.root.iterdir()) == before
 
 
-def test_resize_and_merge_need_no_unet_family(tmp_path):
-    """Flux.1's transformer adapters resize and merge alike, and the library writes them in its names."""
-    from tiny_transformers import build_tiny_flux_pipeline
+def tiny_pipeline(family: str, folder):
+    from tiny_models import build_tiny_sdxl_pipeline
+    from tiny_transformers import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
-    from sdlora.library.formats.transformer_write import transformer_layout
+    if family == "sdxl":
+        return build_tiny_sdxl_pipeline()
+    return (build_tiny_flux_pipeline if family == "flux" else build_tiny_sd3_pipeline)(folder)
 
-    flux = transformer_layout(build_tiny_flux_pipeline(tmp_path / "tok"), "flux")
-    source = _transformer_adapter(flux)
-    library = AdapterLibrary(tmp_path / "lib", flux)
-    write_adapter(library.path_of("f"), source, "kohya", family="flux")
-    resize_in_library(library, "f", "f-full", rank=8)
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_every_family_resizes_and_merges_through_its_own_file_names(family, tmp_path):
+    """SDXL (two text encoders), SD3 and Flux.1 (transformer names, fused projections) alike: at full rank
+    a resize and a merge of an adapter with itself give back its ΔW after the library's write and read."""
+    layout = reference_from_pipeline(tiny_pipeline(family, tmp_path / "tokenizers"))
+    assert layout.family == family
+    keys = sorted(layout.shapes)[:: max(1, len(layout.shapes) // 16)]
+    layers = {}
+    for i, key in enumerate(keys):
+        shape, rank, g = layout.shapes[key], 2 + i % 3, torch.Generator().manual_seed(i)
+        down = torch.randn(rank, *shape[1:], generator=g) * 0.3
+        layers[key] = LoraLayer(
+            down, torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=g), 2.0
+        )
+    library = AdapterLibrary(tmp_path / "lib", layout)
+    source = Adapter(layers, {"sdlora.family": family})
+    write_adapter(library.path_of("f"), source, "kohya", family=family, blocks=layout.blocks)
+    source = library.read("f")  # what the file holds (a fused projection may be split into its parts)
+    resize_in_library(library, "f", "f-full", rank=4)
     merge_in_library(library, [("f", 0.5), ("f-full", 0.5)], "f-same")
     for name in ("f-full", "f-same"):
         got = library.read(name)
+        assert set(got.layers) == set(source.layers)
         for key, layer in source.layers.items():
             want = layer.delta()
-            assert float((got.layers[key].delta() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+            assert float((got.layers[key].delta() - want).abs().max()) <= 1e-5 * float(want.abs().max()), key
+    other = Adapter({"unet.x": LoraLayer(torch.ones(1, 4), torch.ones(4, 1), 1.0)}, {"sdlora.family": "sd1"})
     with pytest.raises(SdloraError, match="different model families"):
-        merge([(source, 1.0), (random_adapter_like_sd1(), 1.0)], names=["f", "s"])
-
-
-def _transformer_adapter(layout) -> Adapter:
-    layers = {}
-    for i, (key, shape) in enumerate(sorted(layout.shapes.items())[:12]):
-        g = torch.Generator().manual_seed(i)
-        rank = 2 + i % 3
-        layers[key] = LoraLayer(
-            torch.randn(rank, shape[1], generator=g) * 0.3, torch.randn(shape[0], rank, generator=g), 2.0
-        )
-    return Adapter(layers, {"sdlora.family": "flux"})
-
-
-def random_adapter_like_sd1() -> Adapter:
-    return Adapter({"unet.x": LoraLayer(torch.ones(1, 4), torch.ones(4, 1), 1.0)}, {"sdlora.family": "sd1"})
+        merge([(source, 1.0), (other, 1.0)], names=["f", "s"])
