@@ -71,6 +71,7 @@ def test_resize_and_merge_panels_make_new_adapters_in_chromium(browser, demo_app
     expect(page.locator("#selected-adapter textarea, #selected-adapter input").first).to_have_value(
         "reshape-ab"
     )
+    expect(page.locator("#download")).to_contain_text("reshape-ab.safetensors")  # picked like any adapter
     shoot(page, "library-reshape.png", tmp_path)
     page.close()
 

@@ -154,6 +154,17 @@ def test_merge_refuses_other_families_bad_weights_and_mismatched_layers(layout):
         merge([(sd1, 1.0), (other, 1.0)], names=["mine", "other"])
 
 
+def test_merge_joins_a_flat_and_a_1x1_convolution_form_of_one_layer():
+    g = torch.Generator().manual_seed(0)
+    flat = LoraLayer(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 1.0)
+    conv = LoraLayer(torch.randn(3, 8, 1, 1, generator=g), torch.randn(6, 3, 1, 1, generator=g), 6.0)
+    merged, _ = merge([(Adapter({"unet.proj_in": flat}), 0.5), (Adapter({"unet.proj_in": conv}), 2.0)])
+    layer = merged.layers["unet.proj_in"]
+    assert layer.down.shape == (5, 8, 1, 1) and layer.up.shape == (6, 5, 1, 1)  # the base layer's form
+    want = 0.5 * flat.delta() + 2.0 * conv.delta().flatten(1)
+    torch.testing.assert_close(layer.delta().flatten(1), want, rtol=1e-5, atol=1e-6)
+
+
 def test_merged_adapter_draws_what_the_mix_draws(tiny_model, library):
     merge_in_library(library, [("a", 0.7), ("b", 0.3)], "ab-exact")
     generator = Generator(str(tiny_model), library)
@@ -215,6 +226,21 @@ def test_cli_resize_and_merge_write_new_adapters_that_say_what_they_came_from(li
     assert (
         "rank 2" in cli(capsys, "adapters", "--adapters-dir", root, "list")[1].split("ab-2")[1].split("\n")[0]
     )
+    code, out, err = cli(
+        capsys,
+        "adapters",
+        "resize",
+        "a",
+        "--keep",
+        "0.9",
+        "--as",
+        "a-2",
+        "--overwrite",
+        "--adapters-dir",
+        root,
+    )
+    assert code == 0, err
+    assert header(library.path_of("a-2"))["sdlora.made_from"] == "a resized to 90% of each layer's norm"
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,13 @@ def build(studio: Studio, table: gr.Dataframe, listing: list, refresh, selected:
     w, h = layout(), ReshapeHandlers(studio, refresh)
     dropdowns = [w.source, *w.inputs]
     table.change(
-        lambda t: [gr.Dropdown(choices=names(t)) for _ in dropdowns], table, dropdowns, api_name=False
+        lambda t: [gr.Dropdown(choices=names(t)) for _ in dropdowns],
+        table,
+        dropdowns,
+        api_name="reshape_choices",
     )
-    selected.change(lambda n: gr.Dropdown(value=n or None), selected, w.source, api_name=False)
-    w.rule.change(h.rule_fields, w.rule, [w.rank, w.fraction], api_name=False)
+    selected.change(lambda n: gr.Dropdown(value=n or None), selected, w.source, api_name="resize_source")
+    w.rule.change(h.rule_fields, w.rule, [w.rank, w.fraction], api_name="resize_rule_fields")
     w.resize_button.click(
         h.resize,
         [w.source, w.rule, w.rank, w.fraction, w.resize_name],
