@@ -25,7 +25,7 @@ from sdlora.library.tools.low_rank import (
     flat_factors,
     truncate,
 )
-from sdlora.library.tools.saving import file_size_note, new_metadata, save_new_adapter
+from sdlora.library.tools.saving import check_new_name, file_size_note, new_metadata, save_new_adapter
 from sdlora.models.families import family_named
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def merge_in_library(
     on_progress: Progress | None = None,
 ) -> Report:
     """Merge the library's adapters `weighted` (name, weight) into a new adapter `new_name`."""
-    library.path_of(new_name)  # a bad name is refused before any work
+    check_new_name(library, new_name, overwrite)  # refused before any work
     infos = [library.get(name) for name, _ in weighted]
     adapters = [(library.read(info.name), weight) for info, (_, weight) in zip(infos, weighted, strict=True)]
     merged, report = merge(adapters, rank, [info.name for info in infos], on_progress)

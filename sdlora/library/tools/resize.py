@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sdlora.library.formats.adapter import Adapter
 from sdlora.library.tools.low_rank import RankRule, Report, check_rank_fits, flat_factors, truncate
-from sdlora.library.tools.saving import file_size_note, new_metadata, save_new_adapter
+from sdlora.library.tools.saving import check_new_name, file_size_note, new_metadata, save_new_adapter
 
 if TYPE_CHECKING:
     from sdlora.library.store import AdapterLibrary
@@ -38,7 +38,7 @@ def resize(
         report.layers.append(figures)
         if on_progress is not None:
             on_progress(done, len(adapter.layers))
-    return Adapter(layers, dict(adapter.metadata), adapter.source_format), report
+    return Adapter(layers, dict(adapter.metadata)), report
 
 
 def resize_in_library(
@@ -53,7 +53,7 @@ def resize_in_library(
 ) -> Report:
     """Resize the library's adapter `name` into a new adapter `new_name` (never over another unless asked)."""
     source = library.get(name)
-    library.path_of(new_name)  # a bad name is refused before any work
+    check_new_name(library, new_name, overwrite)  # refused before any work
     resized, report = resize(library.read(name), rank, keep, ratio, on_progress)
     resized.metadata = new_metadata(
         resized, new_name, f"{source.name} resized to {RankRule(rank, keep, ratio).words()}"

@@ -50,14 +50,20 @@ def new_metadata(adapter: Adapter, name: str, made_from: str) -> dict[str, str]:
     return metadata
 
 
-def save_new_adapter(library: AdapterLibrary, adapter: Adapter, name: str, overwrite: bool = False) -> Path:
-    """Write `adapter` as the library's `name` (kohya format, atomically); an existing one only if asked."""
+def check_new_name(library: AdapterLibrary, name: str, overwrite: bool = False) -> Path:
+    """The file a new adapter `name` goes to, or a one-line refusal (a bad, reserved or taken name)."""
     path = library.path_of(name)
     library.refuse_reserved(name)
     if path.exists() and not overwrite:
         raise SdloraError(
             f"an adapter named {path.stem!r} already exists; pick another name (or ask to overwrite it)"
         )
+    return path
+
+
+def save_new_adapter(library: AdapterLibrary, adapter: Adapter, name: str, overwrite: bool = False) -> Path:
+    """Write `adapter` as the library's `name` (kohya format, atomically); an existing one only if asked."""
+    path = check_new_name(library, name, overwrite)
     reference = library.reference
     family = reference.family if reference is not None else family_of(adapter)
     write_adapter(path, adapter, "kohya", family=family, blocks=reference.blocks if reference else None)
