@@ -77,6 +77,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
         # A run lives on the server: a (re)loaded page streams the current run's progress again.
+        generate.on_page_load(demo)  # steps, guidance and sampler as the loaded model draws best
         train.on_page_load(demo).then(
             refresh_adapters, None, adapter_views, api_name="refresh_after_progress"
         )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Family, Noised
+from sdlora.models.families.base import Family, Noised, SamplingDefaults
 
 if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
     import torch
@@ -21,6 +21,14 @@ if TYPE_CHECKING:  # torch loads only when a model is used: the config road stay
 # Tokens of T5 conditioning per caption (the pipelines allow up to 512; 77 keeps the cache and steps small).
 MAX_SEQUENCE_LENGTH = 77
 PROMPT_BATCH = 16
+# Their pipelines draw with their own FlowMatchEulerDiscreteScheduler: Euler steps along the flow
+# (Forge and ComfyUI call it Euler too). The UNet samplers do not apply to a flow-matching model.
+FLOW_SAMPLERS = ("Euler",)
+
+
+def flow_sampling(steps: int, guidance: float, **uses: bool) -> SamplingDefaults:
+    """Sampling defaults for a flow-matching model: its own Euler sampler only."""
+    return SamplingDefaults(steps, guidance, FLOW_SAMPLERS, **uses)
 
 
 @dataclass(frozen=True)
