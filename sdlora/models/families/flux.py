@@ -132,5 +132,6 @@ FLUX = FluxFamily(
     lora_parameters_per_rank=(19 * 8 + 38 * 4) * 2 * 3072,
     lora_targets=JOINT_ATTENTION,  # the single blocks' to_q/to_k/to_v share these names
     named_in_estimate=True,
+    single_file_key="double_blocks.0.img_attn.qkv.weight",
     default_weighting="uniform",
 )

@@ -102,5 +102,6 @@ SD3 = SD3Family(
     lora_parameters_per_rank=24 * 8 * 2 * 1536,  # 24 joint blocks, 8 projections of width 1536 (Medium)
     lora_targets=JOINT_ATTENTION,
     named_in_estimate=True,
+    single_file_key="joint_blocks.0.x_block.attn.qkv.weight",
     default_weighting="logit_normal",
 )

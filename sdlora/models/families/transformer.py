@@ -100,12 +100,15 @@ class TransformerFamily(Family):
     prediction_type: str = "flow"
     own_scheduler_only: bool = True
     default_weighting: str = "logit_normal"
+    # A header key (less any "model.diffusion_model." prefix) that marks its single files in the original
+    # layout: BFL's transformer-only Flux files, Stability's SD3.5 all-in-one files.
+    single_file_key: str = ""
 
     def config_folder(self, prediction_type: str) -> str:
-        """No single-file configs ship for these families yet."""
+        """No single-file configs ship for these: a single file's other parts come from a diffusers folder."""
         from sdlora.errors import ModelLoadError
 
-        raise ModelLoadError(f"{self.words} single files are not supported; use a diffusers folder")
+        raise ModelLoadError(f"{self.words} single files take their configs from a diffusers folder")
 
     def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity for a noised batch (the family's way)."""
