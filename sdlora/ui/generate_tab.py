@@ -120,6 +120,7 @@ def layout(defaults: SamplingDefaults, model_words: str = "") -> GenerateWidgets
                 label="Negative prompt",
                 info=info["negative_prompt"],
                 visible=defaults.negative_prompt_used,
+                elem_id="negative-prompt",
             )
             with gr.Row():
                 # No precision=0 on these: gradio's rounding turns NaN into an error no client
@@ -127,7 +128,15 @@ def layout(defaults: SamplingDefaults, model_words: str = "") -> GenerateWidgets
                 s["seed"] = gr.Number(d["seed"], label="Seed (-1: random)", minimum=-1, elem_id="seed")
                 s["count"] = gr.Slider(1, 8, d["count"], step=1, label="Images", info=info["count"])
             with gr.Row():
-                s["steps"] = gr.Slider(1, 100, defaults.steps, step=1, label="Steps", info=info["steps"])
+                s["steps"] = gr.Slider(
+                    1,
+                    100,
+                    defaults.steps,
+                    step=1,
+                    label="Steps",
+                    info=info["steps"],
+                    elem_id="generate-steps",
+                )
                 s["guidance"] = gr.Slider(
                     0,
                     20,
@@ -136,10 +145,19 @@ def layout(defaults: SamplingDefaults, model_words: str = "") -> GenerateWidgets
                     label="Guidance",
                     info=info["guidance"],
                     visible=defaults.guidance_used,
+                    elem_id="generate-guidance",
                 )
             with gr.Row():
-                s["width"] = gr.Number(d["width"], label="Width (0: model native)", minimum=0, step=8)
-                s["height"] = gr.Number(d["height"], label="Height (0: model native)", minimum=0, step=8)
+                s["width"] = gr.Number(
+                    d["width"], label="Width (0: model native)", minimum=0, step=8, elem_id="generate-width"
+                )
+                s["height"] = gr.Number(
+                    d["height"],
+                    label="Height (0: model native)",
+                    minimum=0,
+                    step=8,
+                    elem_id="generate-height",
+                )
                 own = len(defaults.samplers) == 1
                 s["scheduler"] = gr.Dropdown(
                     list(defaults.samplers),
