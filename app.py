@@ -53,7 +53,7 @@ CSS = """
 def build_app(studio: Studio) -> gr.Blocks:
     """The whole page: four tabs, plus the events that cross tabs (a finished run fills the library)."""
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
-        gr.Markdown("## sdlora: train and use Stable Diffusion LoRA adapters")
+        gr.Markdown("## sdlora: train and use LoRA adapters for Stable Diffusion and Flux.1")
         with gr.Tab("Train"):
             train = train_tab.build(studio)
         with gr.Tab("Generate"):

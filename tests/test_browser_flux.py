@@ -56,7 +56,13 @@ def test_train_and_generate_on_a_flux_base_in_chromium(browser, flux_server, tmp
     expect(page.locator("#thumbnails img")).to_have_count(len(files))
     page.locator("#adapter-name textarea, #adapter-name input").first.fill("flux-lora")
     page.locator("#trigger-word textarea, #trigger-word input").first.fill("sks")
-    for field, value in (("steps", 4), ("preview-every", 2), ("resolution", IMAGE_SIZE)):
+    # A high rate, so that four steps visibly change the tiny model's drawing in the comparison grid.
+    for field, value in (
+        ("steps", 4),
+        ("preview-every", 2),
+        ("resolution", IMAGE_SIZE),
+        ("learning-rate", 0.05),
+    ):
         page.locator(f"#{field} input").fill(str(value))
     page.locator("#train-button").click()
     expect(page.locator("#train-status")).to_contain_text("finished", timeout=30 * TIMEOUT_MS)
@@ -69,6 +75,7 @@ def test_train_and_generate_on_a_flux_base_in_chromium(browser, flux_server, tmp
     expect(page.locator("#generate-guidance input[type=number]")).to_have_value("3.5")
     expect(page.locator("#scheduler input")).to_have_value("Euler")
     expect(page.locator("#negative-prompt")).to_be_hidden()
+    expect(page.locator("#generate-guidance")).to_contain_text("Flux.1's distilled guidance")
     page.locator("#generate-steps input[type=number]").fill("4")  # a quicker draw than the card's 28
     for side in ("width", "height"):  # the tiny model's size (Flux's native 1024 px would take minutes here)
         page.locator(f"#generate-{side} input").fill(str(IMAGE_SIZE))

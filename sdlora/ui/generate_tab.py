@@ -85,12 +85,21 @@ def model_setting_widgets(w: GenerateWidgets) -> list[gr.components.Component]:
     return [w.settings[name] for name in ("steps", "guidance", "scheduler", "negative_prompt")]
 
 
+def guidance_help(defaults: SamplingDefaults, model_words: str) -> str:
+    """The guidance field's help: classifier-free for most models, a distilled input for Flux.1 dev."""
+    if defaults.negative_prompt_used:
+        return field_help(GenerateConfig)["guidance"]["help"]
+    return f"How closely the image follows the prompt: {model_words}'s distilled guidance input (no negative prompt)."
+
+
 def model_setting_updates(defaults: SamplingDefaults, model_words: str) -> list[dict]:
     """Values, choices and visibility of `model_setting_widgets` for a model with these defaults."""
     own = len(defaults.samplers) == 1
     return [
         gr.update(value=defaults.steps),
-        gr.update(value=defaults.guidance, visible=defaults.guidance_used),
+        gr.update(
+            value=defaults.guidance, visible=defaults.guidance_used, info=guidance_help(defaults, model_words)
+        ),
         gr.update(
             choices=list(defaults.samplers),
             value=defaults.samplers[0],
@@ -143,7 +152,7 @@ def layout(defaults: SamplingDefaults, model_words: str = "") -> GenerateWidgets
                     defaults.guidance,
                     step=0.5,
                     label="Guidance",
-                    info=info["guidance"],
+                    info=guidance_help(defaults, model_words),
                     visible=defaults.guidance_used,
                     elem_id="generate-guidance",
                 )
