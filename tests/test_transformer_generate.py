@@ -46,6 +46,18 @@ def test_the_defaults_are_read_from_a_folder_before_loading(tiny_flux_model, tin
     assert sampling_defaults_of("someone/some-hub-model") == (None, CONFIG_DEFAULTS)
 
 
+def test_the_generate_tab_offers_only_what_the_model_uses():
+    from sdlora.ui.generate_tab import model_setting_updates
+
+    steps, guidance, sampler, negative = model_setting_updates(FLUX.sampling_defaults({}), "Flux.1")
+    assert steps["value"] == 4 and guidance["value"] == 0.0  # schnell
+    assert guidance["visible"] is False and negative["visible"] is False
+    assert sampler["choices"] == ["Euler"] and sampler["interactive"] is False
+    steps, guidance, sampler, negative = model_setting_updates(CONFIG_DEFAULTS, "SD 1.x")
+    assert (steps["value"], guidance["value"], sampler["value"]) == (20, 7.5, "Euler a")
+    assert sampler["choices"] == list(SCHEDULERS) and guidance["visible"] and negative["visible"]
+
+
 def random_adapter(layout: ModelLayout, family: str, seed: int) -> Adapter:
     """A rank-4 adapter with random down and up on every default target of the transformer."""
     names = {target.split(".")[0] for target in family_named(family).lora_targets}
