@@ -19,6 +19,7 @@ from sdlora import runtime
 from sdlora.assets import DEMO_MODEL
 from sdlora.config import SECTIONS, AdapterWeight, GenerateConfig, TrainConfig, field_help, read_config_file
 from sdlora.errors import SdloraError
+from sdlora.generation.defaults import MODEL_CHOSEN
 from sdlora.settings import defaults_line, train_config_from
 from sdlora.training.presets import PRESETS
 
@@ -149,21 +150,26 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
         elif default is dataclasses.MISSING:
             parser.add_argument(_flag(name, info), dest=name, required=True, help=info["help"])
         else:
+            # Left out, steps, guidance and sampler are the base model's (None until it is known).
+            chosen = name in MODEL_CHOSEN
             parser.add_argument(
                 _flag(name, info),
                 dest=name,
                 type=type(default),
-                default=default,
+                default=None if chosen else default,
                 choices=info.get("choices"),
-                help=f"{info['help']} (default: {default!r})",
+                help=f"{info['help']} (default: {default!r}"
+                + ("; SD3.5 and Flux.1: their model card's)" if chosen else ")"),
             )
 
 
-def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """The GenerateConfig the generate flags describe."""
+def generate_config_from_args(args: argparse.Namespace) -> tuple[GenerateConfig, set[str]]:
+    """The GenerateConfig the generate flags describe, and the model-chosen settings left out (at
+    GenerateConfig's defaults until the base model is known)."""
+    unset = {name for name in MODEL_CHOSEN if getattr(args, name) is None}
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)}
     values["adapters"] = tuple(AdapterWeight(n, w) for n, w in args.adapters)
-    return GenerateConfig(**values)
+    return GenerateConfig(**{k: v for k, v in values.items() if k not in unset}), unset
 
 
 def _add_adapters_parser(commands) -> None:
@@ -330,11 +336,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from sdlora.generation.defaults import with_model_defaults
     from sdlora.generation.generate import Generator
     from sdlora.library.store import AdapterLibrary
 
-    config = generate_config_from_args(args)
+    config, unset = generate_config_from_args(args)
     generator = Generator(args.base_model, AdapterLibrary(args.adapters_dir))
+    config = with_model_defaults(config, generator.sampling_defaults, unset)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.grid is not None:

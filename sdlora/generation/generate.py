@@ -27,6 +27,7 @@ from PIL import Image, PngImagePlugin
 from sdlora import __version__
 from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F401 - re-exported for callers
 from sdlora.errors import ConfigError
+from sdlora.generation.defaults import SamplingDefaults, check_fits_model, sampling_defaults
 from sdlora.library.formats import load_into_pipeline
 from sdlora.library.store import AdapterLibrary, reference_from_pipeline
 from sdlora.models.families import family_of_pipeline
@@ -151,6 +152,12 @@ class Generator:
         return inspect_pipeline(self.pipeline)
 
     @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """Steps, guidance and samplers for the loaded model: its family's, else GenerateConfig's."""
+        family = family_of_pipeline(self.pipeline)
+        return sampling_defaults(family, dict(getattr(self.pipeline, family.denoiser).config))
+
+    @property
     def resident(self) -> list[str]:
         return list(self._resident)
 
@@ -164,9 +171,10 @@ class Generator:
         The requests must agree on `batch_key`; their mixes must be equal, or each at most one
         adapter (peft then runs every row with its own adapter, unfused).
         """
-        native = self.model_info.resolution
+        info = self.model_info
         for config in configs:
-            config.validate(native_resolution=native)
+            config.validate(native_resolution=info.resolution)
+            check_fits_model(config, self.sampling_defaults, info.model_family.words)
         if len({batch_key(c) for c in configs}) != 1:
             raise ValueError("generate_batch takes requests with one batch_key")
         resolved = [resolve_mix(c) for c in configs]
@@ -179,7 +187,6 @@ class Generator:
                 self.apply_mix(resolved[0][1])
             else:
                 row_adapters = self._apply_per_row(mixes)
-            info = inspect_pipeline(pipeline)
             width, height = config.width or info.resolution, config.height or info.resolution
             if not info.model_family.own_scheduler_only:  # SD3.5, Flux.1: their flow-matching sampler
                 pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)

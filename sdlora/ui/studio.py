@@ -149,6 +149,17 @@ class Studio:
                     raise
             return self._generator
 
+    def sampling_defaults(self):
+        """(model words, sdlora.models.families.base.SamplingDefaults) for drawing on the base model: the
+        loaded model's, else what its folder's configs say (without loading it)."""
+        from sdlora.generation.defaults import sampling_defaults_of
+
+        generator = self._generator
+        if generator is not None:
+            return generator.model_info.model_family.words, generator.sampling_defaults
+        family, defaults = sampling_defaults_of(self.base_model)
+        return (family.words if family else ""), defaults
+
     def set_base_model(self, source: str) -> None:
         """Switch to another base model and load it now, so a mistake shows at once."""
         self.access.check_model_switch()
@@ -355,4 +366,5 @@ class Studio:
 
 
 def _precision(generator) -> str:
-    return str(generator.pipeline.unet.dtype).replace("torch.", "")
+    denoiser = getattr(generator.pipeline, generator.model_info.model_family.denoiser)  # UNet or transformer
+    return str(denoiser.dtype).replace("torch.", "")

@@ -38,6 +38,17 @@ class Objective(Protocol):
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a drawing on a model uses where the user sets nothing: steps, guidance, and its samplers."""
+
+    steps: int
+    guidance: float
+    samplers: tuple[str, ...]  # the samplers that suit the model, its default first
+    guidance_used: bool = True  # False: the model ignores guidance (a timestep-distilled one)
+    negative_prompt_used: bool = True  # False: the pipeline draws without a negative prompt
+
+
+@dataclass(frozen=True)
 class Family:
     """One kind of base model. Subclasses (one file each) fill the fields and override the methods."""
 
@@ -92,6 +103,10 @@ class Family:
 
         `time_ids` are each image's size conditioning (original size, crop, target size)."""
         raise NotImplementedError
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults | None:
+        """What its model's card recommends for drawing; None: GenerateConfig's defaults and every sampler."""
+        return None
 
     def latents_for_vae(self, pipeline: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """A pipeline's 'latent' output as its VAE decodes it: unscaled, unshifted, in float32."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Noised
+from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.sd3 import JOINT_ATTENTION
 from sdlora.models.families.transformer import (
     MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
+    flow_sampling,
     parts_to,
     unwrapped_config,
 )
@@ -49,6 +50,13 @@ class FluxFamily(TransformerFamily):
     def variant(self, denoiser_config: dict) -> str:
         """'dev' (guidance embedding) or 'schnell' (none)."""
         return "dev" if denoiser_config.get("guidance_embeds") else "schnell"
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults:
+        """dev: 28 steps at guidance 3.5 (FLUX.1-dev's card and FluxPipeline); schnell: 4 steps, no guidance
+        (FLUX.1-schnell's card: timestep-distilled, guidance 0). Neither takes a negative prompt (no CFG)."""
+        if self.variant(denoiser_config) == "schnell":
+            return flow_sampling(4, 0.0, guidance_used=False, negative_prompt_used=False)
+        return flow_sampling(28, 3.5, negative_prompt_used=False)
 
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
@@ -124,5 +132,6 @@ FLUX = FluxFamily(
     lora_parameters_per_rank=(19 * 8 + 38 * 4) * 2 * 3072,
     lora_targets=JOINT_ATTENTION,  # the single blocks' to_q/to_k/to_v share these names
     named_in_estimate=True,
+    single_file_key="double_blocks.0.img_attn.qkv.weight",
     default_weighting="uniform",
 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Noised
+from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.transformer import (
     MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
+    flow_sampling,
     parts_to,
 )
 
@@ -43,6 +44,13 @@ class SD3Family(TransformerFamily):
     def claimed_by(self, metadata: dict[str, str]) -> bool:
         """kohya's sd3 or modelspec's stable-diffusion-3."""
         return _claimed(metadata).startswith(("sd3", "stable-diffusion-3", "stable-diffusion-v3"))
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults:
+        """The model cards' settings: 3.5 Medium (MMDiT-X, dual-attention layers) 40 steps at guidance 4.5;
+        3.5 Large (and others) 28 steps at 3.5."""
+        if denoiser_config.get("dual_attention_layers"):
+            return flow_sampling(40, 4.5)
+        return flow_sampling(28, 3.5)
 
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
@@ -94,5 +102,6 @@ SD3 = SD3Family(
     lora_parameters_per_rank=24 * 8 * 2 * 1536,  # 24 joint blocks, 8 projections of width 1536 (Medium)
     lora_targets=JOINT_ATTENTION,
     named_in_estimate=True,
+    single_file_key="joint_blocks.0.x_block.attn.qkv.weight",
     default_weighting="logit_normal",
 )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Family, Noised
+from sdlora.models.families.base import Family, Noised, SamplingDefaults
 
 if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
     import torch
@@ -21,6 +21,14 @@ if TYPE_CHECKING:  # torch loads only when a model is used: the config road stay
 # Tokens of T5 conditioning per caption (the pipelines allow up to 512; 77 keeps the cache and steps small).
 MAX_SEQUENCE_LENGTH = 77
 PROMPT_BATCH = 16
+# Their pipelines draw with their own FlowMatchEulerDiscreteScheduler: Euler steps along the flow
+# (Forge and ComfyUI call it Euler too). The UNet samplers do not apply to a flow-matching model.
+FLOW_SAMPLERS = ("Euler",)
+
+
+def flow_sampling(steps: int, guidance: float, **uses: bool) -> SamplingDefaults:
+    """Sampling defaults for a flow-matching model: its own Euler sampler only."""
+    return SamplingDefaults(steps, guidance, FLOW_SAMPLERS, **uses)
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,15 @@ class TransformerFamily(Family):
     prediction_type: str = "flow"
     own_scheduler_only: bool = True
     default_weighting: str = "logit_normal"
+    # A header key (less any "model.diffusion_model." prefix) that marks its single files in the original
+    # layout: BFL's transformer-only Flux files, Stability's SD3.5 all-in-one files.
+    single_file_key: str = ""
 
     def config_folder(self, prediction_type: str) -> str:
-        """No single-file configs ship for these families yet."""
+        """No single-file configs ship for these: a single file's other parts come from a diffusers folder."""
         from sdlora.errors import ModelLoadError
 
-        raise ModelLoadError(f"{self.words} single files are not supported; use a diffusers folder")
+        raise ModelLoadError(f"{self.words} single files take their configs from a diffusers folder")
 
     def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity for a noised batch (the family's way)."""
