@@ -186,6 +186,12 @@ def _add_adapters_parser(commands) -> None:
     exp.add_argument("name")
     exp.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     exp.add_argument("--out", required=True, help="output .safetensors file")
+    lbw = _verb(verbs, "block-weights", "a new adapter with a weight per block applied (LoRA Block Weight)")
+    lbw.add_argument("name")
+    lbw.add_argument(
+        "--lbw", required=True, help="a preset (INS, IND, MIDD, OUTD, OUTS, ALL, ...) or weights: 1,0,..."
+    )
+    lbw.add_argument("--as", dest="as_name", required=True, help="the new adapter's name (never overwrites)")
     _verb(verbs, "list", "one line per adapter, then any damaged entries")
     ren = _verb(verbs, "rename", "rename an adapter (its files and the name inside it)")
     ren.add_argument("name")
@@ -400,6 +406,11 @@ def run_adapters(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
                 shutil.move(library.export(args.name, args.format, scratch), out)
         print(out)
+    elif args.verb == "block-weights":
+        from sdlora.library.tools.block_weights import save_with_block_weights
+
+        with against_base_model(library, args.base_model) if args.base_model else contextlib.nullcontext():
+            print(save_with_block_weights(library, args.name, args.lbw, args.as_name).path)
     elif args.verb == "rename":
         print(library.rename(args.name, args.new_name).path)
     elif args.verb == "delete":

@@ -245,6 +245,17 @@ class AdapterLibrary:
             write_adapter(target, adapter, "kohya", family=self._family(adapter), blocks=self._blocks())
         return self._info(target)
 
+    def add(self, adapter: Adapter, name: str) -> AdapterInfo:
+        """Save a new adapter made here (block weights applied, ...) under `name`, which must be free."""
+        self.refuse_reserved(name)
+        target = self.path_of(name)
+        if target.exists():
+            raise SdloraError(f"an adapter named {safe_name(name)!r} already exists; pick another name")
+        family = self._family(adapter)
+        named = {"ss_output_name": target.stem, "modelspec.title": target.stem, "sdlora.family": family}
+        write_adapter(target, adapter, "kohya", family=family, blocks=self._blocks(), metadata=named)
+        return self._info(target)
+
     def export(self, name: str, fmt: str = "kohya", out_dir: str | Path | None = None) -> Path:
         """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors (kohya, which
         every tool loads) or <out_dir>/<name>.<format>.safetensors, so two downloads never share a name."""

@@ -1,0 +1,204 @@
+"""Block weights in the LoRA Block Weight extension's convention: presets, the block of each layer, the CLI."""
+
+from __future__ import annotations
+
+import foreign_formats as ff
+import pytest
+import torch
+from conftest import cli
+
+from sdlora.errors import ConfigError
+from sdlora.library.formats import Adapter, LoraLayer, layer_shapes
+from sdlora.library.tools.block_weights import (
+    SD_LORA,
+    SDXL_LORA,
+    UNET_ALL,
+    apply_block_weights,
+    block_of,
+    parse_block_weights,
+)
+
+CONFIGS = "sdlora/models/configs"
+
+
+def meta_unet_shapes(config: str) -> dict[str, tuple[int, ...]]:
+    """Every adaptable layer of a real UNet, built from its shipped config without weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(f"{CONFIGS}/{config}/unet"))
+    return {f"unet.{path}": shape for path, shape in layer_shapes(unet).items()}
+
+
+@pytest.fixture(scope="module")
+def sd15_adapter() -> Adapter:
+    """A rank-1 LoCon over SD 1.5's real UNet (attention, ResNets, samplers) and two text-encoder layers."""
+    shapes = meta_unet_shapes("stable-diffusion-v1")
+    shapes.update(
+        {f"text_encoder.text_model.encoder.layers.{i}.self_attn.q_proj": (768, 768) for i in (0, 11)}
+    )
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for key, shape in shapes.items():
+        ends = ("to_q", "proj_in", "conv1", "downsamplers.0.conv", "upsamplers.0.conv", "q_proj", "linear_1")
+        if key.endswith(ends):
+            down = torch.randn(1, *shape[1:], generator=g)
+            up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=g)
+            layers[key] = LoraLayer(down, up, 1.0)
+    return Adapter(layers)
+
+
+def extension_block(key: str) -> str | None:
+    """The block as the extension finds it: by the original-SD name of the layer (text encoders: BASE)."""
+    part, path = key.split(".", 1)
+    if part != "unet":
+        return "BASE"
+    ldm = ff.ldm_path(path, 2, {1, 2, 3}).split(".")
+    if ldm[0] not in ("input_blocks", "middle_block", "output_blocks"):
+        return None
+    if ldm[0] == "middle_block":
+        return "M00"
+    return {"input_blocks": "IN", "output_blocks": "OUT"}[ldm[0]] + f"{int(ldm[1]):02}"
+
+
+# The extension's README: which of the 17 blocks each default preset turns on.
+PRESET_BLOCKS = {
+    "INS": {"BASE", "IN01", "IN02", "IN04"},
+    "IND": {"BASE", "IN05", "IN07", "IN08"},
+    "INALL": {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"},
+    "MIDD": {"BASE", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06"},
+    "OUTD": {"BASE", "OUT03", "OUT04", "OUT05", "OUT06"},
+    "OUTS": {"BASE", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"},
+    "OUTALL": {"BASE", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"},
+    "ALL": set(SD_LORA),
+    "NONE": set(),
+}
+
+
+@pytest.mark.parametrize("preset", PRESET_BLOCKS)
+def test_presets_expand_to_the_extensions_documented_vectors(preset):
+    weights = parse_block_weights(preset.lower(), "sd1")
+    assert len(weights) == 17
+    assert {block for block, w in zip(SD_LORA, weights, strict=True) if w == 1} == PRESET_BLOCKS[preset]
+    assert set(weights) <= {0.0, 1.0}
+    assert parse_block_weights("ALL0.5", "sd2") == (0.5,) * 17
+    assert parse_block_weights("ALL", "sdxl") == (1.0,) * 12
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "message"),
+    [
+        ("INZ", "sd1", r"unknown block-weight preset 'INZ'; the presets are NONE, ALL, INS"),
+        ("1,0,1", "sd1", r"'1,0,1': 3 weights, but SD 1\.x takes 17 or 26 \(BASE, IN01"),
+        (",".join(["1"] * 17), "sdxl", r"17 weights, but SDXL takes 12 or 20"),
+        ("OUTD", "sdxl", r"preset OUTD is defined for the 17 blocks of SD 1\.x/2\.x; for SDXL give 12"),
+        ("1," * 16 + "nan", "sd1", r"nan is not between"),
+        ("1," * 16 + "two", "sd1", r"'two' is not a number"),
+    ],
+)
+def test_a_bad_preset_or_count_is_one_line_naming_both(text, family, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_block_weights(text, family)
+    assert "\n" not in str(refused.value)
+
+
+def test_each_block_holds_the_layers_the_extension_puts_there(sd15_adapter):
+    blocks = {key: block_of(key, UNET_ALL) for key in sd15_adapter.layers}
+    assert blocks == {key: extension_block(key) for key in sd15_adapter.layers}
+    attention = {block for key, block in blocks.items() if key.endswith(("to_q", "q_proj"))}
+    assert attention == set(SD_LORA)  # the 17 blocks are exactly where SD 1.5's attention is
+
+
+def assert_scaled(weighted: LoraLayer, layer: LoraLayer, factor: float, key: str) -> None:
+    """ΔW = (alpha/r)·up·down, so the same down and alpha with up times the factor is ΔW times it."""
+    assert torch.equal(weighted.down, layer.down) and weighted.alpha == layer.alpha, key
+    assert torch.allclose(weighted.up, factor * layer.up), key
+
+
+def test_a_zero_weight_removes_exactly_that_blocks_layers(sd15_adapter):
+    for zeroed in SD_LORA:
+        weights = tuple(0.0 if b == zeroed else (0.5 if b == "M00" else 1.0) for b in SD_LORA)
+        weighted = apply_block_weights(sd15_adapter, weights)
+        in_block = {k for k in sd15_adapter.layers if block_of(k, SD_LORA) == zeroed}
+        not_named = {k for k in sd15_adapter.layers if block_of(k, UNET_ALL) in set(UNET_ALL) - set(SD_LORA)}
+        assert in_block and set(weighted.layers) == set(sd15_adapter.layers) - in_block - not_named, zeroed
+    assert set(apply_block_weights(sd15_adapter, parse_block_weights("NONE", "sd1")).layers) == {
+        "unet.time_embedding.linear_1"  # outside every block: weight 1, as in the extension
+    }
+    weights = parse_block_weights("MIDD", "sd1")
+    weighted = apply_block_weights(sd15_adapter, weights)
+    for key, layer in sd15_adapter.layers.items():
+        block = block_of(key, SD_LORA)
+        expected = 1.0 if block is None else dict(zip(SD_LORA, weights, strict=True)).get(block, 0.0)
+        if expected == 0:
+            assert key not in weighted.layers
+        else:
+            assert_scaled(weighted.layers[key], layer, expected, key)
+    half = apply_block_weights(sd15_adapter, tuple(0.5 if b == "M00" else 1.0 for b in UNET_ALL))
+    for key, layer in sd15_adapter.layers.items():
+        factor = 0.5 if block_of(key, UNET_ALL) == "M00" else 1.0
+        assert_scaled(half.layers[key], layer, factor, key)
+
+
+def test_sdxl_twelve_blocks_are_where_its_attention_is():
+    shapes = meta_unet_shapes("stable-diffusion-xl-v1-base")
+    attention = {block_of(k, SDXL_LORA) for k in shapes if k.endswith("attn2.to_k")}
+    assert attention == set(SDXL_LORA) - {"BASE"}
+
+
+def test_transformer_blocks_each_take_their_weight():
+    def layer(value):
+        return LoraLayer(torch.full((1, 4), value), torch.ones(4, 1), 1.0)
+
+    keys = [
+        "transformer.x_embedder",
+        "transformer.transformer_blocks.1.attn.to_q",
+        "transformer.single_transformer_blocks.2.proj_out",
+        "transformer.proj_out",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q",
+    ]
+    adapter = Adapter({k: layer(1.0) for k in keys})
+    flux = dict.fromkeys(("CLIP", "T5", "IN", "OUT"), 1.0) | {"D01": 0.0, "S02": 0.25}
+    names = ["CLIP", "T5", "IN"] + [f"D{i:02}" for i in range(19)] + [f"S{i:02}" for i in range(38)] + ["OUT"]
+    weighted = apply_block_weights(adapter, tuple(flux.get(n, 1.0) for n in names))
+    assert set(weighted.layers) == set(keys) - {"transformer.transformer_blocks.1.attn.to_q"}
+    assert weighted.layers["transformer.single_transformer_blocks.2.proj_out"].delta().max() == 0.25
+    sd3 = parse_block_weights(",".join(["1"] * 26 + ["0"]), "sd3")  # TE, IN, J00-J23, OUT
+    joint = Adapter({k: v for k, v in adapter.layers.items() if "single" not in k})
+    assert set(apply_block_weights(joint, sd3).layers) == set(joint.layers) - {"transformer.proj_out"}
+    with pytest.raises(ConfigError, match="S02, which the 27 block weights do not reach"):
+        apply_block_weights(Adapter({"transformer.single_transformer_blocks.2.proj_out": layer(1.0)}), sd3)
+
+
+def test_cli_saves_a_new_adapter_with_block_weights(tiny_model, tmp_path, capsys):
+    from sdlora.library.store import AdapterLibrary, reference_from_pipeline
+    from sdlora.models.loading import load_pipeline
+
+    layout = reference_from_pipeline(load_pipeline(str(tiny_model)))
+    g = torch.Generator().manual_seed(1)
+    layers = {
+        k: (
+            torch.randn(2, *s[1:], generator=g),
+            torch.randn(s[0], 2, *([1, 1] if len(s) == 4 else []), generator=g),
+            1.0,
+        )
+        for k, s in layout.shapes.items()
+        if k.endswith(("to_q", "q_proj"))
+    }
+    lib = ["--adapters-dir", str(tmp_path / "lib"), "--base-model", str(tiny_model)]
+    source = ff.save(tmp_path / "src.safetensors", ff.kohya(layers))
+    assert cli(capsys, "adapters", *lib, "import", str(source), "--name", "src")[0] == 0
+    code, out, err = cli(capsys, "adapters", "block-weights", "src", "--lbw", "OUTALL", "--as", "outs", *lib)
+    assert code == 0, err
+    library = AdapterLibrary(tmp_path / "lib", layout)
+    source_adapter, weighted = library.read("src"), library.read("outs")
+    kept = {k for k in source_adapter.layers if block_of(k, SD_LORA) in PRESET_BLOCKS["OUTALL"]}
+    assert kept and set(weighted.layers) == kept and len(kept) < len(source_adapter.layers)
+    for key in kept:
+        assert torch.allclose(weighted.layers[key].delta(), source_adapter.layers[key].delta())
+    code, _, err = cli(capsys, "adapters", "block-weights", "src", "--lbw", "OUTZ", "--as", "other", *lib)
+    assert code == 2 and err.count("\n") == 1 and "OUTZ" in err
+    code, _, err = cli(capsys, "adapters", "block-weights", "src", "--lbw", "ALL", "--as", "outs", *lib)
+    assert code == 2 and "already exists" in err
