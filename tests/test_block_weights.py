@@ -172,27 +172,39 @@ def test_transformer_blocks_each_take_their_weight():
         apply_block_weights(Adapter({"transformer.single_transformer_blocks.2.proj_out": layer(1.0)}), sd3)
 
 
-def test_cli_saves_a_new_adapter_with_block_weights(tiny_model, tmp_path, capsys):
-    from sdlora.library.store import AdapterLibrary, reference_from_pipeline
+@pytest.fixture(scope="module")
+def tiny_library(tiny_model, tmp_path_factory):
+    """The tiny model's layout and a library holding 'src', a LoRA on its attention and text encoder."""
+    from sdlora.library.store import reference_from_pipeline
     from sdlora.models.loading import load_pipeline
 
     layout = reference_from_pipeline(load_pipeline(str(tiny_model)))
     g = torch.Generator().manual_seed(1)
     layers = {
-        k: (
-            torch.randn(2, *s[1:], generator=g),
-            torch.randn(s[0], 2, *([1, 1] if len(s) == 4 else []), generator=g),
-            1.0,
-        )
+        k: (torch.randn(2, s[1], generator=g) * 0.3, torch.randn(s[0], 2, generator=g) * 0.3, 1.0)
         for k, s in layout.shapes.items()
-        if k.endswith(("to_q", "q_proj"))
+        if k.endswith(("to_q", "to_v", "q_proj"))
     }
-    lib = ["--adapters-dir", str(tmp_path / "lib"), "--base-model", str(tiny_model)]
-    source = ff.save(tmp_path / "src.safetensors", ff.kohya(layers))
-    assert cli(capsys, "adapters", *lib, "import", str(source), "--name", "src")[0] == 0
+    root = tmp_path_factory.mktemp("blocks")
+    source = ff.save(root / "src.safetensors", ff.kohya(layers))
+    lib = ["--adapters-dir", str(root / "lib"), "--base-model", str(tiny_model)]
+    assert cli_quietly("adapters", *lib, "import", str(source), "--name", "src") == 0
+    return layout, root / "lib", lib
+
+
+def cli_quietly(*args: str) -> int:
+    from sdlora.cli import main
+
+    return main(list(args))
+
+
+def test_cli_saves_a_new_adapter_with_block_weights(tiny_library, capsys):
+    from sdlora.library.store import AdapterLibrary
+
+    layout, folder, lib = tiny_library
     code, out, err = cli(capsys, "adapters", "block-weights", "src", "--lbw", "OUTALL", "--as", "outs", *lib)
     assert code == 0, err
-    library = AdapterLibrary(tmp_path / "lib", layout)
+    library = AdapterLibrary(folder, layout)
     source_adapter, weighted = library.read("src"), library.read("outs")
     kept = {k for k in source_adapter.layers if block_of(k, SD_LORA) in PRESET_BLOCKS["OUTALL"]}
     assert kept and set(weighted.layers) == kept and len(kept) < len(source_adapter.layers)
@@ -202,3 +214,32 @@ def test_cli_saves_a_new_adapter_with_block_weights(tiny_model, tmp_path, capsys
     assert code == 2 and err.count("\n") == 1 and "OUTZ" in err
     code, _, err = cli(capsys, "adapters", "block-weights", "src", "--lbw", "ALL", "--as", "outs", *lib)
     assert code == 2 and "already exists" in err
+
+
+def test_lbw_tag_draws_what_the_adapter_rows_draw(tiny_model, tiny_library):
+    import numpy as np
+
+    from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
+    from sdlora.library.store import AdapterLibrary
+
+    generator = Generator(str(tiny_model), AdapterLibrary(tiny_library[1]))
+
+    def draw(prompt="sks, a red circle", *adapters):
+        config = GenerateConfig(prompt=prompt, seed=3, steps=2, width=32, height=32, adapters=adapters)
+        image = generator.generate(config)[0]
+        return np.asarray(image.image), image.parameters
+
+    rows, parameters = draw(
+        "sks, a red circle", AdapterWeight("src", 0.8, "1,1,0,0,0,0,0,0.5,0,0,0,0,0,0,0,0,0")
+    )
+    plain, _ = draw("sks, a red circle", AdapterWeight("src", 0.8))  # the fused mix cache tells them apart
+    tagged, _ = draw("sks, a red circle <lora:src:0.8:lbw=1,1,0,0,0,0,0,0.5,0,0,0,0,0,0,0,0,0>")
+    assert np.array_equal(tagged, rows) and not np.array_equal(plain, rows)
+    assert "<lora:src:0.8:lbw=1,1,0,0,0,0,0,0.5,0,0,0,0,0,0,0,0,0>" in parameters
+    preset, _ = draw("sks, a red circle <lora:src:0.8:lbw=outall>")
+    saved, _ = draw("sks, a red circle <lora:outs:0.8>")  # the CLI's adapter: OUTALL applied and saved
+    assert np.array_equal(preset, saved) and not np.array_equal(preset, rows)
+    with pytest.raises(ConfigError, match="lbw: unknown block-weight preset 'OUTZ'|preset 'OUTZ'"):
+        draw("sks <lora:src:0.8:lbw=OUTZ>")
+    with pytest.raises(ConfigError, match="'te=1' is not read here"):
+        draw("sks <lora:src:0.8:te=1>")

@@ -103,6 +103,14 @@ def parse_block_weights(text: str, family: str) -> tuple[float, ...]:
     return tuple(weights)
 
 
+def block_weights_key(text: str) -> str:
+    """The same block weights written one way (presets in capitals, numbers as %g): equal keys, equal mixes."""
+    items = [item.strip() for item in str(text).split(",")]
+    if len(items) == 1 and not _is_number(items[0]):
+        return items[0].upper()
+    return ",".join(f"{float(item):g}" if _is_number(item) else item for item in items)
+
+
 def _preset(name: str, family: str) -> tuple[float, ...]:
     key = name.upper()
     if key in UNIFORM:
