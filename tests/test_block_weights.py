@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import foreign_formats as ff
 import pytest
 import torch
@@ -243,3 +245,64 @@ def test_lbw_tag_draws_what_the_adapter_rows_draw(tiny_model, tiny_library):
         draw("sks <lora:src:0.8:lbw=OUTZ>")
     with pytest.raises(ConfigError, match="'te=1' is not read here"):
         draw("sks <lora:src:0.8:te=1>")
+
+
+def test_block_weights_in_the_library_and_generate_tabs_in_chromium(demo_app, tmp_path):
+    """On the demo model: save an adapter with OUTALL from the Library tab, then draw with a row's block weights."""
+    import shutil
+
+    from playwright.sync_api import expect
+    from test_browser import SCREENSHOTS, TIMEOUT_MS, browser_setup, containing, exactly, open_tab
+
+    reason = browser_setup()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    studio = demo_app.studio
+    studio.generator()  # the demo model's layout, which the adapter below is made for
+    g = torch.Generator().manual_seed(2)
+    layers = {
+        k: LoraLayer(torch.randn(2, s[1], generator=g) * 0.3, torch.randn(s[0], 2, generator=g) * 0.3, 1.0)
+        for k, s in studio.library.reference.shapes.items()
+        if k.endswith(("to_q", "to_v"))
+    }
+    if not studio.library.path_of("lbw-src").exists():
+        studio.library.add(Adapter(layers), "lbw-src")
+
+    def shoot(page, name):
+        page.screenshot(path=str(tmp_path / name), full_page=True)
+        if os.environ.get("SDLORA_UPDATE_SCREENSHOTS") == "1":
+            shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"]
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        page.goto(demo_app.url)
+        open_tab(page, "Library")
+        page.locator("#adapters-table [role=gridcell]").filter(has_text=exactly("lbw-src")).first.click()
+        page.locator("#block-weights-panel").get_by_text("Block weights").first.click()
+        page.locator("#block-weights-text textarea, #block-weights-text input").first.fill("OUTALL")
+        page.locator("#block-weights-save").click()
+        selected = page.locator("#selected-adapter textarea, #selected-adapter input").first
+        expect(selected).to_have_value("lbw-src-outall")
+        expect(page.locator("#adapters-table")).to_contain_text("lbw-src-outall")
+        shoot(page, "library-block-weights.png")
+
+        open_tab(page, "Generate")
+        page.locator("#adapter-1 input").click()
+        page.get_by_role("option", name="lbw-src", exact=True).click()
+        page.locator("#block-weights-1 textarea, #block-weights-1 input").first.fill("OUTALL")
+        page.locator("#prompt textarea").fill("a red circle")
+        page.locator("#seed input").fill("3")
+        page.locator("#generate-button").click()
+        expect(page.locator("#parameters textarea")).to_have_value(containing("<lora:lbw-src:1:lbw=OUTALL>"))
+        expect(page.locator("#results img").first).to_be_visible()
+        shoot(page, "generate-block-weights.png")
+        browser.close()
+    saved = studio.library.read("lbw-src-outall")
+    assert set(saved.layers) == {k for k in layers if block_of(k, SD_LORA) in PRESET_BLOCKS["OUTALL"]}

@@ -88,6 +88,9 @@ def build(studio: Studio) -> LibraryTab:
     """Lay out the Library tab and wire its events."""
     widgets, handlers = layout(), LibraryHandlers(studio)
     wire(widgets, handlers)
+    from sdlora.ui import library_blocks
+
+    library_blocks.build(studio, widgets.name, [widgets.table, widgets.problems], handlers.refresh)
     return LibraryTab(table=widgets.table, problems=widgets.problems, refresh=handlers.refresh)
 
 
