@@ -409,7 +409,8 @@ def run_adapters(args: argparse.Namespace) -> int:
     elif args.verb == "block-weights":
         from sdlora.library.tools.block_weights import save_with_block_weights
 
-        with against_base_model(library, args.base_model) if args.base_model else contextlib.nullcontext():
+        needed = bool(args.base_model) or library.needs_base(args.name)  # as for export, below
+        with against_base_model(library, args.base_model) if needed else contextlib.nullcontext():
             print(save_with_block_weights(library, args.name, args.lbw, args.as_name).path)
     elif args.verb == "rename":
         print(library.rename(args.name, args.new_name).path)

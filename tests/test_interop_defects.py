@@ -73,6 +73,11 @@ def test_exported_lycoris_layers_have_the_base_layer_shapes(algorithm, base, tin
         rank = down.shape[0]
         scale = exported[f"{stem}.alpha"].item() / rank
         assert torch.allclose(scale * (up.flatten(1) @ down.flatten(1)), deltas[key].flatten(1), atol=1e-5)
+    # A new adapter made from it (block weights applied) is written with the base's shapes too.
+    assert cli(capsys, "adapters", *lib, "block-weights", "lyco", "--lbw", "ALL", "--as", "lyco-all")[0] == 0
+    made = load_file(str(tmp_path / "lib" / "lyco-all.safetensors"))
+    downs = {k: t for k, t in made.items() if k.endswith("lora_down.weight")}
+    assert downs and all(t.ndim == 4 for t in downs.values())
 
 
 def test_a_library_that_cannot_tell_a_lycoris_shape_refuses_to_export(base, tiny_model, tmp_path):

@@ -189,12 +189,14 @@ def apply_block_weights(adapter: Adapter, weights: tuple[float, ...]) -> Adapter
 
 def save_with_block_weights(library, name: str, text: str, new_name: str):
     """Save library adapter `name` with block weights `text` applied as the new adapter `new_name`."""
+    from sdlora.library.formats import read_adapter
     from sdlora.library.formats.write import family_of
 
     library.refuse_reserved(new_name)
     if library.path_of(new_name).exists():
         raise ConfigError(f"an adapter named {new_name!r} already exists; pick another name")
-    adapter = library.read(name)
+    info = library.get(name)
+    adapter = read_adapter(info.path, library.layout_for_export(info))  # LyCORIS: shaped as the base's layers
     family = library.reference.family if library.reference is not None else family_of(adapter)
     weighted = apply_block_weights(adapter, parse_block_weights(text, family))
     if not weighted.layers:
