@@ -245,6 +245,9 @@ def test_lbw_tag_draws_what_the_adapter_rows_draw(tiny_model, tiny_library):
         draw("sks <lora:src:0.8:lbw=OUTZ>")
     with pytest.raises(ConfigError, match="'te=1' is not read here"):
         draw("sks <lora:src:0.8:te=1>")
+    assert {"src", "src:lbw=OUTALL"} <= set(generator.resident)
+    generator.forget("src")  # after a rename or delete: every block weighting of it goes too
+    assert not [key for key in generator.resident if key.startswith("src")]
 
 
 def test_block_weights_in_the_library_and_generate_tabs_in_chromium(demo_app, tmp_path):
