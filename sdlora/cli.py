@@ -9,6 +9,7 @@ torch, diffusers and transformers are imported inside the run_* functions that u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -184,10 +185,19 @@ def _add_adapters_parser(commands) -> None:
     )
     imp.add_argument("file")
     imp.add_argument("--name", help="library name (default: the file name; never overwrites)")
+    imp.add_argument(
+        "--alpha", type=float, help="alpha of a file that keeps none (PEFT without adapter_config.json)"
+    )
     exp = _verb(verbs, "export", "write an adapter in the kohya (every tool) or diffusers format")
     exp.add_argument("name")
     exp.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     exp.add_argument("--out", required=True, help="output .safetensors file")
+    lbw = _verb(verbs, "block-weights", "a new adapter with a weight per block applied (LoRA Block Weight)")
+    lbw.add_argument("name")
+    lbw.add_argument(
+        "--lbw", required=True, help="a preset (INS, IND, MIDD, OUTD, OUTS, ALL, ...) or weights: 1,0,..."
+    )
+    lbw.add_argument("--as", dest="as_name", required=True, help="the new adapter's name (never overwrites)")
     _verb(verbs, "list", "one line per adapter, then any damaged entries")
     ren = _verb(verbs, "rename", "rename an adapter (its files and the name inside it)")
     ren.add_argument("name")
@@ -368,11 +378,28 @@ def import_base_model(given: str | None) -> str:
     return str(DEMO_MODEL)
 
 
+@contextlib.contextmanager
+def against_base_model(library, given: str | None):
+    """Check the library's files against --base-model, else the default one (a refusal then says so)."""
+    from sdlora.errors import AdapterFormatError
+    from sdlora.library.store import reference_from_pipeline
+    from sdlora.models.loading import load_pipeline
+
+    library.reference = reference_from_pipeline(load_pipeline(import_base_model(given)))
+    try:
+        yield
+    except AdapterFormatError as exc:
+        if given:
+            raise
+        raise AdapterFormatError(
+            f"{exc} (checked against the default base model; pass --base-model)"
+        ) from None
+
+
 def run_adapters(args: argparse.Namespace) -> int:
     from datetime import datetime
     from pathlib import Path
 
-    from sdlora.errors import AdapterFormatError
     from sdlora.library.store import AdapterLibrary
 
     library = AdapterLibrary(args.adapters_dir)
@@ -388,27 +415,26 @@ def run_adapters(args: argparse.Namespace) -> int:
             print(f"damaged: {problem}", file=sys.stderr)
         return 0
     if args.verb == "import":
-        from sdlora.library.store import reference_from_pipeline
-        from sdlora.models.loading import load_pipeline
-
-        library.reference = reference_from_pipeline(load_pipeline(import_base_model(args.base_model)))
-        try:
-            print(library.import_file(args.file, name=args.name).path)
-        except AdapterFormatError as exc:
-            if args.base_model:
-                raise
-            raise AdapterFormatError(
-                f"{exc} (checked against the default base model; pass --base-model)"
-            ) from None
+        with against_base_model(library, args.base_model):
+            print(library.import_file(args.file, name=args.name, alpha=args.alpha).path)
     elif args.verb == "export":
         import shutil
         import tempfile
 
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-            shutil.move(library.export(args.name, args.format, scratch), out)
+        # The base model's layout names and shapes the layers; plain kohya files carry both themselves.
+        needed = bool(args.base_model) or library.needs_base(args.name)
+        with against_base_model(library, args.base_model) if needed else contextlib.nullcontext():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+                shutil.move(library.export(args.name, args.format, scratch), out)
         print(out)
+    elif args.verb == "block-weights":
+        from sdlora.library.tools.block_weights import save_with_block_weights
+
+        needed = bool(args.base_model) or library.needs_base(args.name)  # as for export, below
+        with against_base_model(library, args.base_model) if needed else contextlib.nullcontext():
+            print(save_with_block_weights(library, args.name, args.lbw, args.as_name).path)
     elif args.verb == "rename":
         print(library.rename(args.name, args.new_name).path)
     elif args.verb == "delete":

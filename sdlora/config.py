@@ -37,6 +37,7 @@ ILLEGAL_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 # Adapter weights: useful mixes stay within about [-2, 2]; 10 leaves room to push a weak adapter,
 # while 1e15 (or NaN) only turns every pixel into noise and overflows a half-precision fused UNet.
 MAX_ADAPTER_WEIGHT = 10.0
+MAX_BLOCK_WEIGHTS_CHARS = 600  # Flux's 61 weights written out with decimals
 MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's CFG slider; far beyond it images only burn out
 # Sizes: a UNet works at up to about twice its native side (hires-fix territory); beyond that it only
 # repeats its subject and costs quadratically more (1024 px on the 64-px demo model: 169 s a step on
@@ -513,6 +514,9 @@ class AdapterWeight:
 
     name: str
     weight: float = 1.0
+    # A weight per block, as the LoRA Block Weight extension writes it: a preset (OUTALL) or a list
+    # (1,0,0,...); read against the base model's family when drawn (sdlora.library.tools.block_weights).
+    block_weights: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -524,6 +528,11 @@ class AdapterWeight:
             raise ConfigError(
                 f"weight of adapter {self.name!r} must be a number between "
                 f"-{MAX_ADAPTER_WEIGHT:g} and {MAX_ADAPTER_WEIGHT:g}, got {self.weight!r}"
+            )
+        if not isinstance(self.block_weights, str) or len(self.block_weights) > MAX_BLOCK_WEIGHTS_CHARS:
+            raise ConfigError(
+                f"block weights of adapter {self.name!r} must be a preset name or a list of at most "
+                f"{MAX_BLOCK_WEIGHTS_CHARS} characters, got {str(self.block_weights)[:40]!r}"
             )
 
 

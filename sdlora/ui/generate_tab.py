@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from sdlora.config import AdapterWeight, GenerateConfig, field_help
+from sdlora.config import MAX_BLOCK_WEIGHTS_CHARS, AdapterWeight, GenerateConfig, field_help
 from sdlora.models.families.base import SamplingDefaults
 from sdlora.ui import fields
 from sdlora.ui.messages import readable_errors
@@ -48,25 +48,39 @@ class GenerateTab:
 
 
 def generate_config(settings: dict) -> GenerateConfig:
-    """Widget values by field name -> GenerateConfig; adapter_N/weight_N pairs with an empty name are skipped."""
+    """Widget values by field name -> GenerateConfig; adapter_N/weight_N/block_weights_N with an empty name
+    are skipped."""
     values = dict(settings)
     slots = [
-        (values.pop(f"adapter_{i}", None), values.pop(f"weight_{i}", 1.0))
+        (
+            values.pop(f"adapter_{i}", None),
+            values.pop(f"weight_{i}", 1.0),
+            values.pop(f"block_weights_{i}", ""),
+        )
         for i in range(1, ADAPTER_SLOTS + 1)
     ]
-    adapters = tuple(AdapterWeight(str(n), float(w)) for n, w in slots if n)
+    adapters = tuple(AdapterWeight(str(n), float(w), str(b or "").strip()) for n, w, b in slots if n)
     defaults = {name: info["default"] for name, info in field_help(GenerateConfig).items()}
     return GenerateConfig(**fields.as_field_types(values, defaults), adapters=adapters)
 
 
 def adapter_slot(i: int, settings: dict) -> gr.Dropdown:
-    """One adapter picker with its weight slider, as settings adapter_i and weight_i; returns the picker."""
+    """One adapter picker with its weight slider and block weights, as settings adapter_i, weight_i and
+    block_weights_i; returns the picker."""
     with gr.Row(equal_height=True):
         picker = settings[f"adapter_{i}"] = gr.Dropdown(
             [], value=None, label=f"Adapter {i}", allow_custom_value=True, scale=2, elem_id=f"adapter-{i}"
         )
         settings[f"weight_{i}"] = gr.Slider(
             *WEIGHT_RANGE, 1.0, step=0.05, label="Weight", scale=3, elem_id=f"weight-{i}"
+        )
+        settings[f"block_weights_{i}"] = gr.Textbox(
+            "",
+            label="Block weights",
+            placeholder="all blocks; or OUTALL, 1,0,0,...",
+            scale=2,
+            max_length=MAX_BLOCK_WEIGHTS_CHARS,
+            elem_id=f"block-weights-{i}",
         )
     return picker
 
@@ -231,7 +245,8 @@ class GenerateHandlers:
         adapter_4: str | None = None,
         **settings,
     ):
-        """Settings by name (GenerateConfig's fields, adapter_N, weight_N) -> images, parameters, optional grid.
+        """Settings by name (GenerateConfig's fields, adapter_N, weight_N, block_weights_N) -> images,
+        parameters, optional grid.
 
         An adapter slot left out (None) is empty; the names default to None so scripts may leave them out.
         """

@@ -76,6 +76,7 @@ class Studio:
 
             self.adapters_dir.mkdir(parents=True, exist_ok=True)
             self._library = AdapterLibrary(self.adapters_dir)
+            self._library.find_reference = lambda: self.generator().library.reference  # set as it loads
         return self._library
 
     def example_concepts(self) -> list[str]:
