@@ -75,7 +75,7 @@ def test_the_denoiser_alone_is_loaded_through_bitsandbytes_config(kind):
     assert (config.load_in_8bit, config.load_in_4bit) == ((True, False) if kind == "int8" else (False, True))
     if kind == "nf4":
         assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype == torch.bfloat16
-    assert extra["dtype"] == {"transformer": torch.bfloat16, "default": torch.float32}
+    assert extra["dtype"] == {"transformer": torch.bfloat16, "vae": torch.float32, "default": torch.bfloat16}
 
 
 @needs_cpu_only

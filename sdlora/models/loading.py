@@ -59,7 +59,7 @@ def load_pipeline(source: str, torch_dtype: torch.dtype = torch.float32, quantiz
     """A diffusers pipeline for `source` with the safety checker left out; one load at a time.
 
     `quantize_base` int8 or nf4 loads the denoiser's weights quantized by bitsandbytes (through
-    diffusers' BitsAndBytesConfig) computing in bf16; the other parts keep `torch_dtype`.
+    diffusers' BitsAndBytesConfig) computing in bf16, the text encoders in bf16, the VAE in `torch_dtype`.
     """
     with _LOADING:
         runtime.quiet_loading_bars()  # one line per job on a console, not a bar per model part
@@ -163,7 +163,7 @@ QUANTIZED_COMPUTE_DTYPE = torch.bfloat16
 
 def quantized_denoiser(kind: str, denoiser: str, torch_dtype: torch.dtype) -> dict:
     """from_pretrained arguments that load the pipeline's `denoiser` through diffusers' BitsAndBytesConfig
-    (int8 or nf4) with bf16 for its unquantized layers; every other part keeps `torch_dtype`."""
+    (int8 or nf4) with bf16 for its unquantized layers and the text encoders; the VAE keeps `torch_dtype`."""
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig
 
     if kind == "int8":
@@ -174,9 +174,12 @@ def quantized_denoiser(kind: str, denoiser: str, torch_dtype: torch.dtype) -> di
         )
     else:
         raise ConfigError(f"quantize_base must be none, int8 or nf4, got {kind!r}")
+    # The text encoders in bf16 too: they sit on the GPU beside the quantized denoiser while the captions
+    # are cached (T5-XXL is 19 GB in float32); the VAE keeps `torch_dtype` (it encodes in float32).
+    dtypes = {denoiser: QUANTIZED_COMPUTE_DTYPE, "vae": torch_dtype, "default": QUANTIZED_COMPUTE_DTYPE}
     return {
         "quantization_config": PipelineQuantizationConfig(quant_mapping={denoiser: config}),
-        "dtype": {denoiser: QUANTIZED_COMPUTE_DTYPE, "default": torch_dtype},
+        "dtype": dtypes,
     }
 
 
