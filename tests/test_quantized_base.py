@@ -87,6 +87,13 @@ def test_loading_a_quantized_base_without_a_gpu_stops_at_diffusers_refusal_in_on
     assert isinstance(refused.value.__context__, RuntimeError)  # diffusers' own "No GPU found", caught
     with pytest.raises(ConfigError, match="not single files like model.safetensors"):
         load_pipeline(str(flux / "model.safetensors"), quantize_base="int8")
+    # Up to that line the arguments are diffusers' own: the dtypes alone load as meant
+    from diffusers import FluxPipeline
+
+    dtypes = quantized_denoiser("nf4", "transformer", torch.float32)["dtype"]
+    pipeline = FluxPipeline.from_pretrained(flux, dtype=dtypes)
+    loaded = [pipeline.transformer, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.vae]
+    assert [m.dtype for m in loaded] == [torch.bfloat16] * 3 + [torch.float32]
 
 
 @needs_cpu_only
