@@ -135,11 +135,14 @@ def _train(
     check_quantize_base(config.quantize_base)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     prepared = _prepare(config, files, pipeline)
-    encoded, encoded_prior = _encode_and_cache(config, prepared)
-    run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
-    start = _resume(run, resume_path)
-    emit(_started(run, prepared, start))
-    step, loss_value = _train_steps(run, prepared, emit, stop, start)
+    try:
+        encoded, encoded_prior = _encode_and_cache(config, prepared)
+        run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
+        start = _resume(run, resume_path)
+        emit(_started(run, prepared, start))
+        step, loss_value = _train_steps(run, prepared, emit, stop, start)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:  # the family known: its advice
+        raise OutOfMemory(out_of_memory_advice(config, prepared.family)) from exc
     return _save(run, prepared, emit, step, loss_value, replaceable)
 
 
