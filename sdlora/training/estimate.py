@@ -146,6 +146,7 @@ class TransformerSize:
     width: int  # heads x head dim
     blocks: int  # joint (double) blocks + single blocks
     lora_parameters_per_rank: int
+    buffers: int = 0  # elements of buffers beside the weights (SD3's position-embedding grid)
 
 
 def transformer_size(family: Family, parameters: int) -> TransformerSize:
@@ -155,7 +156,16 @@ def transformer_size(family: Family, parameters: int) -> TransformerSize:
     config = json.loads((CONFIGS / folder / "transformer" / "config.json").read_text(encoding="utf-8"))
     width = config["num_attention_heads"] * config["attention_head_dim"]
     blocks = config["num_layers"] + config.get("num_single_layers", 0)
-    return TransformerSize(family, parameters, width, blocks, lora)
+    return TransformerSize(family, parameters, width, blocks, lora, position_grid(config))
+
+
+def position_grid(config: dict) -> int:
+    """Elements of SD3's fixed position-embedding grid (a buffer of max size squared x width); 0 for Flux."""
+    return (
+        config.get("pos_embed_max_size", 0) ** 2
+        * config["num_attention_heads"]
+        * config["attention_head_dim"]
+    )
 
 
 def transformer_memory(config: TrainConfig, size: TransformerSize, float32: bool = False) -> dict[str, float]:
@@ -172,7 +182,7 @@ def transformer_memory(config: TrainConfig, size: TransformerSize, float32: bool
     else:
         activations = size.blocks * per_block
     weight_bytes = 4.0 if float32 else BASE_BYTES_PER_PARAMETER[config.quantize_base]
-    weights = size.parameters * weight_bytes / 1e9
+    weights = (size.parameters * weight_bytes + size.buffers * element) / 1e9
     lora = size.lora_parameters_per_rank * config.lora.rank
     adapter = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
     context = 0.0 if float32 else CUDA_CONTEXT_GB
