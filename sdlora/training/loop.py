@@ -22,7 +22,13 @@ from sdlora.events import EventCallback, Failed, Finished, Preview, Saved, Start
 from sdlora.library.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
 from sdlora.library.formats.names import UNetBlocks
 from sdlora.models.families import Family
-from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
+from sdlora.models.loading import (
+    ModelInfo,
+    check_quantize_base,
+    inspect_pipeline,
+    is_quantized,
+    load_pipeline,
+)
 from sdlora.training import checkpoints
 from sdlora.training.buckets import bucket_step
 from sdlora.training.checkpoints import adapter_path
@@ -126,13 +132,17 @@ def _train(
 ) -> TrainResult:
     config.validate()
     check_available(config)
+    check_quantize_base(config.quantize_base)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     prepared = _prepare(config, files, pipeline)
-    encoded, encoded_prior = _encode_and_cache(config, prepared)
-    run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
-    start = _resume(run, resume_path)
-    emit(_started(run, prepared, start))
-    step, loss_value = _train_steps(run, prepared, emit, stop, start)
+    try:
+        encoded, encoded_prior = _encode_and_cache(config, prepared)
+        run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
+        start = _resume(run, resume_path)
+        emit(_started(run, prepared, start))
+        step, loss_value = _train_steps(run, prepared, emit, stop, start)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:  # the family known: its advice
+        raise OutOfMemory(out_of_memory_advice(config, prepared.family)) from exc
     return _save(run, prepared, emit, step, loss_value, replaceable)
 
 
@@ -144,7 +154,8 @@ def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     set_seed(config.seed)
-    pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
+    if pipeline is None:
+        pipeline = load_pipeline(config.base_model, quantize_base=config.quantize_base)
     info = inspect_pipeline(pipeline)
     check_image_size(config.data.resolution, config.data.resolution, info.resolution, "training resolution")
     step_px = bucket_step(pipeline.vae_scale_factor, info.model_family.bucket_latent_step)
@@ -181,9 +192,10 @@ def _build_adapter(
     denoiser = getattr(prepared.pipeline, prepared.family.denoiser)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, threads))
-    if denoiser.dtype != frozen_weight_dtype(accelerator):
-        denoiser.to(dtype=frozen_weight_dtype(accelerator))
-    denoiser.to(accelerator.device)
+    if not is_quantized(denoiser):  # a quantized base was loaded on the GPU in its own dtypes
+        if denoiser.dtype != frozen_weight_dtype(accelerator):
+            denoiser.to(dtype=frozen_weight_dtype(accelerator))
+        denoiser.to(accelerator.device)
     add_lora(denoiser, config.lora, prepared.family.lora_targets, seed=config.seed)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -63,6 +63,14 @@ class Family:
     single_file_parts: dict[str, tuple[str, ...]]  # part a person knows -> its key prefixes in a single file
     activation_gb_per_latent_pixel: float  # training activations at batch 1, no checkpointing (the estimate)
     lora_parameters_per_rank: int  # attention-projection LoRA parameters at rank 1 (the estimate)
+    # The diffusion transformers' estimate (sdlora/training/estimate.py) works from their published sizes:
+    # per variant (its config folder under models/configs, parameters, attention LoRA parameters at rank 1),
+    # the bytes a training step keeps per token x width x block (bf16, no checkpointing), the text tokens
+    # beside the image's, and the text encoders' parameters (on the GPU while captions are cached).
+    estimate_variants: tuple[tuple[str, int, int], ...] = ()
+    activation_bytes_per_token_width_block: float = 0.0
+    estimate_text_tokens: int = 0
+    text_encoder_parameters: int = 0
     denoiser: str = "unet"  # the pipeline attribute holding the model that is trained
     lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # the denoiser layers LoraSpec adapts by default
     # Adapters for families of one layout may be tried on each other (the shapes then decide):
