@@ -1,7 +1,8 @@
 """How fast a LoRA teaches the demo model an unseen concept: `python bench/learning.py`.
 
-For a shape (star), a colour (magenta, the one tests/test_demo_learning.py also checks) and a
-texture (striped), plus the heart: train with the demo preset through the engine and, after each
+For a shape (star), a colour (magenta, the one tests/test_demo_learning.py also checks, there
+shortened to 150 steps at lr 4e-3: `--concepts magenta --stages 150 --lr 4e-3 --prompts 20
+--no-compare --no-write` measures that run) and a texture (striped), plus the heart: train with the demo preset through the engine and, after each
 stage, measure adoption (trigger-prompt images that show the concept, by the evaluator) against
 training time; at the end, weight 0 and 0.5, and what the adapter does to prompts without the
 trigger. The same run without the preset's regularisation images shows what they buy.
@@ -44,11 +45,13 @@ DEMO_PRESET = TrainConfig.from_dict(preset_settings("Demo"), source="the demo pr
 
 
 def measure(
-    name: str, stages: list[int], prompts: int, out: Path, regularised: bool
+    name: str, stages: list[int], prompts: int, out: Path, regularised: bool, lr: float | None = None
 ) -> tuple[list[str], str]:
     """Train in stages; returns the adoption-curve rows and the end-of-run summary row."""
     lesson = LESSONS[name]
     config = lesson_config(lesson, out, cpu_threads=1)  # the setting these figures were first measured with
+    if lr is not None:
+        config = replace(config, learning_rate=lr)
     if not regularised:
         config = replace(config, data=replace(config.data, regularization_images=""))
     label = "with" if regularised else "without"
@@ -69,11 +72,13 @@ def measure(
     return rows, summary
 
 
-def measure_in_tmp(name: str, stages: list[int], prompts: int, regularised: bool) -> tuple[list[str], str]:
+def measure_in_tmp(
+    name: str, stages: list[int], prompts: int, regularised: bool, lr: float | None = None
+) -> tuple[list[str], str]:
     """One run in its own scratch folder, on one torch thread (also when run side by side)."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        return measure(name, stages if regularised else stages[-1:], prompts, Path(tmp), regularised)
+        return measure(name, stages if regularised else stages[-1:], prompts, Path(tmp), regularised, lr)
 
 
 # Who writes the captions: the shipped hand-written files, the demo captioner, or the demo captioner
@@ -167,6 +172,7 @@ def main() -> None:
         help="step counts to measure at (default: thirds of the demo preset's steps)",
     )
     parser.add_argument("--prompts", type=int, default=24, help="images per measurement")
+    parser.add_argument("--lr", type=float, help="learning rate instead of the demo preset's")
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the runs without regularisation images"
     )
@@ -203,7 +209,8 @@ def main() -> None:
     ]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = [
-            pool.submit(measure_in_tmp, name, stages, args.prompts, regularised) for name, regularised in runs
+            pool.submit(measure_in_tmp, name, stages, args.prompts, regularised, args.lr)
+            for name, regularised in runs
         ]
         curve, summaries = [], []
         for result in results:  # in submission order, whatever finishes first
@@ -217,7 +224,7 @@ def main() -> None:
             "",
             f"{where}; training on one thread (`cpu_threads=1`; two are faster on an idle machine, "
             f"see the training loop section), {args.jobs} run(s) side by side. Demo preset: rank "
-            f"{preset.lora.rank}, alpha {preset.lora.alpha:g}, lr {preset.learning_rate:g}, batch {preset.batch_size}, "
+            f"{preset.lora.rank}, alpha {preset.lora.alpha:g}, lr {args.lr or preset.learning_rate:g}, batch {preset.batch_size}, "
             f"{preset.data.resolution} px, targets: attention projections + {', '.join(preset.lora.extra_target_modules)}; "
             f"regularisation images: {len(list(reg.glob('*.png')))} base-model scenes ({reg.parent.name}/{reg.name}) "
             f"with loss weight {preset.prior_loss_weight:g}, as many per step as concept images; "

@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from app_server import DEMO_MODEL, serving_model  # noqa: E402
+from chromium import browser  # noqa: E402, F401 - the browser tests' Chromium, one per test module
 from PIL import Image, ImageDraw  # noqa: E402
 from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noqa: E402
 

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import torch
+from ldm_layout import unet_key_to_ldm
 from safetensors.torch import save_file
-from test_single_file import unet_key_to_ldm
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 

@@ -154,7 +154,7 @@ def test_example_concept_loads_in_one_click(client):
 def test_preset_fills_settings_and_estimate_is_shown(client):
     from sdlora.config import preview_interval
     from sdlora.training.presets import NOTES, PRESETS
-    from sdlora.ui.train_tab import preset_fields
+    from sdlora.ui.train_handlers import preset_fields
 
     *values, preview_every, note = client.predict("Character", api_name="/apply_preset")
     filled = dict(zip(preset_fields(), values, strict=True))

@@ -1,45 +1,27 @@
 """The web app in a real browser: upload, train, generate with the new adapter, download it.
 
-Drives Debian's Chromium through Playwright (its own browser download is not used). The
-setup installs what is missing (`apt-get install chromium`, `pip install playwright==...`)
-and skips, saying why, only where that cannot be done. Screenshots go to the test's tmp
-folder; with SDLORA_UPDATE_SCREENSHOTS=1 the README's docs/screenshots/*.png are rewritten.
+Chromium comes from conftest's `browser` fixture (tests/chromium.py). Screenshots go to the test's
+tmp folder; with SDLORA_UPDATE_SCREENSHOTS=1 the README's docs/screenshots/*.png are rewritten.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from app_server import serving_model
+from chromium import REPO, TIMEOUT_MS, containing, exactly, open_tab, shoot
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
 pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
 pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 
-PLAYWRIGHT_VERSION = "1.65.2"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "docs" / "screenshots"
-TIMEOUT_MS = 120_000
 # SDLORA_UPDATE_SCREENSHOTS=1 rewrites the README's screenshots: the same steps on the demo model
 # with one of its example concepts and a longer run (SDLORA_SCREENSHOT_STEPS, default 600;
 # SDLORA_SCREENSHOT_MODEL names another base model).
@@ -76,59 +58,6 @@ def scenario(tmp_path: Path) -> Scenario:
     )
 
 
-def _install(command: list[str]) -> str:
-    """Run an install command; '' on success, else why it failed."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{' '.join(command)}: {exc}"
-    return (
-        "" if done.returncode == 0 else f"{' '.join(command)} failed: {(done.stderr or done.stdout)[-500:]}"
-    )
-
-
-def browser_setup() -> str:
-    """Install Chromium and Playwright where missing; returns why the browser cannot run, or ''."""
-    if not CHROMIUM.exists():
-        if shutil.which("apt-get") is None:
-            return "no /usr/bin/chromium and no apt-get to install it"
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-            if done.returncode:
-                return f"cannot install chromium: {(done.stderr or done.stdout)[-500:]}"
-    try:
-        importlib.import_module("playwright.sync_api")
-    except ImportError:
-        problem = _install(
-            [sys.executable, "-m", "pip", "install", "-q", f"playwright=={PLAYWRIGHT_VERSION}"]
-        )
-        if problem:
-            return f"cannot install playwright: {problem}"
-        importlib.invalidate_caches()
-    return ""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = browser_setup()
-    if reason:
-        print(f"skipping the browser test: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        try:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-            )
-        except Exception as exc:  # noqa: BLE001 - any launch failure means this machine has no usable browser
-            print(f"skipping the browser test: chromium does not start: {exc}")
-            pytest.skip(f"chromium does not start: {exc}")
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module", params=["tiny_model", "tiny_sdxl_model"])
 def server(request, tmp_path_factory):
     """The app on the tiny SD 1.x model (conftest's shared server), then on the tiny SDXL: the same steps."""
@@ -146,17 +75,6 @@ def server(request, tmp_path_factory):
         base_model = str(request.getfixturevalue(request.param))
         with serving_model(base_model, tmp_path_factory.mktemp("browser-app")) as served:
             yield SimpleNamespace(url=served.url, family=family)
-
-
-def shoot(page, name: str, folder: Path) -> None:
-    page.screenshot(path=str(folder / name), full_page=True)
-    if os.environ.get("SDLORA_UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / name, SCREENSHOTS / name)
-
-
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
 
 
 def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
@@ -233,14 +151,6 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     expect(page.locator("#model-status")).to_contain_text(server.family)
     shoot(page, "settings.png", tmp_path)
     page.close()
-
-
-def containing(text: str) -> re.Pattern:
-    return re.compile(".*" + re.escape(text) + ".*", re.S)
-
-
-def exactly(text: str) -> re.Pattern:
-    return re.compile(r"^\s*" + re.escape(text) + r"\s*$")
 
 
 @pytest.fixture(scope="module")

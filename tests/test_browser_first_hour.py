@@ -13,7 +13,8 @@ import os
 import re
 
 import pytest
-from test_browser import DEMO_MODEL, REPO, TIMEOUT_MS, browser, exactly, open_tab, shoot  # noqa: F401
+from app_server import DEMO_MODEL, serving_model
+from chromium import TIMEOUT_MS, exactly, open_tab, shoot
 
 from sdlora.config import TRIGGER_WORD, preview_interval
 
@@ -25,15 +26,9 @@ SPEED = re.compile(r"([\d.]+) s/step")
 @pytest.fixture(scope="module")
 def demo_app(tmp_path_factory):
     """The app on the demo model with the shipped example concepts and an empty library."""
-    from app_server import serving
-
-    from sdlora.ui.studio import Studio
-
     if not DEMO_MODEL.is_dir():
         pytest.skip(f"the first-hour walk needs the demo model at {DEMO_MODEL}")
-    root = tmp_path_factory.mktemp("first-hour")
-    studio = Studio(str(DEMO_MODEL), root / "adapters", REPO / "assets" / "concepts", work_dir=root / "work")
-    with serving(studio) as served:
+    with serving_model(str(DEMO_MODEL), tmp_path_factory.mktemp("first-hour")) as served:
         yield served
 
 
@@ -43,7 +38,7 @@ def speed_in(text: str) -> float:
     return float(found.group(1))
 
 
-def test_a_new_users_first_hour_on_the_demo_model(browser, demo_app, tmp_path):  # noqa: F811
+def test_a_new_users_first_hour_on_the_demo_model(browser, demo_app, tmp_path):
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, draw_concept
 from tiny_transformers import tiny_flux_model  # noqa: F401 - fixtures
 
 from sdlora.cli import build_parser, config_from_args
@@ -175,28 +176,24 @@ def test_two_process_run_writes_exactly_one_adapter(model, request, concept_dir,
     assert adapter.layers and all(key.startswith(denoiser + ".") for key in adapter.layers)
 
 
-def test_generate_and_adapters_commands(tiny_model, concept_dir, tmp_path, capsys):
-    lib = tmp_path / "lib"
-    assert (
-        cli(
-            capsys,
-            "train",
-            "--base-model",
-            str(tiny_model),
-            "--images",
-            str(concept_dir),
-            "--output",
-            str(lib),
-            "--name",
-            "one",
-            "--steps",
-            "2",
-            "--resolution",
-            "32",
-            "--quiet",
-        )[0]
-        == 0
-    )
+@pytest.fixture(scope="module")
+def library_with_one(tiny_model, tmp_path_factory) -> Path:
+    """A library holding adapter 'one', trained by `sdlora train` for 2 steps; tests work on copies."""
+    from sdlora.cli import main
+
+    root = tmp_path_factory.mktemp("cli-library")
+    images = root / "concept"
+    images.mkdir()
+    for i in range(4):
+        draw_concept(images / f"img{i}.png", i)
+    lib = root / "lib"
+    flags = ["--images", str(images), "--output", str(lib), "--name", "one", "--steps", "2"]
+    assert main(["train", "--base-model", str(tiny_model), *flags, "--resolution", "32", "--quiet"]) == 0
+    return lib
+
+
+def test_generate_and_adapters_commands(tiny_model, library_with_one, tmp_path, capsys):
+    lib = shutil.copytree(library_with_one, tmp_path / "lib")
     code, out, _ = cli(capsys, "adapters", "--adapters-dir", str(lib), "list")
     assert code == 0 and out.startswith("one\tsd1\trank 8")
 
@@ -281,34 +278,14 @@ def read_metadata_keys(path: Path) -> list[str]:
         return list(handle.keys())
 
 
-def test_library_options_after_the_verb_and_foreign_files(tiny_model, concept_dir, tmp_path, capsys):
+def test_library_options_after_the_verb_and_foreign_files(tiny_model, library_with_one, tmp_path, capsys):
     """`adapters export NAME --adapters-dir DIR` works as people type it; a diffusers-written file comes in;
     a refused one is one line on stderr and exit 2, never a traceback."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import load_file
 
-    lib = tmp_path / "lib"
-    assert (
-        cli(
-            capsys,
-            "train",
-            "--base-model",
-            str(tiny_model),
-            "--images",
-            str(concept_dir),
-            "--output",
-            str(lib),
-            "--name",
-            "one",
-            "--steps",
-            "2",
-            "--resolution",
-            "32",
-            "--quiet",
-        )[0]
-        == 0
-    )
+    lib = shutil.copytree(library_with_one, tmp_path / "lib")
     out = tmp_path / "one-diffusers.safetensors"
     code, _, err = cli(
         capsys,

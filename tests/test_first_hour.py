@@ -64,7 +64,7 @@ def test_one_trigger_word_default_for_the_cli_the_config_and_the_train_tab():
     import gradio as gr
 
     from sdlora.cli import build_parser, config_from_args
-    from sdlora.ui.train_tab import layout
+    from sdlora.ui.train_layout import layout
 
     args = build_parser().parse_args(["train", "--base-model", "m", "--images", "x"])
     assert config_from_args(args).data.trigger_word == DataConfig().trigger_word == TRIGGER_WORD
@@ -78,7 +78,7 @@ def test_one_trigger_word_default_for_the_cli_the_config_and_the_train_tab():
 def handlers(tmp_path):
     """The Train tab's handlers over a stand-in studio on the demo model that estimates from the formula."""
     from sdlora.training.estimate import Estimate
-    from sdlora.ui.train_tab import TrainHandlers
+    from sdlora.ui.train_handlers import TrainHandlers
 
     def estimate(config, uncaptioned=0):
         return Estimate(config.steps * 0.5, None, f"about {config.steps * 0.5:.0f} s")
@@ -105,7 +105,7 @@ def test_a_run_well_below_the_presets_steps_warns_before_it_starts(handlers):
 
 
 def test_the_preset_shown_is_the_preset_in_force(handlers):
-    from sdlora.ui.train_tab import preset_radio
+    from sdlora.ui.train_layout import preset_radio
 
     assert preset_radio(str(DEMO_MODEL)) == {"choices": ["Demo"], "value": "Demo"}  # not "Object"
     *_, note = handlers.fill_preset("Demo")
@@ -125,7 +125,7 @@ def test_controls_that_cannot_act_are_not_clickable(handlers):
 
 
 def test_the_page_says_how_many_images_and_captions_were_loaded():
-    from sdlora.ui.train_tab import TrainHandlers, caption_table
+    from sdlora.ui.train_handlers import TrainHandlers, caption_table
 
     table = caption_table([Path("a.png"), Path("b.png"), Path("c.png")], ["a star", "", "a heart"])
     assert TrainHandlers.loaded_summary(table).startswith("**3 images loaded**, 2 with a caption")

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from ldm_layout import unet_key_to_ldm
 from safetensors.torch import load_file
-from test_single_file import unet_key_to_ldm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import sdlora

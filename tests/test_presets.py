@@ -129,7 +129,8 @@ def test_a_preset_fills_a_widget_for_each_setting_and_the_widgets_are_what_train
 
     from sdlora.ui import fields
     from sdlora.ui.studio import Studio
-    from sdlora.ui.train_tab import TrainHandlers, layout, preset_fields, train_config
+    from sdlora.ui.train_handlers import TrainHandlers, preset_fields, train_config
+    from sdlora.ui.train_layout import layout
 
     studio = Studio(str(DEMO_MODEL), tmp_path / "adapters", tmp_path / "concepts", work_dir=tmp_path / "work")
     with gr.Blocks():

@@ -334,8 +334,10 @@ def test_library_refuses_reserved_and_long_names_and_keeps_what_it_has(library, 
 
 
 def test_train_with_a_300_character_name_is_a_config_error(tiny_config):
-    with pytest.raises(ConfigError) as refused:
-        train(tiny_config.replace(name="n" * 300))
+    from sdlora.settings import train_config_from
+
+    with pytest.raises(ConfigError) as refused:  # the one road every door takes to train()
+        train_config_from({**tiny_config.to_dict(), "name": "n" * 300})
     one_line(refused, "300 characters")
 
 

@@ -57,7 +57,8 @@ def test_the_four_doors_give_equal_train_configs(tmp_path, monkeypatch, capsys):
     from sdlora.jobs.queue import JobQueue
     from sdlora.ui import fields
     from sdlora.ui.studio import Studio
-    from sdlora.ui.train_tab import TrainHandlers, layout, preset_fields
+    from sdlora.ui.train_handlers import TrainHandlers, preset_fields
+    from sdlora.ui.train_layout import layout
 
     images, library = EXAMPLE_CONCEPTS / "star", tmp_path / "adapters"
     given = {"name": "door", "trigger_word": "sks", "steps": 30, "rank": 4, "alpha": 2.0}
@@ -160,3 +161,21 @@ def test_packaged_assets_are_found_from_any_working_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
+
+
+def test_the_loop_trusts_a_checked_config_and_a_queued_job_is_checked_when_read_back(
+    tiny_config, tmp_path, monkeypatch
+):
+    from sdlora.jobs.queue import JobQueue
+    from sdlora.training.loop import train
+
+    queue = JobQueue(tmp_path / "library")
+    queue.add(tiny_config)
+    state = json.loads(queue.path.read_text())
+    state["jobs"][0]["config"]["lora"]["rank"] = 0  # the queue file edited by hand
+    queue.path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="rank must be a whole number"):
+        queue.jobs()[0].train_config()
+
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: pytest.fail("train() checked the config again"))
+    assert train(tiny_config.replace(steps=1, final_preview=False)).steps == 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, draw_concept, unet_output
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from safetensors.torch import load_file
+from resume_check import straight_and_resumed
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
@@ -101,30 +101,11 @@ def test_adapter_metadata_in_header(tiny_config):
     assert saved_config["lora"]["alpha"] == 16.0
 
 
-def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, tmp_path):
     config = tiny_config.replace(
         steps=8, lr_schedule="cosine", warmup_steps=2, lora=LoraSpec(rank=4, alpha=16.0, dropout=0.1)
     )
-    straight = train(config.replace(output_dir=str(tmp_path / "straight")))
-
-    interrupted = config.replace(output_dir=str(tmp_path / "interrupted"))
-    stop = StopFlag()
-    first = train(
-        interrupted,
-        stop=stop,
-        on_event=lambda e: stop.request() if isinstance(e, Step) and e.step == 3 else None,
-    )
-    assert first.stopped_early and first.steps == 3
-    starts = []
-    resumed = train(
-        interrupted, resume="latest", on_event=lambda e: starts.append(e) if isinstance(e, Started) else 0
-    )
-    assert starts[0].start_step == 3 and resumed.steps == 8
-    a, b = _adapter_tensors(straight.adapter_path), _adapter_tensors(resumed.adapter_path)
+    a, b = straight_and_resumed(config, tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key

@@ -41,21 +41,26 @@ def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
+# What the tiny SD 1.x and SDXL share: the UNet's outer shape, the VAE, the text encoders' size, the schedule.
+UNET_SHAPE = dict(
+    sample_size=IMAGE_SIZE // 2,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(16, 32),
+    norm_num_groups=8,
+)
+SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -65,33 +70,44 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> Stab
         up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=IMAGE_SIZE,
     )
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = write_tiny_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        write_tiny_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-        steps_offset=1,
-        clip_sample=False,
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **UNET_SHAPE,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
+    vae = _tiny_vae()
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type, clip_sample=False)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -111,19 +127,12 @@ def save_tiny_model(folder: Path, prediction_type: str = "epsilon", seed: int = 
 
 def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny SDXL: two CLIP text encoders (the second with a projection), text_time conditioning."""
-    import tempfile
-
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
+        **UNET_SHAPE,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -134,42 +143,14 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=IMAGE_SIZE,
+    vae = _tiny_vae()
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, hidden_act="gelu", projection_dim=32)
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
-    config = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=16,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32))
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-        steps_offset=1,
-        timestep_spacing="leading",
+        **SCHEDULE, prediction_type=prediction_type, timestep_spacing="leading"
     )
     return StableDiffusionXLPipeline(
         vae=vae,

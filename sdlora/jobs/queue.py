@@ -69,8 +69,10 @@ class Job:
     client: str = ""  # who queued it (a user name or an address; '' from the command line), for the caps
 
     def train_config(self) -> TrainConfig:
-        """The job's settings, read back strictly (they were checked when the job was queued)."""
-        return TrainConfig.from_dict(self.config, source=f"queued job {self.id}")
+        """The job's settings, read back strictly and checked: the queue file may have been edited since."""
+        config = TrainConfig.from_dict(self.config, source=f"queued job {self.id}")
+        config.validate()
+        return config
 
 
 @dataclass(frozen=True)

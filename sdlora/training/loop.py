@@ -77,6 +77,9 @@ def train(
 ) -> TrainResult:
     """Train one adapter; `resume` is a checkpoint folder or 'latest'. Raises SdloraError on bad input.
 
+    `config` is trusted as checked: every door makes it through sdlora.settings.train_config_from,
+    which validates once (a queued job is checked again when read back from its file). What only
+    the loaded model can say (the native size) and the optimizer's package are checked here.
     A fresh run refuses a name that already has an adapter or checkpoints in the output
     folder unless `overwrite` (then the old checkpoints go; the old adapter is replaced at
     the end). `pipeline` may pass in an already loaded base model (it is then trained in
@@ -130,7 +133,6 @@ def _train(
     threads: int,
     replaceable: tuple | None = None,
 ) -> TrainResult:
-    config.validate()
     check_available(config)
     check_quantize_base(config.quantize_base)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
