@@ -324,9 +324,10 @@ def _progress() -> dict:
     status = gr.Markdown(RunView().summary(), elem_id="train-status")
     with gr.Row():
         curve = gr.LinePlot(
-            pd.DataFrame({"step": [], "loss": []}),
+            pd.DataFrame({"step": [], "loss": [], "series": []}),
             x="step",
             y="loss",
+            color="series",  # the smoothed training loss, validation points, the lowest validation step
             label="Loss",
             height=260,
             y_axis_format=".3f",  # one width from the first step on: the axis kept cutting longer labels
@@ -404,7 +405,7 @@ def captions_from_table(table) -> dict[str, str]:
 
 
 def view_outputs(view: RunView) -> tuple:
-    curve = pd.DataFrame(view.curve(), columns=["step", "loss"])
+    curve = pd.DataFrame(view.chart(), columns=["step", "loss", "series"])
     return view.summary(), curve, view.previews or None
 
 
