@@ -263,3 +263,43 @@ def test_validation_noise_sits_at_fixed_points_spread_over_the_schedule(family_n
         for a, b in zip(first.noisy, noise, strict=True)
     ]
     assert near == sorted(near)
+
+
+def test_the_run_view_plots_smoothed_training_validation_points_and_the_lowest_step():
+    from sdlora.events import Step
+    from sdlora.ui.run_view import LOWEST, TRAINING, VALIDATION, view_run
+
+    steps = [Step(n, 6, loss, 1e-3, 0.1, 0.0) for n, loss in enumerate([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], 1)]
+    events = [*steps[:2], Validated(2, 0.4, 2, 0.4, 0), *steps[2:4], Validated(4, 0.5, 2, 0.4, 1), *steps[4:]]
+    view = view_run(events, "mine", running=True, stop_requested=False)
+    chart = view.chart()
+    training = [loss for _, loss, series in chart if series == TRAINING]
+    assert len(training) == 6 and training[0] == 1.0
+    assert max(training[1:]) < 1.0 and min(training[1:]) > 0.0  # smoothed: never the raw 0 or 1
+    assert [(s, v) for s, v, series in chart if series == VALIDATION] == [(2, 0.4), (4, 0.5)]
+    assert {s for s, _, series in chart if series == LOWEST} == {2}
+    assert "validation 0.5000 (lowest 0.4000 at step 2)" in view.summary()
+    assert "may be overfitting" in view.summary()
+
+
+def test_keep_this_one_in_the_app_replaces_the_adapter(folder_run):
+    from types import SimpleNamespace
+
+    from sdlora.ui.checkpoints_view import CheckpointHandlers
+
+    config, _, adapter = folder_run
+    forgotten = []
+    studio = SimpleNamespace(
+        adapters_dir=config.output_dir,
+        run_name=config.name,
+        base_model=config.base_model,
+        forget_adapter=forgotten.append,
+    )
+    handlers = CheckpointHandlers(studio)
+    dropdown, name = handlers.choices("")
+    saved = list_checkpoint_adapters(config.output_dir, config.name)
+    best = min(saved, key=lambda c: c.validation_loss)
+    assert name == config.name and dropdown.value == str(best.step)
+    assert [value for _, value in dropdown.choices] == ["2", "4"]
+    assert "adapter of step 4" in handlers.keep("", "4")
+    assert adapter.read_bytes() == saved[1].path.read_bytes() and forgotten == [config.name]

@@ -25,7 +25,7 @@ from sdlora.config import (
     read_settings,
 )
 from sdlora.errors import ConceptImagesError, ConfigError, SdloraError
-from sdlora.ui import fields, queue_view, serving
+from sdlora.ui import checkpoints_view, fields, queue_view, serving
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.run_view import RunView, view_run
 from sdlora.ui.studio import Studio
@@ -128,6 +128,7 @@ def build(studio: Studio) -> TrainTab:
     queued = queue_view.build(
         studio, [widgets.files, widgets.captions, widgets.config], widgets.settings, handlers.queue_job
     )
+    checkpoints_view.build(studio)  # compare the run's checkpoint adapters and keep one
     # Without this a page that only queued jobs would say "no training run yet" until reloaded.
     queued.added.success(
         handlers.watch,
