@@ -303,3 +303,10 @@ def test_keep_this_one_in_the_app_replaces_the_adapter(folder_run):
     assert [value for _, value in dropdown.choices] == ["2", "4"]
     assert "adapter of step 4" in handlers.keep("", "4")
     assert adapter.read_bytes() == saved[1].path.read_bytes() and forgotten == [config.name]
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_loading(base):
+    if _has("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="wandb package is not installed"):
+        train(validated(replace(base, name="wandb"), log_with="wandb"))

@@ -60,7 +60,7 @@ from sdlora.training.devices import (
 from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.training.estimate import remember_speed
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
-from sdlora.training.metrics import MetricsRow, log_preview, log_step, start_trackers
+from sdlora.training.metrics import MetricsRow, check_tracker, log_preview, log_step, start_trackers
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
 from sdlora.training.step import Run, optimizer_step
@@ -146,6 +146,7 @@ def _train(
 ) -> TrainResult:
     config.validate()
     check_available(config)
+    check_tracker(config)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     prepared = _prepare(config, files, pipeline)
     prepared, held = _validation_images(config, prepared)

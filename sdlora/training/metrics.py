@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sdlora.config import TrainConfig
+from sdlora.errors import ConfigError
 from sdlora.library.formats import atomic_write_text
 
 COLUMNS = ("step", "loss", "validation_loss", "learning_rate")
@@ -72,6 +73,15 @@ class MetricsLog:
 def _line(row: MetricsRow) -> str:
     validation = "" if row.validation_loss is None else repr(row.validation_loss)
     return f"{row.step},{row.loss!r},{validation},{row.learning_rate!r}"
+
+
+def check_tracker(config: TrainConfig) -> None:
+    """Refuse, before anything loads, a tracker whose package is not installed here."""
+    import importlib.util
+
+    name = config.validation.log_with
+    if name and importlib.util.find_spec(name) is None:
+        raise ConfigError(f"log_with {name}: the {name} package is not installed; pip install {name}")
 
 
 def start_trackers(accelerator, config: TrainConfig) -> None:
