@@ -5,13 +5,16 @@ checkpoint_grid and checkpoint_adapters do the work."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from sdlora.errors import SdloraError
 from sdlora.generation.checkpoint_grid import Comparison, column_label, compare_checkpoints
 from sdlora.training.checkpoint_adapters import best_checkpoint, keep_checkpoint, list_checkpoint_adapters
-from sdlora.ui.studio import Studio
+
+if TYPE_CHECKING:
+    from sdlora.ui.studio import Studio
 
 
 @dataclass
