@@ -100,7 +100,8 @@ def main() -> None:
 def report(args, config, rows, base_faithful, spent, steps, run_seconds) -> None:
     """The table and the cost, printed and written to docs/benchmarks.md."""
     best = min(rows, key=lambda r: (r[1], r[0]))
-    # the run's own seconds less validation's, per step (loading and encoding included: an upper bound)
+    # the run's own seconds less validation's, per step (loading and encoding included, so the share below
+    # is if anything low)
     step_seconds = (run_seconds - sum(spent)) / max(1, len(steps))
     per_eval = sum(spent) / len(spent)
     default_evals = config.steps // validation_interval(config.steps)
