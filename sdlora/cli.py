@@ -219,6 +219,25 @@ def _add_adapters_parser(commands) -> None:
             "--as", dest="new_name", required=True, metavar="NEW", help="the new adapter's name"
         )
         verb.add_argument("--overwrite", action="store_true", help="replace an adapter of that name")
+    _add_checkpoint_verbs(verbs)
+
+
+def _add_checkpoint_verbs(verbs) -> None:
+    """`keep` and `compare`: the adapters a run saved along the way (--adapter-every, validation)."""
+    keep = _verb(verbs, "keep", "make a checkpoint adapter of a run the adapter (the others stay)")
+    keep.add_argument("name")
+    keep.add_argument("--step", type=int, required=True, help="the checkpoint's step")
+    compare = _verb(
+        verbs,
+        "compare",
+        "a grid of a run's checkpoint adapters x weights x prompts, validation loss under each",
+    )
+    compare.add_argument("name")
+    compare.add_argument("--weights", default="1.0", help="comma-separated adapter weights (default: 1.0)")
+    compare.add_argument("--prompts", nargs="*", default=[], help="default: the trigger word")
+    compare.add_argument("--seeds", nargs="*", type=int, default=[1], help="default: 1")
+    compare.add_argument("--inference-steps", type=int, default=20, help="denoising steps (default: 20)")
+    compare.add_argument("--out", required=True, help="output PNG")
 
 
 def _add_caption_parser(commands) -> None:
@@ -463,7 +482,47 @@ def run_adapters(args: argparse.Namespace) -> int:
             check_against(library, args.base_model), weighted, args.new_name, args.rank, args.overwrite
         )
         print("\n".join(merged.lines()))
+    elif args.verb in ("keep", "compare"):
+        return run_checkpoint_verb(args)
     return 0
+
+
+def run_checkpoint_verb(args: argparse.Namespace) -> int:
+    """`adapters keep NAME --step N` and `adapters compare NAME ... --out grid.png`."""
+    from pathlib import Path
+
+    from sdlora.training.checkpoint_adapters import keep_checkpoint
+
+    if args.verb == "keep":
+        path = keep_checkpoint(args.adapters_dir, args.name, args.step)
+        print(f"{args.name}: the checkpoint of step {args.step} is the adapter now ({path})")
+        return 0
+    from sdlora.generation.checkpoint_grid import Comparison, compare_checkpoints
+
+    comparison = Comparison(
+        weights=_weights(args.weights),
+        prompts=tuple(args.prompts),
+        seeds=tuple(args.seeds),
+        steps=args.inference_steps,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compare_checkpoints(import_base_model(args.base_model), args.adapters_dir, args.name, comparison).save(
+        out
+    )
+    print(out)
+    return 0
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    """--weights 0.5,1.0 as numbers; a bad one is named."""
+    try:
+        weights = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise SdloraError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,1.0") from None
+    if not weights:
+        raise SdloraError("--weights is empty; give at least one weight, e.g. 1.0")
+    return weights
 
 
 def run_caption(args: argparse.Namespace) -> int:

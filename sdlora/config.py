@@ -252,6 +252,70 @@ class DataConfig:
         check_image_size(self.resolution, self.resolution, None, "training resolution")
 
 
+TRACKERS = ("", "tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Knowing when a run is done: held-out images scored as it trains, adapters saved along the way."""
+
+    validation_images: int = _opt(
+        0,
+        "Concept images held out of training and scored instead (a seeded choice among them; "
+        "at least one must remain to train on; 0: none).",
+        bounds=(0, 100_000),
+    )
+    validation_folder: str = _opt(
+        "",
+        "Folder of validation images with same-name .txt captions, scored but never trained on "
+        "(the training images stay all the concept images).",
+    )
+    validation_every: int = _opt(
+        0,
+        "Steps between validation losses (0: validation_interval(steps), ten a run).",
+        bounds=(0, 100_000),
+    )
+    stop_when_validation_rises: int = _opt(
+        0,
+        "Stop after this many evaluations in a row above the lowest validation loss, and keep the best "
+        "checkpoint adapter as the adapter (0: never stop early).",
+        bounds=(0, 10_000),
+    )
+    adapter_every: int = _opt(
+        0,
+        "Save a library-loadable adapter every N steps (<name>-step<N>.safetensors, to compare and keep "
+        "one; 0: with validation, at every evaluation; else none).",
+        bounds=(0, 100_000),
+    )
+    log_with: str = _opt(
+        "", "Also log the losses, learning rate and previews to tensorboard or wandb.", choices=TRACKERS
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any images are scored."""
+        return bool(self.validation_images or self.validation_folder)
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.log_with not in TRACKERS:
+            raise ConfigError(f"log_with must be tensorboard or wandb (or empty), got {self.log_with!r}")
+        if self.validation_images and self.validation_folder:
+            raise ConfigError(
+                "validation_images and validation_folder both given; hold images out or name a folder, not both"
+            )
+        if self.stop_when_validation_rises and not self.enabled:
+            raise ConfigError(
+                "stop_when_validation_rises needs validation images: pass --validation-images N "
+                "or --validation-folder DIR"
+            )
+
+
+def validation_interval(steps: int) -> int:
+    """Steps between validation losses when none is given: ten evaluations a run, never fewer than one step."""
+    return max(1, steps // 10)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run; saved beside the adapter to reproduce it."""
@@ -339,6 +403,7 @@ class TrainConfig:
     )
     preview_inference_steps: int = _opt(20, "Denoising steps per preview image.", bounds=(1, 200))
     final_preview: bool = _opt(True, "Render <name>.preview.png beside the adapter when training ends.")
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> None:
         """Raise ConfigError with an actionable message for the first bad setting."""
@@ -366,6 +431,7 @@ class TrainConfig:
             )
         self.data.validate()
         self.lora.validate()
+        self.validation.validate()
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level fields changed (dataclasses.replace)."""
@@ -390,7 +456,7 @@ class TrainConfig:
 
 # The sections of a TrainConfig: their fields' names are unique across sections, so a flag, a widget
 # or an API parameter can name a field by its own name alone.
-SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraSpec}
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraSpec, "validation": ValidationConfig}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,8 @@
     <root>/<name>.safetensors    the adapter in the kohya format, metadata in its header (ss_*, modelspec.*)
     <root>/<name>.preview.png    its preview image
     <root>/<name>.config.json    the config that trained it (adapters trained here)
-    <root>/.runs/<name>/         checkpoints and previews of its training run
+    <root>/<name>.metrics.csv    its run's loss, validation loss and learning rate per step
+    <root>/.runs/<name>/         checkpoints, checkpoint adapters (adapters/) and previews of its run
     <root>/.exports/<format>/    downloads, each named after its adapter
 
 Point AUTOMATIC1111's models/Lora, ComfyUI's models/loras or kohya at the folder: they read
@@ -39,7 +40,7 @@ from sdlora.library.formats.files import STALE_AFTER_S, load_tensors, remove_sta
 from sdlora.library.formats.read import claimed_family, file_alpha, header_problem, summarize
 
 SUFFIX = ".safetensors"
-SIDE_FILES = (".preview.png", ".config.json")
+SIDE_FILES = (".preview.png", ".config.json", ".metrics.csv")
 USER_FIELDS = {
     "title": "modelspec.title",
     "author": "modelspec.author",

@@ -255,6 +255,8 @@ class Studio:
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         if config.data.regularization_images:
             self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
+        if config.validation.validation_folder:
+            self.access.check_folder(config.validation.validation_folder, "the validation images folder")
         # The same cap as the run's own, checked now rather than after the job waited its turn.
         side, native = config.data.resolution, self.generator().model_info.resolution
         check_image_size(side, side, native, "training resolution")

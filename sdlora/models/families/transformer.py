@@ -47,6 +47,16 @@ class FlowObjective:
         sample = flow_sample(latents, self.scheduler, self.sampling, generator, self.image_seq_len(latents))
         return Noised(sample.noisy, sample.timesteps, sample.target)
 
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, fractions: torch.Tensor) -> Noised:
+        """The batch with the given noise at fixed sigmas (fractions in (0, 1], shifted as the model's
+        scheduler shifts), for a validation loss that compares like with like."""
+        from sdlora.training.flow_matching import noisy_and_target, shifted_sigmas
+
+        sigmas = shifted_sigmas(self.scheduler, fractions.clamp(1e-5, 1.0), self.image_seq_len(latents))
+        sigmas = sigmas.to(latents.device)
+        noisy, target = noisy_and_target(latents, noise.to(latents), sigmas)
+        return Noised(noisy, sigmas * self.scheduler.config.num_train_timesteps, target)
+
     def predict(self, denoiser: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity for a noised batch, called the family's way."""
         return self.call(denoiser, noised, batch)
