@@ -1,0 +1,272 @@
+"""Extract: a LoRA from the difference of two full models (a fine-tuned one and its base).
+
+Per adapted layer, ΔW = W_tuned - W_base is factored by SVD and cut to a rank (or to the smallest
+rank keeping a fraction of ΔW's Frobenius norm); the singular values are shared between up and
+down, and alpha equals the rank, so the adapter at weight 1 adds the truncated ΔW. The layers are
+those a LoRA of the family adapts (kohya's extract: attention, feed-forward and ResNet layers of the
+denoiser, attention and MLP of the text encoders), so the result is an ordinary library adapter.
+One layer's difference and its factors exist at a time beside the two models' weights.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sdlora.errors import ConfigError, ModelLoadError, SdloraError
+from sdlora.library.formats.adapter import Adapter, LoraLayer
+from sdlora.library.formats.names import canonical_text_path
+
+if TYPE_CHECKING:
+    from sdlora.library.store import AdapterInfo, AdapterLibrary
+
+DEFAULT_THRESHOLD = 1e-6  # ‖ΔW‖/‖W‖ below this counts as unchanged (float16 rounding is ~1e-4 per element)
+DENOISER_BLOCKS = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+)
+UNET_KINDS = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")
+TEXT_KINDS = (".self_attn.", ".mlp.")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class LayerFigure:
+    """One extracted layer: the rank kept and the fraction of ΔW's Frobenius norm it keeps."""
+
+    key: str
+    rank: int
+    retained: float
+    change: float  # ‖ΔW‖/‖W_base‖: how much fine-tuning moved this layer
+
+
+@dataclass
+class ExtractReport:
+    """Per layer and overall: ranks, the norm retained, and the layers left out as unchanged."""
+
+    family: str
+    threshold: float
+    layers: list[LayerFigure] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    kept_squares: float = 0.0  # Σ over layers of the kept singular values squared
+    total_squares: float = 0.0
+
+    @property
+    def retained(self) -> float:
+        """The fraction of the whole difference's Frobenius norm that the adapter reproduces."""
+        return math.sqrt(self.kept_squares / self.total_squares) if self.total_squares else 1.0
+
+    def lines(self) -> list[str]:
+        """One line per layer, then the totals, for the CLI and the app."""
+        out = [
+            f"{f.key}: rank {f.rank}, {f.retained:.2%} of ΔW kept (changed {f.change:.2e})"
+            for f in self.layers
+        ]
+        ranks = sorted(f.rank for f in self.layers)
+        out.append(
+            f"{len(self.layers)} layers extracted ({self.family}), ranks {ranks[0] if ranks else 0}-"
+            f"{ranks[-1] if ranks else 0}, {self.retained:.2%} of the difference kept; "
+            f"{len(self.unchanged)} layers left out as unchanged (below {self.threshold:g})"
+        )
+        return out
+
+
+def extract(
+    base_model: str,
+    tuned_model: str,
+    rank: int | None = None,
+    keep: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Adapter, ExtractReport]:
+    """A LoRA that turns `base_model` into `tuned_model` (hub ids, diffusers folders or .safetensors files)."""
+    check_rule(rank, keep, threshold)
+    base, tuned, family = load_pair(base_model, tuned_model)
+    return extract_pipelines(base, tuned, family, (base_model, tuned_model), rank, keep, threshold, progress)
+
+
+def extract_into_library(
+    library: AdapterLibrary,
+    name: str,
+    base_model: str,
+    tuned_model: str,
+    rank: int | None = None,
+    keep: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[AdapterInfo, ExtractReport]:
+    """Extract and add the result to the library as `name` (refused if taken), checked against the base."""
+    from sdlora.library.formats.write import write_adapter
+    from sdlora.library.store import reference_from_pipeline
+
+    check_rule(rank, keep, threshold)
+    library.refuse_reserved(name)
+    if library.path_of(name).exists():
+        raise SdloraError(f"an adapter named {name!r} already exists; pick another name for the extract")
+    base, tuned, family = load_pair(base_model, tuned_model)
+    adapter, report = extract_pipelines(
+        base, tuned, family, (base_model, tuned_model), rank, keep, threshold, progress
+    )
+    if not adapter.layers:
+        raise SdloraError(f"{tuned_model} does not differ from {base_model}: nothing to extract")
+    adapter.metadata["modelspec.title"] = name
+    library.reference = reference_from_pipeline(base)
+    with tempfile.TemporaryDirectory() as scratch:  # the library's own import checks and names it
+        written = write_adapter(Path(scratch) / f"{name}.safetensors", adapter, "diffusers", family=family)
+        return library.import_file(written, name=name), report
+
+
+def load_pair(base_model: str, tuned_model: str):
+    """Both models, loaded; a pair of different families is refused in one line."""
+    from sdlora.models.loading import inspect_pipeline, load_pipeline
+
+    base, tuned = load_pipeline(base_model), load_pipeline(tuned_model)
+    family, tuned_family = inspect_pipeline(base).family, inspect_pipeline(tuned).family
+    if family != tuned_family:
+        raise ModelLoadError(
+            f"{tuned_model} is a {tuned_family} model and {base_model} a {family} one: "
+            "extract needs a fine-tuned model and its own base"
+        )
+    return base, tuned, family
+
+
+def extract_pipelines(
+    base,
+    tuned,
+    family: str,
+    sources: tuple[str, str],
+    rank: int | None,
+    keep: float | None,
+    threshold: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Adapter, ExtractReport]:
+    """The extract of two loaded pipelines of one family."""
+    pairs = list(paired_layers(base, tuned, *sources))
+    layers, report = extract_layers(iter(pairs), rank, keep, threshold, family, progress, len(pairs))
+    return Adapter(layers, extract_metadata(family, *sources, rank, keep)), report
+
+
+def check_rule(rank: int | None, keep: float | None, threshold: float) -> None:
+    """Exactly one of rank and keep, each in its range; refused in one line naming the field."""
+    if (rank is None) == (keep is None):
+        raise ConfigError("extract: give either a rank or a kept fraction (keep), not both or neither")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"extract: rank must be a whole number of at least 1, not {rank!r}")
+    if keep is not None and not 0 < keep <= 1:
+        raise ConfigError(f"extract: keep must be a fraction above 0 and at most 1, not {keep!r}")
+    if not threshold >= 0:
+        raise ConfigError(f"extract: threshold must be 0 or more, not {threshold!r}")
+
+
+def target_modules(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
+    """The Linear and Conv2d layers a LoRA of the family adapts in one model part, by library path."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        if part in TEXT_PARTS:
+            if any(kind in f".{name}" for kind in TEXT_KINDS):
+                found[canonical_text_path(name)] = module
+        elif name.startswith(DENOISER_BLOCKS) and (
+            part == "transformer" or any(k in name for k in UNET_KINDS)
+        ):
+            found[name] = module
+    return found
+
+
+def paired_layers(
+    base, tuned, base_name: str, tuned_name: str
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(library key, base weight, tuned weight) for every target layer; a differing architecture is refused."""
+    for part in ("unet", "transformer", *TEXT_PARTS):
+        base_part, tuned_part = getattr(base, part, None), getattr(tuned, part, None)
+        if base_part is None:
+            continue
+        ours, theirs = target_modules(base_part, part), target_modules(tuned_part, part) if tuned_part else {}
+        for path, module in ours.items():
+            other = theirs.get(path)
+            if other is None or other.weight.shape != module.weight.shape:
+                shape = "missing" if other is None else tuple(other.weight.shape)
+                raise ModelLoadError(
+                    f"{tuned_name} and {base_name} differ in architecture: {part}.{path} is "
+                    f"{tuple(module.weight.shape)} in the base and {shape} in the tuned model"
+                )
+            yield f"{part}.{path}", module.weight.detach(), other.weight.detach()
+
+
+def extract_layers(
+    pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]],
+    rank: int | None,
+    keep: float | None,
+    threshold: float,
+    family: str,
+    progress: Callable[[int, int], None] | None = None,
+    total: int = 0,
+) -> tuple[dict[str, LoraLayer], ExtractReport]:
+    """Each pair's difference as a LoRA layer, one layer in memory at a time."""
+    report, layers = ExtractReport(family, threshold), {}
+    for done, (key, before, after) in enumerate(pairs, start=1):
+        delta = after.float() - before.float()
+        change = float(delta.norm() / before.float().norm().clamp_min(1e-12))
+        if change <= threshold:
+            report.unchanged.append(key)
+        else:
+            layer, kept, whole = factor(delta, rank, keep)
+            layers[key] = layer
+            report.layers.append(LayerFigure(key, layer.rank, math.sqrt(kept / whole), change))
+            report.kept_squares, report.total_squares = (
+                report.kept_squares + kept,
+                report.total_squares + whole,
+            )
+        del delta
+        if progress is not None:
+            progress(done, total)
+    return layers, report
+
+
+def factor(delta: torch.Tensor, rank: int | None, keep: float | None) -> tuple[LoraLayer, float, float]:
+    """A LoRA layer for ΔW by truncated SVD, with the kept and total squared singular values."""
+    matrix = delta.flatten(1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    squares = s.double().square()
+    whole = float(squares.sum())
+    if rank is not None:
+        k = min(rank, s.numel())
+    else:
+        reached = (squares.cumsum(0) >= (keep**2) * whole * (1 - 1e-12)).nonzero()
+        k = int(reached[0]) + 1 if len(reached) else s.numel()
+    root = s[:k].sqrt()
+    up = (u[:, :k] * root).contiguous()
+    down = (root[:, None] * vh[:k]).contiguous()
+    if delta.ndim == 4:  # a convolution: down keeps the kernel, up is 1x1
+        down = down.reshape(k, *delta.shape[1:])
+        up = up.reshape(*up.shape, 1, 1)
+    return LoraLayer(down, up, float(k)), float(squares[:k].sum()), whole
+
+
+def extract_metadata(
+    family: str, base: str, tuned: str, rank: int | None, keep: float | None
+) -> dict[str, str]:
+    """What the adapter is for and where it came from, in sdlora's, kohya's and modelspec's keys."""
+    from sdlora.models.families import family_named
+
+    kind = family_named(family)
+    rule = f"rank {rank}" if rank is not None else f"keep {keep}"
+    return {
+        "sdlora.family": family,
+        "sdlora.extracted_from": f"{tuned} - {base} ({rule})",
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": kind.kohya_version,
+        "ss_sd_model_name": base,
+        "modelspec.architecture": kind.modelspec_architecture,
+        "modelspec.implementation": kind.modelspec_implementation,
+    }
