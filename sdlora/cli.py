@@ -188,6 +188,23 @@ def _add_adapters_parser(commands) -> None:
     ren.add_argument("new_name")
     dele = _verb(verbs, "delete", "delete an adapter and its side files")
     dele.add_argument("name")
+    ext = _verb(verbs, "extract", "a LoRA from the difference of a fine-tuned model and its base")
+    ext.add_argument("--base", required=True, help="the base model: hub id, diffusers folder or .safetensors")
+    ext.add_argument("--tuned", required=True, help="the fine-tuned model, in any of the same forms")
+    ext.add_argument("--rank", type=int, help="rank of every layer (or --keep)")
+    ext.add_argument(
+        "--keep", type=float, help="per layer, the smallest rank keeping this fraction of the norm"
+    )
+    ext.add_argument("--threshold", type=float, help="leave out layers changed less than this (relative)")
+    ext.add_argument("--as", dest="new_name", required=True, help="library name of the new adapter")
+    bake = _verb(
+        verbs, "bake", "a mix of adapters merged into the base (--base-model), saved as a full model"
+    )
+    bake.add_argument("--lora", dest="adapters", action="append", type=_weighted, required=True)
+    bake.add_argument(
+        "--out", required=True, help="a folder (diffusers) or a .safetensors file (single file)"
+    )
+    bake.add_argument("--dtype", choices=("fp16", "bf16"), help="save in half precision (default float32)")
 
 
 def _add_caption_parser(commands) -> None:
@@ -391,6 +408,14 @@ def run_adapters(args: argparse.Namespace) -> int:
     elif args.verb == "delete":
         library.delete(args.name)
         print(f"deleted {args.name}")
+    elif args.verb in ("extract", "bake"):
+        from sdlora.library.tools import bake, extract
+
+        if args.verb == "extract":
+            report = extract.run_from_cli(library, args)
+        else:
+            report = bake.run_from_cli(library, args, import_base_model(args.base_model))
+        print("\n".join(report.lines()))
     return 0
 
 

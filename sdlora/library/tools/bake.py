@@ -150,3 +150,9 @@ def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], o
     architecture = family_named(family).modelspec_architecture.removesuffix("/lora")
     header = {**record, "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture}
     save_tensors(out, tensors, header)
+
+
+def run_from_cli(library, args, base_model: str) -> BakeReport:
+    """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
+    weighted = [(library.read(name), weight) for name, weight in args.adapters]
+    return bake(base_model, weighted, Path(args.out), args.dtype, names=[n for n, _ in args.adapters])

@@ -270,3 +270,13 @@ def extract_metadata(
         "modelspec.architecture": kind.modelspec_architecture,
         "modelspec.implementation": kind.modelspec_implementation,
     }
+
+
+def run_from_cli(library: AdapterLibrary, args) -> ExtractReport:
+    """`adapters extract`: the parsed flags -> one extract into the library; the report back."""
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    info, report = extract_into_library(
+        library, args.new_name, args.base, args.tuned, args.rank, args.keep, threshold
+    )
+    print(info.path)
+    return report
