@@ -6,16 +6,21 @@ look for (their rules in our words, in `test_single_file_keys_follow_the_origina
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from conftest import cli
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
-from tiny_models import build_tiny_pipeline
+from tiny_models import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from sdlora.errors import ConfigError, ModelLoadError, SdloraError
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
+from sdlora.library.formats import Adapter, LoraLayer, write_adapter
 from sdlora.library.store import AdapterLibrary
+from sdlora.library.tools.bake import bake
 from sdlora.library.tools.extract import extract, extract_into_library, factor, target_modules
 
 KNOWN_RANK = 2
@@ -173,3 +178,213 @@ def test_factor_keeps_convolution_shapes():
     layer, kept, whole = factor(delta, rank=50, keep=None)  # above the full rank, 8: cut to it
     assert layer.down.shape == (8, 4, 3, 3) and layer.up.shape == (8, 8, 1, 1)
     assert torch.allclose(layer.delta(), delta, atol=1e-5) and kept == pytest.approx(whole)
+
+
+# --- bake -------------------------------------------------------------------------------------
+
+MIX = (("reds", 0.8), ("blues", -0.5))
+
+
+def random_adapter(pipeline, seed: int, parts=("unet", "text_encoder")) -> Adapter:
+    """A rank-4 LoRA with random factors on every target layer of the pipeline's UNet and text encoders."""
+    generator, layers = torch.Generator().manual_seed(seed), {}
+    for part in parts:
+        for path, module in target_modules(getattr(pipeline, part), part).items():
+            rows, columns = module.weight.shape[0], module.weight.shape[1:]
+            up = 0.1 * torch.randn(rows, 4, *([1, 1] if len(columns) == 3 else []), generator=generator)
+            layers[f"{part}.{path}"] = LoraLayer(0.1 * torch.randn(4, *columns, generator=generator), up, 2.0)
+    return Adapter(layers, {"modelspec.title": f"random {seed}"})
+
+
+@pytest.fixture(scope="module")
+def mix_library(tmp_path_factory):
+    library = AdapterLibrary(tmp_path_factory.mktemp("bake-lib"))
+    pipeline = build_tiny_pipeline()
+    for seed, (name, _) in enumerate(MIX):
+        write_adapter(library.path_of(name), random_adapter(pipeline, seed), "kohya", family="sd1")
+    return library
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory, tiny_model, mix_library):
+    """The mix baked into the tiny base as a diffusers folder and as a single file."""
+    root = tmp_path_factory.mktemp("baked")
+    weighted = [(mix_library.read(name), weight) for name, weight in MIX]
+    names = [name for name, _ in MIX]
+    folder = bake(str(tiny_model), weighted, root / "baked", names=names)
+    single = bake(str(tiny_model), weighted, root / "baked.safetensors", names=names)
+    return folder, single
+
+
+def test_baked_folder_and_single_file_draw_the_fused_mix(tiny_model, mix_library, baked):
+    folder, single = baked
+    generator = Generator(str(tiny_model), mix_library)
+    fused_mix = pixels(generator, *MIX)
+    assert np.abs(fused_mix - pixels(generator)).max() > 10 * FUSE_TOLERANCE  # the mix shows in the image
+    from_folder = pixels(Generator(str(folder.out), AdapterLibrary(mix_library.root / "none")))
+    assert np.abs(from_folder - fused_mix).max() <= FUSE_TOLERANCE
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(single.out), config=str(tiny_model), local_files_only=True, safety_checker=None
+    )
+    same_sampler = StableDiffusionPipeline.from_pretrained(str(folder.out), safety_checker=None)
+    assert np.abs(drawn(loaded) - drawn(same_sampler)).max() <= FUSE_TOLERANCE
+    assert json.loads((folder.out / "baked.json").read_text())["sdlora.baked"] == json.dumps(
+        [list(m) for m in MIX]
+    )
+    assert folder.layers == single.layers == len(mix_library.read("reds").layers)
+    assert "reds at weight 0.8" in single.lines()
+
+
+@pytest.fixture(scope="module")
+def baked_sdxl(tmp_path_factory, tiny_sdxl_model):
+    """A random adapter baked into the tiny SDXL as a float16 single file, and that adapter."""
+    adapter = random_adapter(build_tiny_sdxl_pipeline(), 7, ("unet", "text_encoder", "text_encoder_2"))
+    out = tmp_path_factory.mktemp("baked-xl") / "xl.safetensors"
+    bake(str(tiny_sdxl_model), [(adapter, 0.6)], out, dtype="fp16", names=["xl-mix"])
+    return out, adapter
+
+
+def header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
+    with safe_open(str(path), framework="pt") as file:
+        shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}
+        dtypes = {file.get_slice(k).get_dtype() for k in file.keys()}
+        return shapes, file.metadata(), dtypes
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_keys_follow_the_original_layout(family, baked, baked_sdxl, tiny_model, tiny_sdxl_model):
+    """The rules AUTOMATIC1111 (sd_models_config) and ComfyUI (model_detection, supported_models) read by."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+
+    path = baked[1].out if family == "sd1" else baked_sdxl[0]
+    folder = tiny_model if family == "sd1" else tiny_sdxl_model
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    shapes, metadata, dtypes = header(path)
+    unet = "model.diffusion_model."
+    # Three parts, each under the prefix both loaders split a checkpoint by.
+    text = (
+        ("cond_stage_model.transformer.text_model.",)
+        if family == "sd1"
+        else ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+    )
+    assert all(k.startswith((unet, "first_stage_model.", *text)) for k in shapes)
+    # UNet: the first convolution gives the model width and input channels, out.2 the output channels.
+    width = unet_config["block_out_channels"][0]
+    assert shapes[f"{unet}input_blocks.0.0.weight"] == (width, 4, 3, 3)
+    assert shapes[f"{unet}out.2.weight"] == (4, width, 3, 3)
+    # Blocks are numbered flat: (layers per level + 1) slots a level, a downsampler `op` in the last slot;
+    # a ResNet has in_layers.0 and out_layers.3; a transformer sits in slot 1 of a block.
+    slots = unet_config["layers_per_block"] + 1
+    assert f"{unet}input_blocks.{slots}.0.op.weight" in shapes
+    assert (
+        f"{unet}input_blocks.1.0.in_layers.0.weight" in shapes
+        and f"{unet}middle_block.0.out_layers.3.weight" in shapes
+    )
+    first_attention = next(k for k in shapes if ".1.transformer_blocks.0.attn2.to_k.weight" in k)
+    # The context width is attn2.to_k's input; linear projections are 2-D, 1x1 convolutions 4-D.
+    assert shapes[first_attention][1] == unet_config["cross_attention_dim"]
+    proj_in = first_attention.split("transformer_blocks")[0] + "proj_in.weight"
+    assert len(shapes[proj_in]) == (2 if unet_config.get("use_linear_projection") else 4)
+    assert f"{unet}middle_block.1.proj_in.weight" in shapes
+    # SDXL alone has the size-and-pooled conditioning embedding, label_emb.0.0, its width the adm channels.
+    adm = f"{unet}label_emb.0.0.weight"
+    assert (adm in shapes) == (family == "sdxl")
+    if family == "sdxl":
+        assert shapes[adm][1] == unet_config["projection_class_embeddings_input_dim"]
+        # AUTOMATIC1111 tells SDXL by the second encoder's ln_final; OpenCLIP stacks q, k, v in in_proj.
+        hidden = shapes["conditioner.embedders.1.model.ln_final.weight"][0]
+        assert shapes["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] == (
+            3 * hidden,
+            hidden,
+        )
+        assert "conditioner.embedders.1.model.text_projection" in shapes
+        assert (
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+            in shapes
+        )
+    else:
+        assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in shapes
+    # The VAE: encoder levels from the top, decoder levels from the bottom, mid attention as 1x1 convolutions.
+    assert len(shapes["first_stage_model.decoder.mid.attn_1.q.weight"]) == 4
+    assert "first_stage_model.encoder.down.0.block.0.conv1.weight" in shapes
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in shapes
+    if family == "sd1":  # diffusers' own detection; its SDXL marker is resblocks.9, deeper than the tiny SDXL
+        stand_ins = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        assert infer_diffusers_model_type(stand_ins) == "v1"
+    else:
+        marker = CHECKPOINT_KEY_NAMES["xl_base"].replace("resblocks.9.", "resblocks.1.")
+        assert marker in shapes
+    assert dtypes == ({"F32"} if family == "sd1" else {"F16"})
+    assert "reds" in metadata["sdlora.baked"] or "xl-mix" in metadata["sdlora.baked"]
+
+
+def module_at(model, path: str):
+    """A module by library path (transformers 5 flattens CLIPTextModel but not the one with a projection)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return model.get_submodule(path.removeprefix("text_model."))
+
+
+def test_baked_sdxl_single_file_holds_base_plus_weighted_delta(tiny_sdxl_model, baked_sdxl):
+    path, adapter = baked_sdxl
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(tiny_sdxl_model), local_files_only=True
+    )
+    base = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+
+    def expected(part: str, path_: str) -> torch.Tensor:
+        return module_at(getattr(base, part), path_).weight + 0.6 * adapter.layers[f"{part}.{path_}"].delta()
+
+    checked = 0
+    for part in ("unet", "text_encoder"):
+        for path_ in adapter.in_part(part):
+            ours = module_at(getattr(loaded, part), path_).weight.float()
+            assert torch.allclose(ours, expected(part, path_), atol=2e-3, rtol=2e-3), (
+                path_
+            )  # float16 rounding
+            checked += 1
+    # The second encoder read back by hand: diffusers mistakes a tiny SDXL's second encoder for the first
+    # when both have the same width (real SDXL's are 768 and 1280 wide).
+    with safe_open(str(path), framework="pt") as file:
+        stacked = file.get_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
+    qkv = [expected("text_encoder_2", f"text_model.encoder.layers.0.self_attn.{x}_proj") for x in "qkv"]
+    assert torch.allclose(stacked.float(), torch.cat(qkv), atol=2e-3, rtol=2e-3)
+    assert checked > 20
+
+
+def test_bake_refuses_in_one_line_and_overwrites_nothing(tiny_model, mix_library, baked, baked_sdxl):
+    folder = baked[0].out
+    before = (folder / "baked.json").read_text()
+    reds = mix_library.read("reds")
+    with pytest.raises(SdloraError, match="already exists"):
+        bake(str(tiny_model), [(reds, 1.0)], folder)
+    assert (folder / "baked.json").read_text() == before
+    with pytest.raises(ConfigError, match="precision"):
+        bake(str(tiny_model), [(reds, 1.0)], folder.parent / "x.safetensors", dtype="fp8")
+    with pytest.raises(ConfigError, match="at least one adapter"):
+        bake(str(tiny_model), [], folder.parent / "y")
+    with pytest.raises(SdloraError, match="does not fit this sd1 base model") as caught:
+        bake(str(tiny_model), [(baked_sdxl[1], 1.0)], folder.parent / "z", names=["xl-mix"])
+    assert "\n" not in str(caught.value) and not (folder.parent / "z").exists()
+
+
+def test_cli_extract_and_bake(capsys, tiny_model, low_rank_pair, mix_library, tmp_path):
+    library = ["--adapters-dir", str(mix_library.root)]
+    code, out, err = cli(
+        capsys, "adapters", "extract", "--base", str(tiny_model), "--tuned", str(low_rank_pair[0]),
+        "--rank", "2", "--as", "cli-extract", *library,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "layers extracted" in out and mix_library.get("cli-extract").path.is_file()
+    code, _, err = cli(capsys, "adapters", *library, "extract", "--base", str(tiny_model), "--tuned",
+                       str(low_rank_pair[0]), "--rank", "2", "--as", "cli-extract")  # fmt: skip
+    assert code == 2 and "already exists" in err
+    out_file = tmp_path / "mix.safetensors"
+    args = ["adapters", "bake", "--lora", "reds:0.8", "--lora", "blues:-0.5", "--out", str(out_file)]
+    code, out, err = cli(capsys, *args, "--base-model", str(tiny_model), "--dtype", "fp16", *library)
+    assert code == 0, err
+    assert "single file, original layout, fp16" in out
+    assert header(out_file)[2] == {"F16"}
+    code, _, err = cli(capsys, *args, "--base-model", str(tiny_model), *library)
+    assert code == 2 and "already exists" in err
