@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.library.formats import FORMATS, TOOLS
+from sdlora.ui import library_bake
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -88,6 +89,7 @@ def build(studio: Studio) -> LibraryTab:
     """Lay out the Library tab and wire its events."""
     widgets, handlers = layout(), LibraryHandlers(studio)
     wire(widgets, handlers)
+    library_bake.build(studio, [widgets.table, widgets.problems], handlers.refresh)
     return LibraryTab(table=widgets.table, problems=widgets.problems, refresh=handlers.refresh)
 
 

@@ -156,3 +156,20 @@ def run_from_cli(library, args, base_model: str) -> BakeReport:
     """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
     weighted = [(library.read(name), weight) for name, weight in args.adapters]
     return bake(base_model, weighted, Path(args.out), args.dtype, names=[n for n, _ in args.adapters])
+
+
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    """'star:0.8, stripes:0.5' (or one a line; a name alone is weight 1) -> [(name, weight)], or one-line refusal."""
+    mix = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+        try:
+            mix.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ConfigError(f"bake: {item!r} is not NAME or NAME:WEIGHT") from None
+    if not mix:
+        raise ConfigError("bake: name at least one adapter to bake in, as NAME:WEIGHT")
+    return mix
