@@ -25,6 +25,9 @@ from sdlora.library.formats.names import canonical_text_path
 
 if TYPE_CHECKING:
     from sdlora.library.store import AdapterInfo, AdapterLibrary
+    from sdlora.library.tools.model_weights import FolderWeights, LoadedWeights
+
+    ModelWeights = FolderWeights | LoadedWeights
 
 DEFAULT_THRESHOLD = 1e-6  # ‖ΔW‖/‖W‖ below this counts as unchanged (float16 rounding is ~1e-4 per element)
 DENOISER_BLOCKS = (
@@ -90,8 +93,8 @@ def extract(
 ) -> tuple[Adapter, ExtractReport]:
     """A LoRA that turns `base_model` into `tuned_model` (hub ids, diffusers folders or .safetensors files)."""
     check_rule(rank, keep, threshold)
-    base, tuned, family = load_pair(base_model, tuned_model)
-    return extract_pipelines(base, tuned, family, (base_model, tuned_model), rank, keep, threshold, progress)
+    base, tuned = open_pair(base_model, tuned_model)
+    return extract_weights(base, tuned, rank, keep, threshold, progress)
 
 
 def extract_into_library(
@@ -105,54 +108,53 @@ def extract_into_library(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[AdapterInfo, ExtractReport]:
     """Extract and add the result to the library as `name` (refused if taken), checked against the base."""
+    from sdlora.library.formats.adapter import ModelLayout
     from sdlora.library.formats.write import write_adapter
-    from sdlora.library.store import reference_from_pipeline
+    from sdlora.library.tools.model_weights import layout_pipeline
 
     check_rule(rank, keep, threshold)
     library.refuse_reserved(name)
     if library.path_of(name).exists():
         raise SdloraError(f"an adapter named {name!r} already exists; pick another name for the extract")
-    base, tuned, family = load_pair(base_model, tuned_model)
-    adapter, report = extract_pipelines(
-        base, tuned, family, (base_model, tuned_model), rank, keep, threshold, progress
-    )
+    base, tuned = open_pair(base_model, tuned_model)
+    adapter, report = extract_weights(base, tuned, rank, keep, threshold, progress)
     if not adapter.layers:
         raise SdloraError(f"{tuned_model} does not differ from {base_model}: nothing to extract")
     adapter.metadata["modelspec.title"] = name
-    library.reference = reference_from_pipeline(base)
+    library.reference = ModelLayout.of(layout_pipeline(base), base.family)
     with tempfile.TemporaryDirectory() as scratch:  # the library's own import checks and names it
-        written = write_adapter(Path(scratch) / f"{name}.safetensors", adapter, "diffusers", family=family)
+        written = write_adapter(
+            Path(scratch) / f"{name}.safetensors", adapter, "diffusers", family=base.family
+        )
         return library.import_file(written, name=name), report
 
 
-def load_pair(base_model: str, tuned_model: str):
-    """Both models, loaded; a pair of different families is refused in one line."""
-    from sdlora.models.loading import inspect_pipeline, load_pipeline
+def open_pair(base_model: str, tuned_model: str):
+    """Both models' weights (read lazily where they are diffusers folders); two families are refused."""
+    from sdlora.library.tools.model_weights import model_weights
 
-    base, tuned = load_pipeline(base_model), load_pipeline(tuned_model)
-    family, tuned_family = inspect_pipeline(base).family, inspect_pipeline(tuned).family
-    if family != tuned_family:
+    base, tuned = model_weights(base_model), model_weights(tuned_model)
+    if base.family != tuned.family:
         raise ModelLoadError(
-            f"{tuned_model} is a {tuned_family} model and {base_model} a {family} one: "
+            f"{tuned_model} is a {tuned.family} model and {base_model} a {base.family} one: "
             "extract needs a fine-tuned model and its own base"
         )
-    return base, tuned, family
+    return base, tuned
 
 
-def extract_pipelines(
-    base,
-    tuned,
-    family: str,
-    sources: tuple[str, str],
+def extract_weights(
+    base: ModelWeights,
+    tuned: ModelWeights,
     rank: int | None,
     keep: float | None,
     threshold: float,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Adapter, ExtractReport]:
-    """The extract of two loaded pipelines of one family."""
-    pairs = list(paired_layers(base, tuned, *sources))
-    layers, report = extract_layers(iter(pairs), rank, keep, threshold, family, progress, len(pairs))
-    return Adapter(layers, extract_metadata(family, *sources, rank, keep)), report
+    """The extract of two models of one family, one layer at a time."""
+    targets = paired_targets(base, tuned)
+    pairs = ((f"{part}.{path}", base.weight(part, path), tuned.weight(part, path)) for part, path in targets)
+    layers, report = extract_layers(pairs, rank, keep, threshold, base.family, progress, len(targets))
+    return Adapter(layers, extract_metadata(base.family, base.source, tuned.source, rank, keep)), report
 
 
 def check_rule(rank: int | None, keep: float | None, threshold: float) -> None:
@@ -183,24 +185,22 @@ def target_modules(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Modu
     return found
 
 
-def paired_layers(
-    base, tuned, base_name: str, tuned_name: str
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(library key, base weight, tuned weight) for every target layer; a differing architecture is refused."""
-    for part in ("unet", "transformer", *TEXT_PARTS):
-        base_part, tuned_part = getattr(base, part, None), getattr(tuned, part, None)
-        if base_part is None:
-            continue
-        ours, theirs = target_modules(base_part, part), target_modules(tuned_part, part) if tuned_part else {}
+def paired_targets(base: ModelWeights, tuned: ModelWeights) -> list[tuple[str, str]]:
+    """(part, path) of every target layer, after checking that both models have it at one shape."""
+    targets = []
+    for part, model in base.parts.items():
+        ours = target_modules(model, part)
+        theirs = target_modules(tuned.parts[part], part) if part in tuned.parts else {}
         for path, module in ours.items():
             other = theirs.get(path)
             if other is None or other.weight.shape != module.weight.shape:
                 shape = "missing" if other is None else tuple(other.weight.shape)
                 raise ModelLoadError(
-                    f"{tuned_name} and {base_name} differ in architecture: {part}.{path} is "
+                    f"{tuned.source} and {base.source} differ in architecture: {part}.{path} is "
                     f"{tuple(module.weight.shape)} in the base and {shape} in the tuned model"
                 )
-            yield f"{part}.{path}", module.weight.detach(), other.weight.detach()
+            targets.append((part, path))
+    return targets
 
 
 def extract_layers(
