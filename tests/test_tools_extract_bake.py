@@ -21,7 +21,13 @@ from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
 from sdlora.library.formats import Adapter, LoraLayer, write_adapter
 from sdlora.library.store import AdapterLibrary
 from sdlora.library.tools.bake import bake
-from sdlora.library.tools.extract import extract, extract_into_library, factor, target_modules
+from sdlora.library.tools.extract import (
+    extract,
+    extract_into_library,
+    extract_weights,
+    factor,
+    target_modules,
+)
 
 KNOWN_RANK = 2
 FUSE_TOLERANCE = (
@@ -111,6 +117,20 @@ def test_extract_reproduces_a_known_low_rank_difference(tiny_model, low_rank_pai
         assert error < 1e-4, key
     assert report.retained == pytest.approx(1.0, abs=1e-6)
     assert "left out as unchanged" in report.lines()[-1]
+
+
+def test_a_folder_read_one_tensor_at_a_time_extracts_what_the_loaded_model_does(tiny_model, low_rank_pair):
+    from sdlora.library.tools.model_weights import FolderWeights, LoadedWeights, model_weights
+
+    lazy_base, lazy_tuned = model_weights(str(tiny_model)), model_weights(str(low_rank_pair[0]))
+    assert isinstance(lazy_base, FolderWeights)
+    assert all(p.is_meta for part in lazy_base.parts.values() for p in part.parameters())  # nothing loaded
+    lazy, _ = extract_weights(lazy_base, lazy_tuned, KNOWN_RANK, None, 1e-6)
+    whole = LoadedWeights(str(tiny_model)), LoadedWeights(str(low_rank_pair[0]))
+    loaded, _ = extract_weights(*whole, KNOWN_RANK, None, 1e-6)
+    assert lazy.layers.keys() == loaded.layers.keys()
+    for key, layer in lazy.layers.items():
+        assert torch.allclose(layer.delta(), loaded.layers[key].delta(), atol=1e-6), key
 
 
 def test_extract_to_a_kept_fraction_takes_the_smallest_rank_that_keeps_it(tiny_model, trained_pair):

@@ -15,8 +15,8 @@ from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
 LAYOUTS = {
-    "single file (.safetensors: AUTOMATIC1111, Forge, ComfyUI)": ".safetensors",
-    "diffusers folder (on the server)": "",
+    "single .safetensors file": ".safetensors",
+    "diffusers folder (kept on the server)": "",
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -90,7 +90,11 @@ def layout(studio: Studio) -> BakeWidgets:
         with gr.Row():
             baked_name = gr.Textbox("baked", label="Model name", elem_id="bake-name")
             layout_ = gr.Radio(
-                list(LAYOUTS), value=next(iter(LAYOUTS)), label="Save as", elem_id="bake-layout"
+                list(LAYOUTS),
+                value=next(iter(LAYOUTS)),
+                label="Save as",
+                info="the single file loads in AUTOMATIC1111, Forge and ComfyUI",
+                elem_id="bake-layout",
             )
             precision = gr.Radio(list(PRECISIONS), value="fp16", label="Precision", elem_id="bake-precision")
         bake_button = gr.Button("Bake", elem_id="bake-button")

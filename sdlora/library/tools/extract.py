@@ -4,8 +4,10 @@ Per adapted layer, ΔW = W_tuned - W_base is factored by SVD and cut to a rank (
 rank keeping a fraction of ΔW's Frobenius norm); the singular values are shared between up and
 down, and alpha equals the rank, so the adapter at weight 1 adds the truncated ΔW. The layers are
 those a LoRA of the family adapts (kohya's extract: attention, feed-forward and ResNet layers of the
-denoiser, attention and MLP of the text encoders), so the result is an ordinary library adapter.
-One layer's difference and its factors exist at a time beside the two models' weights.
+denoiser, attention and MLP of the text encoders; on SD3 and Flux.1 the transformer's attention
+projections), so the result is an ordinary library adapter.
+A diffusers folder is read one tensor at a time (model_weights.py): memory holds one layer's pair,
+difference and factors, and the adapter so far; a single file is loaded whole.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from sdlora.errors import ConfigError, ModelLoadError, SdloraError
 from sdlora.library.formats.adapter import Adapter, LoraLayer
 from sdlora.library.formats.names import canonical_text_path
+from sdlora.models.families.sd3 import JOINT_ATTENTION
 
 if TYPE_CHECKING:
     from sdlora.library.store import AdapterInfo, AdapterLibrary
@@ -178,9 +181,10 @@ def target_modules(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Modu
         if part in TEXT_PARTS:
             if any(kind in f".{name}" for kind in TEXT_KINDS):
                 found[canonical_text_path(name)] = module
-        elif name.startswith(DENOISER_BLOCKS) and (
-            part == "transformer" or any(k in name for k in UNET_KINDS)
-        ):
+        elif part == "transformer":  # SD3, Flux.1: the attention projections their LoRAs adapt
+            if name.startswith(DENOISER_BLOCKS) and name.endswith(tuple("." + t for t in JOINT_ATTENTION)):
+                found[name] = module
+        elif name.startswith(DENOISER_BLOCKS) and any(k in name for k in UNET_KINDS):
             found[name] = module
     return found
 
