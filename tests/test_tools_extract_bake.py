@@ -15,6 +15,7 @@ from conftest import cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from tiny_models import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from tiny_transformers import tiny_flux_model  # noqa: F401, F811 - a fixture
 
 from sdlora.errors import ConfigError, ModelLoadError, SdloraError
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
@@ -408,3 +409,38 @@ def test_cli_extract_and_bake(capsys, tiny_model, low_rank_pair, mix_library, tm
     assert header(out_file)[2] == {"F16"}
     code, _, err = cli(capsys, *args, "--base-model", str(tiny_model), *library)
     assert code == 2 and "already exists" in err
+
+
+def test_flux_extract_reproduces_the_difference_and_bakes_back_into_a_folder(tiny_flux_model, tmp_path):  # noqa: F811
+    """A transformer family: the attention projections extracted, the adapter baked back gives the tuned weights."""
+    from sdlora.models.loading import load_pipeline
+
+    pipeline = load_pipeline(str(tiny_flux_model))
+    base = {
+        path: module.weight.detach().clone()
+        for path, module in target_modules(pipeline.transformer, "transformer").items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in target_modules(pipeline.transformer, "transformer").values():
+            rows, columns = module.weight.shape
+            module.weight += (
+                0.01
+                * torch.randn(rows, 2, generator=generator)
+                @ torch.randn(2, columns, generator=generator)
+            )
+    pipeline.save_pretrained(tmp_path / "tuned")
+    library = AdapterLibrary(tmp_path / "lib")
+    info, report = extract_into_library(
+        library, "flux-x", str(tiny_flux_model), str(tmp_path / "tuned"), rank=2
+    )
+    assert info.family == "flux" and len(report.layers) == len(base)
+    adapter = library.read("flux-x")
+    baked = bake(str(tiny_flux_model), [(adapter, 1.0)], tmp_path / "baked", names=["flux-x"])
+    again = load_pipeline(str(baked.out)).transformer
+    for path, before in base.items():
+        tuned = pipeline.transformer.get_submodule(path).weight
+        assert torch.allclose(again.get_submodule(path).weight, tuned, atol=1e-5), path
+        assert (tuned - before).abs().max() > 1e-3
+    with pytest.raises(ModelLoadError, match="not flux; save a diffusers folder"):
+        bake(str(tiny_flux_model), [(adapter, 1.0)], tmp_path / "flux.safetensors")

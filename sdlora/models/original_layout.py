@@ -39,17 +39,22 @@ OPEN_CLIP = {
 
 def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
     """Every weight of the pipeline's UNet, VAE and text encoders under its original checkpoint key."""
-    if family not in TEXT_ENCODERS:
-        raise ModelLoadError(
-            f"a single file in the original layout is written for SD 1.x, 2.x and SDXL, not {family}; "
-            "save a diffusers folder instead"
-        )
+    check_family(family)
     out = unet_tensors(pipeline.unet)
     out.update(vae_tensors(pipeline.vae))
     for part, kind, prefix in TEXT_ENCODERS[family]:
         encoder = getattr(pipeline, part)
         out.update(clip_tensors(encoder, prefix) if kind == "clip" else open_clip_tensors(encoder, prefix))
     return out
+
+
+def check_family(family: str) -> None:
+    """Refuse, in one line, a family whose original single-file layout is not written here."""
+    if family not in TEXT_ENCODERS:
+        raise ModelLoadError(
+            f"a single file in the original layout is written for SD 1.x, 2.x and SDXL, not {family}; "
+            "save a diffusers folder instead"
+        )
 
 
 def unet_tensors(unet) -> dict[str, torch.Tensor]:

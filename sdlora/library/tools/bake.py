@@ -70,6 +70,10 @@ def bake(
     check_request(weighted, out, dtype, names, overwrite)
     pipeline = load_pipeline(base_model)
     info = inspect_pipeline(pipeline)
+    if out.suffix == SINGLE_FILE:
+        from sdlora.models.original_layout import check_family
+
+        check_family(info.family)  # before the work: SD3/Flux.1 single files are not written yet
     layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family))
     pipeline.to(DTYPES[dtype or "fp32"])
     mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
