@@ -200,7 +200,14 @@ def _add_adapters_parser(commands) -> None:
     bake = _verb(
         verbs, "bake", "a mix of adapters merged into the base (--base-model), saved as a full model"
     )
-    bake.add_argument("--lora", dest="adapters", action="append", type=_weighted, required=True)
+    bake.add_argument(
+        "--lora",
+        dest="adapters",
+        action="append",
+        type=_weighted,
+        required=True,
+        help="NAME[:WEIGHT], repeated",
+    )
     bake.add_argument(
         "--out", required=True, help="a folder (diffusers) or a .safetensors file (single file)"
     )
