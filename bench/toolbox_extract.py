@@ -5,7 +5,8 @@
 The pair is random: base weights at SDXL's real shapes (attention, feed-forward, ResNet convolution,
 the second text encoder's MLP) and a tuned copy that differs by a rank-48 change plus dense noise at
 1% of it, as a fine-tune's difference has a few strong directions over a full-rank rest. Extract
-factors each layer's difference by full SVD and cuts it to --rank, as `adapters extract` does. Peak
+factors each layer's difference and cuts it to --rank, as `adapters extract` does (a randomized SVD
+when the rank is well below the layer's size, as here; a full SVD otherwise). Peak
 memory is the process's peak resident size beyond the two models' weights (which are allocated first).
 Writes its section of docs/benchmarks.md (bench/report.py).
 """
@@ -86,7 +87,8 @@ def main() -> None:
         f"## Extract, SDXL-shaped layers on this CPU (`python bench/toolbox_extract.py --rank {args.rank}`)",
         "",
         f"{machine()}. {len(LAYERS)} layers at SDXL's real shapes, random: base, and base + a rank-48 change "
-        "+ dense noise at 1% of it. Full SVD per layer, cut to the rank. Peak memory: the process's peak "
+        "+ dense noise at 1% of it. Randomized SVD per layer (rank + 10 directions, 4 power iterations), cut to "
+        "the rank. Peak memory: the process's peak "
         f"resident size beyond the two models' weights ({models_mb:.0f} MB here), so far.",
         "",
         "| layer | shape | seconds | ΔW norm kept | peak beyond the weights (MB) |",

@@ -241,7 +241,7 @@ def extract_layers(
 def factor(delta: torch.Tensor, rank: int | None, keep: float | None) -> tuple[LoraLayer, float, float]:
     """A LoRA layer for ΔW by truncated SVD, with the kept and total squared singular values."""
     matrix = delta.flatten(1)
-    whole = float(matrix.double().square().sum())
+    whole = float(torch.linalg.vector_norm(matrix)) ** 2  # no float64 copy of a large layer
     if rank is not None and (rank + OVERSAMPLING) * 2 < min(matrix.shape):
         # Only the top `rank` directions are wanted: a randomized SVD (Halko et al.) finds them in a
         # fraction of a full SVD's time. Its factors are an orthogonal projection of ΔW, so the kept
