@@ -444,3 +444,37 @@ def test_flux_extract_reproduces_the_difference_and_bakes_back_into_a_folder(tin
         assert (tuned - before).abs().max() > 1e-3
     with pytest.raises(ModelLoadError, match="not flux; save a diffusers folder"):
         bake(str(tiny_flux_model), [(adapter, 1.0)], tmp_path / "flux.safetensors")
+
+
+def test_original_layout_agrees_with_the_single_file_tests_writer(tiny_sdxl_model):
+    """The engine's original-layout names equal the ones tests/test_single_file.py writes its genuine
+    checkpoints with (SD 1.x/2.x/SDXL UNet, VAE, OpenAI CLIP and OpenCLIP), key for key and value for value."""
+    from test_single_file import clip_to_ldm, open_clip_to_ldm, unet_key_to_ldm, unet_vae_to_ldm
+
+    from sdlora.models import original_layout
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    unet, layers = pipeline.unet, pipeline.unet.config.layers_per_block
+    with_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    their_unet = {
+        f"model.diffusion_model.{unet_key_to_ldm(k, with_attention, layers)}": v
+        for k, v in unet.state_dict().items()
+    }
+    for ours, theirs in (
+        (original_layout.unet_tensors(unet), their_unet),
+        (
+            original_layout.vae_tensors(pipeline.vae),
+            {
+                k: v
+                for k, v in unet_vae_to_ldm(unet, pipeline.vae).items()
+                if k.startswith("first_stage_model.")
+            },
+        ),
+        (original_layout.clip_tensors(pipeline.text_encoder, "p."), clip_to_ldm(pipeline.text_encoder, "p.")),
+        (
+            original_layout.open_clip_tensors(pipeline.text_encoder_2, "q."),
+            open_clip_to_ldm(pipeline.text_encoder_2, "q."),
+        ),
+    ):
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
