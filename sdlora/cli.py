@@ -238,6 +238,30 @@ def _add_checkpoint_verbs(verbs) -> None:
     compare.add_argument("--seeds", nargs="*", type=int, default=[1], help="default: 1")
     compare.add_argument("--inference-steps", type=int, default=20, help="denoising steps (default: 20)")
     compare.add_argument("--out", required=True, help="output PNG")
+    ext = _verb(verbs, "extract", "a LoRA from the difference of a fine-tuned model and its base")
+    ext.add_argument("--base", required=True, help="the base model: hub id, diffusers folder or .safetensors")
+    ext.add_argument("--tuned", required=True, help="the fine-tuned model, in any of the same forms")
+    ext.add_argument("--rank", type=int, help="rank of every layer (or --keep)")
+    ext.add_argument(
+        "--keep", type=float, help="per layer, the smallest rank keeping this fraction of the norm"
+    )
+    ext.add_argument("--threshold", type=float, help="leave out layers changed less than this (relative)")
+    ext.add_argument("--as", dest="new_name", required=True, help="library name of the new adapter")
+    bake = _verb(
+        verbs, "bake", "a mix of adapters merged into the base (--base-model), saved as a full model"
+    )
+    bake.add_argument(
+        "--lora",
+        dest="adapters",
+        action="append",
+        type=_weighted,
+        required=True,
+        help="NAME[:WEIGHT], repeated",
+    )
+    bake.add_argument(
+        "--out", required=True, help="a folder (diffusers) or a .safetensors file (single file)"
+    )
+    bake.add_argument("--dtype", choices=("fp16", "bf16"), help="save in half precision (default float32)")
 
 
 def _add_caption_parser(commands) -> None:
@@ -484,6 +508,14 @@ def run_adapters(args: argparse.Namespace) -> int:
         print("\n".join(merged.lines()))
     elif args.verb in ("keep", "compare"):
         return run_checkpoint_verb(args)
+    elif args.verb in ("extract", "bake"):
+        from sdlora.library.tools import bake, extract
+
+        if args.verb == "extract":
+            report = extract.run_from_cli(library, args)
+        else:
+            report = bake.run_from_cli(library, args, import_base_model(args.base_model))
+        print("\n".join(report.lines()))
     return 0
 
 
