@@ -113,6 +113,12 @@ def _weighted(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
 
 
+def _baked(text: str) -> tuple[str, float, str]:
+    """`--lora NAME[:WEIGHT][:lbw=BLOCK_WEIGHTS]` for bake: block weights as in a <lora:...> prompt tag."""
+    head, _, block_weights = text.partition(":lbw=")
+    return (*_weighted(head), block_weights)
+
+
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
     gen.add_argument(
@@ -254,9 +260,9 @@ def _add_checkpoint_verbs(verbs) -> None:
         "--lora",
         dest="adapters",
         action="append",
-        type=_weighted,
+        type=_baked,
         required=True,
-        help="NAME[:WEIGHT], repeated",
+        help="NAME[:WEIGHT][:lbw=PRESET_OR_LIST], repeated (block weights as in a <lora:...> tag)",
     )
     bake.add_argument(
         "--out", required=True, help="a folder (diffusers) or a .safetensors file (single file)"

@@ -478,3 +478,39 @@ def test_original_layout_agrees_with_the_single_file_tests_writer(tiny_sdxl_mode
     ):
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_cli_bake_with_block_weights_bakes_only_the_weighted_blocks(
+    capsys, tiny_model, mix_library, tmp_path
+):
+    """`--lora reds:0.8:lbw=OUTALL`: layers of weighted blocks as baked without block weights, the rest the base's."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.library.tools.block_weights import BY_LENGTH, block_of, parse_block_weights
+
+    library = ["--adapters-dir", str(mix_library.root), "--base-model", str(tiny_model)]
+    plain, out_only = tmp_path / "plain", tmp_path / "out-only"
+    for lora, out in (("reds:0.8", plain), ("reds:0.8:lbw=OUTALL", out_only)):
+        code, _, err = cli(capsys, "adapters", "bake", "--lora", lora, "--out", str(out), *library)
+        assert code == 0, err
+    weights = parse_block_weights("OUTALL", "sd1")
+    weight_of = dict(zip(BY_LENGTH[len(weights)], weights, strict=True))
+    base, baked_plain, baked = (
+        UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").state_dict()
+        for folder in (tiny_model, plain, out_only)
+    )
+    kept = dropped = 0
+    for path in mix_library.read("reds").in_part("unet"):
+        key, weight = f"unet.{path}", f"{path}.weight"
+        if weight_of.get(block_of(key, tuple(weight_of)), 0.0) == 1.0:
+            assert torch.equal(baked[weight], baked_plain[weight]), key
+            kept += 1
+        else:
+            assert torch.equal(baked[weight], base[weight]), key
+            dropped += 1
+    assert kept and dropped  # both kinds of block were in the adapter
+    assert any(not torch.equal(baked_plain[k], base[k]) for k in base)  # the plain bake did change weights
+    code, _, err = cli(
+        capsys, "adapters", "bake", "--lora", "reds:1:lbw=NOPE", "--out", str(tmp_path / "x"), *library
+    )
+    assert code == 2 and "NOPE" in err and "\n" not in err.strip() and not (tmp_path / "x").exists()

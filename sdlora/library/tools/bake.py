@@ -158,8 +158,21 @@ def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], o
 
 def run_from_cli(library, args, base_model: str) -> BakeReport:
     """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
-    weighted = [(library.read(name), weight) for name, weight in args.adapters]
-    return bake(base_model, weighted, Path(args.out), args.dtype, names=[n for n, _ in args.adapters])
+    weighted = [(_with_block_weights(library, name, lbw), weight) for name, weight, lbw in args.adapters]
+    names = [f"{name}:lbw={lbw}" if lbw else name for name, _, lbw in args.adapters]
+    return bake(base_model, weighted, Path(args.out), args.dtype, names=names)
+
+
+def _with_block_weights(library, name: str, block_weights: str) -> Adapter:
+    """Library adapter `name`, each block scaled by `block_weights` (a preset or a list; none: as it is)."""
+    from sdlora.library.formats.write import family_of
+    from sdlora.library.tools.block_weights import apply_block_weights, parse_block_weights
+
+    adapter = library.read(name)
+    if not block_weights:
+        return adapter
+    family = library.reference.family if library.reference is not None else family_of(adapter)
+    return apply_block_weights(adapter, parse_block_weights(block_weights, family))
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
