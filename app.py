@@ -53,7 +53,7 @@ CSS = """
 def build_app(studio: Studio) -> gr.Blocks:
     """The whole page: four tabs, plus the events that cross tabs (a finished run fills the library)."""
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
-        gr.Markdown("## sdlora: train and use Stable Diffusion LoRA adapters")
+        gr.Markdown("## sdlora: train and use LoRA adapters for Stable Diffusion and Flux.1")
         with gr.Tab("Train"):
             train = train_tab.build(studio)
         with gr.Tab("Generate"):
@@ -77,6 +77,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         library_page.select(refresh_adapters, None, adapter_views, api_name="refresh_library")
         settings_page.select(settings.show, None, settings.status, api_name="settings_on_open")
         # A run lives on the server: a (re)loaded page streams the current run's progress again.
+        generate.on_page_load(demo)  # steps, guidance and sampler as the loaded model draws best
         train.on_page_load(demo).then(
             refresh_adapters, None, adapter_views, api_name="refresh_after_progress"
         )

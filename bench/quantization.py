@@ -20,12 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-KEEP_FLOAT = [
-    "norm_out",
-    "x_embedder",
-    "context_embedder",
-]  # small layers where quantization error shows most
-
 
 def build(folder: Path, wide: bool):
     from diffusers import FluxTransformer2DModel
@@ -74,35 +68,11 @@ def weight_bytes(model) -> int:
 
 def quantized(folder: Path, kind: str):
     """The transformer with bitsandbytes int8 or NF4 Linear layers, as diffusers' loader would make them."""
-    import bitsandbytes as bnb
-    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
-    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+    from diffusers import FluxTransformer2DModel
+    from quantized_layers import bnb_config, quantize_linear_layers
 
-    config = (
-        BitsAndBytesConfig(load_in_8bit=True)
-        if kind == "int8"
-        else BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    )
     model = FluxTransformer2DModel.from_pretrained(folder)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model = replace_with_bnb_linear(model, modules_to_not_convert=KEEP_FLOAT, quantization_config=config)
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit):
-            w = state.pop(f"{name}.weight")
-            module.weight = (
-                bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-                if kind == "int8"
-                else bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-            )
-            module.bias = torch.nn.Parameter(state.pop(f"{name}.bias"))
-    model.load_state_dict(state, strict=False)
-    model = model.to("cpu")  # bitsandbytes quantizes its parameters when they are moved
-    setattr(
-        model, f"is_loaded_in_{'8bit' if kind == 'int8' else '4bit'}", True
-    )  # as from_pretrained marks it
-    return model, config
+    return quantize_linear_layers(model, kind), bnb_config(kind)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ torch, diffusers and transformers are imported inside the run_* functions that u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -19,6 +20,7 @@ from sdlora import runtime
 from sdlora.assets import DEMO_MODEL
 from sdlora.config import SECTIONS, AdapterWeight, GenerateConfig, TrainConfig, field_help, read_config_file
 from sdlora.errors import SdloraError
+from sdlora.generation.defaults import MODEL_CHOSEN
 from sdlora.settings import defaults_line, train_config_from
 from sdlora.training.presets import PRESETS
 
@@ -111,6 +113,12 @@ def _weighted(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:WEIGHT") from None
 
 
+def _baked(text: str) -> tuple[str, float, str]:
+    """`--lora NAME[:WEIGHT][:lbw=BLOCK_WEIGHTS]` for bake: block weights as in a <lora:...> prompt tag."""
+    head, _, block_weights = text.partition(":lbw=")
+    return (*_weighted(head), block_weights)
+
+
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate images with a mix of library adapters")
     gen.add_argument(
@@ -149,21 +157,26 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
         elif default is dataclasses.MISSING:
             parser.add_argument(_flag(name, info), dest=name, required=True, help=info["help"])
         else:
+            # Left out, steps, guidance and sampler are the base model's (None until it is known).
+            chosen = name in MODEL_CHOSEN
             parser.add_argument(
                 _flag(name, info),
                 dest=name,
                 type=type(default),
-                default=default,
+                default=None if chosen else default,
                 choices=info.get("choices"),
-                help=f"{info['help']} (default: {default!r})",
+                help=f"{info['help']} (default: {default!r}"
+                + ("; SD3.5 and Flux.1: their model card's)" if chosen else ")"),
             )
 
 
-def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """The GenerateConfig the generate flags describe."""
+def generate_config_from_args(args: argparse.Namespace) -> tuple[GenerateConfig, set[str]]:
+    """The GenerateConfig the generate flags describe, and the model-chosen settings left out (at
+    GenerateConfig's defaults until the base model is known)."""
+    unset = {name for name in MODEL_CHOSEN if getattr(args, name) is None}
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)}
     values["adapters"] = tuple(AdapterWeight(n, w) for n, w in args.adapters)
-    return GenerateConfig(**values)
+    return GenerateConfig(**{k: v for k, v in values.items() if k not in unset}), unset
 
 
 def _add_adapters_parser(commands) -> None:
@@ -178,16 +191,83 @@ def _add_adapters_parser(commands) -> None:
     )
     imp.add_argument("file")
     imp.add_argument("--name", help="library name (default: the file name; never overwrites)")
+    imp.add_argument(
+        "--alpha", type=float, help="alpha of a file that keeps none (PEFT without adapter_config.json)"
+    )
     exp = _verb(verbs, "export", "write an adapter in the kohya (every tool) or diffusers format")
     exp.add_argument("name")
     exp.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     exp.add_argument("--out", required=True, help="output .safetensors file")
+    lbw = _verb(verbs, "block-weights", "a new adapter with a weight per block applied (LoRA Block Weight)")
+    lbw.add_argument("name")
+    lbw.add_argument(
+        "--lbw", required=True, help="a preset (INS, IND, MIDD, OUTD, OUTS, ALL, ...) or weights: 1,0,..."
+    )
+    lbw.add_argument("--as", dest="as_name", required=True, help="the new adapter's name (never overwrites)")
     _verb(verbs, "list", "one line per adapter, then any damaged entries")
     ren = _verb(verbs, "rename", "rename an adapter (its files and the name inside it)")
     ren.add_argument("name")
     ren.add_argument("new_name")
     dele = _verb(verbs, "delete", "delete an adapter and its side files")
     dele.add_argument("name")
+    size = _verb(verbs, "resize", "a new adapter at a lower rank (truncated SVD of each layer's update)")
+    size.add_argument("name")
+    size.add_argument(
+        "--rank", type=int, help="the new rank (with --keep or --ratio: the most a layer keeps)"
+    )
+    size.add_argument("--keep", type=float, help="per layer, the rank that keeps this fraction of its norm")
+    size.add_argument("--ratio", type=float, help="per layer, singular values >= this x the largest")
+    mix = _verb(verbs, "merge", "several adapters with weights as one new adapter (NAME:WEIGHT ...)")
+    mix.add_argument("weighted", nargs="+", metavar="NAME:WEIGHT")
+    mix.add_argument("--rank", type=int, help="SVD of the sum to this rank (default: exact, ranks add up)")
+    for verb in (size, mix):
+        verb.add_argument(
+            "--as", dest="new_name", required=True, metavar="NEW", help="the new adapter's name"
+        )
+        verb.add_argument("--overwrite", action="store_true", help="replace an adapter of that name")
+    _add_checkpoint_verbs(verbs)
+
+
+def _add_checkpoint_verbs(verbs) -> None:
+    """`keep` and `compare`: the adapters a run saved along the way (--adapter-every, validation)."""
+    keep = _verb(verbs, "keep", "make a checkpoint adapter of a run the adapter (the others stay)")
+    keep.add_argument("name")
+    keep.add_argument("--step", type=int, required=True, help="the checkpoint's step")
+    compare = _verb(
+        verbs,
+        "compare",
+        "a grid of a run's checkpoint adapters x weights x prompts, validation loss under each",
+    )
+    compare.add_argument("name")
+    compare.add_argument("--weights", default="1.0", help="comma-separated adapter weights (default: 1.0)")
+    compare.add_argument("--prompts", nargs="*", default=[], help="default: the trigger word")
+    compare.add_argument("--seeds", nargs="*", type=int, default=[1], help="default: 1")
+    compare.add_argument("--inference-steps", type=int, default=20, help="denoising steps (default: 20)")
+    compare.add_argument("--out", required=True, help="output PNG")
+    ext = _verb(verbs, "extract", "a LoRA from the difference of a fine-tuned model and its base")
+    ext.add_argument("--base", required=True, help="the base model: hub id, diffusers folder or .safetensors")
+    ext.add_argument("--tuned", required=True, help="the fine-tuned model, in any of the same forms")
+    ext.add_argument("--rank", type=int, help="rank of every layer (or --keep)")
+    ext.add_argument(
+        "--keep", type=float, help="per layer, the smallest rank keeping this fraction of the norm"
+    )
+    ext.add_argument("--threshold", type=float, help="leave out layers changed less than this (relative)")
+    ext.add_argument("--as", dest="new_name", required=True, help="library name of the new adapter")
+    bake = _verb(
+        verbs, "bake", "a mix of adapters merged into the base (--base-model), saved as a full model"
+    )
+    bake.add_argument(
+        "--lora",
+        dest="adapters",
+        action="append",
+        type=_baked,
+        required=True,
+        help="NAME[:WEIGHT][:lbw=PRESET_OR_LIST], repeated (block weights as in a <lora:...> tag)",
+    )
+    bake.add_argument(
+        "--out", required=True, help="a folder (diffusers) or a .safetensors file (single file)"
+    )
+    bake.add_argument("--dtype", choices=("fp16", "bf16"), help="save in half precision (default float32)")
 
 
 def _add_caption_parser(commands) -> None:
@@ -315,11 +395,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from sdlora.generation.defaults import with_model_defaults
     from sdlora.generation.generate import Generator
     from sdlora.library.store import AdapterLibrary
 
-    config = generate_config_from_args(args)
+    config, unset = generate_config_from_args(args)
     generator = Generator(args.base_model, AdapterLibrary(args.adapters_dir))
+    config = with_model_defaults(config, generator.sampling_defaults, unset)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.grid is not None:
@@ -345,11 +427,28 @@ def import_base_model(given: str | None) -> str:
     return str(DEMO_MODEL)
 
 
+@contextlib.contextmanager
+def against_base_model(library, given: str | None):
+    """Check the library's files against --base-model, else the default one (a refusal then says so)."""
+    from sdlora.errors import AdapterFormatError
+    from sdlora.library.store import reference_from_pipeline
+    from sdlora.models.loading import load_pipeline
+
+    library.reference = reference_from_pipeline(load_pipeline(import_base_model(given)))
+    try:
+        yield
+    except AdapterFormatError as exc:
+        if given:
+            raise
+        raise AdapterFormatError(
+            f"{exc} (checked against the default base model; pass --base-model)"
+        ) from None
+
+
 def run_adapters(args: argparse.Namespace) -> int:
     from datetime import datetime
     from pathlib import Path
 
-    from sdlora.errors import AdapterFormatError
     from sdlora.library.store import AdapterLibrary
 
     library = AdapterLibrary(args.adapters_dir)
@@ -365,33 +464,103 @@ def run_adapters(args: argparse.Namespace) -> int:
             print(f"damaged: {problem}", file=sys.stderr)
         return 0
     if args.verb == "import":
-        from sdlora.library.store import reference_from_pipeline
-        from sdlora.models.loading import load_pipeline
-
-        library.reference = reference_from_pipeline(load_pipeline(import_base_model(args.base_model)))
-        try:
-            print(library.import_file(args.file, name=args.name).path)
-        except AdapterFormatError as exc:
-            if args.base_model:
-                raise
-            raise AdapterFormatError(
-                f"{exc} (checked against the default base model; pass --base-model)"
-            ) from None
+        with against_base_model(library, args.base_model):
+            print(library.import_file(args.file, name=args.name, alpha=args.alpha).path)
     elif args.verb == "export":
         import shutil
         import tempfile
 
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-            shutil.move(library.export(args.name, args.format, scratch), out)
+        # The base model's layout names and shapes the layers; plain kohya files carry both themselves.
+        needed = bool(args.base_model) or library.needs_base(args.name)
+        with against_base_model(library, args.base_model) if needed else contextlib.nullcontext():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+                shutil.move(library.export(args.name, args.format, scratch), out)
         print(out)
+    elif args.verb == "block-weights":
+        from sdlora.library.tools.block_weights import save_with_block_weights
+
+        needed = bool(args.base_model) or library.needs_base(args.name)  # as for export, below
+        with against_base_model(library, args.base_model) if needed else contextlib.nullcontext():
+            print(save_with_block_weights(library, args.name, args.lbw, args.as_name).path)
     elif args.verb == "rename":
         print(library.rename(args.name, args.new_name).path)
     elif args.verb == "delete":
         library.delete(args.name)
         print(f"deleted {args.name}")
+    elif args.verb == "resize":
+        from sdlora.library.tools.resize import resize_in_library
+        from sdlora.library.tools.saving import check_against
+
+        resized = resize_in_library(
+            check_against(library, args.base_model),
+            args.name,
+            args.new_name,
+            args.rank,
+            args.keep,
+            args.ratio,
+            args.overwrite,
+        )
+        print("\n".join(resized.lines()))
+    elif args.verb == "merge":
+        from sdlora.library.tools.merge import merge_in_library, parse_weighted
+        from sdlora.library.tools.saving import check_against
+
+        weighted = [parse_weighted(text) for text in args.weighted]
+        merged = merge_in_library(
+            check_against(library, args.base_model), weighted, args.new_name, args.rank, args.overwrite
+        )
+        print("\n".join(merged.lines()))
+    elif args.verb in ("keep", "compare"):
+        return run_checkpoint_verb(args)
+    elif args.verb in ("extract", "bake"):
+        from sdlora.library.tools import bake, extract
+
+        if args.verb == "extract":
+            report = extract.run_from_cli(library, args)
+        else:
+            report = bake.run_from_cli(library, args, import_base_model(args.base_model))
+        print("\n".join(report.lines()))
     return 0
+
+
+def run_checkpoint_verb(args: argparse.Namespace) -> int:
+    """`adapters keep NAME --step N` and `adapters compare NAME ... --out grid.png`."""
+    from pathlib import Path
+
+    from sdlora.training.checkpoint_adapters import keep_checkpoint
+
+    if args.verb == "keep":
+        path = keep_checkpoint(args.adapters_dir, args.name, args.step)
+        print(f"{args.name}: the checkpoint of step {args.step} is the adapter now ({path})")
+        return 0
+    from sdlora.generation.checkpoint_grid import Comparison, compare_checkpoints
+
+    comparison = Comparison(
+        weights=_weights(args.weights),
+        prompts=tuple(args.prompts),
+        seeds=tuple(args.seeds),
+        steps=args.inference_steps,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compare_checkpoints(import_base_model(args.base_model), args.adapters_dir, args.name, comparison).save(
+        out
+    )
+    print(out)
+    return 0
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    """--weights 0.5,1.0 as numbers; a bad one is named."""
+    try:
+        weights = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise SdloraError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,1.0") from None
+    if not weights:
+        raise SdloraError("--weights is empty; give at least one weight, e.g. 1.0")
+    return weights
 
 
 def run_caption(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULE_CHOICES = ("constant", "cosine")
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "adafactor", "prodigy")
+QUANTIZE_BASE_CHOICES = ("none", "int8", "nf4")
 SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
 
 # Adapter names become file names in the library and in every tool that reads it. 100 characters
@@ -37,6 +38,7 @@ ILLEGAL_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 # Adapter weights: useful mixes stay within about [-2, 2]; 10 leaves room to push a weak adapter,
 # while 1e15 (or NaN) only turns every pixel into noise and overflows a half-precision fused UNet.
 MAX_ADAPTER_WEIGHT = 10.0
+MAX_BLOCK_WEIGHTS_CHARS = 600  # Flux's 61 weights written out with decimals
 MAX_GUIDANCE = 30.0  # the top of AUTOMATIC1111's CFG slider; far beyond it images only burn out
 # Sizes: a UNet works at up to about twice its native side (hires-fix territory); beyond that it only
 # repeats its subject and costs quadratically more (1024 px on the 64-px demo model: 169 s a step on
@@ -250,6 +252,70 @@ class DataConfig:
         check_image_size(self.resolution, self.resolution, None, "training resolution")
 
 
+TRACKERS = ("", "tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Knowing when a run is done: held-out images scored as it trains, adapters saved along the way."""
+
+    validation_images: int = _opt(
+        0,
+        "Concept images held out of training and scored instead (a seeded choice among them; "
+        "at least one must remain to train on; 0: none).",
+        bounds=(0, 100_000),
+    )
+    validation_folder: str = _opt(
+        "",
+        "Folder of validation images with same-name .txt captions, scored but never trained on "
+        "(the training images stay all the concept images).",
+    )
+    validation_every: int = _opt(
+        0,
+        "Steps between validation losses (0: validation_interval(steps), ten a run).",
+        bounds=(0, 100_000),
+    )
+    stop_when_validation_rises: int = _opt(
+        0,
+        "Stop after this many evaluations in a row above the lowest validation loss, and keep the best "
+        "checkpoint adapter as the adapter (0: never stop early).",
+        bounds=(0, 10_000),
+    )
+    adapter_every: int = _opt(
+        0,
+        "Save a library-loadable adapter every N steps (<name>-step<N>.safetensors, to compare and keep "
+        "one; 0: with validation, at every evaluation; else none).",
+        bounds=(0, 100_000),
+    )
+    log_with: str = _opt(
+        "", "Also log the losses, learning rate and previews to tensorboard or wandb.", choices=TRACKERS
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any images are scored."""
+        return bool(self.validation_images or self.validation_folder)
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.log_with not in TRACKERS:
+            raise ConfigError(f"log_with must be tensorboard or wandb (or empty), got {self.log_with!r}")
+        if self.validation_images and self.validation_folder:
+            raise ConfigError(
+                "validation_images and validation_folder both given; hold images out or name a folder, not both"
+            )
+        if self.stop_when_validation_rises and not self.enabled:
+            raise ConfigError(
+                "stop_when_validation_rises needs validation images: pass --validation-images N "
+                "or --validation-folder DIR"
+            )
+
+
+def validation_interval(steps: int) -> int:
+    """Steps between validation losses when none is given: ten evaluations a run, never fewer than one step."""
+    return max(1, steps // 10)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run; saved beside the adapter to reproduce it."""
@@ -288,6 +354,12 @@ class TrainConfig:
         "auto", "auto picks bf16/fp16 on a GPU and no on a CPU.", choices=MIXED_PRECISION_CHOICES
     )
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory in the UNet (helps on small GPUs).")
+    quantize_base: str = _opt(
+        "none",
+        "Frozen base weights in int8 or 4-bit NF4 (bitsandbytes, CUDA only; the adapter still trains in "
+        "fp32): about a half or a third of bf16's memory, for SD3.5 and Flux.1 on smaller GPUs.",
+        choices=QUANTIZE_BASE_CHOICES,
+    )
     cpu_threads: int = _opt(
         0,
         "torch threads when training on a CPU; 0: torch's count (every core). Set 1 "
@@ -331,6 +403,7 @@ class TrainConfig:
     )
     preview_inference_steps: int = _opt(20, "Denoising steps per preview image.", bounds=(1, 200))
     final_preview: bool = _opt(True, "Render <name>.preview.png beside the adapter when training ends.")
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> None:
         """Raise ConfigError with an actionable message for the first bad setting."""
@@ -346,8 +419,19 @@ class TrainConfig:
             )
         if self.lr_schedule not in LR_SCHEDULE_CHOICES:
             raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}")
+        if self.quantize_base not in QUANTIZE_BASE_CHOICES:
+            raise ConfigError(
+                f"quantize_base must be one of {', '.join(QUANTIZE_BASE_CHOICES)}, got {self.quantize_base!r}"
+            )
+        if self.quantize_base != "none" and self.mixed_precision not in ("auto", "bf16"):
+            # bitsandbytes' layers hand bf16 to the unquantized ones: only bf16 autocast keeps dtypes together
+            raise ConfigError(
+                f"quantize_base={self.quantize_base} computes in bf16: use mixed_precision auto or bf16 "
+                f"(not {self.mixed_precision})"
+            )
         self.data.validate()
         self.lora.validate()
+        self.validation.validate()
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level fields changed (dataclasses.replace)."""
@@ -372,7 +456,7 @@ class TrainConfig:
 
 # The sections of a TrainConfig: their fields' names are unique across sections, so a flag, a widget
 # or an API parameter can name a field by its own name alone.
-SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraSpec}
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraSpec, "validation": ValidationConfig}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -513,6 +597,9 @@ class AdapterWeight:
 
     name: str
     weight: float = 1.0
+    # A weight per block, as the LoRA Block Weight extension writes it: a preset (OUTALL) or a list
+    # (1,0,0,...); read against the base model's family when drawn (sdlora.library.tools.block_weights).
+    block_weights: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -524,6 +611,11 @@ class AdapterWeight:
             raise ConfigError(
                 f"weight of adapter {self.name!r} must be a number between "
                 f"-{MAX_ADAPTER_WEIGHT:g} and {MAX_ADAPTER_WEIGHT:g}, got {self.weight!r}"
+            )
+        if not isinstance(self.block_weights, str) or len(self.block_weights) > MAX_BLOCK_WEIGHTS_CHARS:
+            raise ConfigError(
+                f"block weights of adapter {self.name!r} must be a preset name or a list of at most "
+                f"{MAX_BLOCK_WEIGHTS_CHARS} characters, got {str(self.block_weights)[:40]!r}"
             )
 
 

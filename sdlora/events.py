@@ -40,6 +40,17 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Validated:
+    """A validation loss: the adapter scored on held-out images at fixed noise and timesteps."""
+
+    step: int
+    validation_loss: float
+    best_step: int  # the step of the lowest validation loss so far
+    best_loss: float
+    rises: int  # evaluations in a row above the lowest (the overfitting signal)
+
+
+@dataclass(frozen=True)
 class Preview:
     step: int
     prompts: tuple[str, ...]
@@ -52,7 +63,7 @@ class Preview:
 class Saved:
     step: int
     path: str
-    kind: str  # "checkpoint" or "adapter"
+    kind: str  # "checkpoint", "checkpoint adapter" or "adapter"
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ class Failed:
     message: str
 
 
-Event = Started | Step | Preview | Saved | Finished | Failed
+Event = Started | Step | Validated | Preview | Saved | Finished | Failed
 EventCallback = Callable[[Event], None]
 
 

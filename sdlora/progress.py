@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from sdlora.events import Event, Failed, Finished, Preview, Saved, Started, Step
+from sdlora.events import Event, Failed, Finished, Preview, Saved, Started, Step, Validated
 
 
 class ConsoleProgress:
@@ -14,6 +14,7 @@ class ConsoleProgress:
         self.enabled = enabled
         self._bar: tqdm | None = None
         self.seconds_per_step = 0.0  # the training loop's own measure, over its last steps
+        self._validation: Validated | None = None  # the latest, shown beside the loss
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
@@ -36,7 +37,14 @@ class ConsoleProgress:
         elif isinstance(event, Step) and self._bar is not None:
             self._bar.update(event.step - self._bar.n)
             self.seconds_per_step = event.seconds_per_step
-            self._bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}")
+            self._bar.set_postfix(self._postfix(event.loss, event.learning_rate))
+        elif isinstance(event, Validated):
+            self._validation = event
+            if event.rises and self._bar is not None:
+                tqdm.write(
+                    f"validation loss {event.validation_loss:.4f} at step {event.step}: above the lowest "
+                    f"({event.best_loss:.4f}, step {event.best_step}) for {event.rises} evaluation(s)"
+                )
         elif isinstance(event, Saved):
             tqdm.write(f"saved {event.kind} at step {event.step}: {event.path}")
         elif isinstance(event, Preview):
@@ -49,6 +57,15 @@ class ConsoleProgress:
                 tqdm.write(event.message)
             if self.seconds_per_step:
                 tqdm.write(f"speed: {self.seconds_per_step:.3f} s/step over the last steps")
+
+    def _postfix(self, loss: float, learning_rate: float) -> dict[str, str]:
+        """The progress line's figures: loss, the latest validation loss and its best step, learning rate."""
+        figures = {"loss": f"{loss:.4f}"}
+        if self._validation is not None:
+            figures["val"] = f"{self._validation.validation_loss:.4f}"
+            figures["best"] = f"step {self._validation.best_step}"
+        figures["lr"] = f"{learning_rate:.2e}"
+        return figures
 
     def close(self) -> None:
         if self._bar is not None:

@@ -9,6 +9,7 @@ before a model loads.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,17 @@ def train_config_from(
         config = _at_native_resolution(config, native_resolution)
     if validate:
         config.validate()
+        _check_quantize_base(config)
     return config
+
+
+def _check_quantize_base(config: TrainConfig) -> None:
+    """A quantized base on a machine that cannot run it is refused here where torch is already loaded (the
+    app): then it costs nothing to know; elsewhere the run refuses it before the model loads."""
+    if config.quantize_base != "none" and "torch" in sys.modules:
+        from sdlora.models.loading import check_quantize_base
+
+        check_quantize_base(config.quantize_base)
 
 
 def defaults_line(base_model: str) -> str:

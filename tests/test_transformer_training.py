@@ -246,7 +246,13 @@ def test_generation_with_the_adapter_fused_equals_unfused(transformer_model, con
     def pixels(generator: Generator, weight: float | None) -> np.ndarray:
         adapters = () if weight is None else (AdapterWeight("reds", weight),)
         request = GenerateConfig(
-            prompt="sks", seed=5, steps=3, width=IMAGE_SIZE, height=IMAGE_SIZE, adapters=adapters
+            prompt="sks",
+            seed=5,
+            steps=3,
+            width=IMAGE_SIZE,
+            height=IMAGE_SIZE,
+            scheduler="Euler",
+            adapters=adapters,
         )
         return np.asarray(generator.generate(request)[0].image, dtype=np.float32)
 

@@ -27,13 +27,17 @@ from PIL import Image, PngImagePlugin
 from sdlora import __version__
 from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F401 - re-exported for callers
 from sdlora.errors import ConfigError
+from sdlora.generation.defaults import SamplingDefaults, check_fits_model, sampling_defaults
 from sdlora.library.formats import load_into_pipeline
 from sdlora.library.store import AdapterLibrary, reference_from_pipeline
+from sdlora.library.tools.block_weights import apply_block_weights, block_weights_key, parse_block_weights
 from sdlora.models.families import family_of_pipeline
 from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
 
 BASE_ROW = "__base__"  # peft's adapter name for a row that runs without adapters
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?[0-9]*\.?[0-9]+))?>")
+LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")  # name, then :weight, :lbw=... (the extension's)
+NUMBER = re.compile(r"[-+]?[0-9]*\.?[0-9]+")
+BLOCK_WEIGHTS = ":lbw="  # joins an adapter's name and its block weights in a mix key (names hold no ':')
 
 
 @dataclass(frozen=True)
@@ -50,28 +54,51 @@ class GeneratedImage:
 
 
 def parse_prompt(prompt: str) -> tuple[str, tuple[AdapterWeight, ...]]:
-    """Strip AUTOMATIC1111 `<lora:name:weight>` tags from a prompt and return them as adapter weights."""
-    found = tuple(
-        AdapterWeight(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0)
-        for m in LORA_TAG.finditer(prompt)
-    )
+    """Strip AUTOMATIC1111 `<lora:name:weight>` tags (with the LoRA Block Weight extension's `:lbw=...`)
+    from a prompt and return them as adapter weights."""
+    found = tuple(_tag(m.group(0), m.group(1).strip(), m.group(2)) for m in LORA_TAG.finditer(prompt))
     return " ".join(LORA_TAG.sub(" ", prompt).split()), found
+
+
+def _tag(tag: str, name: str, items: str) -> AdapterWeight:
+    weight, block_weights = 1.0, ""
+    for i, item in enumerate(items.split(":")[1:]):
+        item = item.strip()
+        if item.lower().startswith("lbw="):
+            block_weights = item[4:].strip()
+        elif i == 0 and NUMBER.fullmatch(item):
+            weight = float(item)
+        else:
+            raise ConfigError(
+                f"{tag[:80]}: {item[:40]!r} is not read here; write <lora:name:weight> or "
+                "<lora:name:weight:lbw=PRESET_OR_WEIGHTS>"
+            )
+    return AdapterWeight(name, weight, block_weights)
 
 
 def resolve_mix(config: GenerateConfig) -> tuple[str, tuple[AdapterWeight, ...]]:
     """Prompt without tags, and the adapter mix: listed adapters, then prompt tags (which win)."""
     prompt, tagged = parse_prompt(config.prompt)
-    mix = {a.name: a.weight for a in config.adapters}
-    mix.update({a.name: a.weight for a in tagged})
-    return prompt, tuple(AdapterWeight(n, w) for n, w in mix.items())
+    mix = {a.name: a for a in config.adapters}
+    mix.update({a.name: a for a in tagged})
+    return prompt, tuple(mix.values())
 
 
 def mix_key(mix: tuple[AdapterWeight, ...]) -> tuple[tuple[str, float], ...]:
-    """A mix as (name, weight) pairs without the adapters at weight 0: equal keys draw equal images.
+    """A mix as (adapter, weight) pairs without the adapters at weight 0: equal keys draw equal images.
 
-    Sorted by name, so that a mix listed in another order is fused in the same order, to the same bits.
+    An adapter with block weights is its own adapter here (`name:lbw=...`): the resident copy with
+    them applied, fused and cached like any other. Sorted, so that a mix listed in another order is
+    fused in the same order, to the same bits.
     """
-    return tuple(sorted((a.name, float(a.weight)) for a in mix if a.weight != 0))
+    return tuple(sorted((resident_key(a), float(a.weight)) for a in mix if a.weight != 0))
+
+
+def resident_key(adapter: AdapterWeight) -> str:
+    """The name of the adapter as loaded: its library name, with its block weights when it has some."""
+    if not adapter.block_weights.strip():
+        return adapter.name
+    return f"{adapter.name}{BLOCK_WEIGHTS}{block_weights_key(adapter.block_weights)}"
 
 
 def batch_key(config: GenerateConfig) -> tuple:
@@ -147,8 +174,19 @@ class Generator:
         return pipeline
 
     @property
+    def family(self) -> str:
+        """The base model's family, as block weights are read for it."""
+        return self.model_info.family
+
+    @property
     def model_info(self) -> ModelInfo:
         return inspect_pipeline(self.pipeline)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """Steps, guidance and samplers for the loaded model: its family's, else GenerateConfig's."""
+        family = family_of_pipeline(self.pipeline)
+        return sampling_defaults(family, dict(getattr(self.pipeline, family.denoiser).config))
 
     @property
     def resident(self) -> list[str]:
@@ -164,12 +202,17 @@ class Generator:
         The requests must agree on `batch_key`; their mixes must be equal, or each at most one
         adapter (peft then runs every row with its own adapter, unfused).
         """
-        native = self.model_info.resolution
+        info = self.model_info
         for config in configs:
-            config.validate(native_resolution=native)
+            config.validate(native_resolution=info.resolution)
+            check_fits_model(config, self.sampling_defaults, info.model_family.words)
         if len({batch_key(c) for c in configs}) != 1:
             raise ValueError("generate_batch takes requests with one batch_key")
         resolved = [resolve_mix(c) for c in configs]
+        for _, mix in resolved:  # a bad preset or count is refused before anything is drawn
+            for adapter in mix:
+                if adapter.block_weights.strip():
+                    parse_block_weights(adapter.block_weights, self.family)
         mixes = [mix_key(mix) for _, mix in resolved]
         config = configs[0]
         with self._lock:
@@ -179,7 +222,6 @@ class Generator:
                 self.apply_mix(resolved[0][1])
             else:
                 row_adapters = self._apply_per_row(mixes)
-            info = inspect_pipeline(pipeline)
             width, height = config.width or info.resolution, config.height or info.resolution
             if not info.model_family.own_scheduler_only:  # SD3.5, Flux.1: their flow-matching sampler
                 pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
@@ -275,32 +317,46 @@ class Generator:
         self._saved_base = []
         self._fused = None
 
-    def _ensure_loaded(self, name: str, keep: set[str]) -> None:
+    def _ensure_loaded(self, key: str, keep: set[str]) -> None:
+        name, _, block_weights = key.partition(BLOCK_WEIGHTS)
         info = self.library.get(name)
-        current = self._resident.get(info.name)
+        key = info.name + (BLOCK_WEIGHTS + block_weights if block_weights else "")
+        current = self._resident.get(key)
         if current is not None and current[1] == info.modified:
-            self._resident.move_to_end(info.name)
+            self._resident.move_to_end(key)
             return
         if current is not None:
-            self.forget(info.name)
+            self._drop(key)
         while len(self._resident) >= self.max_resident:
             victim = next((n for n in self._resident if n not in keep), None)
             if victim is None:
                 break
-            self.forget(victim)
+            self._drop(victim)
         self._counter += 1
         peft_name = f"adapter{self._counter}"  # peft names must not contain dots; library names may
-        load_into_pipeline(self.pipeline, self.library.read(info.name), peft_name)
-        self._resident[info.name] = (peft_name, info.modified)
+        adapter = self.library.read(info.name)
+        if block_weights:
+            adapter = apply_block_weights(adapter, parse_block_weights(block_weights, self.family))
+            if not adapter.layers:
+                raise ConfigError(
+                    f"block weights {block_weights} leave no layer of {info.name!r}; leave it out"
+                )
+        load_into_pipeline(self.pipeline, adapter, peft_name)
+        self._resident[key] = (peft_name, info.modified)
 
     def forget(self, name: str) -> None:
-        """Unload an adapter (after a rename or delete, or to make room), restoring base weights first."""
+        """Unload an adapter, with every block weighting of it (after a rename or delete, or to make room)."""
         with self._lock:
-            entry = self._resident.pop(name, None)
-            if entry is None or self._pipeline is None:
-                return
-            self._unfuse()
-            self._pipeline.delete_adapters(entry[0])
+            for key in [k for k in self._resident if k.partition(BLOCK_WEIGHTS)[0] == name]:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        """Unload one resident adapter, restoring base weights first."""
+        entry = self._resident.pop(key, None)
+        if entry is None or self._pipeline is None:
+            return
+        self._unfuse()
+        self._pipeline.delete_adapters(entry[0])
 
     def comparison_grid(
         self,
@@ -321,8 +377,9 @@ class Generator:
             target = config.adapters[0].name if config.adapters else None
             if target is None:
                 raise ConfigError("a weight comparison needs one adapter")
+            first = config.adapters[0]  # at each weight, with its block weights
             columns = [
-                (f"{target} {w:g}", replace(base, adapters=(AdapterWeight(target, w),))) for w in weights
+                (f"{target} {w:g}", replace(base, adapters=(replace(first, weight=w),))) for w in weights
             ]
         cells = [[image.image for image in self.generate(cfg)] for _, cfg in columns]
         rows = [f"seed {seed + i}" for i in range(config.count)]
@@ -331,7 +388,11 @@ class Generator:
     def _parameters(
         self, config: GenerateConfig, mix, prompt: str, seed: int, width: int, height: int
     ) -> str:
-        tags = "".join(f" <lora:{a.name}:{a.weight:g}>" for a in mix)
+        tags = "".join(
+            f" <lora:{a.name}:{a.weight:g}"
+            + (f":lbw={a.block_weights.strip()}>" if a.block_weights.strip() else ">")
+            for a in mix
+        )
         lines = [prompt + tags]
         if config.negative_prompt:
             lines.append(f"Negative prompt: {config.negative_prompt}")

@@ -3,7 +3,8 @@
     <root>/<name>.safetensors    the adapter in the kohya format, metadata in its header (ss_*, modelspec.*)
     <root>/<name>.preview.png    its preview image
     <root>/<name>.config.json    the config that trained it (adapters trained here)
-    <root>/.runs/<name>/         checkpoints and previews of its training run
+    <root>/<name>.metrics.csv    its run's loss, validation loss and learning rate per step
+    <root>/.runs/<name>/         checkpoints, checkpoint adapters (adapters/) and previews of its run
     <root>/.exports/<format>/    downloads, each named after its adapter
 
 Point AUTOMATIC1111's models/Lora, ComfyUI's models/loras or kohya at the folder: they read
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +37,10 @@ from sdlora.library.formats import (
     write_adapter,
 )
 from sdlora.library.formats.files import STALE_AFTER_S, load_tensors, remove_stale_temp_files
-from sdlora.library.formats.read import claimed_family, header_problem, summarize
+from sdlora.library.formats.read import claimed_family, file_alpha, header_problem, summarize
 
 SUFFIX = ".safetensors"
-SIDE_FILES = (".preview.png", ".config.json")
+SIDE_FILES = (".preview.png", ".config.json", ".metrics.csv")
 USER_FIELDS = {
     "title": "modelspec.title",
     "author": "modelspec.author",
@@ -123,6 +125,9 @@ class AdapterLibrary:
         self.reference = reference
         self.removed_leftovers = remove_leftovers(self.root)
         self._checked: dict[str, tuple[tuple, str]] = {}  # file name -> (its identity, why it is unusable)
+        # Where the base model's layout comes from when an export needs it and none is set (the app: its
+        # generator's model); None: such an export is refused.
+        self.find_reference: Callable[[], ModelLayout | None] | None = None
 
     def path_of(self, name: str) -> Path:
         path = self.root / f"{safe_name(name)}{SUFFIX}"
@@ -185,7 +190,8 @@ class AdapterLibrary:
             base_model=meta.get("sdlora.base_model") or meta.get("ss_sd_model_name", ""),
             family=claimed_family(meta) or "unknown",
             rank=rank,
-            alpha=_number(meta.get("sdlora.alpha") or meta.get("ss_network_alpha")),
+            alpha=_number(meta.get("sdlora.alpha") or meta.get("ss_network_alpha"))
+            or file_alpha(path, header),
             steps=_int(meta.get("sdlora.steps") or meta.get("ss_steps")),
             trigger_words=triggers,
             size_bytes=stat.st_size,
@@ -223,12 +229,16 @@ class AdapterLibrary:
         """An adapter of the library in memory, checked against the base model when one is known."""
         return read_adapter(self.get(name).path, self.reference)
 
-    def import_file(self, source: str | Path, name: str | None = None) -> AdapterInfo:
-        """Check a LoRA file of any supported format and bring it in; the library is unchanged on any error."""
+    def import_file(
+        self, source: str | Path, name: str | None = None, alpha: float | None = None
+    ) -> AdapterInfo:
+        """Check a LoRA file of any supported format and bring it in; the library is unchanged on any error.
+
+        `alpha`: for files that keep none (a PEFT file without its adapter_config.json)."""
         source = Path(source)
         if name is not None:
             self.refuse_reserved(name)
-        adapter = read_adapter(source, self.reference)
+        adapter = read_adapter(source, self.reference, alpha=alpha)
         target = self.path_of(self.unique_name(name if name is not None else name_from_file(source.name)))
         if adapter.source_format.startswith(("kohya", "LyCORIS")):
             atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # other tools read it as it is
@@ -236,16 +246,48 @@ class AdapterLibrary:
             write_adapter(target, adapter, "kohya", family=self._family(adapter), blocks=self._blocks())
         return self._info(target)
 
+    def add(self, adapter: Adapter, name: str) -> AdapterInfo:
+        """Save a new adapter made here (block weights applied, ...) under `name`, which must be free."""
+        self.refuse_reserved(name)
+        target = self.path_of(name)
+        if target.exists():
+            raise SdloraError(f"an adapter named {safe_name(name)!r} already exists; pick another name")
+        family = self._family(adapter)
+        named = {"ss_output_name": target.stem, "modelspec.title": target.stem, "sdlora.family": family}
+        write_adapter(target, adapter, "kohya", family=family, blocks=self._blocks(), metadata=named)
+        return self._info(target)
+
     def export(self, name: str, fmt: str = "kohya", out_dir: str | Path | None = None) -> Path:
         """Write the adapter in 'kohya' or 'diffusers' format as <out_dir>/<name>.safetensors (kohya, which
         every tool loads) or <out_dir>/<name>.<format>.safetensors, so two downloads never share a name."""
         info = self.get(name)
-        adapter = read_adapter(info.path, self.reference)
+        adapter = read_adapter(info.path, self.layout_for_export(info))
         out = Path(out_dir) if out_dir else self.root / ".exports" / fmt
         file_name = info.name + ("" if fmt == "kohya" else f".{fmt}") + SUFFIX
         return write_adapter(
             out / file_name, adapter, fmt, family=self._family(adapter), blocks=self._blocks()
         )
+
+    def needs_base(self, name: str) -> bool:
+        """Whether exporting needs the base model's layout: LyCORIS files store convolutions flat (the
+        layer's shape is the base's), and original-SD block numbers depend on the base's ResNets per level
+        (kohya's SDXL names excepted: every SDXL has two)."""
+        info = self.get(name)
+        if info.kind.startswith("LyCORIS"):
+            return True
+        ldm = "original SD block names" in info.kind or info.kind.startswith("ComfyUI")
+        return ldm and info.family != "sdxl"
+
+    def layout_for_export(self, info: AdapterInfo) -> ModelLayout | None:
+        """The base model's layout, found when the export needs one; a one-line refusal when none is known."""
+        if self.reference is None and self.needs_base(info.name) and self.find_reference is not None:
+            self.reference = self.find_reference()
+        if self.reference is None and self.needs_base(info.name):
+            raise AdapterFormatError(
+                f"{info.path.name}: a {info.kind} file takes its layers' shapes and block numbers from "
+                "its base model, and none is known here; export it with the base model (--base-model)"
+            )
+        return self.reference
 
     def _family(self, adapter: Adapter) -> str:
         return self.reference.family if self.reference is not None else family_of(adapter)

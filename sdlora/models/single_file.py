@@ -80,6 +80,11 @@ def load_single_file_pipeline(
 
     path = Path(path).expanduser()
     info = inspect_checkpoint(path)
+    family = family_named(info.family)
+    if family.denoiser == "transformer":  # SD3.5, Flux.1: the rest comes from a diffusers folder
+        from sdlora.models.transformer_single_file import load_transformer_file
+
+        return load_transformer_file(path, family, torch_dtype)
     folder = CONFIG_ROOT / info.architecture
     parts = load_tokenizers(folder, find_tokenizer_folder(path, tokenizer_dir))
     parts["scheduler"] = _scheduler(folder, info.prediction_type)
@@ -136,8 +141,15 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
 
 
 def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> Family:
-    """The family, by diffusers' own key-based detection; anything else is refused."""
+    """The family: SD3.5 and Flux.1 by their families' marker keys, the UNet families by diffusers' own
+    key-based detection; anything else is refused."""
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+
+    from sdlora.models.transformer_single_file import transformer_family_of_keys
+
+    transformer = transformer_family_of_keys(set(shapes))
+    if transformer is not None:
+        return transformer
 
     # Shape-only stand-ins: diffusers' detection looks at key names and shapes, never values.
     stand_ins = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
@@ -159,7 +171,7 @@ def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> Family:
     else:
         what = "not a Stable Diffusion model" if kind in ("v1", "unknown") else f"a {kind} model"
     raise ModelLoadError(
-        f"{path} is {what}; sdlora trains on Stable Diffusion 1.x, 2.x and SDXL base "
+        f"{path} is {what}; sdlora trains on Stable Diffusion 1.x, 2.x, SDXL, SD3.5 and Flux.1 base "
         "checkpoints: choose one of those"
     )
 
@@ -181,7 +193,7 @@ def _prediction_type(
     if "v_pred" in shapes:  # marker key that merging tools add to v-prediction models
         return "v_prediction"
     if not family.prediction_from_weights():
-        return "epsilon"
+        return family.prediction_type or "epsilon"  # "flow" for SD3.5 and Flux.1
     if SD2_PROBE not in shapes:
         return "v_prediction"  # SD 2.0-v and 2.1, the common 2.x models, are v-prediction
     return "v_prediction" if _sd2_probe_spread(path) > 0.09 else "epsilon"

@@ -202,6 +202,13 @@ RESUMABLE_CHANGES = (
     "final_preview",
     "cpu_threads",
     "gradient_checkpointing",
+    # scoring a folder, how often, what to save and where to log leave the trained weights as they are
+    # (holding concept images out does not: validation_images changes what trains)
+    "validation.validation_folder",
+    "validation.validation_every",
+    "validation.stop_when_validation_rises",
+    "validation.adapter_every",
+    "validation.log_with",
 )
 
 

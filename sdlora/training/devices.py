@@ -7,11 +7,19 @@ import torch
 from accelerate import Accelerator
 
 from sdlora.config import TrainConfig
+from sdlora.models.families import Family
 
 
-def out_of_memory_advice(config: TrainConfig) -> str:
-    """What to change, in order of how little it costs the result."""
+def out_of_memory_advice(config: TrainConfig, family: Family | None = None) -> str:
+    """What to change, in order of how little it costs the result; for the diffusion transformers (SD3.5,
+    Flux.1), whose frozen weights are most of their memory, a quantized base first."""
     hints = []
+    if family is not None and family.estimate_variants and config.quantize_base != "nf4":
+        hints.append(
+            "--quantize-base nf4 (the frozen base in 4 bits: about a third of its bf16 memory)"
+            if config.quantize_base == "none"
+            else "--quantize-base nf4 (4-bit weights: about half of int8's)"
+        )
     if config.batch_size > 1:
         hints.append(
             f"--batch-size 1 --gradient-accumulation-steps {config.batch_size} (same effective batch)"

@@ -9,13 +9,14 @@ formula from the model's size gives a rough figure, and the text says which one 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdlora.config import TrainConfig
-from sdlora.models.families import DEFAULT
+from sdlora.models.families import DEFAULT, Family
 
 if TYPE_CHECKING:  # models imports torch; the app reads this module before torch is loaded
     from sdlora.models.loading import ModelInfo
@@ -118,6 +119,8 @@ def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | N
     """Peak GPU memory of a cached run: bf16 UNet, fp32 LoRA with its gradients and optimizer state,
     and activations; the VAE and text encoders wait on the CPU once their outputs are cached."""
     family = info.model_family if info is not None else DEFAULT
+    if family.estimate_variants:
+        return max(transformer_memory(config, transformer_size(family, unet_parameters)).values())
     latent_pixels = (config.data.resolution / 8) ** 2
     activations = family.activation_gb_per_latent_pixel * latent_pixels * config.batch_size
     if config.gradient_checkpointing:
@@ -125,6 +128,69 @@ def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | N
     lora = family.lora_parameters_per_rank * config.lora.rank
     lora_gb = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
     return unet_parameters * 2 / 1e9 + lora_gb + activations + 0.5  # 0.5: CUDA context and allocator slack
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
+# GPU bytes of a frozen base weight: bf16, or bitsandbytes' int8 (plus one float scale per row, about
+# nothing at these widths) and NF4 (4 bits, plus one float32 scale per 64 values).
+BASE_BYTES_PER_PARAMETER = {"none": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+CUDA_CONTEXT_GB = 0.5  # the CUDA context and the allocator's slack
+
+
+@dataclass(frozen=True)
+class TransformerSize:
+    """What a diffusion transformer's training step holds depends on: its size, width and blocks."""
+
+    family: Family
+    parameters: int
+    width: int  # heads x head dim
+    blocks: int  # joint (double) blocks + single blocks
+    lora_parameters_per_rank: int
+    buffers: int = 0  # elements of buffers beside the weights (SD3's position-embedding grid)
+
+
+def transformer_size(family: Family, parameters: int) -> TransformerSize:
+    """The family's published variant nearest in parameter count (SD3.5 Medium or Large, Flux.1), read
+    from its config.json; `parameters` is the model's own count."""
+    folder, _, lora = min(family.estimate_variants, key=lambda v: abs(math.log(v[1] / max(parameters, 1))))
+    config = json.loads((CONFIGS / folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    blocks = config["num_layers"] + config.get("num_single_layers", 0)
+    return TransformerSize(family, parameters, width, blocks, lora, position_grid(config))
+
+
+def position_grid(config: dict) -> int:
+    """Elements of SD3's fixed position-embedding grid (a buffer of max size squared x width); 0 for Flux."""
+    return (
+        config.get("pos_embed_max_size", 0) ** 2
+        * config["num_attention_heads"]
+        * config["attention_head_dim"]
+    )
+
+
+def transformer_memory(config: TrainConfig, size: TransformerSize, float32: bool = False) -> dict[str, float]:
+    """GB at the two peaks of a transformer run: caching the captions (the text encoders beside a quantized
+    base, which loads on the GPU) and training (weights, adapter with gradients and optimizer state,
+    activations). `float32`: every frozen weight and activation in float32 (a CPU run, for comparison)."""
+    family, resolution = size.family, config.data.resolution
+    tokens = (resolution // 16) ** 2 + family.estimate_text_tokens  # 8x VAE, 2x2 patches
+    tokens *= config.batch_size
+    element = 4 if float32 else 2
+    per_block = family.activation_bytes_per_token_width_block * element / 2 * tokens * size.width
+    if config.gradient_checkpointing:  # each block's input kept, one block's activations while recomputed
+        activations = size.blocks * tokens * size.width * element + per_block
+    else:
+        activations = size.blocks * per_block
+    weight_bytes = 4.0 if float32 else BASE_BYTES_PER_PARAMETER[config.quantize_base]
+    weights = (size.parameters * weight_bytes + size.buffers * element) / 1e9
+    lora = size.lora_parameters_per_rank * config.lora.rank
+    adapter = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
+    context = 0.0 if float32 else CUDA_CONTEXT_GB
+    text_bytes = 2 if config.quantize_base != "none" else 4  # the loader's dtypes (models/loading.py)
+    caching = family.text_encoder_parameters * text_bytes / 1e9 + context
+    if config.quantize_base != "none":
+        caching += weights
+    return {"caching": caching, "training": weights + adapter + activations / 1e9 + context}
 
 
 def captioning_seconds(images: int, seconds_per_image: float, on_gpu: bool, needs_weights: bool) -> float:
@@ -163,11 +229,23 @@ def estimate_training(
         )
     if memory is not None:
         text += f", about {memory:.1f} GB of GPU memory"
-        if memory > 10 and not config.gradient_checkpointing:
-            text += " (gradient checkpointing would cut it)"
+        cuts = memory_cuts(config, info.model_family if info is not None else DEFAULT)
+        if memory > 10 and cuts:
+            text += f" ({' or '.join(cuts)} would cut it)"
     if info is not None and info.model_family.named_in_estimate:
         text += f", {info.model_family.words} at {config.data.resolution} px"
     return Estimate(seconds, memory, text, per_step, measured is not None)
+
+
+def memory_cuts(config: TrainConfig, family: Family) -> list[str]:
+    """The settings that cut a run's GPU memory most, biggest first: for the diffusion transformers a
+    quantized base (their weights are most of it), then gradient checkpointing."""
+    cuts = []
+    if family.estimate_variants and config.quantize_base != "nf4":
+        cuts.append("--quantize-base nf4")
+    if not config.gradient_checkpointing:
+        cuts.append("--gradient-checkpointing")
+    return cuts
 
 
 def _duration(seconds: float) -> str:

@@ -6,6 +6,7 @@ the CLI and the UI decide how to show progress.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,36 @@ from diffusers.optimization import get_scheduler
 
 from sdlora.config import TrainConfig, check_image_size
 from sdlora.errors import OutOfMemory, SdloraError, TrainingDiverged
-from sdlora.events import EventCallback, Failed, Finished, Preview, Saved, Started, Step, StopFlag, Throughput
+from sdlora.events import (
+    EventCallback,
+    Failed,
+    Finished,
+    Preview,
+    Saved,
+    Started,
+    Step,
+    StopFlag,
+    Throughput,
+    Validated,
+)
 from sdlora.library.formats import Adapter, atomic_write, atomic_write_text, training_metadata, write_adapter
 from sdlora.library.formats.names import UNetBlocks
 from sdlora.models.families import Family
-from sdlora.models.loading import ModelInfo, inspect_pipeline, load_pipeline
+from sdlora.models.loading import (
+    ModelInfo,
+    check_quantize_base,
+    inspect_pipeline,
+    is_quantized,
+    load_pipeline,
+)
 from sdlora.training import checkpoints
 from sdlora.training.buckets import bucket_step
-from sdlora.training.checkpoints import adapter_path
+from sdlora.training.checkpoint_adapters import (
+    VALIDATION_KEY,
+    checkpoint_adapter_path,
+    keep_best,
+)
+from sdlora.training.checkpoints import adapter_path, run_folder
 from sdlora.training.data import (
     ConceptSet,
     bucket_counts,
@@ -43,9 +66,12 @@ from sdlora.training.devices import (
 from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
 from sdlora.training.estimate import remember_speed
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
+from sdlora.training.metrics import MetricsRow, check_tracker, log_preview, log_step, start_trackers
 from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
 from sdlora.training.step import Run, optimizer_step
+from sdlora.training.validation import ValidationSet, hold_out, load_validation_folder, validation_loss
+from sdlora.training.watch import Watch
 
 
 @dataclass(frozen=True)
@@ -128,31 +154,58 @@ def _train(
     replaceable: tuple | None = None,
 ) -> TrainResult:
     check_available(config)
+    check_tracker(config)
+    check_quantize_base(config.quantize_base)
     resume_path = checkpoints.resolve_resume(config, resume) if resume else None
     prepared = _prepare(config, files, pipeline)
-    encoded, encoded_prior = _encode_and_cache(config, prepared)
-    run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
-    start = _resume(run, resume_path)
-    emit(_started(run, prepared, start))
-    step, loss_value = _train_steps(run, prepared, emit, stop, start)
-    return _save(run, prepared, emit, step, loss_value, replaceable)
+    prepared, held = _validation_images(config, prepared)
+    try:
+        encoded, encoded_prior = _encode_and_cache(config, prepared)
+        run = _build_adapter(config, prepared, encoded, encoded_prior, threads)
+        start = _resume(run, resume_path)
+        watch = _start_watch(run, held, start)
+        emit(_started(run, prepared, start))
+        step, loss_value = _train_steps(run, prepared, emit, stop, start, watch)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:  # the family known: its advice
+        raise OutOfMemory(out_of_memory_advice(config, prepared.family)) from exc
+    return _save(run, prepared, emit, step, loss_value, replaceable, watch)
 
 
 def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared:
     """Devices, the seed, the base model (loaded unless given) and the concept and regularisation images."""
+    trackers = {"log_with": config.validation.log_with, "project_dir": str(run_folder(config) / "logs")}
     accelerator = Accelerator(
         cpu=cpu_only(),
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        **(trackers if config.validation.log_with else {}),
     )
     set_seed(config.seed)
-    pipeline = pipeline if pipeline is not None else load_pipeline(config.base_model)
+    if pipeline is None:
+        pipeline = load_pipeline(config.base_model, quantize_base=config.quantize_base)
     info = inspect_pipeline(pipeline)
     check_image_size(config.data.resolution, config.data.resolution, info.resolution, "training resolution")
     step_px = bucket_step(pipeline.vae_scale_factor, info.model_family.bucket_latent_step)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
     return Prepared(accelerator, pipeline, info.model_family, info, concepts, regularization)
+
+
+def _validation_images(config: TrainConfig, prepared: Prepared) -> tuple[Prepared, ValidationSet | None]:
+    """The images scored and never trained on (held out of the concept images, or a folder of their own),
+    encoded like the rest; the training images are then the concept images less any held out."""
+    settings = config.validation
+    if not settings.enabled:
+        return prepared, None
+    if settings.validation_images:
+        concepts, images = hold_out(prepared.concepts, settings.validation_images, config.seed)
+        prepared = dataclasses.replace(prepared, concepts=concepts)
+    else:
+        step_px = bucket_step(prepared.pipeline.vae_scale_factor, prepared.family.bucket_latent_step)
+        images = load_validation_folder(config.data, settings.validation_folder, step_px).images
+    device = prepared.accelerator.device
+    encoded = encode_concepts(prepared.pipeline, images, False, device, prepared.family)
+    return prepared, ValidationSet(encoded, config.seed)
 
 
 def _encode_and_cache(
@@ -183,9 +236,10 @@ def _build_adapter(
     denoiser = getattr(prepared.pipeline, prepared.family.denoiser)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, threads))
-    if denoiser.dtype != frozen_weight_dtype(accelerator):
-        denoiser.to(dtype=frozen_weight_dtype(accelerator))
-    denoiser.to(accelerator.device)
+    if not is_quantized(denoiser):  # a quantized base was loaded on the GPU in its own dtypes
+        if denoiser.dtype != frozen_weight_dtype(accelerator):
+            denoiser.to(dtype=frozen_weight_dtype(accelerator))
+        denoiser.to(accelerator.device)
     add_lora(denoiser, config.lora, prepared.family.lora_targets, seed=config.seed)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -215,6 +269,12 @@ def _resume(run: Run, resume_path: Path | None) -> int:
     return checkpoints.checkpoint_step(resume_path)
 
 
+def _start_watch(run: Run, held: ValidationSet | None, start: int) -> Watch:
+    """The metrics file and the trackers of this run, and what it validates on."""
+    start_trackers(run.accelerator, run.config)
+    return Watch.start(run.config, held, start, run.accelerator.is_main_process)
+
+
 def _started(run: Run, prepared: Prepared, start: int) -> Started:
     """The event that opens a run: what it trains, on what, with which images."""
     trainable, total = parameter_counts(run.denoiser)
@@ -234,7 +294,7 @@ def _started(run: Run, prepared: Prepared, start: int) -> Started:
 
 
 def _train_steps(
-    run: Run, prepared: Prepared, emit: EventCallback, stop: StopFlag, start: int
+    run: Run, prepared: Prepared, emit: EventCallback, stop: StopFlag, start: int, watch: Watch
 ) -> tuple[int, float]:
     """Steps until the last or a stop request: each logged, checkpointed and previewed as configured."""
     config = run.config
@@ -249,17 +309,52 @@ def _train_steps(
         step += 1
         throughput.tick()
         emit(_logged(run, step, loss_value, throughput.seconds_per_step()))
+        if _after_step(run, prepared, watch, emit, step, loss_value):
+            break  # the validation loss has risen long enough: _save keeps the best checkpoint adapter
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
             emit(Saved(step, str(checkpoints.save_checkpoint(run.accelerator, config, step)), "checkpoint"))
         if config.preview_every and step % config.preview_every == 0 and run.accelerator.is_main_process:
-            emit(
-                render_previews(
-                    prepared.pipeline, run.accelerator, run.denoiser, config, preview_prompts, step
-                )
+            preview = render_previews(
+                prepared.pipeline, run.accelerator, run.denoiser, config, preview_prompts, step
             )
+            log_preview(run.accelerator, config, preview.images, step)
+            emit(preview)
             run.denoiser.train()
     remember_speed(config, str(run.accelerator.device), throughput.seconds_per_step(), step - start)
     return step, loss_value
+
+
+def _after_step(
+    run: Run, prepared: Prepared, watch: Watch, emit: EventCallback, step: int, loss_value: float
+) -> bool:
+    """The validation loss when due, the step's metrics row, a checkpoint adapter when due; True when
+    the validation loss has stayed above its lowest for `stop_when_validation_rises` evaluations."""
+    validation = None
+    if watch.evaluation_due(step):
+        validation = validation_loss(run.denoiser, run.objective, watch.held, run.accelerator.device)
+        watch.rises.add(step, validation)
+        best = watch.rises
+        emit(Validated(step, validation, best.best_step, best.best_loss, best.rises))
+    row = MetricsRow(step, loss_value, validation, run.lr_schedule.get_last_lr()[0])
+    if watch.metrics is not None:
+        watch.metrics.add(row)
+    log_step(run.accelerator, run.config, row)
+    if watch.adapter_due(step, validation is not None):
+        _save_checkpoint_adapter(run, prepared, emit, step, validation)
+    return watch.overfitting()
+
+
+def _save_checkpoint_adapter(
+    run: Run, prepared: Prepared, emit: EventCallback, step: int, validation: float | None
+) -> None:
+    """A library-loadable adapter of this step, with its validation loss in the header."""
+    if not run.accelerator.is_main_process:
+        return
+    path = checkpoint_adapter_path(run.config.output_dir, run.config.name, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {VALIDATION_KEY: repr(validation)} if validation is not None else {}
+    _write_adapter(run, prepared, path, None, step, extra)
+    emit(Saved(step, str(path), "checkpoint adapter"))
 
 
 def _preview_prompts(config: TrainConfig, prepared: Prepared) -> tuple[str, ...]:
@@ -296,7 +391,13 @@ def _logged(run: Run, step: int, loss_value: float, seconds_per_step: float) -> 
 
 
 def _save(
-    run: Run, prepared: Prepared, emit: EventCallback, step: int, loss_value: float, replaceable: tuple | None
+    run: Run,
+    prepared: Prepared,
+    emit: EventCallback,
+    step: int,
+    loss_value: float,
+    replaceable: tuple | None,
+    watch: Watch,
 ) -> TrainResult:
     """A checkpoint to resume from, and the adapter with its metadata, config and final preview."""
     config, accelerator, skipped = run.config, run.accelerator, prepared.skipped
@@ -308,10 +409,20 @@ def _save(
     emit(Saved(step, str(checkpoints.save_checkpoint(accelerator, config, step)), "checkpoint"))
     path, message = checkpoints.free_adapter_path(config, replaceable)
     config_path = path.with_name(path.name.removesuffix(".safetensors") + ".config.json")
+    overfitting = watch.overfitting()
     if accelerator.is_main_process:
         _write_adapter(run, prepared, path, config_path, step)
+        if (
+            watch.saves_adapters
+            and not checkpoint_adapter_path(config.output_dir, config.name, step).exists()
+        ):
+            _save_checkpoint_adapter(run, prepared, emit, step, None)  # every end can be kept again
+        if overfitting:
+            rises = config.validation.stop_when_validation_rises
+            kept = keep_best(config.output_dir, config.name, path, step, rises)
+            message = " ".join(filter(None, [kept, message]))
         emit(Saved(step, str(path), "adapter"))
-        if config.final_preview:
+        if config.final_preview and not overfitting:  # the preview would show the last step, not the kept one
             emit(_final_preview(run, prepared, path, step))
     accelerator.wait_for_everyone()
     stopped = step < config.steps
@@ -320,8 +431,16 @@ def _save(
     return TrainResult(path, config_path, step, stopped, loss_value, skipped, message)
 
 
-def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, step: int) -> None:
-    """The adapter file (kohya format, with kohya's and modelspec's metadata) and the config beside it."""
+def _write_adapter(
+    run: Run,
+    prepared: Prepared,
+    path: Path,
+    config_path: Path | None,
+    step: int,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """The adapter file (kohya format, with kohya's and modelspec's metadata) and the config beside it;
+    `extra` adds header keys (a checkpoint adapter's validation loss)."""
     config, regularization = run.config, prepared.regularization
     captions = [c.caption for c in prepared.concepts.images]
     metadata = training_metadata(
@@ -336,8 +455,10 @@ def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, 
     trained = run.accelerator.unwrap_model(run.denoiser)
     adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha, part=prepared.family.denoiser)
     blocks = UNetBlocks.of(trained.config)
+    metadata.update(extra or {})
     write_adapter(path, adapter, "kohya", family=prepared.family.name, blocks=blocks, metadata=metadata)
-    atomic_write_text(config_path, config.to_json() + "\n")
+    if config_path is not None:
+        atomic_write_text(config_path, config.to_json() + "\n")
 
 
 def _final_preview(run: Run, prepared: Prepared, path: Path, step: int) -> Preview:

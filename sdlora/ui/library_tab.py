@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.library.formats import FORMATS, TOOLS
+from sdlora.ui import library_bake, library_blocks, library_reshape
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
 
@@ -88,6 +89,10 @@ def build(studio: Studio) -> LibraryTab:
     """Lay out the Library tab and wire its events."""
     widgets, handlers = layout(), LibraryHandlers(studio)
     wire(widgets, handlers)
+    listing = [widgets.table, widgets.problems]  # the tools' new adapters appear in these
+    library_reshape.build(studio, widgets.table, listing, handlers.refresh, widgets.name)
+    library_blocks.build(studio, widgets.name, listing, handlers.refresh)
+    library_bake.build(studio, listing, handlers.refresh)
     return LibraryTab(table=widgets.table, problems=widgets.problems, refresh=handlers.refresh)
 
 

@@ -76,6 +76,7 @@ class Studio:
 
             self.adapters_dir.mkdir(parents=True, exist_ok=True)
             self._library = AdapterLibrary(self.adapters_dir)
+            self._library.find_reference = lambda: self.generator().library.reference  # set as it loads
         return self._library
 
     def example_concepts(self) -> list[str]:
@@ -148,6 +149,17 @@ class Studio:
                     self._model_error = str(exc)
                     raise
             return self._generator
+
+    def sampling_defaults(self):
+        """(model words, sdlora.models.families.base.SamplingDefaults) for drawing on the base model: the
+        loaded model's, else what its folder's configs say (without loading it)."""
+        from sdlora.generation.defaults import sampling_defaults_of
+
+        generator = self._generator
+        if generator is not None:
+            return generator.model_info.model_family.words, generator.sampling_defaults
+        family, defaults = sampling_defaults_of(self.base_model)
+        return (family.words if family else ""), defaults
 
     def set_base_model(self, source: str) -> None:
         """Switch to another base model and load it now, so a mistake shows at once."""
@@ -243,6 +255,8 @@ class Studio:
             raise ConfigError(f"cannot train: {self.base_model_problem()}")
         if config.data.regularization_images:
             self.access.check_folder(config.data.regularization_images, "the regularisation images folder")
+        if config.validation.validation_folder:
+            self.access.check_folder(config.validation.validation_folder, "the validation images folder")
         # The same cap as the run's own, checked now rather than after the job waited its turn.
         side, native = config.data.resolution, self.generator().model_info.resolution
         check_image_size(side, side, native, "training resolution")
@@ -355,4 +369,5 @@ class Studio:
 
 
 def _precision(generator) -> str:
-    return str(generator.pipeline.unet.dtype).replace("torch.", "")
+    denoiser = getattr(generator.pipeline, generator.model_info.model_family.denoiser)  # UNet or transformer
+    return str(denoiser.dtype).replace("torch.", "")

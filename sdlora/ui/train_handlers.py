@@ -68,7 +68,7 @@ def captions_from_table(table) -> dict[str, str]:
 
 
 def view_outputs(view: RunView) -> tuple:
-    curve = pd.DataFrame(view.curve(), columns=["step", "loss"])
+    curve = pd.DataFrame(view.chart(), columns=["step", "loss", "series"])
     return view.summary(), curve, view.previews or None
 
 

@@ -262,9 +262,10 @@ def _progress() -> dict:
     status = gr.Markdown(RunView().summary(), elem_id="train-status")
     with gr.Row():
         curve = gr.LinePlot(
-            pd.DataFrame({"step": [], "loss": []}),
+            pd.DataFrame({"step": [], "loss": [], "series": []}),
             x="step",
             y="loss",
+            color="series",  # the smoothed training loss, validation points, the lowest validation step
             label="Loss",
             height=260,
             y_axis_format=".3f",  # one width from the first step on: the axis kept cutting longer labels

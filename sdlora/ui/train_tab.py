@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from sdlora.config import preview_interval
-from sdlora.ui import queue_view
+from sdlora.ui import checkpoints_view, queue_view
 from sdlora.ui.studio import Studio
 from sdlora.ui.train_handlers import TrainHandlers, caption_table, preset_fields
 from sdlora.ui.train_layout import TrainWidgets, layout
@@ -60,6 +60,7 @@ def build(studio: Studio) -> TrainTab:
     queued = queue_view.build(
         studio, [widgets.files, widgets.captions, widgets.config], widgets.settings, handlers.queue_job
     )
+    checkpoints_view.build(studio)  # compare the run's checkpoint adapters and keep one
     # Without this a page that only queued jobs would say "no training run yet" until reloaded.
     queued.added.success(
         handlers.watch,

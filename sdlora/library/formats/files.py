@@ -146,6 +146,29 @@ def _check_tensor_sizes(name: str, header: dict, data_bytes: int) -> None:
             )
 
 
+SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e"}
+
+
+def read_scalars(path: Path, header: dict, keys: list[str]) -> list[float]:
+    """The values of one-element float tensors of a checked file, read byte by byte (no torch): what a
+    listing needs of a file (its alphas) without loading it."""
+    values = []
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        for key in keys:
+            info = header[key]
+            if math.prod(info["shape"]) != 1 or info["dtype"] not in (*SCALAR_FORMATS, "BF16"):
+                continue
+            handle.seek(8 + header_len + info["data_offsets"][0])
+            raw = handle.read(DTYPE_BYTES[info["dtype"]])
+            if info["dtype"] == "BF16":  # bfloat16 is the upper half of a float32
+                raw, fmt = b"\x00\x00" + raw, "<f"
+            else:
+                fmt = SCALAR_FORMATS[info["dtype"]]
+            values.append(struct.unpack(fmt, raw)[0])
+    return values
+
+
 def header_metadata(header: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
 

@@ -10,12 +10,14 @@ must exist there with a matching shape.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdlora.errors import AdapterFormatError
 from sdlora.library.formats.adapter import Adapter, LoraLayer, ModelLayout, alpha_or_rank
-from sdlora.library.formats.files import check_header, header_metadata, load_tensors
+from sdlora.library.formats.files import check_header, header_metadata, load_tensors, read_scalars
 from sdlora.library.formats.names import (
     SDXL_BLOCKS,
     TEXT_ENCODER,
@@ -93,8 +95,11 @@ UNET_ROOTS = (
 )
 
 
-def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter:
-    """Any LoRA .safetensors file as an Adapter; with `layout`, checked to fit that base model."""
+def read_adapter(path: str | Path, layout: ModelLayout | None = None, alpha: float | None = None) -> Adapter:
+    """Any LoRA .safetensors file as an Adapter; with `layout`, checked to fit that base model.
+
+    `alpha`: the alpha of layers whose file keeps none (a PEFT file without its adapter_config.json).
+    """
     path = Path(path)
     name = path.name
     if path.suffix.lower() != ".safetensors":
@@ -127,6 +132,8 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
     tensors = load_tensors(path)
     blocks = _blocks(layout, groups)
     peft_alphas = PeftAlphas(metadata, _peft_config_beside(path, groups))
+    if alpha is None:
+        refuse_peft_without_config(path, groups, peft_alphas)
     layers, unmatched = {}, []
     for stem, roles in groups.items():
         key = layer_key(stem, blocks, layout)
@@ -134,9 +141,9 @@ def read_adapter(path: str | Path, layout: ModelLayout | None = None) -> Adapter
             unmatched.append(stem)
             continue
         parts = {role: tensors[k] for role, k in roles.items()}
-        alpha = _alpha(name, key, parts.pop("alpha")) if "alpha" in parts else peft_alphas.get(key)
+        own = _alpha(name, key, parts.pop("alpha")) if "alpha" in parts else peft_alphas.get(key)
         shape = layout.shapes.get(key) if layout is not None else None
-        layers[key] = build_layer(name, key, parts, alpha, shape)
+        layers[key] = build_layer(name, key, parts, alpha if own is None else own, shape)
     if unmatched:
         where = f"this {family_words(layout.family)} base model" if layout else "a Stable Diffusion model"
         raise AdapterFormatError(
@@ -207,6 +214,19 @@ def summarize(header: dict) -> tuple[str, int | None]:
         if shape:  # a 0-d "down" is damaged; reading the file says so, listing it must not crash
             ranks.append(shape[0])
     return describe(groups), max(ranks, default=None)
+
+
+def file_alpha(path: Path, header: dict) -> float | None:
+    """The commonest layer alpha of a file, from its header and its one-number alpha tensors (no torch):
+    kohya's ss_network_alpha is not in files that diffusers, ComfyUI or an import wrote."""
+    config = PeftAlphas(header_metadata(header)).config
+    alphas = [
+        float(v) for k, v in config.items() if k.endswith(".lora_alpha") and isinstance(v, (int, float))
+    ]
+    if not alphas:
+        alphas = read_scalars(path, header, [k for k in header if k.endswith(".alpha")])
+    alphas = [a for a in alphas if math.isfinite(a)]
+    return Counter(alphas).most_common(1)[0][0] if alphas else None
 
 
 def header_problem(name: str, header: dict) -> str | None:
@@ -418,6 +438,16 @@ def _peft_config_beside(path: Path, groups: dict) -> dict:
     )
 
 
+def refuse_peft_without_config(path: Path, groups: dict, alphas: PeftAlphas) -> None:
+    """A PEFT file's alpha lives in adapter_config.json beside it: without it every scale would be a guess."""
+    peft = [roles for stem, roles in groups.items() if stem.startswith("base_model.model.")]
+    if peft and not any("alpha" in roles for roles in peft) and not alphas.known():
+        raise AdapterFormatError(
+            f"{path.name}: a PEFT file keeps its alpha in adapter_config.json beside it, and there is "
+            f"none in {path.parent}; put it there, or give the alpha (--alpha) to import it"
+        )
+
+
 class PeftAlphas:
     """Alphas of PEFT-keyed files from diffusers' `lora_adapter_metadata` (peft's LoraConfig per part)."""
 
@@ -429,6 +459,10 @@ class PeftAlphas:
         if not isinstance(self.config, dict):
             self.config = {}
         self.config.update(beside or {})
+
+    def known(self) -> bool:
+        """Whether any part's alpha is known (from the header or an adapter_config.json)."""
+        return any(k.endswith((".lora_alpha", ".alpha_pattern")) for k in self.config)
 
     def get(self, key: str) -> float | None:
         part, path = key.split(".", 1)

@@ -32,9 +32,22 @@ class Objective(Protocol):
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator) -> Noised: ...
 
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, fractions: torch.Tensor) -> Noised: ...
+
     def predict(self, denoiser: Any, noised: Noised, batch: Batch) -> torch.Tensor: ...
 
     def weights(self, noised: Noised) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a drawing on a model uses where the user sets nothing: steps, guidance, and its samplers."""
+
+    steps: int
+    guidance: float
+    samplers: tuple[str, ...]  # the samplers that suit the model, its default first
+    guidance_used: bool = True  # False: the model ignores guidance (a timestep-distilled one)
+    negative_prompt_used: bool = True  # False: the pipeline draws without a negative prompt
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,14 @@ class Family:
     single_file_parts: dict[str, tuple[str, ...]]  # part a person knows -> its key prefixes in a single file
     activation_gb_per_latent_pixel: float  # training activations at batch 1, no checkpointing (the estimate)
     lora_parameters_per_rank: int  # attention-projection LoRA parameters at rank 1 (the estimate)
+    # The diffusion transformers' estimate (sdlora/training/estimate.py) works from their published sizes:
+    # per variant (its config folder under models/configs, parameters, attention LoRA parameters at rank 1),
+    # the bytes a training step keeps per token x width x block (bf16, no checkpointing), the text tokens
+    # beside the image's, and the text encoders' parameters (on the GPU while captions are cached).
+    estimate_variants: tuple[tuple[str, int, int], ...] = ()
+    activation_bytes_per_token_width_block: float = 0.0
+    estimate_text_tokens: int = 0
+    text_encoder_parameters: int = 0
     denoiser: str = "unet"  # the pipeline attribute holding the model that is trained
     lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # the denoiser layers LoraSpec adapts by default
     # Adapters for families of one layout may be tried on each other (the shapes then decide):
@@ -92,6 +113,10 @@ class Family:
 
         `time_ids` are each image's size conditioning (original size, crop, target size)."""
         raise NotImplementedError
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults | None:
+        """What its model's card recommends for drawing; None: GenerateConfig's defaults and every sampler."""
+        return None
 
     def latents_for_vae(self, pipeline: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """A pipeline's 'latent' output as its VAE decodes it: unscaled, unshifted, in float32."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Noised
+from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.sd3 import JOINT_ATTENTION
 from sdlora.models.families.transformer import (
     MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
+    flow_sampling,
     parts_to,
     unwrapped_config,
 )
@@ -49,6 +50,13 @@ class FluxFamily(TransformerFamily):
     def variant(self, denoiser_config: dict) -> str:
         """'dev' (guidance embedding) or 'schnell' (none)."""
         return "dev" if denoiser_config.get("guidance_embeds") else "schnell"
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults:
+        """dev: 28 steps at guidance 3.5 (FLUX.1-dev's card and FluxPipeline); schnell: 4 steps, no guidance
+        (FLUX.1-schnell's card: timestep-distilled, guidance 0). Neither takes a negative prompt (no CFG)."""
+        if self.variant(denoiser_config) == "schnell":
+            return flow_sampling(4, 0.0, guidance_used=False, negative_prompt_used=False)
+        return flow_sampling(28, 3.5, negative_prompt_used=False)
 
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
@@ -118,11 +126,17 @@ FLUX = FluxFamily(
     kohya_text_prefixes={"text_encoder": "lora_te1_"},
     single_file_kind="flux-dev",
     single_file_parts={},
-    # SimpleTuner: Flux.1 rank 16 needs > 30 GB in bf16 at 1024 px, of which 24 GB are the weights.
+    # The UNet-style numbers, for Flux.1 dev at 1024 px: the estimate uses the transformer's below.
     activation_gb_per_latent_pixel=6.0 / 128**2,
-    # 19 double blocks x 8 projections + 38 single blocks x 4, width 3072, per rank (in + out)
-    lora_parameters_per_rank=(19 * 8 + 38 * 4) * 2 * 3072,
+    # 19 double blocks x 8 projections + 38 single blocks x 3 (no output projection), width 3072 (in + out)
+    lora_parameters_per_rank=(19 * 8 + 38 * 3) * 2 * 3072,
+    estimate_variants=(("flux-1-dev", 11_901_408_320, (19 * 8 + 38 * 3) * 2 * 3072),),  # schnell: same sizes
+    # bf16 autocast, rank-16 attention LoRA, saved tensors counted by autograd hooks (bench/real_size.py)
+    activation_bytes_per_token_width_block=35.0,
+    estimate_text_tokens=77,  # T5 at the default max_sequence_length
+    text_encoder_parameters=123_060_480 + 4_762_310_656,  # CLIP-L, T5-XXL encoder
     lora_targets=JOINT_ATTENTION,  # the single blocks' to_q/to_k/to_v share these names
     named_in_estimate=True,
+    single_file_key="double_blocks.0.img_attn.qkv.weight",
     default_weighting="uniform",
 )

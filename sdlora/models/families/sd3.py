@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Noised
+from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.transformer import (
     MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
+    flow_sampling,
     parts_to,
 )
 
@@ -43,6 +44,13 @@ class SD3Family(TransformerFamily):
     def claimed_by(self, metadata: dict[str, str]) -> bool:
         """kohya's sd3 or modelspec's stable-diffusion-3."""
         return _claimed(metadata).startswith(("sd3", "stable-diffusion-3", "stable-diffusion-v3"))
+
+    def sampling_defaults(self, denoiser_config: dict) -> SamplingDefaults:
+        """The model cards' settings: 3.5 Medium (MMDiT-X, dual-attention layers) 40 steps at guidance 4.5;
+        3.5 Large (and others) 28 steps at 3.5."""
+        if denoiser_config.get("dual_attention_layers"):
+            return flow_sampling(40, 4.5)
+        return flow_sampling(28, 3.5)
 
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
@@ -88,11 +96,21 @@ SD3 = SD3Family(
     kohya_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
     single_file_kind="sd3",
     single_file_parts={},
-    # SimpleTuner on an H100: SD3.5 Medium, rank 128, batch 3, 1024 px in 34.6 GiB (issue #20), per image
-    # less its bf16 weights (5 GB): a rough figure until measured here.
+    # The UNet-style numbers, for SD3.5 Medium at 1024 px: the estimate uses the transformer's below.
     activation_gb_per_latent_pixel=8.0 / 128**2,
-    lora_parameters_per_rank=24 * 8 * 2 * 1536,  # 24 joint blocks, 8 projections of width 1536 (Medium)
+    lora_parameters_per_rank=746_496,
+    # Counted by peft on the published configs: Medium's 24 joint blocks (the last has no text-stream
+    # output) and 13 second attentions at width 1536; Large's 38 joint blocks at width 2432.
+    estimate_variants=(
+        ("stable-diffusion-3.5-medium", 2_243_171_520, 746_496),
+        ("stable-diffusion-3.5-large", 8_056_627_520, 1_473_792),
+    ),
+    # bf16 autocast, rank-16 attention LoRA, saved tensors counted by autograd hooks (bench/real_size.py)
+    activation_bytes_per_token_width_block=40.0,
+    estimate_text_tokens=77 + 77,  # CLIP-L/G's 77 tokens, then T5's at the default max_sequence_length
+    text_encoder_parameters=123_650_304 + 694_659_840 + 4_762_310_656,  # CLIP-L, CLIP-G, T5-XXL encoder
     lora_targets=JOINT_ATTENTION,
     named_in_estimate=True,
+    single_file_key="joint_blocks.0.x_block.attn.qkv.weight",
     default_weighting="logit_normal",
 )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdlora.models.families.base import Family, Noised
+from sdlora.models.families.base import Family, Noised, SamplingDefaults
 
 if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
     import torch
@@ -21,6 +21,14 @@ if TYPE_CHECKING:  # torch loads only when a model is used: the config road stay
 # Tokens of T5 conditioning per caption (the pipelines allow up to 512; 77 keeps the cache and steps small).
 MAX_SEQUENCE_LENGTH = 77
 PROMPT_BATCH = 16
+# Their pipelines draw with their own FlowMatchEulerDiscreteScheduler: Euler steps along the flow
+# (Forge and ComfyUI call it Euler too). The UNet samplers do not apply to a flow-matching model.
+FLOW_SAMPLERS = ("Euler",)
+
+
+def flow_sampling(steps: int, guidance: float, **uses: bool) -> SamplingDefaults:
+    """Sampling defaults for a flow-matching model: its own Euler sampler only."""
+    return SamplingDefaults(steps, guidance, FLOW_SAMPLERS, **uses)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,16 @@ class FlowObjective:
 
         sample = flow_sample(latents, self.scheduler, self.sampling, generator, self.image_seq_len(latents))
         return Noised(sample.noisy, sample.timesteps, sample.target)
+
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, fractions: torch.Tensor) -> Noised:
+        """The batch with the given noise at fixed sigmas (fractions in (0, 1], shifted as the model's
+        scheduler shifts), for a validation loss that compares like with like."""
+        from sdlora.training.flow_matching import noisy_and_target, shifted_sigmas
+
+        sigmas = shifted_sigmas(self.scheduler, fractions.clamp(1e-5, 1.0), self.image_seq_len(latents))
+        sigmas = sigmas.to(latents.device)
+        noisy, target = noisy_and_target(latents, noise.to(latents), sigmas)
+        return Noised(noisy, sigmas * self.scheduler.config.num_train_timesteps, target)
 
     def predict(self, denoiser: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity for a noised batch, called the family's way."""
@@ -92,12 +110,15 @@ class TransformerFamily(Family):
     prediction_type: str = "flow"
     own_scheduler_only: bool = True
     default_weighting: str = "logit_normal"
+    # A header key (less any "model.diffusion_model." prefix) that marks its single files in the original
+    # layout: BFL's transformer-only Flux files, Stability's SD3.5 all-in-one files.
+    single_file_key: str = ""
 
     def config_folder(self, prediction_type: str) -> str:
-        """No single-file configs ship for these families yet."""
+        """No single-file configs ship for these: a single file's other parts come from a diffusers folder."""
         from sdlora.errors import ModelLoadError
 
-        raise ModelLoadError(f"{self.words} single files are not supported; use a diffusers folder")
+        raise ModelLoadError(f"{self.words} single files take their configs from a diffusers folder")
 
     def call_transformer(self, transformer: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The transformer's velocity for a noised batch (the family's way)."""

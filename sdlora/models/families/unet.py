@@ -52,6 +52,17 @@ class DdpmObjective:
             target = noise
         return Noised(noisy, timesteps, target)
 
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, fractions: torch.Tensor) -> Noised:
+        """The batch with the given noise at fixed points of the schedule (fractions in [0, 1]: first to
+        last training step), for a validation loss that compares like with like; no noise offset."""
+        last = self.scheduler.config.num_train_timesteps - 1
+        timesteps = (fractions.double() * last).round().long().to(latents.device)
+        noise = noise.to(latents)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            return Noised(noisy, timesteps, self.scheduler.get_velocity(latents, noise, timesteps))
+        return Noised(noisy, timesteps, noise)
+
     def predict(self, denoiser: Any, noised: Noised, batch: Any) -> torch.Tensor:
         """The denoiser's answer for a noised batch, called the family's way."""
         return self.call(denoiser, noised, batch)

@@ -1,0 +1,192 @@
+"""Bake: a mix of adapters merged into the base model's weights and saved as a full model.
+
+The base is loaded afresh (the generator's resident base is shared and stays untouched), each
+adapter goes in through diffusers' LoRA loaders, the mix is weighted and fused by diffusers'
+`set_adapters` and `fuse_lora` in float32, and the LoRA layers are unloaded. The result is saved
+as a diffusers folder, or as one `.safetensors` file in the original checkpoint layout that
+AUTOMATIC1111, Forge and ComfyUI load (SD 1.x, 2.x, SDXL), optionally in float16 or bfloat16,
+with what was baked named in its metadata (the folder: in `baked.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import AdapterFormatError, ConfigError, SdloraError
+from sdlora.library.formats.adapter import Adapter, ModelLayout
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SINGLE_FILE = ".safetensors"
+RECORD = "baked.json"  # a baked folder's record of what went into it
+
+
+@dataclass(frozen=True)
+class BakeReport:
+    """What was baked where: the base, each adapter and its weight, the layers changed, the size."""
+
+    out: Path
+    base_model: str
+    family: str
+    mix: tuple[tuple[str, float], ...]
+    layers: int
+    dtype: str
+    size_bytes: int
+
+    @property
+    def layout(self) -> str:
+        return "single file, original layout" if self.out.suffix == SINGLE_FILE else "diffusers folder"
+
+    def lines(self) -> list[str]:
+        """The adapters and weights, then the file, for the CLI and the app."""
+        out = [f"{name} at weight {weight:g}" for name, weight in self.mix]
+        out.append(
+            f"baked into {self.base_model} ({self.family}): {self.layers} layers changed; "
+            f"{self.out} ({self.layout}, {self.dtype}, {self.size_bytes / 1e6:.1f} MB)"
+        )
+        return out
+
+
+def bake(
+    base_model: str,
+    weighted: list[tuple[Adapter, float]],
+    out: Path,
+    dtype: str | None = None,
+    names: list[str] | None = None,
+    overwrite: bool = False,
+) -> BakeReport:
+    """Save `base_model` with the weighted adapters fused in at `out` (a folder, or a .safetensors file)."""
+    from sdlora.models.loading import inspect_pipeline, load_pipeline
+
+    out = Path(out)
+    names = names or [
+        a.metadata.get("modelspec.title") or f"adapter {i + 1}" for i, (a, _) in enumerate(weighted)
+    ]
+    check_request(weighted, out, dtype, names, overwrite)
+    pipeline = load_pipeline(base_model)
+    info = inspect_pipeline(pipeline)
+    if out.suffix == SINGLE_FILE:
+        from sdlora.models.original_layout import check_family
+
+        check_family(info.family)  # before the work: SD3/Flux.1 single files are not written yet
+    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family))
+    pipeline.to(DTYPES[dtype or "fp32"])
+    mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
+    record = {
+        "sdlora.baked": json.dumps([[n, w] for n, w in mix]),
+        "sdlora.base_model": base_model,
+        "sdlora.family": info.family,
+        "modelspec.title": out.stem if out.suffix == SINGLE_FILE else out.name,
+        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+    }
+    save = save_single_file if out.suffix == SINGLE_FILE else save_folder
+    save(pipeline, info.family, out, record, overwrite)
+    size = (
+        out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    )
+    return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
+
+
+def check_request(
+    weighted: list[tuple[Adapter, float]], out: Path, dtype: str | None, names: list[str], overwrite: bool
+) -> None:
+    """Refuse in one line: no adapters, an unknown precision, a weight that is not a number, an existing out."""
+    if not weighted:
+        raise ConfigError("bake: name at least one adapter to bake in")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"bake: precision {dtype!r} is not one of {', '.join(DTYPES)}")
+    for name, (_, weight) in zip(names, weighted, strict=True):
+        if not isinstance(weight, int | float) or weight != weight or abs(weight) == float("inf"):
+            raise ConfigError(f"bake: the weight of {name} must be a number, not {weight!r}")
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; choose another path (nothing was overwritten)")
+    if out.suffix != SINGLE_FILE and out.suffix:
+        raise ConfigError(f"bake: {out} must be a folder or end in {SINGLE_FILE}")
+
+
+def fuse_mix(pipeline, weighted: list[tuple[Adapter, float]], names: list[str], layout: ModelLayout) -> int:
+    """Fuse the weighted adapters into the pipeline's weights; returns how many layers changed."""
+    from sdlora.library.formats.pipeline import load_into_pipeline
+
+    peft_names, changed = [], set()
+    for i, ((adapter, _), name) in enumerate(zip(weighted, names, strict=True)):
+        wrong = next((key for key in adapter.layers if key not in layout.shapes), None)
+        if wrong is not None:
+            raise AdapterFormatError(
+                f"{name} does not fit this {layout.family} base model: it has no layer {wrong}"
+            )
+        peft_names.append(f"bake_{i}")
+        load_into_pipeline(pipeline, adapter, peft_names[-1])
+        changed.update(adapter.layers)
+    pipeline.set_adapters(peft_names, [float(w) for _, w in weighted])
+    pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
+    pipeline.unload_lora_weights()  # after fusing, this keeps the fused weights and drops peft's layers
+    return len(changed)
+
+
+def save_folder(pipeline, family: str, out: Path, record: dict[str, str], overwrite: bool) -> None:
+    """A diffusers folder (`save_pretrained`) with `baked.json`, moved into place whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipeline.save_pretrained(scratch)
+        (scratch / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        scratch.rename(out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], overwrite: bool) -> None:
+    """One .safetensors file in the original layout, with the record and the architecture in its header."""
+    from sdlora.library.formats.files import save_tensors
+    from sdlora.models.families import family_named
+    from sdlora.models.original_layout import original_state_dict
+
+    tensors = {k: v.contiguous() for k, v in original_state_dict(pipeline, family).items()}
+    architecture = family_named(family).modelspec_architecture.removesuffix("/lora")
+    header = {**record, "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture}
+    save_tensors(out, tensors, header)
+
+
+def run_from_cli(library, args, base_model: str) -> BakeReport:
+    """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
+    weighted = [(_with_block_weights(library, name, lbw), weight) for name, weight, lbw in args.adapters]
+    names = [f"{name}:lbw={lbw}" if lbw else name for name, _, lbw in args.adapters]
+    return bake(base_model, weighted, Path(args.out), args.dtype, names=names)
+
+
+def _with_block_weights(library, name: str, block_weights: str) -> Adapter:
+    """Library adapter `name`, each block scaled by `block_weights` (a preset or a list; none: as it is)."""
+    from sdlora.library.formats.write import family_of
+    from sdlora.library.tools.block_weights import apply_block_weights, parse_block_weights
+
+    adapter = library.read(name)
+    if not block_weights:
+        return adapter
+    family = library.reference.family if library.reference is not None else family_of(adapter)
+    return apply_block_weights(adapter, parse_block_weights(block_weights, family))
+
+
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    """'star:0.8, stripes:0.5' (or one a line; a name alone is weight 1) -> [(name, weight)], or one-line refusal."""
+    mix = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+        try:
+            mix.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ConfigError(f"bake: {item!r} is not NAME or NAME:WEIGHT") from None
+    if not mix:
+        raise ConfigError("bake: name at least one adapter to bake in, as NAME:WEIGHT")
+    return mix
