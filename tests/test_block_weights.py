@@ -254,8 +254,8 @@ def test_block_weights_in_the_library_and_generate_tabs_in_chromium(demo_app, tm
     """On the demo model: save an adapter with OUTALL from the Library tab, then draw with a row's block weights."""
     import shutil
 
+    from chromium import SCREENSHOTS, TIMEOUT_MS, browser_setup, containing, exactly, open_tab
     from playwright.sync_api import expect
-    from test_browser import SCREENSHOTS, TIMEOUT_MS, browser_setup, containing, exactly, open_tab
 
     reason = browser_setup()
     if reason:

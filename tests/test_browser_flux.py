@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from app_server import serving_model
+from chromium import SCREENSHOTS, TIMEOUT_MS, containing, open_tab
 from conftest import draw_concept
-from test_browser import SCREENSHOTS, TIMEOUT_MS, browser, containing, open_tab  # noqa: F401 - fixture
 from tiny_transformers import IMAGE_SIZE, tiny_flux_model  # noqa: F401 - fixture
 
 SCREENSHOT = "flux-train-generate.png"
@@ -39,7 +39,7 @@ def side_by_side(left: Path, right: Path, out: Path) -> Path:
     return out
 
 
-def test_train_and_generate_on_a_flux_base_in_chromium(browser, flux_server, tmp_path):  # noqa: F811
+def test_train_and_generate_on_a_flux_base_in_chromium(browser, flux_server, tmp_path):
     from playwright.sync_api import expect
 
     uploads = tmp_path / "uploads"

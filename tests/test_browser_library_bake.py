@@ -11,8 +11,8 @@ import re
 
 import pytest
 import torch
+from chromium import open_tab, shoot
 from safetensors import safe_open
-from test_browser import browser, open_tab, shoot  # noqa: F401 - browser is a fixture
 
 from sdlora.library.tools.extract import target_modules
 from sdlora.models.loading import load_pipeline
@@ -45,7 +45,7 @@ def unet_checksum(studio) -> float:
         return float(sum(p.double().abs().sum() for p in studio.generator().pipeline.unet.parameters()))
 
 
-def test_extract_then_bake_in_the_library_tab_in_chromium(browser, demo_app, tuned_demo, tmp_path):  # noqa: F811
+def test_extract_then_bake_in_the_library_tab_in_chromium(browser, demo_app, tuned_demo, tmp_path):
     from playwright.sync_api import expect
 
     resident_before = unet_checksum(demo_app.studio)  # the base every page generates with

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from test_browser import TIMEOUT_MS, browser, open_tab, shoot  # noqa: F401
+from chromium import TIMEOUT_MS, open_tab, shoot
 
 from sdlora.library.formats import Adapter, LoraLayer, read_adapter, write_adapter
 from sdlora.library.store import reference_from_pipeline
@@ -38,7 +38,7 @@ def pick(page, dropdown: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_resize_and_merge_panels_make_new_adapters_in_chromium(browser, demo_app, two_adapters, tmp_path):  # noqa: F811
+def test_resize_and_merge_panels_make_new_adapters_in_chromium(browser, demo_app, two_adapters, tmp_path):
     from playwright.sync_api import expect
 
     a, b = two_adapters

@@ -449,7 +449,7 @@ def test_flux_extract_reproduces_the_difference_and_bakes_back_into_a_folder(tin
 def test_original_layout_agrees_with_the_single_file_tests_writer(tiny_sdxl_model):
     """The engine's original-layout names equal the ones tests/test_single_file.py writes its genuine
     checkpoints with (SD 1.x/2.x/SDXL UNet, VAE, OpenAI CLIP and OpenCLIP), key for key and value for value."""
-    from test_single_file import clip_to_ldm, open_clip_to_ldm, unet_key_to_ldm, unet_vae_to_ldm
+    from ldm_layout import clip_to_ldm, open_clip_to_ldm, unet_key_to_ldm, unet_vae_to_ldm
 
     from sdlora.models import original_layout
 

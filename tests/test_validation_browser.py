@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from app_server import REPO, serving_model
+from chromium import TIMEOUT_MS
 from conftest import draw_concept
-from test_browser import TIMEOUT_MS, browser  # noqa: F401 - the shared Chromium fixture
 
 from sdlora.training.checkpoint_adapters import list_checkpoint_adapters
 
@@ -44,7 +44,7 @@ def patient_url_ok(url: str) -> bool:
 
 
 def test_chart_grid_and_keep_this_one_in_chromium(
-    browser,  # noqa: F811
+    browser,
     tiny_model,
     concepts,
     tmp_path,
