@@ -15,7 +15,8 @@ from typing import Any
 from sdlora.assets import DEMO_MODEL
 from sdlora.config import TrainConfig, merge_settings, read_settings
 from sdlora.errors import ConfigError
-from sdlora.training.presets import model_defaults, preset_for, preset_settings
+from sdlora.models.families import family_named, is_family_name
+from sdlora.training.presets import model_defaults, preset_for, preset_settings, read_family_and_resolution
 
 NativeResolution = int | Callable[[], int] | None
 
@@ -48,7 +49,16 @@ def train_config_from(
         config = _at_native_resolution(config, native_resolution)
     if validate:
         config.validate()
+        _check_for_family(config)
     return config
+
+
+def _check_for_family(config: TrainConfig) -> None:
+    """Refuse, before anything loads, a setting that means nothing for the base model's family (where its
+    configs say which family it is); training asks the family again once the model is loaded."""
+    family = read_family_and_resolution(config.base_model)[0]
+    if is_family_name(family):
+        family_named(family).trained_with(config)
 
 
 def defaults_line(base_model: str) -> str:

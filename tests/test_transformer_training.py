@@ -302,3 +302,34 @@ def test_the_estimate_knows_the_transformer_families(flux_model):
 def test_the_family_and_native_size_are_read_before_loading(flux_model, sd3_model):
     assert read_family_and_resolution(str(flux_model)) == ("flux", 1024)  # Flux's config has no size
     assert read_family_and_resolution(str(sd3_model)) == ("sd3", IMAGE_SIZE)  # sample size x VAE factor
+
+
+def test_the_runs_text_length_weighting_and_guidance_reach_the_family(transformer_model):
+    pipeline = load_pipeline(str(transformer_model))
+    family = family_of_pipeline(pipeline)
+    run = family.trained_with(TrainConfig(max_sequence_length=20, weighting_scheme="mode", guidance=1.0))
+    cpu = torch.device("cpu")
+    default, _ = family.encode_captions(pipeline, ["sks a red circle"], [()], cpu)
+    short, _ = run.encode_captions(pipeline, ["sks a red circle"], [()], cpu)
+    assert default.shape[1] - short.shape[1] == 77 - 20  # T5's tokens (SD3 puts CLIP's 77 before them)
+    assert (
+        family.objective(pipeline.scheduler.config, "flow").sampling.weighting_scheme
+        == ({"sd3": "logit_normal", "flux": "uniform"}[family.name])
+    )
+    objective = run.objective(pipeline.scheduler.config, "flow")
+    assert objective.sampling.weighting_scheme == "mode"
+    batch = fixed_batch(pipeline)
+    noised = objective.noised(batch.latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        at_default = family.call_transformer(pipeline.transformer, noised, batch)
+        at_run = run.call_transformer(pipeline.transformer, noised, batch)
+    # Flux dev's guidance embedding sees the run's value; SD3 has none
+    assert torch.equal(at_default, at_run) == (family.name == "sd3")
+
+
+def test_sd3_trains_without_t5_when_asked(sd3_model):
+    pipeline = load_pipeline(str(sd3_model))
+    run = family_of_pipeline(pipeline).trained_with(TrainConfig(drop_t5=True))
+    embeddings, _ = run.encode_captions(pipeline, ["sks a red circle"], [()], torch.device("cpu"))
+    assert pipeline.text_encoder_3 is None  # let go: its memory is free for the transformer
+    assert embeddings[:, 77:].abs().max() == 0 and embeddings[:, :77].abs().max() > 0  # T5's tokens empty

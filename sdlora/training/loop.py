@@ -150,7 +150,8 @@ def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared
     step_px = bucket_step(pipeline.vae_scale_factor, info.model_family.bucket_latent_step)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
-    return Prepared(accelerator, pipeline, info.model_family, info, concepts, regularization)
+    family = info.model_family.trained_with(config)  # refuses settings that mean nothing for it
+    return Prepared(accelerator, pipeline, family, info, concepts, regularization)
 
 
 def _encode_and_cache(

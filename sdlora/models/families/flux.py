@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdlora.config import TrainConfig
+from sdlora.errors import ConfigError
 from sdlora.models.families.base import Noised
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.sd3 import JOINT_ATTENTION
 from sdlora.models.families.transformer import (
-    MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
     parts_to,
@@ -46,6 +47,12 @@ class FluxFamily(TransformerFamily):
         """kohya's flux1 or modelspec's flux-1-dev / flux-1-schnell."""
         return _claimed(metadata).startswith(("flux", "flux-1"))
 
+    def trained_with(self, config: TrainConfig) -> FluxFamily:
+        """As every transformer family, and T5 stays: Flux.1's text tokens all come from it."""
+        if config.drop_t5:
+            raise ConfigError("drop_t5: Flux.1 reads every text token from T5 and cannot train without it")
+        return super().trained_with(config)
+
     def variant(self, denoiser_config: dict) -> str:
         """'dev' (guidance embedding) or 'schnell' (none)."""
         return "dev" if denoiser_config.get("guidance_embeds") else "schnell"
@@ -65,7 +72,7 @@ class FluxFamily(TransformerFamily):
                     None,
                     device=device,
                     num_images_per_prompt=1,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    max_sequence_length=self.max_sequence_length,
                 )
                 embeddings.append(embeds.float().cpu())
                 pooled.append(pooled_embeds.float().cpu())
@@ -91,9 +98,7 @@ class FluxFamily(TransformerFamily):
         config = unwrapped_config(transformer)
         sigmas = noised.timesteps / 1000.0  # flow_sample's timesteps are sigma x num_train_timesteps
         guidance = (
-            fm.flux_guidance(noisy.shape[0], fm.FLUX_TRAINING_GUIDANCE, noisy.device)
-            if config.guidance_embeds
-            else None
+            fm.flux_guidance(noisy.shape[0], self.guidance, noisy.device) if config.guidance_embeds else None
         )
         tokens = transformer(
             hidden_states=fm.pack_flux_latents(noisy),

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from sdlora.models.families.base import Noised
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.transformer import (
-    MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
     parts_to,
@@ -50,6 +49,10 @@ class SD3Family(TransformerFamily):
         """The pipeline's own prompt encoding: CLIP-L and CLIP-G states beside T5's, and both pooled."""
         import torch
 
+        if self.drop_t5:
+            # The pipeline then gives zeros for T5's tokens (as SD3 was trained to accept); letting the
+            # encoder go frees its memory, and previews draw without it, as the adapter trains.
+            pipeline.text_encoder_3 = None
         parts_to(pipeline, device, TEXT_PARTS)
         embeddings, pooled = [], []
         with torch.no_grad():
@@ -61,7 +64,7 @@ class SD3Family(TransformerFamily):
                     device=device,
                     num_images_per_prompt=1,
                     do_classifier_free_guidance=False,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    max_sequence_length=self.max_sequence_length,
                 )
                 embeddings.append(embeds.float().cpu())
                 pooled.append(pooled_embeds.float().cpu())
