@@ -333,3 +333,19 @@ def test_sd3_trains_without_t5_when_asked(sd3_model):
     embeddings, _ = run.encode_captions(pipeline, ["sks a red circle"], [()], torch.device("cpu"))
     assert pipeline.text_encoder_3 is None  # let go: its memory is free for the transformer
     assert embeddings[:, 77:].abs().max() == 0 and embeddings[:, :77].abs().max() > 0  # T5's tokens empty
+
+
+def test_captions_over_the_token_limits_are_reported_naming_the_file(transformer_config, concept_dir):
+    # T5 at 12 tokens cuts the long caption; CLIP's 77 cuts the longest; the short one is cut by neither
+    (concept_dir / "img0.txt").write_text("sks a red circle on a blue sky " * 2)
+    (concept_dir / "img1.txt").write_text("sks a red circle " * 30)
+    events = []
+    train(transformer_config.replace(steps=1, max_sequence_length=12), on_event=events.append)
+    notices = [e for e in events if isinstance(e, Started)][0].notices
+    assert len(notices) == 2, notices
+    t5_only = next(n for n in notices if n.startswith("img0.txt:"))
+    assert "T5 reads 12 tokens, the last" in t5_only and "CLIP" not in t5_only
+    both = next(n for n in notices if n.startswith("img1.txt:"))
+    pipeline = load_pipeline(transformer_config.base_model)
+    clip_tokens = len(pipeline.tokenizer("sks a red circle " * 30).input_ids)
+    assert f"CLIP reads 77 tokens, the last {clip_tokens - 77} are dropped" in both and "T5 reads 12" in both

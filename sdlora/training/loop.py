@@ -228,7 +228,8 @@ def _started(run: Run, prepared: Prepared, start: int) -> Started:
         device=str(run.accelerator.device),
         mixed_precision=run.accelerator.mixed_precision,
         buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items()),
-        notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else [])),
+        notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else []))
+        + tuple(str(n) for n in run.encoded.notices),
     )
 
 
