@@ -22,7 +22,7 @@ from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
 from sdlora.library.formats import read_adapter, read_metadata, write_adapter
 from sdlora.library.formats.adapter import Adapter, LoraLayer, ModelLayout
 from sdlora.library.store import AdapterLibrary
-from sdlora.models.families import family_of_pipeline
+from sdlora.models.families import family_claimed_by, family_of_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
 from sdlora.training.estimate import estimate_training
@@ -197,6 +197,13 @@ def test_the_saved_adapter_loads_through_diffusers_and_equals_base_plus_delta(tr
     batch = fixed_batch(trained)
     expected = transformer_output(trained, batch)
     adapter = read_adapter(result.adapter_path)  # the library's kohya file, read back
+    assert (
+        read_metadata(result.adapter_path)["modelspec.architecture"]
+        == {
+            "flux": "flux-1-dev/lora",  # the tiny Flux has dev's guidance embedding
+            "sd3": "stable-diffusion-3-medium/lora",  # no qk_norm: SD3 Medium's layout
+        }[adapter.metadata["sdlora.family"]]
+    )
     export = write_adapter(
         tmp_path / "export.safetensors", adapter, "diffusers", family=adapter.metadata["sdlora.family"]
     )
@@ -349,3 +356,28 @@ def test_captions_over_the_token_limits_are_reported_naming_the_file(transformer
     pipeline = load_pipeline(transformer_config.base_model)
     clip_tokens = len(pipeline.tokenizer("sks a red circle " * 30).input_ids)
     assert f"CLIP reads 77 tokens, the last {clip_tokens - 77} are dropped" in both and "T5 reads 12" in both
+
+
+@pytest.mark.parametrize(
+    "family,denoiser_config,architecture",
+    [
+        ("flux", {"guidance_embeds": True}, "flux-1-dev/lora"),
+        ("flux", {"guidance_embeds": False}, "flux-1-schnell/lora"),
+        ("sd3", {"qk_norm": None, "dual_attention_layers": ()}, "stable-diffusion-3-medium/lora"),
+        (
+            "sd3",
+            {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1, 2)},
+            "stable-diffusion-3-5-medium/lora",
+        ),
+        ("sd3", {"qk_norm": "rms_norm", "dual_attention_layers": ()}, "stable-diffusion-3-5-large/lora"),
+    ],
+)
+def test_the_header_names_the_models_own_modelspec_architecture(family, denoiser_config, architecture):
+    from sdlora.library.formats.metadata import training_metadata
+    from sdlora.models.loading import ModelInfo
+
+    info = ModelInfo(family, "flow", 1024, 4096)
+    config = TrainConfig(data=DataConfig(images="concept"))
+    header = training_metadata(config, info, 10, ["sks"], {"sks": 1}, denoiser_config=denoiser_config)
+    assert header["modelspec.architecture"] == architecture
+    assert family_claimed_by({"modelspec.architecture": architecture}).name == family

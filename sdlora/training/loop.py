@@ -332,6 +332,7 @@ def _write_adapter(run: Run, prepared: Prepared, path: Path, config_path: Path, 
         tag_frequency(captions),
         processes=run.accelerator.num_processes,
         regularization_images=len(regularization.images) if regularization else 0,
+        denoiser_config=dict(run.accelerator.unwrap_model(run.denoiser).config),
     )
     trained = run.accelerator.unwrap_model(run.denoiser)
     adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha, part=prepared.family.denoiser)

@@ -86,6 +86,10 @@ class Family:
         """The family as a run with these settings trains it; a setting that means nothing for it is refused."""
         return self
 
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """modelspec.architecture of an adapter for this very model (a family's variants may differ)."""
+        return self.modelspec_architecture
+
     def prediction_from_weights(self) -> bool:
         """Whether its single files may be either epsilon or v-prediction models, told apart by weights."""
         return False

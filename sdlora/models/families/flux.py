@@ -57,6 +57,10 @@ class FluxFamily(TransformerFamily):
         """'dev' (guidance embedding) or 'schnell' (none)."""
         return "dev" if denoiser_config.get("guidance_embeds") else "schnell"
 
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """flux-1-dev/lora or flux-1-schnell/lora, as kohya's sai_model_spec names them."""
+        return f"flux-1-{self.variant(denoiser_config)}/lora"
+
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -43,6 +43,14 @@ class SD3Family(TransformerFamily):
         """kohya's sd3 or modelspec's stable-diffusion-3."""
         return _claimed(metadata).startswith(("sd3", "stable-diffusion-3", "stable-diffusion-v3"))
 
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """The model's own modelspec id, told as kohya's sd3_utils tells them: SD3.5 normalises q and k
+        (qk_norm) where SD3 Medium does not, and SD3.5 Medium adds second attention layers (MMDiT-X)."""
+        if not denoiser_config.get("qk_norm"):
+            return "stable-diffusion-3-medium/lora"
+        size = "medium" if denoiser_config.get("dual_attention_layers") else "large"
+        return f"stable-diffusion-3-5-{size}/lora"
+
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
