@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora.assets import DEMO_MARKER, REGULARIZATION, is_demo_model
 from sdlora.config import read_settings
-from sdlora.models.families import family_named
+from sdlora.models.families import FLUX, SD3, family_named
 
 if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
     pass
@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # Families whose users start from one preset of their own, whatever the concept.
-FAMILY_PRESETS = {"flux": "Flux.1", "sd3": "SD3.5"}
+FAMILY_PRESETS = {FLUX.name: "Flux.1", SD3.name: "SD3.5"}
 NOTES = {
     "Style": "a look across many subjects: more steps, higher rank",
     "Character": "a person or character: 10-30 varied images with captions work best",
