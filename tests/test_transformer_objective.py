@@ -2,9 +2,8 @@
 caption makes the pipeline's own scheduler draw that image.
 
 Checked by hand on Flux.1: with the target's sign flipped the ratio is 1.01, with noise and image swapped
-on the line (sigma -> 1 - sigma) 0.56: both fail (the second narrowly). SD3 is
-not covered yet: on the same setting its ratio stayed at 0.70-0.99 after 400 steps (lr 3e-3 to 1e-2,
-batch 4 or 8, final layer started small), so its case is left out rather than asserted loosely.
+on the line (sigma -> 1 - sigma) 0.56: both fail (the second narrowly). SD3 learns slower: 0.70 after
+400 steps at lr 3e-3, 0.37 after 800 (1e-2 does not learn), so it takes 800 (about 90 s of CPU).
 
 The tiny models here are sized for it: a transformer of width 128 (wider than the 64 numbers each 2x2
 latent patch holds, so velocity = noise - x can pass through it), and the random VAE's shift and
@@ -36,6 +35,7 @@ SHARED += ("context_embedder", "norm1.linear", "norm_out.linear")  # and the tim
 # embedders too (issue #20: rank 8 on attention gave 0.94 after 2,000 steps).
 SETTINGS = {
     "flux": dict(steps=300, lr=1e-2, extra=SHARED + ("x_embedder", "proj_mlp", "norm.linear")),
+    "sd3": dict(steps=800, lr=3e-3, extra=SHARED + ("pos_embed.proj", "norm1_context.linear")),
 }
 SAMPLER_STEPS = 4
 SEEDS = (1, 2)
@@ -111,7 +111,7 @@ def one_image_batch(pipeline, pixels: torch.Tensor, copies: int = 4) -> Batch:
     )
 
 
-@pytest.mark.parametrize("family_name", ["flux"])
+@pytest.mark.parametrize("family_name", ["sd3", "flux"])
 def test_a_lora_trained_on_one_image_makes_the_sampler_draw_it(family_name, tmp_path):
     build = build_tiny_flux_pipeline if family_name == "flux" else build_tiny_sd3_pipeline
     pipeline = build(tmp_path / "tokenizers")
