@@ -25,6 +25,14 @@ LR_SCHEDULE_CHOICES = ("constant", "cosine")
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "adafactor", "prodigy")
 QUANTIZE_BASE_CHOICES = ("none", "int8", "nf4")
 SCHEDULERS = ("Euler a", "DPM++ 2M", "DDIM", "Euler")
+# How the flow-matching families (SD3.5, Flux.1) draw training sigmas and weight the loss, in diffusers'
+# script names; "default" is the family's own (SD3: logit_normal, Flux.1: uniform).
+WEIGHTING_SCHEMES = ("logit_normal", "uniform", "mode", "sigma_sqrt", "cosmap")
+WEIGHTING_CHOICES = ("default", *WEIGHTING_SCHEMES)
+# Flux.1 dev is guidance-distilled; training feeds its guidance embedding one constant, 3.5 as
+# diffusers' train_dreambooth_lora_flux.py (--guidance_scale, commit 58eb52c).
+FLUX_TRAINING_GUIDANCE = 3.5
+T5_MAX_TOKENS = 512  # the SD3 and Flux pipelines refuse a longer max_sequence_length
 
 # Adapter names become file names in the library and in every tool that reads it. 100 characters
 # (and 200 UTF-8 bytes) leave room for the longest file derived from a name, the atomic-write temp
@@ -380,6 +388,28 @@ class TrainConfig:
     noise_offset: float = _opt(
         0.0, "Noise offset for darker darks and brighter brights (0.05-0.1; 0 disables).", bounds=(0, 1)
     )
+    # The transformer families (SD3.5, Flux.1); UNet models ignore these.
+    max_sequence_length: int = _opt(
+        77,
+        "SD3.5 and Flux.1: tokens of T5 text per caption (77 as diffusers' SD3 script; up to 512). "
+        "Longer captions are cut, and the cut is reported.",
+        bounds=(1, T5_MAX_TOKENS),
+    )
+    weighting_scheme: str = _opt(
+        "default",
+        "SD3.5 and Flux.1: how training draws noise levels: default (the family's own: logit_normal for "
+        "SD3.5, uniform for Flux.1), logit_normal, uniform, mode, sigma_sqrt or cosmap (diffusers' names).",
+        choices=WEIGHTING_CHOICES,
+    )
+    guidance: float = _opt(
+        FLUX_TRAINING_GUIDANCE,
+        "Flux.1 dev: the guidance value its guidance embedding sees in training (3.5, as diffusers' "
+        "script); schnell has none.",
+        bounds=(0, MAX_GUIDANCE),
+    )
+    drop_t5: bool = _opt(
+        False, "SD3.5: train without the T5 text encoder (its pipeline allows it): less memory, less text."
+    )
     checkpoint_every: int = _opt(
         0, "Save a resumable checkpoint every N steps (0: only at the end).", bounds=(0, 100_000)
     )
@@ -428,6 +458,10 @@ class TrainConfig:
             raise ConfigError(
                 f"quantize_base={self.quantize_base} computes in bf16: use mixed_precision auto or bf16 "
                 f"(not {self.mixed_precision})"
+            )
+        if self.weighting_scheme not in WEIGHTING_CHOICES:
+            raise ConfigError(
+                f"weighting_scheme must be one of {', '.join(WEIGHTING_CHOICES)}, got {self.weighting_scheme!r}"
             )
         self.data.validate()
         self.lora.validate()

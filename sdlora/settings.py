@@ -16,7 +16,8 @@ from typing import Any
 from sdlora.assets import DEMO_MODEL
 from sdlora.config import TrainConfig, merge_settings, read_settings
 from sdlora.errors import ConfigError
-from sdlora.training.presets import model_defaults, preset_for, preset_settings
+from sdlora.models.families import family_named, is_family_name
+from sdlora.training.presets import model_defaults, preset_for, preset_settings, read_family_and_resolution
 
 NativeResolution = int | Callable[[], int] | None
 
@@ -50,6 +51,7 @@ def train_config_from(
     if validate:
         config.validate()
         _check_quantize_base(config)
+        _check_for_family(config)
     return config
 
 
@@ -60,6 +62,14 @@ def _check_quantize_base(config: TrainConfig) -> None:
         from sdlora.models.loading import check_quantize_base
 
         check_quantize_base(config.quantize_base)
+
+
+def _check_for_family(config: TrainConfig) -> None:
+    """Refuse, before anything loads, a setting that means nothing for the base model's family (where its
+    configs say which family it is); training asks the family again once the model is loaded."""
+    family = read_family_and_resolution(config.base_model)[0]
+    if is_family_name(family):
+        family_named(family).trained_with(config)
 
 
 def defaults_line(base_model: str) -> str:

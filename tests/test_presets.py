@@ -207,3 +207,25 @@ def TrainConfigFor(resolution: int):  # noqa: N802 - reads as the config it buil
     return TrainConfig(
         base_model="m", data=DataConfig(images="x", resolution=resolution), lora=LoraSpec(rank=16, alpha=16)
     )
+
+
+@pytest.mark.parametrize(
+    "transformer,preset", [("FluxTransformer2DModel", "Flux.1"), ("SD3Transformer2DModel", "SD3.5")]
+)
+def test_flux_and_sd3_models_get_their_familys_preset_for_every_kind(transformer, preset, tmp_path):
+    from test_settings import model_configs
+
+    model = str(model_configs(tmp_path / "model", transformer))
+    assert {preset_for(model, kind) for kind in ("Style", "Character", "Object")} == {preset}
+    assert preset_for(str(DEMO_MODEL), "Style") == "Demo" and preset_for("some/model", "Style") == "Style"
+    config = train_config_from({"data.images": "d"}, base_model=model, preset="Character")
+    assert (config.lora.rank, config.lora.alpha, config.learning_rate, config.optimizer) == (
+        16,
+        16.0,
+        1e-4,
+        "adamw",
+    )
+    assert config.data.resolution == 1024  # the model's native size
+    # what the settings give still wins over the preset
+    mine = train_config_from({"data.images": "d", "lora.rank": 4}, base_model=model, preset="Style")
+    assert mine.lora.rank == 4 and mine.learning_rate == 1e-4

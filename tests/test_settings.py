@@ -179,3 +179,49 @@ def test_the_loop_trusts_a_checked_config_and_a_queued_job_is_checked_when_read_
 
     monkeypatch.setattr(TrainConfig, "validate", lambda self: pytest.fail("train() checked the config again"))
     assert train(tiny_config.replace(steps=1, final_preview=False)).steps == 1
+
+
+def model_configs(folder: Path, transformer_class: str) -> Path:
+    """A folder holding only the configs the road reads before loading (a transformer's and the VAE's)."""
+    for part, config in (
+        ("transformer", {"_class_name": transformer_class, "sample_size": 128}),
+        ("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}),
+    ):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "setting,value,transformer",
+    [
+        ("min_snr_gamma", 5.0, "FluxTransformer2DModel"),
+        ("noise_offset", 0.05, "SD3Transformer2DModel"),
+        ("drop_t5", True, "FluxTransformer2DModel"),
+    ],
+)
+def test_settings_that_mean_nothing_for_a_flow_family_are_refused_naming_them(
+    setting, value, transformer, tmp_path
+):
+    model = model_configs(tmp_path / "model", transformer)
+    with pytest.raises(ConfigError) as caught:
+        train_config_from({"data.images": "d", setting: value}, base_model=str(model))
+    message = str(caught.value)
+    assert message.startswith(setting) and "\n" not in message
+
+
+def test_transformer_settings_pass_where_they_mean_something_and_unet_models_ignore_them(tmp_path):
+    sd3 = model_configs(tmp_path / "sd3", "SD3Transformer2DModel")
+    config = train_config_from(
+        {"data.images": "d", "drop_t5": True, "max_sequence_length": 256, "weighting_scheme": "mode"},
+        base_model=str(sd3),
+    )
+    assert (config.drop_t5, config.max_sequence_length, config.weighting_scheme) == (True, 256, "mode")
+    # a UNet model has no T5 and no flow matching: the settings are carried, and ignored
+    assert train_config_from(
+        {"data.images": "d", "max_sequence_length": 300, "min_snr_gamma": 5.0}
+    ).min_snr_gamma
+    with pytest.raises(ConfigError, match="max_sequence_length must be a whole number from 1 to 512"):
+        train_config_from({"data.images": "d", "max_sequence_length": 1024}, base_model=str(sd3))
+    with pytest.raises(ConfigError, match="weighting_scheme must be one of default, logit_normal"):
+        train_config_from({"data.images": "d", "weighting_scheme": "lognorm"}, base_model=str(sd3))

@@ -22,7 +22,7 @@ from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator
 from sdlora.library.formats import read_adapter, read_metadata, write_adapter
 from sdlora.library.formats.adapter import Adapter, LoraLayer, ModelLayout
 from sdlora.library.store import AdapterLibrary
-from sdlora.models.families import family_of_pipeline
+from sdlora.models.families import family_claimed_by, family_of_pipeline
 from sdlora.models.loading import inspect_pipeline, load_pipeline
 from sdlora.training.encode import Batch
 from sdlora.training.estimate import estimate_training
@@ -197,6 +197,13 @@ def test_the_saved_adapter_loads_through_diffusers_and_equals_base_plus_delta(tr
     batch = fixed_batch(trained)
     expected = transformer_output(trained, batch)
     adapter = read_adapter(result.adapter_path)  # the library's kohya file, read back
+    assert (
+        read_metadata(result.adapter_path)["modelspec.architecture"]
+        == {
+            "flux": "flux-1-dev/lora",  # the tiny Flux has dev's guidance embedding
+            "sd3": "stable-diffusion-3-medium/lora",  # no qk_norm: SD3 Medium's layout
+        }[adapter.metadata["sdlora.family"]]
+    )
     export = write_adapter(
         tmp_path / "export.safetensors", adapter, "diffusers", family=adapter.metadata["sdlora.family"]
     )
@@ -308,3 +315,75 @@ def test_the_estimate_knows_the_transformer_families(flux_model):
 def test_the_family_and_native_size_are_read_before_loading(flux_model, sd3_model):
     assert read_family_and_resolution(str(flux_model)) == ("flux", 1024)  # Flux's config has no size
     assert read_family_and_resolution(str(sd3_model)) == ("sd3", IMAGE_SIZE)  # sample size x VAE factor
+
+
+def test_the_runs_text_length_weighting_and_guidance_reach_the_family(transformer_model):
+    pipeline = load_pipeline(str(transformer_model))
+    family = family_of_pipeline(pipeline)
+    run = family.trained_with(TrainConfig(max_sequence_length=20, weighting_scheme="mode", guidance=1.0))
+    cpu = torch.device("cpu")
+    default, _ = family.encode_captions(pipeline, ["sks a red circle"], [()], cpu)
+    short, _ = run.encode_captions(pipeline, ["sks a red circle"], [()], cpu)
+    assert default.shape[1] - short.shape[1] == 77 - 20  # T5's tokens (SD3 puts CLIP's 77 before them)
+    assert (
+        family.objective(pipeline.scheduler.config, "flow").sampling.weighting_scheme
+        == ({"sd3": "logit_normal", "flux": "uniform"}[family.name])
+    )
+    objective = run.objective(pipeline.scheduler.config, "flow")
+    assert objective.sampling.weighting_scheme == "mode"
+    batch = fixed_batch(pipeline)
+    noised = objective.noised(batch.latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        at_default = family.call_transformer(pipeline.transformer, noised, batch)
+        at_run = run.call_transformer(pipeline.transformer, noised, batch)
+    # Flux dev's guidance embedding sees the run's value; SD3 has none
+    assert torch.equal(at_default, at_run) == (family.name == "sd3")
+
+
+def test_sd3_trains_without_t5_when_asked(sd3_model):
+    pipeline = load_pipeline(str(sd3_model))
+    run = family_of_pipeline(pipeline).trained_with(TrainConfig(drop_t5=True))
+    embeddings, _ = run.encode_captions(pipeline, ["sks a red circle"], [()], torch.device("cpu"))
+    assert pipeline.text_encoder_3 is None  # let go: its memory is free for the transformer
+    assert embeddings[:, 77:].abs().max() == 0 and embeddings[:, :77].abs().max() > 0  # T5's tokens empty
+
+
+def test_captions_over_the_token_limits_are_reported_naming_the_file(transformer_config, concept_dir):
+    # T5 at 12 tokens cuts the long caption; CLIP's 77 cuts the longest; the short one is cut by neither
+    (concept_dir / "img0.txt").write_text("sks a red circle on a blue sky " * 2)
+    (concept_dir / "img1.txt").write_text("sks a red circle " * 30)
+    events = []
+    train(transformer_config.replace(steps=1, max_sequence_length=12), on_event=events.append)
+    notices = [e for e in events if isinstance(e, Started)][0].notices
+    assert len(notices) == 2, notices
+    t5_only = next(n for n in notices if n.startswith("img0.txt:"))
+    assert "T5 reads 12 tokens, the last" in t5_only and "CLIP" not in t5_only
+    both = next(n for n in notices if n.startswith("img1.txt:"))
+    pipeline = load_pipeline(transformer_config.base_model)
+    clip_tokens = len(pipeline.tokenizer("sks a red circle " * 30).input_ids)
+    assert f"CLIP reads 77 tokens, the last {clip_tokens - 77} are dropped" in both and "T5 reads 12" in both
+
+
+@pytest.mark.parametrize(
+    "family,denoiser_config,architecture",
+    [
+        ("flux", {"guidance_embeds": True}, "flux-1-dev/lora"),
+        ("flux", {"guidance_embeds": False}, "flux-1-schnell/lora"),
+        ("sd3", {"qk_norm": None, "dual_attention_layers": ()}, "stable-diffusion-3-medium/lora"),
+        (
+            "sd3",
+            {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1, 2)},
+            "stable-diffusion-3-5-medium/lora",
+        ),
+        ("sd3", {"qk_norm": "rms_norm", "dual_attention_layers": ()}, "stable-diffusion-3-5-large/lora"),
+    ],
+)
+def test_the_header_names_the_models_own_modelspec_architecture(family, denoiser_config, architecture):
+    from sdlora.library.formats.metadata import training_metadata
+    from sdlora.models.loading import ModelInfo
+
+    info = ModelInfo(family, "flow", 1024, 4096)
+    config = TrainConfig(data=DataConfig(images="concept"))
+    header = training_metadata(config, info, 10, ["sks"], {"sks": 1}, denoiser_config=denoiser_config)
+    assert header["modelspec.architecture"] == architecture
+    assert family_claimed_by({"modelspec.architecture": architecture}).name == family

@@ -16,7 +16,7 @@ import torch
 
 from sdlora.models.families import Family, family_of_pipeline
 from sdlora.models.families.unet import encode_prompts  # noqa: F401 - bench/train_speed.py reads it here
-from sdlora.training.data import ConceptImage, image_to_tensor_array
+from sdlora.training.data import CAPTION_EXTENSION, ConceptImage, FileProblem, image_to_tensor_array
 
 ENCODE_BATCH = 4
 
@@ -48,6 +48,7 @@ class EncodedConcepts:
     embeddings: torch.Tensor
     buckets: list[str]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # one row per example, by name
+    notices: list[FileProblem] = field(default_factory=list)  # captions the text encoders cut
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -140,7 +141,45 @@ def encode_concepts(
     latents = encode_images(pipeline.vae, images, device)
     family = family or family_of_pipeline(pipeline)
     embeddings, extras = family.encode_captions(pipeline, captions, time_ids, device)
-    return EncodedConcepts(latents, embeddings, buckets, extras)
+    return EncodedConcepts(
+        latents, embeddings, buckets, extras, caption_cut_notices(pipeline, family, concepts)
+    )
+
+
+def token_limits(pipeline, family: Family) -> dict[str, tuple[object, int]]:
+    """Each text encoder the run reads captions with ("CLIP", "T5"): its tokenizer and how many tokens it reads.
+
+    CLIP reads its tokenizer's 77 (BOS and EOS included); T5 the run's max_sequence_length. An encoder
+    left out (SD3 with drop_t5) reads nothing and cuts nothing."""
+    limits = {}
+    for part in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipeline, part, None)
+        encoder = getattr(pipeline, part.replace("tokenizer", "text_encoder"), None)
+        if tokenizer is None or encoder is None:
+            continue
+        if "T5" in type(tokenizer).__name__:
+            limits["T5"] = (tokenizer, family.max_sequence_length)
+        else:
+            limits.setdefault("CLIP", (tokenizer, tokenizer.model_max_length))
+    return limits
+
+
+def caption_cut_notices(pipeline, family: Family, concepts: list[ConceptImage]) -> list[FileProblem]:
+    """One notice per caption longer than a text encoder reads, naming its file and the tokens dropped:
+    the encoders cut a long caption silently, and the words past the cut teach nothing."""
+    limits = token_limits(pipeline, family)
+    notices = []
+    for concept in concepts:
+        cuts = []
+        for name, (tokenizer, limit) in limits.items():
+            dropped = len(tokenizer(concept.caption).input_ids) - limit
+            if dropped > 0:
+                cuts.append(f"{name} reads {limit} tokens, the last {dropped} are dropped")
+        if cuts:
+            caption_file = concept.path.with_suffix(CAPTION_EXTENSION)
+            where = caption_file if caption_file.is_file() else concept.path
+            notices.append(FileProblem(where, "caption too long: " + "; ".join(cuts)))
+    return notices
 
 
 def frozen_parts_to(pipeline, device: torch.device) -> None:

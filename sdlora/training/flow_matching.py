@@ -26,17 +26,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from sdlora.config import FLUX_TRAINING_GUIDANCE, WEIGHTING_SCHEMES  # noqa: F401 - read here too
 from sdlora.errors import ConfigError
 
-# How sigmas are drawn and losses weighted, in diffusers' script names (SD3's and Flux's scripts):
+# How sigmas are drawn and losses weighted (config.WEIGHTING_SCHEMES, diffusers' script names):
 # logit_normal and mode sample non-uniform sigmas with a flat loss; uniform draws sigmas evenly,
 # sigma_sqrt and cosmap draw them evenly and weight the loss instead.
-WEIGHTING_SCHEMES = ("logit_normal", "uniform", "mode", "sigma_sqrt", "cosmap")
 SD3_WEIGHTING = "logit_normal"  # diffusers' train_dreambooth_lora_sd3.py and SD3 paper
 FLUX_WEIGHTING = "uniform"  # diffusers' train_dreambooth_lora_flux.py ("none")
-# Flux.1 dev is guidance-distilled: training feeds its guidance embedding one constant
-# (diffusers' train_dreambooth_lora_flux.py --guidance_scale default). schnell has no embedding.
-FLUX_TRAINING_GUIDANCE = 3.5
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,8 @@ def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared
     step_px = bucket_step(pipeline.vae_scale_factor, info.model_family.bucket_latent_step)
     concepts = load_concept_images(config.data, files, bucket_step=step_px)
     regularization = load_regularization_images(config.data, bucket_step=step_px)
-    return Prepared(accelerator, pipeline, info.model_family, info, concepts, regularization)
+    family = info.model_family.trained_with(config)  # refuses settings that mean nothing for it
+    return Prepared(accelerator, pipeline, family, info, concepts, regularization)
 
 
 def _validation_images(config: TrainConfig, prepared: Prepared) -> tuple[Prepared, ValidationSet | None]:
@@ -289,7 +290,8 @@ def _started(run: Run, prepared: Prepared, start: int) -> Started:
         device=str(run.accelerator.device),
         mixed_precision=run.accelerator.mixed_precision,
         buckets=tuple(f"{bucket}: {count}" for bucket, count in bucket_counts(concepts.images).items()),
-        notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else [])),
+        notices=tuple(str(n) for n in concepts.notices + (regularization.notices if regularization else []))
+        + tuple(str(n) for n in run.encoded.notices),
     )
 
 
@@ -451,6 +453,7 @@ def _write_adapter(
         tag_frequency(captions),
         processes=run.accelerator.num_processes,
         regularization_images=len(regularization.images) if regularization else 0,
+        denoiser_config=dict(run.accelerator.unwrap_model(run.denoiser).config),
     )
     trained = run.accelerator.unwrap_model(run.denoiser)
     adapter = Adapter.from_peft(lora_state_dict(trained), config.lora.alpha, part=prepared.family.denoiser)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora.assets import DEMO_MARKER, REGULARIZATION, is_demo_model
 from sdlora.config import read_settings
-from sdlora.models.families import family_named
+from sdlora.models.families import FLUX, SD3, family_named
 
 if TYPE_CHECKING:  # models imports torch; the app reads presets before torch is loaded
     pass
@@ -48,7 +48,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.regularization_images": str(REGULARIZATION),
         "prior_loss_weight": 2.0,  # the regularisation images' loss against the concept's
     },
+    # The transformer families: what their trainers' own examples start from (NOTES cites them).
+    "Flux.1": {
+        "lora.rank": 16,
+        "lora.alpha": 16.0,
+        "steps": 1000,
+        "learning_rate": 1e-4,
+        "data.resolution": 0,  # its native 1024 px
+    },
+    "SD3.5": {
+        "lora.rank": 16,
+        "lora.alpha": 16.0,
+        "steps": 1000,
+        "learning_rate": 1e-4,
+        "data.resolution": 0,  # its native 1024 px
+    },
 }
+# Families whose users start from one preset of their own, whatever the concept.
+FAMILY_PRESETS = {FLUX.name: "Flux.1", SD3.name: "SD3.5"}
 NOTES = {
     "Style": "a look across many subjects: more steps, higher rank",
     "Character": "a person or character: 10-30 varied images with captions work best",
@@ -58,6 +75,13 @@ NOTES = {
     "needs them); "
     "trains beside 24 of the base's own scenes (assets/regularization), their loss weighted 2x, "
     "so prompts without the trigger keep drawing what they asked for",
+    "Flux.1": "Flux.1 dev or schnell at 1024 px: rank 16 at 1e-4 with AdamW, as "
+    "kohya sd-scripts' Flux.1 example (docs/flux_train_network.md, dim 16, lr 1e-4; there alpha 1) and "
+    "SimpleTuner's Flux quickstart (rank 16: over 30 GB with a bf16 base, about 18 GB with an int8 one); "
+    "both also turn on gradient checkpointing to save memory",
+    "SD3.5": "SD3.5 Medium or Large at 1024 px: rank 16 at 1e-4 with AdamW, as "
+    "kohya sd-scripts' SD3 example (docs/sd3_train_network.md, dim 16, lr 1e-4; there alpha 1, with "
+    "gradient checkpointing to save memory)",
 }
 
 
@@ -69,9 +93,13 @@ def preset_settings(name: str) -> dict[str, Any]:
 
 
 def preset_for(base_model: str, kind: str) -> str:
-    """The name of the preset for a kind of concept; on the demo model every kind uses the demo preset."""
+    """The name of the preset for a kind of concept; on the demo model every kind uses the demo preset, on
+    SD3.5 and Flux.1 (by their configs) every kind uses the family's."""
     if is_demo_model(base_model):
         return "Demo"
+    family = read_family_and_resolution(base_model)[0]
+    if family in FAMILY_PRESETS:
+        return FAMILY_PRESETS[family]
     if kind not in PRESETS:
         raise KeyError(f"unknown preset {kind!r}; choose one of {', '.join(PRESETS)}")
     return kind

@@ -22,10 +22,17 @@ def training_metadata(
     tag_frequency: dict[str, int],
     processes: int = 1,
     regularization_images: int = 0,
+    denoiser_config: dict | None = None,
 ) -> dict[str, str]:
-    """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*."""
+    """The header of a trained adapter: sdlora's own keys, kohya's ss_* and modelspec.*.
+
+    `denoiser_config` (the base model's) tells a family's variants apart in modelspec's id (Flux.1
+    schnell, SD3.5 Medium or Large); without it, the family's own id."""
     now = datetime.now(UTC)
     family = info.model_family
+    architecture = (
+        family.architecture_of(denoiser_config) if denoiser_config else family.modelspec_architecture
+    )
     res = config.data.resolution
     folder = Path(config.data.images).name or "images"
     return {
@@ -70,7 +77,7 @@ def training_metadata(
         "ss_tag_frequency": json.dumps({folder: tag_frequency}),
         "ss_training_comment": f"trained with sdlora; trigger word: {config.data.trigger_word}".strip(),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": architecture,
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": config.name,
         "modelspec.resolution": f"{res}x{res}",

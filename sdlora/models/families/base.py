@@ -15,6 +15,7 @@ from sdlora.config import ATTENTION_PROJECTIONS
 if TYPE_CHECKING:
     import torch
 
+    from sdlora.config import TrainConfig
     from sdlora.training.encode import Batch
 
 
@@ -101,6 +102,14 @@ class Family:
     def claimed_by(self, metadata: dict[str, str]) -> bool:
         """Whether an adapter header's kohya or modelspec id says it was made for this family."""
         raise NotImplementedError
+
+    def trained_with(self, config: TrainConfig) -> Family:
+        """The family as a run with these settings trains it; a setting that means nothing for it is refused."""
+        return self
+
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """modelspec.architecture of an adapter for this very model (a family's variants may differ)."""
+        return self.modelspec_architecture
 
     def prediction_from_weights(self) -> bool:
         """Whether its single files may be either epsilon or v-prediction models, told apart by weights."""

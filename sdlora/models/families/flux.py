@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdlora.config import TrainConfig
+from sdlora.errors import ConfigError
 from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.sd3 import JOINT_ATTENTION
 from sdlora.models.families.transformer import (
-    MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
     flow_sampling,
@@ -47,6 +48,12 @@ class FluxFamily(TransformerFamily):
         """kohya's flux1 or modelspec's flux-1-dev / flux-1-schnell."""
         return _claimed(metadata).startswith(("flux", "flux-1"))
 
+    def trained_with(self, config: TrainConfig) -> FluxFamily:
+        """As every transformer family, and T5 stays: Flux.1's text tokens all come from it."""
+        if config.drop_t5:
+            raise ConfigError("drop_t5: Flux.1 reads every text token from T5 and cannot train without it")
+        return super().trained_with(config)
+
     def variant(self, denoiser_config: dict) -> str:
         """'dev' (guidance embedding) or 'schnell' (none)."""
         return "dev" if denoiser_config.get("guidance_embeds") else "schnell"
@@ -57,6 +64,10 @@ class FluxFamily(TransformerFamily):
         if self.variant(denoiser_config) == "schnell":
             return flow_sampling(4, 0.0, guidance_used=False, negative_prompt_used=False)
         return flow_sampling(28, 3.5, negative_prompt_used=False)
+
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """flux-1-dev/lora or flux-1-schnell/lora, as kohya's sai_model_spec names them."""
+        return f"flux-1-{self.variant(denoiser_config)}/lora"
 
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
@@ -73,7 +84,7 @@ class FluxFamily(TransformerFamily):
                     None,
                     device=device,
                     num_images_per_prompt=1,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    max_sequence_length=self.max_sequence_length,
                 )
                 embeddings.append(embeds.float().cpu())
                 pooled.append(pooled_embeds.float().cpu())
@@ -99,9 +110,7 @@ class FluxFamily(TransformerFamily):
         config = unwrapped_config(transformer)
         sigmas = noised.timesteps / 1000.0  # flow_sample's timesteps are sigma x num_train_timesteps
         guidance = (
-            fm.flux_guidance(noisy.shape[0], fm.FLUX_TRAINING_GUIDANCE, noisy.device)
-            if config.guidance_embeds
-            else None
+            fm.flux_guidance(noisy.shape[0], self.guidance, noisy.device) if config.guidance_embeds else None
         )
         tokens = transformer(
             hidden_states=fm.pack_flux_latents(noisy),

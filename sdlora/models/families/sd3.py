@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from sdlora.models.families.base import Noised, SamplingDefaults
 from sdlora.models.families.sd1 import _claimed
 from sdlora.models.families.transformer import (
-    MAX_SEQUENCE_LENGTH,
     PROMPT_BATCH,
     TransformerFamily,
     flow_sampling,
@@ -52,12 +51,24 @@ class SD3Family(TransformerFamily):
             return flow_sampling(40, 4.5)
         return flow_sampling(28, 3.5)
 
+    def architecture_of(self, denoiser_config: dict) -> str:
+        """The model's own modelspec id, told as kohya's sd3_utils tells them: SD3.5 normalises q and k
+        (qk_norm) where SD3 Medium does not, and SD3.5 Medium adds second attention layers (MMDiT-X)."""
+        if not denoiser_config.get("qk_norm"):
+            return "stable-diffusion-3-medium/lora"
+        size = "medium" if denoiser_config.get("dual_attention_layers") else "large"
+        return f"stable-diffusion-3-5-{size}/lora"
+
     def encode_captions(
         self, pipeline: Any, captions: list[str], time_ids: list[tuple], device: torch.device
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The pipeline's own prompt encoding: CLIP-L and CLIP-G states beside T5's, and both pooled."""
         import torch
 
+        if self.drop_t5:
+            # The pipeline then gives zeros for T5's tokens (as SD3 was trained to accept); letting the
+            # encoder go frees its memory, and previews draw without it, as the adapter trains.
+            pipeline.text_encoder_3 = None
         parts_to(pipeline, device, TEXT_PARTS)
         embeddings, pooled = [], []
         with torch.no_grad():
@@ -69,7 +80,7 @@ class SD3Family(TransformerFamily):
                     device=device,
                     num_images_per_prompt=1,
                     do_classifier_free_guidance=False,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    max_sequence_length=self.max_sequence_length,
                 )
                 embeddings.append(embeds.float().cpu())
                 pooled.append(pooled_embeds.float().cpu())

@@ -7,10 +7,13 @@ answers the velocity noise - x. Each family says how its transformer is called.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdlora.config import FLUX_TRAINING_GUIDANCE, TrainConfig
+from sdlora.errors import ConfigError
 from sdlora.models.families.base import Family, Noised, SamplingDefaults
 
 if TYPE_CHECKING:  # torch loads only when a model is used: the config road stays light
@@ -18,8 +21,14 @@ if TYPE_CHECKING:  # torch loads only when a model is used: the config road stay
 
     from sdlora.training.flow_matching import TimestepSampling
 
-# Tokens of T5 conditioning per caption (the pipelines allow up to 512; 77 keeps the cache and steps small).
-MAX_SEQUENCE_LENGTH = 77
+# Tokens of T5 conditioning per caption: TrainConfig.max_sequence_length's default (the pipelines allow
+# up to 512; 77 keeps the cache and steps small).
+MAX_SEQUENCE_LENGTH = TrainConfig.__dataclass_fields__["max_sequence_length"].default
+# DDPM's settings: they name a noise schedule flow matching does not have.
+DDPM_ONLY = {
+    "min_snr_gamma": "Min-SNR weighting is for DDPM noise schedules",
+    "noise_offset": "noise offset shifts DDPM noise",
+}
 PROMPT_BATCH = 16
 # Their pipelines draw with their own FlowMatchEulerDiscreteScheduler: Euler steps along the flow
 # (Forge and ComfyUI call it Euler too). The UNet samplers do not apply to a flow-matching model.
@@ -113,6 +122,32 @@ class TransformerFamily(Family):
     # A header key (less any "model.diffusion_model." prefix) that marks its single files in the original
     # layout: BFL's transformer-only Flux files, Stability's SD3.5 all-in-one files.
     single_file_key: str = ""
+    # A run's settings (TrainConfig's fields of these names), set by trained_with:
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH
+    weighting_scheme: str = "default"
+    guidance: float = FLUX_TRAINING_GUIDANCE
+    drop_t5: bool = False
+
+    def trained_with(self, config: TrainConfig) -> TransformerFamily:
+        """This family with the run's text length, weighting, guidance and T5 choice; DDPM settings refused."""
+        for name, why in DDPM_ONLY.items():
+            value = getattr(config, name)
+            if value:
+                raise ConfigError(
+                    f"{name} {value:g}: {why}; {self.words} trains by flow matching, set it to 0"
+                )
+        return dataclasses.replace(
+            self,
+            max_sequence_length=config.max_sequence_length,
+            weighting_scheme=config.weighting_scheme,
+            guidance=config.guidance,
+            drop_t5=config.drop_t5,
+        )
+
+    @property
+    def weighting(self) -> str:
+        """The weighting scheme training uses: the run's, or the family's own for "default"."""
+        return self.default_weighting if self.weighting_scheme == "default" else self.weighting_scheme
 
     def config_folder(self, prediction_type: str) -> str:
         """No single-file configs ship for these: a single file's other parts come from a diffusers folder."""
@@ -136,6 +171,4 @@ class TransformerFamily(Family):
         noise_offset: float = 0.0,
     ) -> FlowObjective:
         """Flow matching as the model was trained (Min-SNR and noise offset are DDPM's and do not apply)."""
-        return flow_objective(
-            scheduler_config, self.default_weighting, self.call_transformer, self.image_seq_len
-        )
+        return flow_objective(scheduler_config, self.weighting, self.call_transformer, self.image_seq_len)
