@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a LoRA adapter from a folder of concept images",
-        description="Train a LoRA on the UNet attention projections. Runs unchanged "
+        description="Train a LoRA on the denoiser's attention projections (UNet or transformer). Runs unchanged "
         "under `accelerate launch` on several GPUs.",
     )
     train.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from, or 'latest'")

@@ -188,7 +188,7 @@ class LoraSpec:
     )
     extra_target_modules: tuple[str, ...] = _opt(
         (),
-        "More UNet modules to adapt besides the attention projections, e.g. ff.net.2 proj_in.",
+        "More denoiser modules to adapt besides the attention projections, e.g. ff.net.2 proj_in (UNet), ff proj_mlp (Flux.1).",
         flag="--extra-targets",
         max_items=64,
         max_chars=100,
@@ -280,7 +280,7 @@ class ValidationConfig:
     )
     validation_every: int = _opt(
         0,
-        "Steps between validation losses (0: validation_interval(steps), ten a run).",
+        "Steps between validation losses (0: about ten a run).",
         bounds=(0, 100_000),
     )
     stop_when_validation_rises: int = _opt(
