@@ -25,6 +25,7 @@ from sdlora.config import LoraSpec  # noqa: E402
 from sdlora.generation.batching import Batcher  # noqa: E402
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
 from sdlora.library.formats import Adapter, write_adapter  # noqa: E402
+from sdlora.library.formats.names import UNetBlocks  # noqa: E402
 from sdlora.library.store import AdapterLibrary  # noqa: E402
 from sdlora.models.families import family_of_pipeline  # noqa: E402
 from sdlora.models.loading import load_pipeline  # noqa: E402
@@ -40,12 +41,14 @@ def make_adapters(base_model: str, folder: Path, count: int) -> list[str]:
     denoiser = getattr(pipeline, family.denoiser)
     spec = LoraSpec(rank=8, alpha=8)
     add_lora(denoiser, spec, family.lora_targets)
+    # kohya's UNet names depend on the block layout (the training loop passes it the same way).
+    blocks = UNetBlocks.of(denoiser.config) if family.adapter_layout != "transformer" else None
     names = []
     for i in range(count):
         torch.manual_seed(i)
         state = {k: (torch.randn_like(v) * 0.02) for k, v in lora_state_dict(denoiser).items()}
         adapter = Adapter.from_peft(state, spec.alpha, part=family.denoiser)
-        write_adapter(folder / f"a{i:02d}.safetensors", adapter, "kohya", family=family.name)
+        write_adapter(folder / f"a{i:02d}.safetensors", adapter, "kohya", family=family.name, blocks=blocks)
         names.append(f"a{i:02d}")
     return names
 
