@@ -25,7 +25,9 @@ from sdlora.config import LoraSpec  # noqa: E402
 from sdlora.generation.batching import Batcher  # noqa: E402
 from sdlora.generation.generate import AdapterWeight, GenerateConfig, Generator  # noqa: E402
 from sdlora.library.formats import Adapter, write_adapter  # noqa: E402
+from sdlora.library.formats.names import UNetBlocks  # noqa: E402
 from sdlora.library.store import AdapterLibrary  # noqa: E402
+from sdlora.models.families import family_of_pipeline  # noqa: E402
 from sdlora.models.loading import load_pipeline  # noqa: E402
 from sdlora.training.lora import add_lora, lora_state_dict  # noqa: E402
 
@@ -33,14 +35,20 @@ DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
 
 def make_adapters(base_model: str, folder: Path, count: int) -> list[str]:
-    unet = load_pipeline(base_model).unet
+    """`count` random rank-8 adapters on the base's denoiser (UNet or transformer), in the library's file."""
+    pipeline = load_pipeline(base_model)
+    family = family_of_pipeline(pipeline)
+    denoiser = getattr(pipeline, family.denoiser)
     spec = LoraSpec(rank=8, alpha=8)
-    add_lora(unet, spec)
+    add_lora(denoiser, spec, family.lora_targets)
+    # kohya's UNet names depend on the block layout (the training loop passes it the same way).
+    blocks = UNetBlocks.of(denoiser.config) if family.adapter_layout != "transformer" else None
     names = []
     for i in range(count):
         torch.manual_seed(i)
-        state = {k: (torch.randn_like(v) * 0.02) for k, v in lora_state_dict(unet).items()}
-        write_adapter(folder / f"a{i:02d}.safetensors", Adapter.from_peft(state, spec.alpha), "kohya")
+        state = {k: (torch.randn_like(v) * 0.02) for k, v in lora_state_dict(denoiser).items()}
+        adapter = Adapter.from_peft(state, spec.alpha, part=family.denoiser)
+        write_adapter(folder / f"a{i:02d}.safetensors", adapter, "kohya", family=family.name, blocks=blocks)
         names.append(f"a{i:02d}")
     return names
 
@@ -83,6 +91,83 @@ def measure_switching(base_model: str, library: AdapterLibrary, names: list[str]
     samples = [timed(lambda m=m: generator.apply_mix(m)) for _ in range(rounds) for m in (mix_a, mix_b)]
     assert len(generator.resident) == resident
     return min(samples)
+
+
+TINY = {  # tests' tiny models: real component classes at toy widths, random weights
+    "SD 1.x (tiny)": ("tiny_models", "save_tiny_model"),
+    "SDXL (tiny)": ("tiny_models", "save_tiny_sdxl_model"),
+    "SD3.5 (tiny)": ("tiny_transformers", "save_tiny_sd3_model"),
+    "Flux.1 dev (tiny)": ("tiny_transformers", "save_tiny_flux_model"),
+}
+
+
+def build_tiny(label: str, folder: Path) -> str:
+    """The tests' tiny model for `label`, saved as a diffusers folder."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    module, function = TINY[label]
+    return str(getattr(importlib.import_module(module), function)(folder))
+
+
+def measure_family(
+    base_model: str, folder: Path, rounds: int, steps: int, size: int = 0
+) -> dict[str, float | str]:
+    """One generation with no adapter and a switch between two mixes with 20 adapters resident."""
+    folder.mkdir(parents=True, exist_ok=True)
+    library = AdapterLibrary(folder)
+    names = make_adapters(base_model, folder, 20)
+    # The model's own sampler; `size` 0 is the native size.
+    config = GenerateConfig(prompt="a red circle", seed=1, steps=steps, width=size, height=size)
+    base = Generator(base_model, library)
+    base.generate(replace(config, steps=1))
+    generation = min(timed(lambda: base.generate(config)) for _ in range(rounds))
+    switch = measure_switching(base_model, library, names, 20, rounds)
+    denoiser = getattr(base.pipeline, base.model_info.model_family.denoiser)
+    return {
+        "parameters": f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f} M",
+        "size": f"{size or base.model_info.resolution} px",
+        "generation": generation,
+        "switch": switch,
+    }
+
+
+def families_section(demo: str, rounds: int, steps: int, tiny_size: int) -> str:
+    """The family table: the demo model and the tests' tiny SD 1.x, SDXL, SD3.5 and Flux.1."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results[f"demo ({Path(demo).name})"] = measure_family(demo, Path(tmp) / "demo-lib", rounds, steps)
+        for label in TINY:
+            model = build_tiny(label, Path(tmp) / label.split()[0])
+            results[label] = measure_family(
+                model, Path(tmp) / f"{label.split()[0]}-lib", rounds, steps, tiny_size
+            )
+    return "\n".join(
+        [
+            "## Switching between resident mixes on every family (`python bench/inference.py --families`)",
+            "",
+            f"{machine()}, this 2-core CPU under load (other sessions' tests beside it). One image, {steps} steps "
+            "with the model's own sampler (Euler a on the UNet families, flow-matching Euler on SD3.5 and "
+            "Flux.1), against one switch between two resident mixes (two adapters each, unfused) with 20 random "
+            f"rank-8 adapters resident; fastest of {rounds} rounds. The demo model at its native size; the "
+            f"others are the tests' tiny models (real component classes at toy widths, random weights) at "
+            f"{tiny_size} px, so a generation costs little and the share is the harshest case.",
+            "",
+            "| family | denoiser | size | one generation | switch, 20 resident | share of a generation |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *family_rows(results),
+            "",
+            "Goal: switching under 5% of a generation with 20 adapters resident, on every family.",
+        ]
+    )
+
+
+def family_rows(results: dict[str, dict]) -> list[str]:
+    return [
+        f"| {label} | {r['parameters']} | {r['size']} | {r['generation'] * 1000:.0f} ms | "
+        f"{r['switch'] * 1000:.1f} ms | {r['switch'] / r['generation']:.1%} |"
+        for label, r in results.items()
+    ]
 
 
 def measure_load(base_model: str, library: AdapterLibrary, names: list[str], rounds: int) -> float:
@@ -163,6 +248,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--requests", type=int, default=20, help="requests sent at once under load")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--families", action="store_true", help="only the table of switching on every family")
+    parser.add_argument("--tiny-size", type=int, default=64, help="image side for the tiny models (px)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)"
     )
@@ -170,6 +257,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.base_model:
         parser.error("no demo model in assets/; pass --base-model")
+    if args.families:
+        text = families_section(args.base_model, args.rounds, args.steps, args.tiny_size)
+        print(text)
+        if not args.no_write:
+            print(f"written to {write_section('inference-families', text)}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         library = AdapterLibrary(tmp)
         names = make_adapters(args.base_model, Path(tmp), 20)

@@ -33,6 +33,7 @@ WEIGHTING_CHOICES = ("default", *WEIGHTING_SCHEMES)
 # diffusers' train_dreambooth_lora_flux.py (--guidance_scale, commit 58eb52c).
 FLUX_TRAINING_GUIDANCE = 3.5
 T5_MAX_TOKENS = 512  # the SD3 and Flux pipelines refuse a longer max_sequence_length
+MODEL_SAMPLER = "auto"  # GenerateConfig.scheduler left out: the base model's own (generation/defaults.py)
 
 # Adapter names become file names in the library and in every tool that reads it. 100 characters
 # (and 200 UTF-8 bytes) leave room for the longest file derived from a name, the atomic-write temp
@@ -678,7 +679,11 @@ class GenerateConfig:
     height: int = _opt(
         0, "Image height in pixels, a multiple of 8; 0: the model's native size.", bounds=(0, MAX_PIXELS // 8)
     )
-    scheduler: str = _opt("Euler a", "Sampler.", choices=SCHEDULERS)
+    scheduler: str = _opt(
+        MODEL_SAMPLER,
+        "Sampler; auto: the base model's own (Euler a on SD 1.x/2.x/XL, Euler on SD3.5 and Flux.1).",
+        choices=(MODEL_SAMPLER, *SCHEDULERS),
+    )
     adapters: tuple[AdapterWeight, ...] = _opt(
         (), "Library adapters, each at its weight (negative allowed).", flag="--lora"
     )
@@ -686,8 +691,9 @@ class GenerateConfig:
 
     def validate(self, native_resolution: int | None = None) -> None:
         """Raise ConfigError for the first bad setting; sizes are checked against the native side when given."""
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.scheduler not in (MODEL_SAMPLER, *SCHEDULERS):
+            choices = ", ".join((MODEL_SAMPLER, *SCHEDULERS))
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {choices}")
         check_fields(self)
         for side in (self.width, self.height):
             if side and (side < 8 or side % 8):

@@ -47,11 +47,11 @@ def test_a_quantized_base_cuts_the_weights_to_a_half_and_to_about_a_quarter():
     weights_gb = FLUX_DEV * 2 / 1e9
     assert training["none"] - training["int8"] == pytest.approx(weights_gb / 2, rel=0.01)
     assert training["none"] - training["nf4"] == pytest.approx(weights_gb * (1 - 0.5625 / 2), rel=0.01)
-    # The goal, Flux.1 dev at 1024 px in 16 GB: training fits with NF4 and checkpointing, but
-    # while captions are cached T5-XXL (bf16) sits beside the quantized base and that peak is over it.
+    # The goal, Flux.1 dev at 1024 px in 16 GB with NF4 and checkpointing: the quantized base goes
+    # on the GPU only after T5-XXL (bf16) has cached the captions and left, so neither peak holds both.
     phases = transformer_memory(at_1024(quantize_base="nf4", gradient_checkpointing=True), size)
-    assert phases["training"] <= 16 < phases["caching"]
-    assert gb(at_1024(quantize_base="nf4", gradient_checkpointing=True)) == phases["caching"]
+    assert phases["caching"] <= 16 and phases["training"] <= 16
+    assert gb(at_1024(quantize_base="nf4", gradient_checkpointing=True)) == max(phases.values())
 
 
 def test_checkpointing_the_optimizer_and_the_resolution_move_the_estimate():
@@ -63,14 +63,14 @@ def test_checkpointing_the_optimizer_and_the_resolution_move_the_estimate():
 
 
 def test_caching_the_captions_can_be_the_peak():
-    # SD3.5 Medium checkpointed trains in a few GB, but its three text encoders (T5-XXL: 19 GB in
-    # float32) sit on the GPU while captions are cached; a quantized base loads them in bf16.
+    # SD3.5 Medium checkpointed trains in a few GB, but its three text encoders sit on the GPU while
+    # captions are cached: in bf16 under bf16 mixed precision (or a quantized base), T5-XXL 19 GB in float32.
     size = transformer_size(family_named("sd3"), SD35_MEDIUM)
-    config = at_1024(gradient_checkpointing=True)
+    config = at_1024(gradient_checkpointing=True, mixed_precision="no")
     phases = transformer_memory(config, size)
     assert phases["caching"] > phases["training"] and gb(config, SD35_MEDIUM, SD3) == phases["caching"]
-    quantized = transformer_memory(config.replace(quantize_base="nf4"), size)
-    assert quantized["caching"] < phases["caching"] / 1.5
+    for halved in (config.replace(mixed_precision="bf16"), config.replace(quantize_base="nf4")):
+        assert transformer_memory(halved, size)["caching"] < phases["caching"] / 1.5
 
 
 def test_the_estimate_text_names_the_quantized_base_first_for_the_transformers():

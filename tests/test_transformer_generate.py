@@ -178,3 +178,30 @@ def test_cli_generate_uses_the_models_defaults_and_refuses_unet_samplers(
         capsys, *common, *size, "--prompt", "x", "--steps", "1", "--scheduler", "DDIM", "--out", "b.png"
     )
     assert code != 0 and "scheduler 'DDIM' does not suit Flux.1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sampler_left_out_is_the_models_own(drawing, tiny_model, tmp_path, capsys):
+    # Python API: a GenerateConfig without a scheduler draws with the model's own sampler, as the CLI
+    # does; on the UNet families that stays Euler a.
+    _, _, generator = drawing
+    left_out = GenerateConfig(prompt="a red circle", seed=3, steps=2, width=IMAGE_SIZE, height=IMAGE_SIZE)
+    images = generator.generate(left_out)
+    assert "Sampler: Euler," in images[0].parameters
+    assert np.array_equal(np.asarray(images[0].image), pixels(generator, request_for())[0])
+    unet = Generator(str(tiny_model), AdapterLibrary(tmp_path / "lib"))
+    drawn = unet.generate(GenerateConfig(prompt="a red circle", seed=3, steps=2))[0]
+    assert "Sampler: Euler a," in drawn.parameters
+    assert np.array_equal(
+        np.asarray(drawn.image),
+        np.asarray(
+            unet.generate(GenerateConfig(prompt="a red circle", seed=3, steps=2, scheduler="Euler a"))[
+                0
+            ].image
+        ),
+    )
+    # CLI: --scheduler auto says the same out loud.
+    args = ["generate", "--base-model", str(generator.base_model), "--adapters-dir", str(tmp_path / "lib")]
+    size = ["--width", str(IMAGE_SIZE), "--height", str(IMAGE_SIZE), "--steps", "1", "--scheduler", "auto"]
+    code, _, err = cli(capsys, *args, *size, "--prompt", "x", "--out", str(tmp_path / "auto.png"))
+    assert code == 0, err
+    assert "Sampler: Euler," in Image.open(tmp_path / "auto.png").text["parameters"]

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from sdlora.config import SCHEDULERS, GenerateConfig
+from sdlora.config import MODEL_SAMPLER, SCHEDULERS, GenerateConfig
 from sdlora.errors import ConfigError, SdloraError
 from sdlora.models.families import FAMILIES, Family, family_of
 from sdlora.models.families.base import SamplingDefaults
@@ -57,6 +57,13 @@ def with_model_defaults(
     """`config` with the settings the user left out (`unset`, of MODEL_CHOSEN) as the model's."""
     chosen = {"steps": defaults.steps, "guidance": defaults.guidance, "scheduler": defaults.samplers[0]}
     return dataclasses.replace(config, **{name: chosen[name] for name in unset})
+
+
+def with_model_sampler(config: GenerateConfig, defaults: SamplingDefaults) -> GenerateConfig:
+    """`config` with scheduler 'auto' (left out) as the model's own sampler: Euler a on the UNet families."""
+    if config.scheduler != MODEL_SAMPLER:
+        return config
+    return dataclasses.replace(config, scheduler=defaults.samplers[0])
 
 
 def check_fits_model(config: GenerateConfig, defaults: SamplingDefaults, model_words: str) -> None:

@@ -27,7 +27,12 @@ from PIL import Image, PngImagePlugin
 from sdlora import __version__
 from sdlora.config import SCHEDULERS, AdapterWeight, GenerateConfig  # noqa: F401 - re-exported for callers
 from sdlora.errors import ConfigError
-from sdlora.generation.defaults import SamplingDefaults, check_fits_model, sampling_defaults
+from sdlora.generation.defaults import (
+    SamplingDefaults,
+    check_fits_model,
+    sampling_defaults,
+    with_model_sampler,
+)
 from sdlora.library.formats import load_into_pipeline
 from sdlora.library.store import AdapterLibrary, reference_from_pipeline
 from sdlora.library.tools.block_weights import apply_block_weights, block_weights_key, parse_block_weights
@@ -203,6 +208,7 @@ class Generator:
         adapter (peft then runs every row with its own adapter, unfused).
         """
         info = self.model_info
+        configs = [with_model_sampler(config, self.sampling_defaults) for config in configs]
         for config in configs:
             config.validate(native_resolution=info.resolution)
             check_fits_model(config, self.sampling_defaults, info.model_family.words)

@@ -169,9 +169,9 @@ def position_grid(config: dict) -> int:
 
 
 def transformer_memory(config: TrainConfig, size: TransformerSize, float32: bool = False) -> dict[str, float]:
-    """GB at the two peaks of a transformer run: caching the captions (the text encoders beside a quantized
-    base, which loads on the GPU) and training (weights, adapter with gradients and optimizer state,
-    activations). `float32`: every frozen weight and activation in float32 (a CPU run, for comparison)."""
+    """GB at the two peaks of a transformer run: caching the captions (the text encoders alone: the denoiser
+    goes on the GPU only after they leave it, training/loop.py) and training (weights, adapter with
+    gradients and optimizer state, activations). `float32`: every frozen weight and activation in float32 (a CPU run, for comparison)."""
     family, resolution = size.family, config.data.resolution
     tokens = (resolution // 16) ** 2 + family.estimate_text_tokens  # 8x VAE, 2x2 patches
     tokens *= config.batch_size
@@ -186,11 +186,16 @@ def transformer_memory(config: TrainConfig, size: TransformerSize, float32: bool
     lora = size.lora_parameters_per_rank * config.lora.rank
     adapter = lora * (4 + 4 + OPTIMIZER_BYTES_PER_PARAM[config.optimizer]) / 1e9
     context = 0.0 if float32 else CUDA_CONTEXT_GB
-    text_bytes = 2 if config.quantize_base != "none" else 4  # the loader's dtypes (models/loading.py)
-    caching = family.text_encoder_parameters * text_bytes / 1e9 + context
-    if config.quantize_base != "none":
-        caching += weights
+    caching = family.text_encoder_parameters * _text_encoder_bytes(config, float32) / 1e9 + context
     return {"caching": caching, "training": weights + adapter + activations / 1e9 + context}
+
+
+def _text_encoder_bytes(config: TrainConfig, float32: bool) -> int:
+    """Bytes of a text encoder weight while captions are cached: bf16 under bf16 mixed precision ('auto'
+    is bf16 on the GPUs that have it) or with a quantized base (the loader's dtypes), else float32."""
+    if float32:
+        return 4
+    return 2 if config.quantize_base != "none" or config.mixed_precision in ("auto", "bf16") else 4
 
 
 def captioning_seconds(images: int, seconds_per_image: float, on_gpu: bool, needs_weights: bool) -> float:

@@ -63,7 +63,7 @@ from sdlora.training.devices import (
     out_of_memory_advice,
     resolve_mixed_precision,
 )
-from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to
+from sdlora.training.encode import EncodedConcepts, encode_concepts, frozen_parts_to, text_encoders_to_dtype
 from sdlora.training.estimate import remember_speed
 from sdlora.training.lora import add_lora, lora_state_dict, parameter_counts, trainable_parameters
 from sdlora.training.metrics import MetricsRow, check_tracker, log_preview, log_step, start_trackers
@@ -213,16 +213,33 @@ def _encode_and_cache(
     config: TrainConfig, prepared: Prepared
 ) -> tuple[EncodedConcepts, EncodedConcepts | None]:
     """Encode once: the VAE (always float32: a half-precision VAE overflows into NaN) and the frozen
-    text encoders are not trained, so their outputs are cached; on a GPU they then wait on the CPU."""
+    text encoders are not trained, so their outputs are cached; on a GPU they then wait on the CPU.
+
+    The denoiser is not on the device meanwhile (a quantized base, which bitsandbytes loads onto the GPU,
+    waits on the CPU), so the peak is the larger of caching and training, never their sum."""
     pipeline, device, family = prepared.pipeline, prepared.accelerator.device, prepared.family
+    denoiser = getattr(pipeline, family.denoiser)
+    if is_quantized(denoiser):
+        denoiser.to(torch.device("cpu"))
+    text_encoders_to_dtype(pipeline, prepared.accelerator.mixed_precision)
     encoded = encode_concepts(pipeline, prepared.concepts.images, config.data.flip, device, family)
     encoded_prior = None
     if prepared.regularization:
         images = prepared.regularization.images
         encoded_prior = encode_concepts(pipeline, images, config.data.flip, device, family)
-    if device.type == "cuda":
+    if device.type != "cpu":
         frozen_parts_to(pipeline, torch.device("cpu"))
     return encoded, encoded_prior
+
+
+def _denoiser_to_device(prepared: Prepared) -> Any:
+    """The denoiser on the device, its frozen weights in the training dtype (a quantized base keeps its own)."""
+    accelerator = prepared.accelerator
+    denoiser = getattr(prepared.pipeline, prepared.family.denoiser)
+    if not is_quantized(denoiser) and denoiser.dtype != frozen_weight_dtype(accelerator):
+        denoiser.to(dtype=frozen_weight_dtype(accelerator))
+    denoiser.to(accelerator.device)
+    return denoiser
 
 
 def _build_adapter(
@@ -234,13 +251,9 @@ def _build_adapter(
 ) -> Run:
     """The adapter on the family's denoiser, its optimizer and learning-rate schedule, and the objective."""
     accelerator = prepared.accelerator
-    denoiser = getattr(prepared.pipeline, prepared.family.denoiser)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.cpu_threads, threads))
-    if not is_quantized(denoiser):  # a quantized base was loaded on the GPU in its own dtypes
-        if denoiser.dtype != frozen_weight_dtype(accelerator):
-            denoiser.to(dtype=frozen_weight_dtype(accelerator))
-        denoiser.to(accelerator.device)
+    denoiser = _denoiser_to_device(prepared)
     add_lora(denoiser, config.lora, prepared.family.lora_targets, seed=config.seed)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -100,8 +100,9 @@ class Studio:
         """Unpack uploaded files into a fresh folder for viewing; returns the images."""
         return collect_uploads(files, Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir)))
 
-    def buckets_of(self, images: list[Path]) -> list[str]:
-        """The bucket each image trains in at the base model's native size ('' while no model is loaded)."""
+    def buckets_of(self, images: list[Path], resolution: int | float | None = None) -> list[str]:
+        """The bucket each image trains in at the typed `resolution` (else the base model's native size),
+        in the family's bucket steps, as training picks it ('' while no model is loaded)."""
         from sdlora.config import DataConfig
         from sdlora.training.buckets import bucket_step
         from sdlora.training.data import bucket_labels
@@ -111,7 +112,9 @@ class Studio:
             info, scale = generator.model_info, generator.pipeline.vae_scale_factor
         except SdloraError:
             return [""] * len(images)
-        return bucket_labels(images, DataConfig(resolution=info.resolution), bucket_step(scale))
+        side = int(resolution or 0) or info.resolution
+        step = bucket_step(scale, info.model_family.bucket_latent_step)
+        return bucket_labels(images, DataConfig(resolution=side), step)
 
     # -- the base model ------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ class TrainHandlers:
         self._view_time = 0.0
 
     @readable_errors
-    def show_images(self, files: list[str] | None):
+    def show_images(self, files: list[str] | None, resolution: float | None = None):
         """Uploaded files -> thumbnails of the usable images and the caption table; unusable ones named at once."""
         from sdlora.training.data import image_problem
 
@@ -92,7 +92,7 @@ class TrainHandlers:
         if unusable:
             gr.Warning("Training will skip " + "; ".join(unusable))
         usable = [path for path, why in problems.items() if not why]
-        return usable, caption_table(images, buckets=self.studio.buckets_of(images))
+        return usable, caption_table(images, buckets=self.studio.buckets_of(images, resolution))
 
     @readable_errors
     def load_example(self, example: str):

@@ -82,7 +82,7 @@ def wire(w: TrainWidgets, h: TrainHandlers) -> TrainTab:
     s = w.settings
     events = {
         "upload_images": w.files.upload(
-            h.show_images, w.files, [w.thumbnails, w.captions], api_name="upload_images"
+            h.show_images, [w.files, s["resolution"]], [w.thumbnails, w.captions], api_name="upload_images"
         ),
         "steps": s["steps"].input(
             lambda steps: preview_interval(int(steps or 0)),
