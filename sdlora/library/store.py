@@ -38,6 +38,7 @@ from sdlora.library.formats import (
 )
 from sdlora.library.formats.files import STALE_AFTER_S, load_tensors, remove_stale_temp_files
 from sdlora.library.formats.read import claimed_family, file_alpha, header_problem, summarize
+from sdlora.models.families import family_named, is_family_name
 
 SUFFIX = ".safetensors"
 SIDE_FILES = (".preview.png", ".config.json", ".metrics.csv")
@@ -276,7 +277,9 @@ class AdapterLibrary:
         if info.kind.startswith("LyCORIS"):
             return True
         ldm = "original SD block names" in info.kind or info.kind.startswith("ComfyUI")
-        return ldm and info.family != "sdxl"
+        return ldm and not (
+            is_family_name(info.family) and family_named(info.family).kohya_original_unet_names
+        )
 
     def layout_for_export(self, info: AdapterInfo) -> ModelLayout | None:
         """The base model's layout, found when the export needs one; a one-line refusal when none is known."""

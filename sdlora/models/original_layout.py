@@ -14,19 +14,10 @@ import torch
 
 from sdlora.errors import ModelLoadError
 from sdlora.library.formats.names import UNetBlocks, canonical_text_path, to_ldm
+from sdlora.models.families import family_named, is_family_name
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# family -> (text encoder part, CLIP kind, key prefix) in the original checkpoints
-TEXT_ENCODERS = {
-    "sd1": (("text_encoder", "clip", "cond_stage_model.transformer."),),
-    "demo": (("text_encoder", "clip", "cond_stage_model.transformer."),),
-    "sd2": (("text_encoder", "open_clip", "cond_stage_model.model."),),
-    "sdxl": (
-        ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
-        ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
-    ),
-}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 OPEN_CLIP = {
     "self_attn.out_proj": "attn.out_proj",
@@ -42,7 +33,7 @@ def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
     check_family(family)
     out = unet_tensors(pipeline.unet)
     out.update(vae_tensors(pipeline.vae))
-    for part, kind, prefix in TEXT_ENCODERS[family]:
+    for part, kind, prefix in family_named(family).original_text_encoders:
         encoder = getattr(pipeline, part)
         out.update(clip_tensors(encoder, prefix) if kind == "clip" else open_clip_tensors(encoder, prefix))
     return out
@@ -50,7 +41,7 @@ def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
 
 def check_family(family: str) -> None:
     """Refuse, in one line, a family whose original single-file layout is not written here."""
-    if family not in TEXT_ENCODERS:
+    if not (is_family_name(family) and family_named(family).original_text_encoders):
         raise ModelLoadError(
             f"a single file in the original layout is written for SD 1.x, 2.x and SDXL, not {family}; "
             "save a diffusers folder instead"

@@ -48,13 +48,14 @@ FLUX_ALL = ("CLIP", "T5", "IN", *_numbered("D", 19), *_numbered("S", 38), "OUT")
 SD3_MEDIUM = ("TE", "IN", *_numbered("J", 24), "OUT")
 SD3_LARGE = ("TE", "IN", *_numbered("J", 38), "OUT")
 
-CONVENTIONS: dict[str, tuple[tuple[str, ...], ...]] = {  # family -> the lists it takes, the usual first
-    "sd1": (SD_LORA, UNET_ALL),
-    "sd2": (SD_LORA, UNET_ALL),
-    "sdxl": (SDXL_LORA, SDXL_ALL),
-    "sd3": (SD3_MEDIUM, SD3_LARGE),
-    "flux": (FLUX_ALL,),
+# convention (a family's `block_weights`) -> the lists it takes, the usual first
+CONVENTIONS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "sd-unet": (SD_LORA, UNET_ALL),
+    "sdxl-unet": (SDXL_LORA, SDXL_ALL),
+    "mmdit-joint": (SD3_MEDIUM, SD3_LARGE),
+    "flux-double-single": (FLUX_ALL,),
 }
+EXTENSION_PRESETS = "sd-unet"  # the extension's named presets are over SD 1.x/2.x's 17 blocks
 BY_LENGTH = {len(names): names for lists in CONVENTIONS.values() for names in lists}  # lengths differ
 
 # The extension's default presets, each over the 17 blocks of SD_LORA.
@@ -80,12 +81,12 @@ def _family_words(family: str) -> str:
 
 def parse_block_weights(text: str, family: str) -> tuple[float, ...]:
     """A preset name or a comma-separated list as one weight per block of `family`'s convention."""
-    family = "sd1" if family not in CONVENTIONS else family  # the demo model and unknown files: SD 1.x
-    lists = CONVENTIONS[family]
+    convention = _convention(family)
+    lists = CONVENTIONS[convention]
     text = str(text).strip()
     items = [item.strip() for item in text.split(",")]
     if len(items) == 1 and not _is_number(items[0]):
-        return _preset(items[0], family)
+        return _preset(items[0], family, convention)
     counts = " or ".join(str(len(names)) for names in lists)
     if len(items) not in {len(names) for names in lists}:
         raise ConfigError(
@@ -111,19 +112,25 @@ def block_weights_key(text: str) -> str:
     return ",".join(f"{float(item):g}" if _is_number(item) else item for item in items)
 
 
-def _preset(name: str, family: str) -> tuple[float, ...]:
+def _convention(family: str) -> str:
+    """The family's block-weight convention; files of no known family are read as SD 1.x's."""
+    return family_named(family).block_weights if is_family_name(family) else EXTENSION_PRESETS
+
+
+def _preset(name: str, family: str, convention: str) -> tuple[float, ...]:
+    names = CONVENTIONS[convention][0]
     key = name.upper()
     if key in UNIFORM:
-        return (UNIFORM[key],) * len(CONVENTIONS[family][0])
+        return (UNIFORM[key],) * len(names)
     if key not in PRESETS:
         raise ConfigError(
             f"unknown block-weight preset {_shown(name)}; the presets are {', '.join(PRESETS)}, "
-            f"or give {len(CONVENTIONS[family][0])} weights separated by commas"
+            f"or give {len(names)} weights separated by commas"
         )
-    if family not in ("sd1", "sd2"):
+    if convention != EXTENSION_PRESETS:
         raise ConfigError(
             f"block-weight preset {key} is defined for the 17 blocks of SD 1.x/2.x; for "
-            f"{_family_words(family)} give {len(CONVENTIONS[family][0])} weights ({', '.join(CONVENTIONS[family][0])})"
+            f"{_family_words(family)} give {len(names)} weights ({', '.join(names)})"
         )
     return tuple(float(w) for w in PRESETS[key])
 

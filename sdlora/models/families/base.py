@@ -86,6 +86,11 @@ class Family:
     bucket_latent_step: int = 8  # buckets' side step in latent pixels (a transformer's: its patch size)
     prediction_type: str | None = None  # what the denoiser answers when its scheduler does not say
     own_scheduler_only: bool = False  # generation keeps the model's own sampler (flow matching has one)
+    # The LoRA Block Weight convention its adapters take (sdlora/library/tools/block_weights.py).
+    block_weights: str = "sd-unet"
+    # Its text encoders in an original-layout single file: (part, "clip" or "open_clip", key prefix);
+    # empty where bake writes no such file.
+    original_text_encoders: tuple[tuple[str, str, str], ...] = ()
 
     def recognises(self, denoiser_config: dict) -> bool:
         """Whether a denoiser config (a loaded model's or its config.json) is this family's."""

@@ -129,6 +129,7 @@ FLUX = FluxFamily(
     name="flux",
     words="Flux.1",
     pipeline_classes=("FluxPipeline",),
+    block_weights="flux-double-single",
     kohya_version="flux1",
     modelspec_architecture="flux-1-dev/lora",
     modelspec_implementation="https://github.com/black-forest-labs/flux",

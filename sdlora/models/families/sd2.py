@@ -41,5 +41,6 @@ SD2 = SD2Family(
         "modelspec_architecture": "stable-diffusion-v2-512/lora",
         "single_file_kind": "v2",
         "single_file_parts": {**SD1.single_file_parts, "text encoder": ("cond_stage_model.model.",)},
+        "original_text_encoders": (("text_encoder", "open_clip", "cond_stage_model.model."),),
     }
 )

@@ -101,6 +101,7 @@ SD3 = SD3Family(
     name="sd3",
     words="SD3.5",
     pipeline_classes=("StableDiffusion3Pipeline",),
+    block_weights="mmdit-joint",
     kohya_version="sd3",
     modelspec_architecture="stable-diffusion-3/lora",
     modelspec_implementation="https://github.com/Stability-AI/sd3.5",

@@ -86,6 +86,11 @@ SDXL = SDXLFamily(
     kohya_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
     kohya_original_unet_names=True,
     adapter_layout="sdxl-unet",
+    block_weights="sdxl-unet",
+    original_text_encoders=(
+        ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
+        ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
+    ),
     single_file_kind="xl_base",
     single_file_parts={
         "UNet": UNET_KEYS,
