@@ -103,7 +103,9 @@ def test_upload_lists_thumbnails_and_captions_from_files_and_zip(client, images,
         zf.writestr("nested/folder/zipped.txt", "a zipped circle")
         zf.writestr("notes.md", "ignored")
     gallery, table = client.predict(
-        [handle_file(p) for p in [*images, str(archive)]], api_name="/upload_images"
+        [handle_file(p) for p in [*images, str(archive)]],
+        0,
+        api_name="/upload_images",  # 0: native size
     )
     assert len(gallery) == 4
     captions = {row[0]: row[1] for row in table["data"]}
@@ -123,7 +125,7 @@ def test_unusable_uploads_are_no_thumbnails_and_the_table_says_why(client, image
     empty.write_bytes(b"")
     truncated.write_bytes(Path(images[0]).read_bytes()[:60])
     gallery, table = client.predict(
-        [handle_file(p) for p in [images[0], str(empty), str(truncated)]], api_name="/upload_images"
+        [handle_file(p) for p in [images[0], str(empty), str(truncated)]], 0, api_name="/upload_images"
     )
     assert len(gallery) == 1  # only the readable image is shown as a thumbnail
     buckets = {row[0]: row[2] for row in table["data"]}

@@ -123,7 +123,8 @@ def assert_same_deltas(expected, adapter, what):
 
 
 def image(generator_or_pipe, prompt="sks, a red circle") -> np.ndarray:
-    config = GenerateConfig(prompt=prompt, seed=4, steps=3, width=32, height=32)
+    # the sampler named: a bare pipeline has no "auto" (the Generator's "the model's own": Euler a here)
+    config = GenerateConfig(prompt=prompt, seed=4, steps=3, width=32, height=32, scheduler="Euler a")
     if isinstance(generator_or_pipe, Generator):
         return np.asarray(generator_or_pipe.generate(config)[0].image, dtype=np.int16)
     pipe = generator_or_pipe
