@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, draw_concept
-from tiny_transformers import tiny_flux_model  # noqa: F401 - fixtures
+from tiny_transformers import tiny_flux_model, tiny_sd3_model  # noqa: F401 - fixtures
 
 from sdlora.cli import build_parser, config_from_args
 from sdlora.library.formats import read_adapter, read_metadata
@@ -117,15 +117,18 @@ def test_flags_override_config_file(tmp_path):
     assert (config.steps, config.lora.rank, config.lora.alpha, config.data.flip) == (10, 4, 8.0, False)
 
 
-# kohya's ss_base_model_version of each tiny model's family. Each run costs two processes importing
-# torch (~105 s each on this shared 2-core machine): of the transformer families only Flux.1 runs here
-# (packed latents and a guidance input: the more particular call); SD3 goes the same road (both ran, 2026-12-07).
-KOHYA_VERSIONS = {"tiny_model": "sd_v1", "tiny_sdxl_model": "sdxl_base_v1-0", "tiny_flux_model": "flux1"}
+# kohya's ss_base_model_version of each tiny model's family; every family trains in two processes.
+KOHYA_VERSIONS = {
+    "tiny_model": "sd_v1",
+    "tiny_sdxl_model": "sdxl_base_v1-0",
+    "tiny_sd3_model": "sd3",
+    "tiny_flux_model": "flux1",
+}
 
 
 @pytest.mark.parametrize("model", list(KOHYA_VERSIONS))
 def test_two_process_run_writes_exactly_one_adapter(model, request, concept_dir, tmp_path):
-    """Two CPU processes over gloo (torchrun), SD 1.x, SDXL and Flux.1: gradients are shared, only the
+    """Two CPU processes over gloo (torchrun), SD 1.x, SDXL, SD3 and Flux.1: gradients are shared, only the
     main process saves, and the adapter loads back onto its base model."""
     tiny_model = request.getfixturevalue(model)
     out = tmp_path / "ddp"
