@@ -97,8 +97,13 @@ def extract(
 ) -> tuple[Adapter, ExtractReport]:
     """A LoRA that turns `base_model` into `tuned_model` (hub ids, diffusers folders or .safetensors files)."""
     check_rule(rank, keep, threshold)
+    return _extracted(base_model, tuned_model, rank, keep, threshold, progress)[1:]
+
+
+def _extracted(base_model: str, tuned_model: str, rank, keep, threshold, progress):
+    """The opened base (its layout names the result) with the adapter and report (rule already checked)."""
     base, tuned = open_pair(base_model, tuned_model)
-    return extract_weights(base, tuned, rank, keep, threshold, progress)
+    return (base, *extract_weights(base, tuned, rank, keep, threshold, progress))
 
 
 def extract_into_library(
@@ -120,8 +125,7 @@ def extract_into_library(
     library.refuse_reserved(name)
     if library.path_of(name).exists():
         raise SdloraError(f"an adapter named {name!r} already exists; pick another name for the extract")
-    base, tuned = open_pair(base_model, tuned_model)
-    adapter, report = extract_weights(base, tuned, rank, keep, threshold, progress)
+    base, adapter, report = _extracted(base_model, tuned_model, rank, keep, threshold, progress)
     if not adapter.layers:
         raise SdloraError(f"{tuned_model} does not differ from {base_model}: nothing to extract")
     adapter.metadata["modelspec.title"] = name
