@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sdlora.library.formats.adapter import Adapter, ModelLayout
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE = ".safetensors"
 RECORD = "baked.json"  # a baked folder's record of what went into it
+Progress = Callable[[int, int, str], None]  # (stages done, stages in all, the stage now under way)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ def bake(
     dtype: str | None = None,
     names: list[str] | None = None,
     overwrite: bool = False,
+    on_progress: Progress | None = None,
 ) -> BakeReport:
-    """Save `base_model` with the weighted adapters fused in at `out` (a folder, or a .safetensors file)."""
+    """Save `base_model` with the weighted adapters fused in at `out` (a folder, or a .safetensors file);
+    `on_progress` hears (stages done, stages in all, the stage now under way) from 0 to the end."""
     from sdlora.models.loading import inspect_pipeline, load_pipeline
 
     out = Path(out)
@@ -68,13 +72,16 @@ def bake(
         a.metadata.get("modelspec.title") or f"adapter {i + 1}" for i, (a, _) in enumerate(weighted)
     ]
     check_request(weighted, out, dtype, names, overwrite)
+    stages = len(weighted) + 2  # the base loaded, each adapter fused, the model saved
+    report = on_progress or (lambda done, total, stage: None)
+    report(0, stages, f"loading the base model {base_model}")
     pipeline = load_pipeline(base_model)
     info = inspect_pipeline(pipeline)
     if out.suffix == SINGLE_FILE:
         from sdlora.models.original_layout import check_family
 
         check_family(info.family)  # before the work: SD3/Flux.1 single files are not written yet
-    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family))
+    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family), report)
     pipeline.to(DTYPES[dtype or "fp32"])
     mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
     record = {
@@ -85,10 +92,12 @@ def bake(
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
     }
     save = save_single_file if out.suffix == SINGLE_FILE else save_folder
+    report(stages - 1, stages, f"saving {out}")
     save(pipeline, info.family, out, record, overwrite)
     size = (
         out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     )
+    report(stages, stages, f"saved {out}")
     return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
 
 
@@ -109,23 +118,35 @@ def check_request(
         raise ConfigError(f"bake: {out} must be a folder or end in {SINGLE_FILE}")
 
 
-def fuse_mix(pipeline, weighted: list[tuple[Adapter, float]], names: list[str], layout: ModelLayout) -> int:
-    """Fuse the weighted adapters into the pipeline's weights; returns how many layers changed."""
+def fuse_mix(
+    pipeline,
+    weighted: list[tuple[Adapter, float]],
+    names: list[str],
+    layout: ModelLayout,
+    on_progress: Progress | None = None,
+) -> int:
+    """Fuse the weighted adapters into the pipeline's weights, one after another; how many layers changed.
+
+    Each is fused and its LoRA layers dropped before the next comes in: the weights end as the sum
+    fusing them together gives (peft adds one adapter's ΔW at a time either way), and memory holds
+    one adapter's layers, not the whole mix's."""
     from sdlora.library.formats.pipeline import load_into_pipeline
 
-    peft_names, changed = [], set()
-    for i, ((adapter, _), name) in enumerate(zip(weighted, names, strict=True)):
+    for name, (adapter, _) in zip(names, weighted, strict=True):  # all checked before any is fused
         wrong = next((key for key in adapter.layers if key not in layout.shapes), None)
         if wrong is not None:
             raise AdapterFormatError(
                 f"{name} does not fit this {layout.family} base model: it has no layer {wrong}"
             )
-        peft_names.append(f"bake_{i}")
-        load_into_pipeline(pipeline, adapter, peft_names[-1])
+    changed = set()
+    for i, ((adapter, weight), name) in enumerate(zip(weighted, names, strict=True), start=1):
+        if on_progress is not None:
+            on_progress(i, len(weighted) + 2, f"fusing {name} at weight {float(weight):g}")
+        load_into_pipeline(pipeline, adapter, f"bake_{i}")
+        pipeline.set_adapters([f"bake_{i}"], [float(weight)])
+        pipeline.fuse_lora(adapter_names=[f"bake_{i}"], lora_scale=1.0)
+        pipeline.unload_lora_weights()  # after fusing, this keeps the fused weights and drops peft's layers
         changed.update(adapter.layers)
-    pipeline.set_adapters(peft_names, [float(w) for _, w in weighted])
-    pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
-    pipeline.unload_lora_weights()  # after fusing, this keeps the fused weights and drops peft's layers
     return len(changed)
 
 
@@ -156,11 +177,11 @@ def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], o
     save_tensors(out, tensors, header)
 
 
-def run_from_cli(library, args, base_model: str) -> BakeReport:
+def run_from_cli(library, args, base_model: str, on_progress: Progress | None = None) -> BakeReport:
     """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
     weighted = [(_with_block_weights(library, name, lbw), weight) for name, weight, lbw in args.adapters]
     names = [f"{name}:lbw={lbw}" if lbw else name for name, _, lbw in args.adapters]
-    return bake(base_model, weighted, Path(args.out), args.dtype, names=names)
+    return bake(base_model, weighted, Path(args.out), args.dtype, names=names, on_progress=on_progress)
 
 
 def _with_block_weights(library, name: str, block_weights: str) -> Adapter:
