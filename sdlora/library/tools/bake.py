@@ -1,11 +1,12 @@
 """Bake: a mix of adapters merged into the base model's weights and saved as a full model.
 
 The base is loaded afresh (the generator's resident base is shared and stays untouched), each
-adapter goes in through diffusers' LoRA loaders, the mix is weighted and fused by diffusers'
-`set_adapters` and `fuse_lora` in float32, and the LoRA layers are unloaded. The result is saved
-as a diffusers folder, or as one `.safetensors` file in the original checkpoint layout that
-AUTOMATIC1111, Forge and ComfyUI load (SD 1.x, 2.x, SDXL), optionally in float16 or bfloat16,
-with what was baked named in its metadata (the folder: in `baked.json`).
+adapter goes in through diffusers' LoRA loaders, is weighted and fused by diffusers' `set_adapters`
+and `fuse_lora` in float32, and its LoRA layers are unloaded. The result is saved as a diffusers
+folder, or as one `.safetensors` file in the original checkpoint layout that AUTOMATIC1111, Forge
+and ComfyUI load (SD 1.x, 2.x, SDXL; SD3.5 and Flux.1 in their transformers' own layouts, see
+models/transformer_layout.py), optionally in float16 or bfloat16, with what was baked named in its
+metadata (the folder: in `baked.json`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sdlora.library.formats.adapter import Adapter, ModelLayout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE = ".safetensors"
+PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> modelspec's
 RECORD = "baked.json"  # a baked folder's record of what went into it
 Progress = Callable[[int, int, str], None]  # (stages done, stages in all, the stage now under way)
 
@@ -77,10 +79,10 @@ def bake(
     report(0, stages, f"loading the base model {base_model}")
     pipeline = load_pipeline(base_model)
     info = inspect_pipeline(pipeline)
-    if out.suffix == SINGLE_FILE:
+    if out.suffix == SINGLE_FILE:  # before the work: a family or a mix its single file cannot hold
         from sdlora.models.original_layout import check_family
 
-        check_family(info.family)  # before the work: SD3/Flux.1 single files are not written yet
+        check_family(info.family, {key.split(".", 1)[0] for adapter, _ in weighted for key in adapter.layers})
     layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family), report)
     pipeline.to(DTYPES[dtype or "fp32"])
     mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
@@ -89,8 +91,9 @@ def bake(
         "sdlora.base_model": base_model,
         "sdlora.family": info.family,
         "modelspec.title": out.stem if out.suffix == SINGLE_FILE else out.name,
-        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
     }
+    if info.prediction_type in PREDICTIONS:  # modelspec names no value for flow matching (SD3.5, Flux.1)
+        record["modelspec.prediction_type"] = PREDICTIONS[info.prediction_type]
     save = save_single_file if out.suffix == SINGLE_FILE else save_folder
     report(stages - 1, stages, f"saving {out}")
     save(pipeline, info.family, out, record, overwrite)
@@ -172,7 +175,8 @@ def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], o
     from sdlora.models.original_layout import original_state_dict
 
     tensors = {k: v.contiguous() for k, v in original_state_dict(pipeline, family).items()}
-    architecture = family_named(family).modelspec_architecture.removesuffix("/lora")
+    denoiser = getattr(pipeline, family_named(family).denoiser)
+    architecture = family_named(family).architecture_of(dict(denoiser.config)).removesuffix("/lora")
     header = {**record, "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture}
     save_tensors(out, tensors, header)
 
