@@ -86,6 +86,23 @@ def test_the_single_file_reads_back_as_the_fused_transformer(baked, monkeypatch)
     assert len(changed) == len(target_modules(load_pipeline(str(folder)).transformer, "transformer"))
 
 
+def test_sdlora_opens_the_baked_file_as_the_fused_model(baked, monkeypatch):
+    """The file read the way sdlora reads downloaded ones: its transformer, the other parts from the folder."""
+    from diffusers.loaders import single_file_utils
+
+    from sdlora.models.transformer_single_file import PARTS_ENV
+
+    family, folder, fused_folder, single = baked
+    monkeypatch.setenv(PARTS_ENV, str(folder))
+    if family == "flux":
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        monkeypatch.setattr(single_file_utils, "torch", flux_width_stand_in(config))
+    opened = load_pipeline(str(single.out)).transformer.state_dict()
+    fused = load_pipeline(str(fused_folder)).transformer.state_dict()
+    rounded = torch.bfloat16 if PRECISION[family] == "bf16" else torch.float32
+    assert all(torch.equal(opened[k].float(), v.to(rounded).float()) for k, v in fused.items())
+
+
 def header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
     with safe_open(str(path), framework="pt") as file:
         shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}
