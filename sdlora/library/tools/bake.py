@@ -75,17 +75,29 @@ def bake(
     ]
     check_request(weighted, out, dtype, names, overwrite)
     stages = len(weighted) + 2  # the base loaded, each adapter fused, the model saved
-    report = on_progress or (lambda done, total, stage: None)
-    report(0, stages, f"loading the base model {base_model}")
+    tell = on_progress or (lambda done, total, stage: None)
+    tell(0, stages, f"loading the base model {base_model}")
     pipeline = load_pipeline(base_model)
     info = inspect_pipeline(pipeline)
     if out.suffix == SINGLE_FILE:  # before the work: a family or a mix its single file cannot hold
         from sdlora.models.original_layout import check_family
 
         check_family(info.family, {key.split(".", 1)[0] for adapter, _ in weighted for key in adapter.layers})
-    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family), report)
+    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family), tell)
     pipeline.to(DTYPES[dtype or "fp32"])
     mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
+    save = save_single_file if out.suffix == SINGLE_FILE else save_folder
+    tell(stages - 1, stages, f"saving {out}")
+    save(pipeline, info.family, out, baked_record(base_model, info, out, mix), overwrite)
+    size = (
+        out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    )
+    tell(stages, stages, f"saved {out}")
+    return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
+
+
+def baked_record(base_model: str, info, out: Path, mix: tuple[tuple[str, float], ...]) -> dict[str, str]:
+    """What was baked into what, as the single file's header or the folder's baked.json says it."""
     record = {
         "sdlora.baked": json.dumps([[n, w] for n, w in mix]),
         "sdlora.base_model": base_model,
@@ -94,14 +106,7 @@ def bake(
     }
     if info.prediction_type in PREDICTIONS:  # modelspec names no value for flow matching (SD3.5, Flux.1)
         record["modelspec.prediction_type"] = PREDICTIONS[info.prediction_type]
-    save = save_single_file if out.suffix == SINGLE_FILE else save_folder
-    report(stages - 1, stages, f"saving {out}")
-    save(pipeline, info.family, out, record, overwrite)
-    size = (
-        out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    )
-    report(stages, stages, f"saved {out}")
-    return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
+    return record
 
 
 def check_request(
