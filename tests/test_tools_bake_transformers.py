@@ -87,7 +87,7 @@ def test_the_single_file_reads_back_as_the_fused_transformer(baked, monkeypatch)
 
 
 def test_sdlora_opens_the_baked_file_as_the_fused_model(baked, monkeypatch):
-    """The file read the way sdlora reads downloaded ones: its transformer, the other parts from the folder."""
+    """The file read as sdlora reads downloaded ones: its transformer, the other parts from the folder."""
     from diffusers.loaders import single_file_utils
 
     from sdlora.models.transformer_single_file import PARTS_ENV
@@ -171,3 +171,58 @@ def test_a_mix_that_changes_a_text_encoder_is_refused_for_a_single_file(tiny_flu
     with pytest.raises(ModelLoadError, match="not the text_encoder this mix changes") as caught:
         bake(str(tiny_flux_model), [(adapter, 1.0)], tmp_path / "te.safetensors", names=["te"])
     assert "\n" not in str(caught.value) and not (tmp_path / "te.safetensors").exists()
+
+
+# The real models' transformer configs (the shape-setting parts of their transformer/config.json).
+REAL_MODELS = {
+    "sd3.5-large": dict(
+        attention_head_dim=64, caption_projection_dim=2432, in_channels=16, joint_attention_dim=4096,
+        num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128,
+    ),
+    "sd3.5-medium": dict(  # MMDiT-X: second attention layers in the first 13 blocks
+        attention_head_dim=64, caption_projection_dim=1536, dual_attention_layers=tuple(range(13)),
+        in_channels=16, joint_attention_dim=4096, num_attention_heads=24, num_layers=24, out_channels=16,
+        patch_size=2, pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm", sample_size=128,
+    ),
+    "flux.1-dev": dict(
+        attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+        num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model, diffusers_type",
+    [("sd3.5-large", "sd35_large"), ("sd3.5-medium", "sd35_medium"), ("flux.1-dev", "flux-dev")],
+)
+def test_at_the_real_sizes_diffusers_and_comfyui_tell_the_model_and_read_every_weight(model, diffusers_type):
+    """The real transformers built on the meta device (names and shapes, no memory): diffusers tells the
+    file's model by its keys and shapes and converts every weight back to its own name and shape; ComfyUI's
+    shape rules (an MMDiT's depth is its width / 64, its MMDiT-X layers those with `x_block.attn2`, qk norm
+    by `ln_q`; Flux.1 is 3072 wide over 16 latent channels) hold. The tiny models' tests check the values."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.loaders import single_file_utils as diffusers_single_file
+
+    from sdlora.models.transformer_layout import flux_tensors, sd3_tensors
+
+    config, flux = REAL_MODELS[model], model.startswith("flux")
+    with torch.device("meta"):
+        transformer = (FluxTransformer2DModel if flux else SD3Transformer2DModel)(**config)
+    if flux:
+        theirs = flux_tensors(transformer)
+        back = diffusers_single_file.convert_flux_transformer_checkpoint_to_diffusers(dict(theirs))
+        assert theirs["img_in.weight"].shape == (3072, 16 * 4)
+    else:
+        theirs = {f"model.diffusion_model.{k}": v for k, v in sd3_tensors(transformer).items()}
+        back = diffusers_single_file.convert_sd3_transformer_checkpoint_to_diffusers(dict(theirs))
+        top = "model.diffusion_model.joint_blocks."
+        assert theirs["model.diffusion_model.x_embedder.proj.weight"].shape[0] // 64 == config["num_layers"]
+        second = {int(k[len(top) :].split(".")[0]) for k in theirs if k.endswith(".x_block.attn2.qkv.weight")}
+        assert second == set(config.get("dual_attention_layers", ()))
+        assert f"{top}0.context_block.attn.ln_q.weight" in theirs
+    assert diffusers_single_file.infer_diffusers_model_type(theirs) == diffusers_type
+    ours = transformer.state_dict()
+    assert back.keys() == ours.keys()
+    assert all(back[k].shape == ours[k].shape for k in ours)

@@ -140,7 +140,7 @@ def _all_named(out: dict[str, torch.Tensor], left: dict) -> dict[str, torch.Tens
     """The converted tensors, or a one-line refusal naming weights the original layout has no name for."""
     if left:
         raise ModelLoadError(
-            f"the transformer has weights the original single-file layout has no name for: {sorted(left)[:3]}; "
+            f"the transformer has weights its single-file layout has no name for: {sorted(left)[:3]}; "
             "save a diffusers folder instead"
         )
     return out

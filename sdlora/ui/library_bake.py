@@ -93,7 +93,7 @@ def layout(studio: Studio) -> BakeWidgets:
                 list(LAYOUTS),
                 value=next(iter(LAYOUTS)),
                 label="Save as",
-                info="the single file loads in AUTOMATIC1111, Forge and ComfyUI (Flux.1: as a diffusion model)",
+                info="the single file loads in AUTOMATIC1111, Forge and ComfyUI (Flux.1: as diffusion model)",
                 elem_id="bake-layout",
             )
             precision = gr.Radio(list(PRECISIONS), value="fp16", label="Precision", elem_id="bake-precision")
