@@ -22,6 +22,36 @@ from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noq
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and CI has two cores
 
+# `make test` hands whole files to two workers in collection order (--dist loadfile
+# --no-loadscope-reorder). The files that take a minute or more (its --durations list names them),
+# longest first, go first, so that the two workers end together rather than one running a long file
+# alone at the end while the other waits. The rest keep pytest's order.
+RUN_FIRST = (
+    "test_demo_learning.py",
+    "test_cli.py",
+    "test_transformer_objective.py",
+    "test_browser.py",
+    "test_browser_first_hour.py",
+    "test_train.py",
+    "test_entry_points.py",
+    "test_app.py",
+    "test_app_api.py",
+    "test_queue.py",
+    "test_demo_build.py",
+    "test_validation_browser.py",
+    "test_transformer_training.py",
+    "test_formats.py",
+    "test_browser_flux.py",
+    "test_app_queue.py",
+    "test_demo_evaluate.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first (a stable sort: the tests of a file keep their order)."""
+    first = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(RUN_FIRST)))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
