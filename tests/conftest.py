@@ -10,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tiny models gain nothing from a second thread, and OpenMP threads that outnumber free
 # cores spin-wait: a 30 ms step took 8 s while another process used both cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Where a test asks for more threads (the thread-count tests, the demo build), idle OpenMP threads sleep
+# instead of spinning: with the other worker on the other core, a 1-step run at 2 threads took 40 s
+# spinning and 9 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
