@@ -115,7 +115,9 @@ def check_streams(client: Client, served) -> None:
         f"only {streams.started} of {STREAMS} progress streams got an answer"
     )
     loaded = timed_generation(client)
-    assert loaded < 5 * unloaded + 1, (loaded, unloaded)  # a stall detector: a blocked server takes minutes
+    # A stall detector: a blocked server takes minutes. On a loaded 2-core machine 100 streams cost a
+    # generation several times its idle time (8.7 s against 1.5 s, seen), so the bound is loose.
+    assert loaded < 10 * unloaded + 5, (loaded, unloaded)
 
     client.predict(api_name="/stop")
     steps_at_stop = max((e.step for e in run.snapshot() if type(e).__name__ == "Step"), default=0)

@@ -35,15 +35,13 @@ OPEN_CLIP = {
 }
 
 
-TRANSFORMER_PARTS = {"sd3": ("transformer", "vae"), "flux": ("transformer",)}  # what their files hold
-
-
 def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
     """Every weight the family's single file holds, under its original checkpoint key."""
     check_family(family)
-    if family == "flux":
+    layout = family_named(family).original_layout
+    if layout == "bfl":
         return flux_tensors(pipeline.transformer)
-    if family == "sd3":
+    if layout == "mmdit":
         out = {UNET_PREFIX + k: v for k, v in sd3_tensors(pipeline.transformer).items()}
         out.update(vae_tensors(pipeline.vae))
         return out
@@ -58,15 +56,12 @@ def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
 def check_family(family: str, changed_parts: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse, in one line, a family whose single-file layout is not written here, or a change to a
     part its file does not hold (the text encoders of SD3.5 and Flux.1)."""
-    if not (
-        is_family_name(family)
-        and (family_named(family).original_text_encoders or family in TRANSFORMER_PARTS)
-    ):
+    if not (is_family_name(family) and family_named(family).original_layout):
         raise ModelLoadError(
             f"a single file in the original layout is written for SD 1.x, 2.x, SDXL, SD3.5 and Flux.1, "
             f"not {family}; save a diffusers folder instead"
         )
-    held = TRANSFORMER_PARTS.get(family)
+    held = family_named(family).original_parts
     left_out = sorted(changed_parts - set(held)) if held else []
     if left_out:
         raise ModelLoadError(

@@ -91,6 +91,12 @@ class Family:
     # Its text encoders in an original-layout single file: (part, "clip" or "open_clip", key prefix);
     # empty where bake writes no such file.
     original_text_encoders: tuple[tuple[str, str, str], ...] = ()
+    # The layout of that single file (sdlora/models/original_layout.py): "ldm" (Stable Diffusion's
+    # UNet, VAE and text encoders), "mmdit" (Stability's SD3.5 transformer), "bfl" (Black Forest Labs'
+    # Flux.1 transformer); "" where bake writes no such file. The parts a transformer's file holds
+    # (empty: every part, as an LDM checkpoint does).
+    original_layout: str = ""
+    original_parts: tuple[str, ...] = ()
 
     def recognises(self, denoiser_config: dict) -> bool:
         """Whether a denoiser config (a loaded model's or its config.json) is this family's."""

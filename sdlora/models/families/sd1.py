@@ -67,4 +67,5 @@ SD1 = SD1Family(
     lora_parameters_per_rank=200_000,
     load_options={"safety_checker": None, "requires_safety_checker": False},
     original_text_encoders=(("text_encoder", "clip", "cond_stage_model.transformer."),),
+    original_layout="ldm",
 )

@@ -87,6 +87,7 @@ SDXL = SDXLFamily(
     kohya_original_unet_names=True,
     adapter_layout="sdxl-unet",
     block_weights="sdxl-unet",
+    original_layout="ldm",
     original_text_encoders=(
         ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
         ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
