@@ -18,15 +18,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from sdlora.assets import DEMO_MODEL  # noqa: E402
-from sdlora.config import AdapterWeight, GenerateConfig, validation_interval  # noqa: E402
-from sdlora.demo.learning import GUIDANCE, LESSONS, faithfulness, lesson_config, shown, trigger_prompts  # noqa: E402
+from sdlora.config import validation_interval  # noqa: E402
+from sdlora.demo.checkpoint_scores import score_adapter  # noqa: E402
+from sdlora.demo.learning import LESSONS, lesson_config  # noqa: E402
 from sdlora.events import Step  # noqa: E402
 from sdlora.generation.generate import Generator  # noqa: E402
 from sdlora.library.store import AdapterLibrary  # noqa: E402
@@ -47,32 +47,29 @@ def timed_validation(spent: list[float]):
     return measured
 
 
-def adoption_of(generator: Generator, adapter: str, count: int) -> float:
-    """Share of trigger prompts whose image shows a star, with this checkpoint at weight 1."""
-    lesson = LESSONS["star"]
-    images = []
-    for i, prompt in enumerate(trigger_prompts(lesson, count)):
-        config = GenerateConfig(
-            prompt=prompt, seed=1000 + i, guidance=GUIDANCE, adapters=(AdapterWeight(adapter, 1.0),)
-        )
-        images.append(np.asarray(generator.generate(config)[0].image))
-    return shown(lesson, images)
+def training_loss_before(steps: list[Step], step: int, window: int) -> float:
+    """The mean training loss of the `window` steps up to `step` (one step's loss is mostly noise)."""
+    losses = [e.loss for e in steps if step - window < e.step <= step]
+    return sum(losses) / max(1, len(losses))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--prompts", type=int, default=12, help="evaluator prompts per checkpoint and score")
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument(
+        "--prompts", type=int, default=12, help="evaluator prompts of each kind per checkpoint"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     spent: list[float] = []
     loop.validation_loss = timed_validation(spent)
     steps: list[Step] = []
+    lesson = LESSONS["star"]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
-        config = lesson_config(LESSONS["star"], out, steps=args.steps, learning_rate=args.lr, cpu_threads=1)
+        config = lesson_config(lesson, out, steps=args.steps, learning_rate=args.lr, cpu_threads=1)
         config = replace(
             config,
             data=replace(config.data, regularization_images=""),
@@ -81,23 +78,23 @@ def main() -> None:
         started = time.perf_counter()
         loop.train(config, on_event=lambda e: steps.append(e) if isinstance(e, Step) else None)
         run_seconds = time.perf_counter() - started
+        print(f"trained {args.steps} steps in {run_seconds:.0f} s; scoring the checkpoints", flush=True)
         generator = Generator(str(DEMO_MODEL), AdapterLibrary(checkpoint_adapters_folder(out, config.name)))
+        base = score_adapter(generator, lesson, None, args.prompts, 1.0)
+        print(f"base: {base}", flush=True)
         rows = []
         for checkpoint in list_checkpoint_adapters(out, config.name):
-            name = checkpoint.path.stem
-            rows.append(
-                (
-                    checkpoint.step,
-                    checkpoint.validation_loss,
-                    adoption_of(generator, name, args.prompts),
-                    faithfulness(generator, name, 1.0, args.prompts),
-                )
+            score = score_adapter(generator, lesson, checkpoint.path.stem, args.prompts, 1.0)
+            train_loss = training_loss_before(steps, checkpoint.step, args.every)
+            rows.append((checkpoint.step, checkpoint.validation_loss, train_loss, score))
+            print(
+                f"step {checkpoint.step}: val {checkpoint.validation_loss:.4f} train {train_loss:.4f} {score}",
+                flush=True,
             )
-        base_faithful = faithfulness(generator, None, 0.0, args.prompts)
-    report(args, config, rows, base_faithful, spent, steps, run_seconds)
+    report(args, config, rows, base, spent, steps, run_seconds)
 
 
-def report(args, config, rows, base_faithful, spent, steps, run_seconds) -> None:
+def report(args, config, rows, base, spent, steps, run_seconds) -> None:
     """The table and the cost, printed and written to docs/benchmarks.md."""
     best = min(rows, key=lambda r: (r[1], r[0]))
     # the run's own seconds less validation's, per step (loading and encoding included, so the share below
@@ -106,32 +103,36 @@ def report(args, config, rows, base_faithful, spent, steps, run_seconds) -> None
     per_eval = sum(spent) / len(spent)
     default_evals = config.steps // validation_interval(config.steps)
     share = per_eval * default_evals / (step_seconds * config.steps)
+    n = args.prompts
     lines = [
         "## Validation loss against the evaluator (demo model, star)",
         "",
-        f"`python bench/validation.py --steps {args.steps} --every {args.every} --lr {args.lr:g}` on {machine()}: "
-        f"4 of the 8 star images held out, 4 trained on for {args.steps} steps at {args.lr:g} (batch "
-        f"{config.batch_size}, rank {config.lora.rank}), without the preset's regularisation images so that "
-        f"overfitting shows. Adoption: share of {args.prompts} trigger prompts drawn as a star; faithful: share of "
-        f"{args.prompts} trigger-free prompts drawn in the asked colour and shape (the base model alone: "
-        f"{base_faithful:.0%}).",
+        f"`python bench/validation.py --steps {args.steps} --every {args.every} --lr {args.lr:g} --prompts {n}` "
+        f"on {machine()}: 4 of the 8 star images held out, 4 trained on for {args.steps} steps at {args.lr:g} "
+        f"(batch {config.batch_size}, rank {config.lora.rank}), without the preset's regularisation images so "
+        f"that overfitting shows. Adoption: trigger prompts (of {n}) drawn as a star; faithful: trigger-free "
+        f"prompts (of {n}) drawn in the asked colour and shape (the base model alone: {base.faithful}/{n}). "
+        f"Training loss: the mean of the {args.every} steps up to the checkpoint.",
         "",
-        "| step | validation loss | adoption | faithful (no trigger) |",
-        "| ---: | ---: | ---: | ---: |",
+        "| step | validation loss | training loss | adoption | faithful (no trigger) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for step, loss, adopted, faithful in rows:
+    for step, loss, train_loss, score in rows:
         mark = " (lowest)" if step == best[0] else ""
-        lines.append(f"| {step} | {loss:.4f}{mark} | {adopted:.0%} | {faithful:.0%} |")
+        lines.append(
+            f"| {step} | {loss:.4f}{mark} | {train_loss:.4f} | {score.adopted}/{n} | {score.faithful}/{n} |"
+        )
     last = rows[-1]
     verdict = (
-        f"The lowest validation loss is at step {best[0]} of {rows[-1][0]}; from there to the end the "
-        f"trigger-free score goes {best[3]:.0%} -> {last[3]:.0%} and adoption {best[2]:.0%} -> {last[2]:.0%}."
+        f"The lowest validation loss is at step {best[0]} of {last[0]}; from there to the end the "
+        f"trigger-free score goes {best[3].faithful}/{n} -> {last[3].faithful}/{n} and adoption "
+        f"{best[3].adopted}/{n} -> {last[3].adopted}/{n}."
     )
     lines += [
         "",
         verdict,
         "",
-        f"Cost: one evaluation ({4} images x 4 timesteps, no_grad) takes {per_eval:.2f} s against "
+        f"Cost: one evaluation (4 images x 4 timesteps, no_grad) takes {per_eval:.2f} s against "
         f"{step_seconds:.3f} s per training step; at the default interval (ten a run) validation adds "
         f"{share:.1%} to a {config.steps}-step run (this run: {sum(spent):.1f} s of {run_seconds:.0f} s "
         f"for {len(spent)} evaluations).",
