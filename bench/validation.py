@@ -32,6 +32,7 @@ from sdlora.generation.generate import Generator  # noqa: E402
 from sdlora.library.store import AdapterLibrary  # noqa: E402
 from sdlora.training import loop  # noqa: E402
 from sdlora.training.checkpoint_adapters import checkpoint_adapters_folder, list_checkpoint_adapters  # noqa: E402
+from sdlora.training.metrics import MetricsRow, read_metrics  # noqa: E402
 
 
 def timed_validation(spent: list[float]):
@@ -47,10 +48,55 @@ def timed_validation(spent: list[float]):
     return measured
 
 
-def training_loss_before(steps: list[Step], step: int, window: int) -> float:
+def training_loss_before(rows: list[MetricsRow], step: int, window: int) -> float:
     """The mean training loss of the `window` steps up to `step` (one step's loss is mostly noise)."""
-    losses = [e.loss for e in steps if step - window < e.step <= step]
+    losses = [r.loss for r in rows if step - window < r.step <= step]
     return sum(losses) / max(1, len(losses))
+
+
+def run_config(args, out: Path):
+    """The star lesson without regularisation images, 4 of its 8 images held out for validation."""
+    config = lesson_config(LESSONS["star"], out, steps=args.steps, learning_rate=args.lr, cpu_threads=1)
+    return replace(
+        config,
+        data=replace(config.data, regularization_images=""),
+        validation=replace(config.validation, validation_images=4, validation_every=args.every),
+    )
+
+
+def score_run(args, out: Path, name: str, follow: bool) -> tuple[object, list]:
+    """The evaluator's figures for the base and each checkpoint, printed as they come.
+
+    `follow`: the run goes on in another process; score each checkpoint once its file is there, until
+    the last step's (on a 2-core machine, scoring beside training halves the wall time).
+    """
+    lesson = LESSONS["star"]
+    generator = Generator(str(DEMO_MODEL), AdapterLibrary(checkpoint_adapters_folder(out, name)))
+    base = score_adapter(generator, lesson, None, args.prompts, 1.0)
+    print(f"base: {base}", flush=True)
+    scored: dict[int, tuple] = {}
+    while True:
+        fresh = [c for c in list_checkpoint_adapters(out, name) if c.step not in scored]
+        for checkpoint in fresh:
+            time.sleep(2 if follow else 0)  # a file just listed may still be being renamed into place
+            scored[checkpoint.step] = (
+                checkpoint,
+                score_adapter(generator, lesson, checkpoint.path.stem, args.prompts, 1.0),
+            )
+            print(
+                f"step {checkpoint.step}: val {checkpoint.validation_loss:.4f} {scored[checkpoint.step][1]}",
+                flush=True,
+            )
+        if not follow or args.steps in scored:
+            break
+        if not fresh:
+            time.sleep(10)
+    metrics = read_metrics(out / f"{name}.metrics.csv")
+    rows = [
+        (step, checkpoint.validation_loss, training_loss_before(metrics, step, args.every), score)
+        for step, (checkpoint, score) in sorted(scored.items())
+    ]
+    return base, rows
 
 
 def main() -> None:
@@ -61,48 +107,44 @@ def main() -> None:
     parser.add_argument(
         "--prompts", type=int, default=12, help="evaluator prompts of each kind per checkpoint"
     )
+    parser.add_argument(
+        "--train-only", type=Path, help="train into this folder and stop (score it with --score-run)"
+    )
+    parser.add_argument(
+        "--score-run",
+        type=Path,
+        help="score the checkpoints of a run in this folder as they appear, and report",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.score_run:
+        config = run_config(args, args.score_run)
+        base, rows = score_run(args, args.score_run, config.name, follow=True)
+        report(args, config, rows, base, None)
+        return
     spent: list[float] = []
     loop.validation_loss = timed_validation(spent)
     steps: list[Step] = []
-    lesson = LESSONS["star"]
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
-        config = lesson_config(lesson, out, steps=args.steps, learning_rate=args.lr, cpu_threads=1)
-        config = replace(
-            config,
-            data=replace(config.data, regularization_images=""),
-            validation=replace(config.validation, validation_images=4, validation_every=args.every),
-        )
+        out = args.train_only or Path(scratch)
+        config = run_config(args, out)
         started = time.perf_counter()
         loop.train(config, on_event=lambda e: steps.append(e) if isinstance(e, Step) else None)
         run_seconds = time.perf_counter() - started
-        print(f"trained {args.steps} steps in {run_seconds:.0f} s; scoring the checkpoints", flush=True)
-        generator = Generator(str(DEMO_MODEL), AdapterLibrary(checkpoint_adapters_folder(out, config.name)))
-        base = score_adapter(generator, lesson, None, args.prompts, 1.0)
-        print(f"base: {base}", flush=True)
-        rows = []
-        for checkpoint in list_checkpoint_adapters(out, config.name):
-            score = score_adapter(generator, lesson, checkpoint.path.stem, args.prompts, 1.0)
-            train_loss = training_loss_before(steps, checkpoint.step, args.every)
-            rows.append((checkpoint.step, checkpoint.validation_loss, train_loss, score))
-            print(
-                f"step {checkpoint.step}: val {checkpoint.validation_loss:.4f} train {train_loss:.4f} {score}",
-                flush=True,
-            )
-    report(args, config, rows, base, spent, steps, run_seconds)
+        cost = (spent, len(steps), run_seconds)
+        print(
+            f"trained {args.steps} steps in {run_seconds:.0f} s; validation {sum(spent):.1f} s in {len(spent)}",
+            flush=True,
+        )
+        if args.train_only:
+            return
+        base, rows = score_run(args, out, config.name, follow=False)
+    report(args, config, rows, base, cost)
 
 
-def report(args, config, rows, base, spent, steps, run_seconds) -> None:
-    """The table and the cost, printed and written to docs/benchmarks.md."""
+def report(args, config, rows, base, cost) -> None:
+    """The table (and the cost, when this process trained), printed and written to docs/benchmarks.md."""
     best = min(rows, key=lambda r: (r[1], r[0]))
-    # the run's own seconds less validation's, per step (loading and encoding included, so the share below
-    # is if anything low)
-    step_seconds = (run_seconds - sum(spent)) / max(1, len(steps))
-    per_eval = sum(spent) / len(spent)
-    default_evals = config.steps // validation_interval(config.steps)
-    share = per_eval * default_evals / (step_seconds * config.steps)
     n = args.prompts
     lines = [
         "## Validation loss against the evaluator (demo model, star)",
@@ -128,18 +170,28 @@ def report(args, config, rows, base, spent, steps, run_seconds) -> None:
         f"trigger-free score goes {best[3].faithful}/{n} -> {last[3].faithful}/{n} and adoption "
         f"{best[3].adopted}/{n} -> {last[3].adopted}/{n}."
     )
-    lines += [
-        "",
-        verdict,
-        "",
-        f"Cost: one evaluation (4 images x 4 timesteps, no_grad) takes {per_eval:.2f} s against "
-        f"{step_seconds:.3f} s per training step; at the default interval (ten a run) validation adds "
-        f"{share:.1%} to a {config.steps}-step run (this run: {sum(spent):.1f} s of {run_seconds:.0f} s "
-        f"for {len(spent)} evaluations).",
-    ]
+    lines += ["", verdict]
+    if cost:
+        lines += ["", cost_line(config, *cost)]
     text = "\n".join(lines)
     print(text)
     write_section("validation", text)
+
+
+def cost_line(config, spent: list[float], steps: int, run_seconds: float) -> str:
+    """Seconds per evaluation against seconds per step, and validation's share of a default run."""
+    # the run's own seconds less validation's, per step (loading and encoding included, so the share is if
+    # anything low)
+    step_seconds = (run_seconds - sum(spent)) / max(1, steps)
+    per_eval = sum(spent) / len(spent)
+    default_evals = config.steps // validation_interval(config.steps)
+    share = per_eval * default_evals / (step_seconds * config.steps)
+    return (
+        f"Cost: one evaluation (4 images x 4 timesteps, no_grad) takes {per_eval:.2f} s against "
+        f"{step_seconds:.3f} s per training step; at the default interval (ten a run) validation adds "
+        f"{share:.1%} to a {config.steps}-step run (this run: {sum(spent):.1f} s of {run_seconds:.0f} s "
+        f"for {len(spent)} evaluations)."
+    )
 
 
 if __name__ == "__main__":

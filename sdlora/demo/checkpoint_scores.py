@@ -26,7 +26,6 @@ from sdlora.demo.learning import GUIDANCE, LESSONS, Lesson, plain_prompts, trigg
 from sdlora.library.formats.files import read_metadata
 
 TRIGGER_SEED, PLAIN_SEED = 1000, 2000  # learning.adoption's and learning.faithfulness's first seeds
-PROMPTS = 6  # per score in the app and the CLI: a grid is a look, the bench counts more
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,6 @@ class DemoScore:
     @property
     def faithfulness(self) -> float:
         return self.faithful / self.plain_prompts
-
-    def label(self, lesson: Lesson) -> str:
-        """`star 5/6 · plain 6/6`: the figures as the grid prints them under a column."""
-        return (
-            f"{lesson.name} {self.adopted}/{self.trigger_prompts} · "
-            f"plain {self.faithful}/{self.plain_prompts}"
-        )
 
 
 def demo_lesson(base_model: str | Path, adapter: Path) -> Lesson | None:
@@ -83,7 +75,7 @@ def _words(text: str) -> list[str]:
 
 
 def score_adapters(
-    generator, lesson: Lesson, adapters: list[str | None], prompts: int = PROMPTS, weight: float = 1.0
+    generator, lesson: Lesson, adapters: list[str | None], prompts: int, weight: float = 1.0
 ) -> list[DemoScore]:
     """The evaluator's figures for each adapter (None: the base model) at `weight`, on `prompts` of each kind."""
     return [score_adapter(generator, lesson, adapter, prompts, weight) for adapter in adapters]
