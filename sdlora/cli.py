@@ -231,6 +231,7 @@ def _add_adapters_parser(commands) -> None:
 def _add_checkpoint_verbs(verbs) -> None:
     """`keep` and `compare`: the adapters a run saved along the way (--adapter-every, validation)."""
     from sdlora.generation.checkpoint_grid import Comparison
+
     keep = _verb(verbs, "keep", "make a checkpoint adapter of a run the adapter (the others stay)")
     keep.add_argument("name")
     keep.add_argument("--step", type=int, required=True, help="the checkpoint's step")

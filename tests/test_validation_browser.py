@@ -63,15 +63,19 @@ def test_chart_grid_and_keep_this_one_in_chromium(browser, concepts, tmp_path, m
     # one evaluator prompt of each kind per checkpoint (the app's default is more): the figures, cheaply
     monkeypatch.setattr(checkpoints_view, "Comparison", partial(Comparison, evaluator_prompts=1))
     with serving_model(str(DEMO_MODEL), tmp_path / "app", concepts=concepts) as served:
+        from gradio_client import handle_file
+
         client = Client(served.url, verbose=False)
+        files = [handle_file(str(p)) for p in sorted((concepts / "star").iterdir())]
+        _, captions = client.predict(files=files, api_name="/upload_images")  # the .txt captions, as a page
         settings = {
             "name": "val",
             "steps": 6,
             "final_preview": False,
-            "data": {"images": str(concepts / "star"), "regularization_images": ""},
+            "data": {"regularization_images": ""},
             "validation": {"validation_folder": str(concepts / "held"), "validation_every": 2},
         }
-        client.predict(config=settings, api_name="/train")
+        client.predict(files=files, captions=captions, config=settings, api_name="/train")
         for _ in client.submit(api_name="/progress"):
             pass
         adapters = Path(served.studio.adapters_dir)
