@@ -1,12 +1,16 @@
 """Does the validation loss say when to stop? `python bench/validation.py` on the demo model.
 
 A run long enough to overfit: the star example concept, half of its images held out for validation,
-the other half trained on at a high rate for many steps, without the demo preset's regularisation
-images (so nothing holds prompts without the trigger in place). Every checkpoint adapter is then
-scored by the demo evaluator: adoption (trigger prompts that draw a star) and faithfulness
-(trigger-free prompts whose colour and shape stay as asked), beside its validation loss. Also the
-cost: seconds per evaluation against seconds per step, and the share of a default run (ten
-evaluations) that validation adds. Writes its section of docs/benchmarks.md.
+the other half trained on for many steps at a moderate rate (the demo proof's 4e-3 by default),
+without the demo preset's regularisation images (so nothing holds prompts without the trigger in
+place). Every checkpoint adapter is scored by the demo evaluator (sdlora.demo.checkpoint_scores):
+adoption (trigger prompts that draw a star) and faithfulness (trigger-free prompts whose colour and
+shape stay as asked), beside its validation loss and the training loss before it. Also the cost:
+seconds per evaluation against seconds per step, and the share of a default run (ten evaluations)
+that validation adds. Writes its section of docs/benchmarks.md.
+
+On a 2-core machine, train in one process and score in another as the checkpoints appear:
+`--train-only DIR` and `--score-run DIR` (same --steps, --every, --lr) halve the wall time.
 """
 
 from __future__ import annotations
