@@ -25,9 +25,10 @@ run: $(STAMP)
 
 # The suite's budget is 15 minutes on a 2-core machine: the slowest tests are listed after each run.
 # Each test runs torch on one thread (tests/conftest.py), so two workers use both cores; a file stays
-# on one worker, so its module fixtures (tiny models, served apps) are built once.
+# on one worker, so its module fixtures (tiny models, served apps) are built once; files go out in
+# conftest's order (the long ones first), not xdist's (the most tests first).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff check (pyproject.toml; TID251 keeps gradio out of the engine) and ruff format, checked.
 lint: $(STAMP)

@@ -226,6 +226,8 @@ def _add_adapters_parser(commands) -> None:
         )
         verb.add_argument("--overwrite", action="store_true", help="replace an adapter of that name")
     _add_checkpoint_verbs(verbs)
+    for name in ("resize", "merge", "extract", "bake"):
+        verbs.choices[name].add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def _add_checkpoint_verbs(verbs) -> None:
@@ -498,40 +500,35 @@ def run_adapters(args: argparse.Namespace) -> int:
     elif args.verb == "delete":
         library.delete(args.name)
         print(f"deleted {args.name}")
-    elif args.verb == "resize":
-        from sdlora.library.tools.resize import resize_in_library
-        from sdlora.library.tools.saving import check_against
-
-        resized = resize_in_library(
-            check_against(library, args.base_model),
-            args.name,
-            args.new_name,
-            args.rank,
-            args.keep,
-            args.ratio,
-            args.overwrite,
-        )
-        print("\n".join(resized.lines()))
-    elif args.verb == "merge":
-        from sdlora.library.tools.merge import merge_in_library, parse_weighted
-        from sdlora.library.tools.saving import check_against
-
-        weighted = [parse_weighted(text) for text in args.weighted]
-        merged = merge_in_library(
-            check_against(library, args.base_model), weighted, args.new_name, args.rank, args.overwrite
-        )
-        print("\n".join(merged.lines()))
     elif args.verb in ("keep", "compare"):
         return run_checkpoint_verb(args)
-    elif args.verb in ("extract", "bake"):
-        from sdlora.library.tools import bake, extract
-
-        if args.verb == "extract":
-            report = extract.run_from_cli(library, args)
-        else:
-            report = bake.run_from_cli(library, args, import_base_model(args.base_model))
-        print("\n".join(report.lines()))
+    elif args.verb in ("resize", "merge", "extract", "bake"):
+        print("\n".join(run_tool(library, args).lines()))
     return 0
+
+
+def run_tool(library, args: argparse.Namespace):
+    """`adapters resize|merge|extract|bake`, their progress on stderr unless --quiet; the report."""
+    from sdlora.library.tools import bake, extract
+    from sdlora.library.tools.merge import merge_in_library, parse_weighted
+    from sdlora.library.tools.resize import resize_in_library
+    from sdlora.library.tools.saving import check_against
+    from sdlora.progress import ToolProgress
+
+    progress = ToolProgress(f"{args.verb}", enabled=not args.quiet)
+    try:
+        if args.verb == "extract":
+            return extract.run_from_cli(library, args, progress)
+        if args.verb == "bake":
+            return bake.run_from_cli(library, args, import_base_model(args.base_model), progress)
+        library = check_against(library, args.base_model)
+        if args.verb == "resize":
+            rule = (args.rank, args.keep, args.ratio)
+            return resize_in_library(library, args.name, args.new_name, *rule, args.overwrite, progress)
+        weighted = [parse_weighted(text) for text in args.weighted]
+        return merge_in_library(library, weighted, args.new_name, args.rank, args.overwrite, progress)
+    finally:
+        progress.close()
 
 
 def run_checkpoint_verb(args: argparse.Namespace) -> int:

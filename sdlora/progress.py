@@ -1,6 +1,9 @@
-"""Training events shown on a terminal: a tqdm bar plus one line per notable event."""
+"""Progress shown on a terminal: training's events (a tqdm bar plus one line per notable event) and the
+adapter tools' (done, total) reports, both on stderr so that stdout keeps only the results scripts read."""
 
 from __future__ import annotations
+
+import sys
 
 from tqdm.auto import tqdm
 
@@ -66,6 +69,31 @@ class ConsoleProgress:
             figures["best"] = f"step {self._validation.best_step}"
         figures["lr"] = f"{learning_rate:.2e}"
         return figures
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class ToolProgress:
+    """An adapter tool's progress for the CLI: a bar over its layers, or a line per stage (bake)."""
+
+    def __init__(self, words: str, enabled: bool = True) -> None:
+        self.words, self.enabled = words, enabled
+        self._bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int, stage: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if stage is not None:  # few, long stages (bake): a line each, which a log keeps
+            print(f"{self.words} [{done}/{total}] {stage}", file=sys.stderr, flush=True)
+            return
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.words, unit="layer", file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -10,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tiny models gain nothing from a second thread, and OpenMP threads that outnumber free
 # cores spin-wait: a 30 ms step took 8 s while another process used both cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Where a test asks for more threads (the thread-count tests, the demo build), idle OpenMP threads sleep
+# instead of spinning: with the other worker on the other core, a 1-step run at 2 threads took 40 s
+# spinning and 9 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
@@ -21,6 +25,36 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and CI has two cores
+
+# `make test` hands whole files to two workers in collection order (--dist loadfile
+# --no-loadscope-reorder). The files that take a minute or more (its --durations list names them),
+# longest first, go first, so that the two workers end together rather than one running a long file
+# alone at the end while the other waits. The rest keep pytest's order.
+RUN_FIRST = (
+    "test_demo_learning.py",
+    "test_cli.py",
+    "test_transformer_objective.py",
+    "test_browser.py",
+    "test_browser_first_hour.py",
+    "test_train.py",
+    "test_entry_points.py",
+    "test_app.py",
+    "test_app_api.py",
+    "test_queue.py",
+    "test_demo_build.py",
+    "test_validation_browser.py",
+    "test_transformer_training.py",
+    "test_formats.py",
+    "test_browser_flux.py",
+    "test_app_queue.py",
+    "test_demo_evaluate.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first (a stable sort: the tests of a file keep their order)."""
+    first = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(RUN_FIRST)))
 
 
 @pytest.fixture(scope="session")

@@ -58,23 +58,17 @@ def scenario(tmp_path: Path) -> Scenario:
     )
 
 
-@pytest.fixture(scope="module", params=["tiny_model", "tiny_sdxl_model"])
+@pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    """The app on the tiny SD 1.x model (conftest's shared server), then on the tiny SDXL: the same steps."""
-    family = "sdxl" if request.param == "tiny_sdxl_model" else "sd1"
+    """The app on the tiny SD 1.x model (conftest's shared server). The same walk on SDXL is test_app's
+    Train-tab test without a browser, and on Flux.1 test_browser_flux: one browser walk per model kind."""
     if README_MODE:
         if not DEMO_MODEL.is_dir():
             pytest.skip(f"the README screenshots need the demo model at {DEMO_MODEL}")
-        if request.param != "tiny_model":
-            pytest.skip("the README screenshots are taken on the demo model")
         with serving_model(str(DEMO_MODEL), tmp_path_factory.mktemp("browser-app")) as served:
-            yield SimpleNamespace(url=served.url, family=family)
-    elif request.param == "tiny_model":
-        yield SimpleNamespace(url=request.getfixturevalue("tiny_app").url, family=family)
+            yield SimpleNamespace(url=served.url, family="sd1")
     else:
-        base_model = str(request.getfixturevalue(request.param))
-        with serving_model(base_model, tmp_path_factory.mktemp("browser-app")) as served:
-            yield SimpleNamespace(url=served.url, family=family)
+        yield SimpleNamespace(url=request.getfixturevalue("tiny_app").url, family="sd1")
 
 
 def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):

@@ -12,6 +12,7 @@ from sdlora.demo import build
 from sdlora.demo.components import BUILD_INFO, folder_size_mb
 
 TINY = ["--vae-steps", "1", "1", "--decoder-steps", "2", "--cache-images", "40", "--eval-per-pair", "0"]
+TINY += ["--vae-batch", "4", "--unet-batch", "4", "--measure-images", "8"]  # the stages, not the model
 
 
 @pytest.fixture(scope="module")

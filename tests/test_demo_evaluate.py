@@ -20,24 +20,27 @@ from sdlora.demo.shapes import (
 ALL_COLOURS = {**BASE_COLOURS, **NEW_COLOURS}
 
 
-def _accuracy(scenes: list, attribute: str) -> float:
-    readings = [classify(np.asarray(render(s))) for s in scenes]
-    return np.mean(
-        [getattr(r, attribute) == getattr(s, attribute) for r, s in zip(readings, scenes, strict=True)]
-    )
+def _accuracy(read: list, attribute: str) -> float:
+    """Share of (scene, reading) pairs whose reading of `attribute` is the scene's."""
+    return np.mean([getattr(reading, attribute) == getattr(scene, attribute) for scene, reading in read])
+
+
+def _read(scenes: list) -> list:
+    """Each scene with the evaluator's reading of its rendering (read once, checked by several tests)."""
+    return [(scene, classify(np.asarray(render(scene)))) for scene in scenes]
 
 
 @pytest.fixture(scope="module")
 def plain_scenes() -> list:
     rng = np.random.default_rng(1234)
-    return [make_scene(rng, BASE_SHAPES + NEW_SHAPES, ALL_COLOURS) for _ in range(300)]
+    return _read([make_scene(rng, BASE_SHAPES + NEW_SHAPES, ALL_COLOURS) for _ in range(300)])
 
 
 @pytest.fixture(scope="module")
 def textured_scenes() -> list:
     rng = np.random.default_rng(4321)
     white = {"white": BACKGROUNDS["white"]}
-    return [make_scene(rng, BASE_SHAPES, BASE_COLOURS, white, TEXTURES) for _ in range(150)]
+    return _read([make_scene(rng, BASE_SHAPES, BASE_COLOURS, white, TEXTURES) for _ in range(150)])
 
 
 def test_colour_of_clean_images_is_read_correctly(plain_scenes):

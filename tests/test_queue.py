@@ -153,7 +153,7 @@ def test_server_killed_during_a_job_resumes_it_from_its_checkpoint_after_a_resta
             "4",
             "--no-final-preview",
         ]
-        for name, steps in (("one", "4"), ("two", "150"), ("three", "4")):  # picked up by the running server
+        for name, steps in (("one", "4"), ("two", "60"), ("three", "4")):  # picked up by the running server
             assert (
                 cli(
                     capsys, "queue", "add", *base, "--name", name, "--steps", steps, "--checkpoint-every", "3"
@@ -184,7 +184,7 @@ def test_server_killed_during_a_job_resumes_it_from_its_checkpoint_after_a_resta
     assert jobs["two"].resumed_from >= int(checkpoint.name.removeprefix("step-")) >= 3
     assert f"(resumed at step {jobs['two'].resumed_from})" in jobs["two"].message
     assert jobs["two"].finished <= jobs["three"].started
-    for name, steps in (("one", "4"), ("two", "150"), ("three", "4")):
+    for name, steps in (("one", "4"), ("two", "60"), ("three", "4")):
         assert read_metadata(out / f"{name}.safetensors")["ss_steps"] == steps  # whole, readable adapters
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "one.safetensors",

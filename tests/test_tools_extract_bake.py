@@ -233,12 +233,30 @@ def baked(tmp_path_factory, tiny_model, mix_library):
     weighted = [(mix_library.read(name), weight) for name, weight in MIX]
     names = [name for name, _ in MIX]
     folder = bake(str(tiny_model), weighted, root / "baked", names=names)
-    single = bake(str(tiny_model), weighted, root / "baked.safetensors", names=names)
-    return folder, single
+    stages: list[tuple[int, int, str]] = []
+    single = bake(
+        str(tiny_model),
+        weighted,
+        root / "baked.safetensors",
+        names=names,
+        on_progress=lambda *stage: stages.append(stage),
+    )
+    return folder, single, stages
+
+
+def test_bake_reports_its_stages_in_order_and_ends_at_the_total(baked):
+    """Loading the base, fusing each adapter, saving: minutes on a real model, each announced as it starts."""
+    stages, total = baked[2], len(MIX) + 2
+    assert [done for done, _, _ in stages] == list(range(total + 1))
+    assert {whole for _, whole, _ in stages} == {total}
+    words = [stage for *_, stage in stages]
+    assert words[0].startswith("loading the base model")
+    assert words[1:3] == ["fusing reds at weight 0.8", "fusing blues at weight -0.5"]
+    assert words[3] == f"saving {baked[1].out}" and words[4] == f"saved {baked[1].out}"
 
 
 def test_baked_folder_and_single_file_draw_the_fused_mix(tiny_model, mix_library, baked):
-    folder, single = baked
+    folder, single, _ = baked
     generator = Generator(str(tiny_model), mix_library)
     fused_mix = pixels(generator, *MIX)
     assert np.abs(fused_mix - pixels(generator)).max() > 10 * FUSE_TOLERANCE  # the mix shows in the image
@@ -398,6 +416,9 @@ def test_cli_extract_and_bake(capsys, tiny_model, low_rank_pair, mix_library, tm
     )  # fmt: skip
     assert code == 0, err
     assert "layers extracted" in out and mix_library.get("cli-extract").path.is_file()
+    pipeline = build_tiny_pipeline()
+    layers = sum(len(target_modules(getattr(pipeline, part), part)) for part in ("unet", "text_encoder"))
+    assert "\rextract: 100%" in err and f"{layers}/{layers}" in err  # the bar over the layers, on stderr
     code, _, err = cli(capsys, "adapters", *library, "extract", "--base", str(tiny_model), "--tuned",
                        str(low_rank_pair[0]), "--rank", "2", "--as", "cli-extract")  # fmt: skip
     assert code == 2 and "already exists" in err
@@ -407,8 +428,15 @@ def test_cli_extract_and_bake(capsys, tiny_model, low_rank_pair, mix_library, tm
     assert code == 0, err
     assert "single file, original layout, fp16" in out
     assert header(out_file)[2] == {"F16"}
-    code, _, err = cli(capsys, *args, "--base-model", str(tiny_model), *library)
-    assert code == 2 and "already exists" in err
+    assert err.splitlines()[1:] == [
+        "bake [1/4] fusing reds at weight 0.8",
+        "bake [2/4] fusing blues at weight -0.5",
+        f"bake [3/4] saving {out_file}",
+        f"bake [4/4] saved {out_file}",
+    ]
+    assert err.startswith(f"bake [0/4] loading the base model {tiny_model}") and "bake [" not in out
+    code, _, err = cli(capsys, *args, "--base-model", str(tiny_model), *library, "--quiet")
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
 
 
 def test_flux_extract_reproduces_the_difference_and_bakes_back_into_a_folder(tiny_flux_model, tmp_path):  # noqa: F811
@@ -442,8 +470,6 @@ def test_flux_extract_reproduces_the_difference_and_bakes_back_into_a_folder(tin
         tuned = pipeline.transformer.get_submodule(path).weight
         assert torch.allclose(again.get_submodule(path).weight, tuned, atol=1e-5), path
         assert (tuned - before).abs().max() > 1e-3
-    with pytest.raises(ModelLoadError, match="not flux; save a diffusers folder"):
-        bake(str(tiny_flux_model), [(adapter, 1.0)], tmp_path / "flux.safetensors")
 
 
 def test_original_layout_agrees_with_the_single_file_tests_writer(tiny_sdxl_model):

@@ -211,6 +211,9 @@ def test_cli_resize_and_merge_write_new_adapters_that_say_what_they_came_from(li
     )
     assert code == 0, err
     assert "a (rank 6) -> a-2" in out and "file size" in out and "unet." in out
+    layers = len(library.read("a").layers)
+    assert "\rresize: 100%" in err and f"{layers}/{layers}" in err  # progress on stderr, not stdout
+    assert f"{layers}/{layers}" not in out
     made = header(library.path_of("a-2"))
     assert made["sdlora.made_from"] == "a resized to rank 2" and made["ss_network_dim"] == "2"
     assert made["sdlora.trigger_word"] == "trig1" and "sdlora.train_config" not in made
@@ -238,8 +241,9 @@ def test_cli_resize_and_merge_write_new_adapters_that_say_what_they_came_from(li
         "--overwrite",
         "--adapters-dir",
         root,
+        "--quiet",
     )
-    assert code == 0, err
+    assert code == 0 and err == "", err
     assert header(library.path_of("a-2"))["sdlora.made_from"] == "a resized to 90% of each layer's norm"
 
 

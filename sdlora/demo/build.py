@@ -109,11 +109,11 @@ def _finish_stage_slice(state: BuildState, cfg: BuildConfig, tic: float, losses:
     state.seconds[state.stage] = state.seconds.get(state.stage, 0.0) + seconds
     extra = {}
     if state.stage in ("vae1", "vae2", "decoder"):
-        extra["psnr_db"] = records.vae_psnr(state.vae, cfg.seed + 99)
+        extra["psnr_db"] = records.vae_psnr(state.vae, cfg.seed + 99, min(64, cfg.measure_images))
     records.append_row(cfg.doc, state.stage, state.steps.get(state.stage, 0), seconds, losses, extra)
     if done:
         if state.stage == "vae2":
-            records.set_scaling_factor(state.vae, cfg.seed + 98)
+            records.set_scaling_factor(state.vae, cfg.seed + 98, cfg.measure_images)
         state.next_stage()
     state.save(cfg.work / "checkpoint.pt")
 
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=BuildConfig.work)
     parser.add_argument("--doc", type=Path, default=BuildConfig.doc)
     parser.add_argument("--eval-per-pair", type=int, default=BuildConfig.eval_per_pair)
+    # Smaller batches and measurements than the recipe's: for the tests, which check the stages, not the model.
+    parser.add_argument("--vae-batch", type=int, default=BuildConfig.vae_batch, help="a multiple of 4")
+    parser.add_argument("--unet-batch", type=int, default=BuildConfig.unet_batch)
+    parser.add_argument("--measure-images", type=int, default=BuildConfig.measure_images)
     args = parser.parse_args(argv)
     cfg = BuildConfig(
         out=args.out,
@@ -141,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         cache_images=args.cache_images,
         doc=args.doc,
         eval_per_pair=args.eval_per_pair,
+        vae_batch=args.vae_batch,
+        unet_batch=args.unet_batch,
+        measure_images=args.measure_images,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -57,8 +57,12 @@ def vae_psnr(vae, seed: int, count: int = 64) -> float:
 def set_scaling_factor(vae, seed: int, count: int = 512) -> None:
     """Scale latents to unit variance, as Stable Diffusion's 0.18215 does for its VAE."""
     vae.eval()
+    batch = min(count, 64)
     latents = torch.cat(
-        [vae.encode(_images(seed + k, 64, False)).latent_dist.mode() for k in range(count // 64)]
+        [
+            vae.encode(_images(seed + k, batch, False)).latent_dist.mode()
+            for k in range(max(1, count // batch))
+        ]
     )
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
 

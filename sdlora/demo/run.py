@@ -47,6 +47,9 @@ class BuildConfig:
     export_minutes: float = 10.0
     budget_minutes: float | None = None  # stop cleanly after this much wall time
     eval_per_pair: int = 2  # images per colour x shape pair scored at each export (0: skip)
+    measure_images: int = (
+        512  # images encoded to set the latent scale; the first 64 also score the VAE's PSNR
+    )
     doc: Path = Path("docs/demo-model.md")  # where stage figures are appended
     threads: int = 2
 

@@ -6,6 +6,12 @@ and ComfyUI load: the UNet under `model.diffusion_model.` with the original bloc
 `first_stage_model.`, and the text encoders under the prefix each family's loader looks for:
 OpenAI CLIP keeps transformers' names, OpenCLIP (SD 2.x, SDXL's second encoder) has its own, with
 q, k and v stacked in one `in_proj` and the projection stored transposed.
+SD3.5 and Flux.1 transformers are written in their own originals' names (transformer_layout.py):
+SD3.5 as Stability's `sd3.5_large.safetensors`, the MMDiT under `model.diffusion_model.` and the
+VAE under `first_stage_model.`; Flux.1 as Black Forest Labs' `flux1-dev.safetensors`, the
+transformer alone with bare keys. Neither holds the text encoders (T5-XXL alone is ~9.5 GB in
+fp16; ComfyUI and Forge load the stock encoders beside these files), so a mix that changes one is
+refused for a single file rather than silently left out.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from sdlora.errors import ModelLoadError
 from sdlora.library.formats.names import UNetBlocks, canonical_text_path, to_ldm
 from sdlora.models.families import family_named, is_family_name
+from sdlora.models.transformer_layout import flux_tensors, sd3_tensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -28,9 +35,18 @@ OPEN_CLIP = {
 }
 
 
+TRANSFORMER_PARTS = {"sd3": ("transformer", "vae"), "flux": ("transformer",)}  # what their files hold
+
+
 def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
-    """Every weight of the pipeline's UNet, VAE and text encoders under its original checkpoint key."""
+    """Every weight the family's single file holds, under its original checkpoint key."""
     check_family(family)
+    if family == "flux":
+        return flux_tensors(pipeline.transformer)
+    if family == "sd3":
+        out = {UNET_PREFIX + k: v for k, v in sd3_tensors(pipeline.transformer).items()}
+        out.update(vae_tensors(pipeline.vae))
+        return out
     out = unet_tensors(pipeline.unet)
     out.update(vae_tensors(pipeline.vae))
     for part, kind, prefix in family_named(family).original_text_encoders:
@@ -39,12 +55,23 @@ def original_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_family(family: str) -> None:
-    """Refuse, in one line, a family whose original single-file layout is not written here."""
-    if not (is_family_name(family) and family_named(family).original_text_encoders):
+def check_family(family: str, changed_parts: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse, in one line, a family whose single-file layout is not written here, or a change to a
+    part its file does not hold (the text encoders of SD3.5 and Flux.1)."""
+    if not (
+        is_family_name(family)
+        and (family_named(family).original_text_encoders or family in TRANSFORMER_PARTS)
+    ):
         raise ModelLoadError(
-            f"a single file in the original layout is written for SD 1.x, 2.x and SDXL, not {family}; "
-            "save a diffusers folder instead"
+            f"a single file in the original layout is written for SD 1.x, 2.x, SDXL, SD3.5 and Flux.1, "
+            f"not {family}; save a diffusers folder instead"
+        )
+    held = TRANSFORMER_PARTS.get(family)
+    left_out = sorted(changed_parts - set(held)) if held else []
+    if left_out:
+        raise ModelLoadError(
+            f"a {family_named(family).words} single file holds the {' and '.join(held)} only, not the "
+            f"{', '.join(left_out)} this mix changes; bake to a diffusers folder to keep them"
         )
 
 

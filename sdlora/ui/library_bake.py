@@ -93,7 +93,7 @@ def layout(studio: Studio) -> BakeWidgets:
                 list(LAYOUTS),
                 value=next(iter(LAYOUTS)),
                 label="Save as",
-                info="the single file loads in AUTOMATIC1111, Forge and ComfyUI",
+                info="the single file loads in AUTOMATIC1111, Forge and ComfyUI (Flux.1: as diffusion model)",
                 elem_id="bake-layout",
             )
             precision = gr.Radio(list(PRECISIONS), value="fp16", label="Precision", elem_id="bake-precision")
@@ -150,7 +150,14 @@ class BakeHandlers:
         return *self.refresh(), "\n".join([lines[-1], *lines[:-1]])
 
     @readable_errors
-    def bake(self, mix: str, name: str, layout: str, precision: str):
+    def bake(
+        self,
+        mix: str,
+        name: str,
+        layout: str,
+        precision: str,
+        progress=gr.Progress(),  # noqa: B008 - gradio finds it by default
+    ):
         """Bake the mix into the server's base model; the report and, for a single file, the file."""
         from sdlora.library.store import safe_name
         from sdlora.library.tools.bake import bake, parse_mix
@@ -160,7 +167,14 @@ class BakeHandlers:
         folder = Path(tempfile.mkdtemp(prefix="bake-", dir=self.studio.work_dir))
         out = folder / (safe_name(name or "baked") + LAYOUTS.get(layout, ".safetensors"))
         dtype = None if precision == "fp32" else precision
-        report = bake(self.studio.base_model, weighted, out, dtype, names=[n for n, _ in pairs])
+        report = bake(
+            self.studio.base_model,
+            weighted,
+            out,
+            dtype,
+            names=[n for n, _ in pairs],
+            on_progress=lambda done, total, stage: progress(done / total, desc=stage),
+        )
         gr.Info(f"Baked {out.name}.")
         return "\n".join(report.lines()), (str(out) if out.is_file() else None)
 

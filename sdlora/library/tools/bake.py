@@ -1,11 +1,12 @@
 """Bake: a mix of adapters merged into the base model's weights and saved as a full model.
 
 The base is loaded afresh (the generator's resident base is shared and stays untouched), each
-adapter goes in through diffusers' LoRA loaders, the mix is weighted and fused by diffusers'
-`set_adapters` and `fuse_lora` in float32, and the LoRA layers are unloaded. The result is saved
-as a diffusers folder, or as one `.safetensors` file in the original checkpoint layout that
-AUTOMATIC1111, Forge and ComfyUI load (SD 1.x, 2.x, SDXL), optionally in float16 or bfloat16,
-with what was baked named in its metadata (the folder: in `baked.json`).
+adapter goes in through diffusers' LoRA loaders, is weighted and fused by diffusers' `set_adapters`
+and `fuse_lora` in float32, and its LoRA layers are unloaded. The result is saved as a diffusers
+folder, or as one `.safetensors` file in the original checkpoint layout that AUTOMATIC1111, Forge
+and ComfyUI load (SD 1.x, 2.x, SDXL; SD3.5 and Flux.1 in their transformers' own layouts, see
+models/transformer_layout.py), optionally in float16 or bfloat16, with what was baked named in its
+metadata (the folder: in `baked.json`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,9 @@ from sdlora.library.formats.adapter import Adapter, ModelLayout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE = ".safetensors"
+PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}  # ours -> modelspec's
 RECORD = "baked.json"  # a baked folder's record of what went into it
+Progress = Callable[[int, int, str], None]  # (stages done, stages in all, the stage now under way)
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ def bake(
     dtype: str | None = None,
     names: list[str] | None = None,
     overwrite: bool = False,
+    on_progress: Progress | None = None,
 ) -> BakeReport:
-    """Save `base_model` with the weighted adapters fused in at `out` (a folder, or a .safetensors file)."""
+    """Save `base_model` with the weighted adapters fused in at `out` (a folder, or a .safetensors file);
+    `on_progress` hears (stages done, stages in all, the stage now under way) from 0 to the end."""
     from sdlora.models.loading import inspect_pipeline, load_pipeline
 
     out = Path(out)
@@ -68,28 +74,39 @@ def bake(
         a.metadata.get("modelspec.title") or f"adapter {i + 1}" for i, (a, _) in enumerate(weighted)
     ]
     check_request(weighted, out, dtype, names, overwrite)
+    stages = len(weighted) + 2  # the base loaded, each adapter fused, the model saved
+    tell = on_progress or (lambda done, total, stage: None)
+    tell(0, stages, f"loading the base model {base_model}")
     pipeline = load_pipeline(base_model)
     info = inspect_pipeline(pipeline)
-    if out.suffix == SINGLE_FILE:
+    if out.suffix == SINGLE_FILE:  # before the work: a family or a mix its single file cannot hold
         from sdlora.models.original_layout import check_family
 
-        check_family(info.family)  # before the work: SD3/Flux.1 single files are not written yet
-    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family))
+        check_family(info.family, {key.split(".", 1)[0] for adapter, _ in weighted for key in adapter.layers})
+    layers = fuse_mix(pipeline, weighted, names, ModelLayout.of(pipeline, info.family), tell)
     pipeline.to(DTYPES[dtype or "fp32"])
     mix = tuple(zip(names, (float(w) for _, w in weighted), strict=True))
+    save = save_single_file if out.suffix == SINGLE_FILE else save_folder
+    tell(stages - 1, stages, f"saving {out}")
+    save(pipeline, info.family, out, baked_record(base_model, info, out, mix), overwrite)
+    size = (
+        out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    )
+    tell(stages, stages, f"saved {out}")
+    return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
+
+
+def baked_record(base_model: str, info, out: Path, mix: tuple[tuple[str, float], ...]) -> dict[str, str]:
+    """What was baked into what, as the single file's header or the folder's baked.json says it."""
     record = {
         "sdlora.baked": json.dumps([[n, w] for n, w in mix]),
         "sdlora.base_model": base_model,
         "sdlora.family": info.family,
         "modelspec.title": out.stem if out.suffix == SINGLE_FILE else out.name,
-        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
     }
-    save = save_single_file if out.suffix == SINGLE_FILE else save_folder
-    save(pipeline, info.family, out, record, overwrite)
-    size = (
-        out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    )
-    return BakeReport(out, base_model, info.family, mix, layers, dtype or "fp32", size)
+    if info.prediction_type in PREDICTIONS:  # modelspec names no value for flow matching (SD3.5, Flux.1)
+        record["modelspec.prediction_type"] = PREDICTIONS[info.prediction_type]
+    return record
 
 
 def check_request(
@@ -109,23 +126,35 @@ def check_request(
         raise ConfigError(f"bake: {out} must be a folder or end in {SINGLE_FILE}")
 
 
-def fuse_mix(pipeline, weighted: list[tuple[Adapter, float]], names: list[str], layout: ModelLayout) -> int:
-    """Fuse the weighted adapters into the pipeline's weights; returns how many layers changed."""
+def fuse_mix(
+    pipeline,
+    weighted: list[tuple[Adapter, float]],
+    names: list[str],
+    layout: ModelLayout,
+    on_progress: Progress | None = None,
+) -> int:
+    """Fuse the weighted adapters into the pipeline's weights, one after another; how many layers changed.
+
+    Each is fused and its LoRA layers dropped before the next comes in: the weights end as the sum
+    fusing them together gives (peft adds one adapter's ΔW at a time either way), and memory holds
+    one adapter's layers, not the whole mix's."""
     from sdlora.library.formats.pipeline import load_into_pipeline
 
-    peft_names, changed = [], set()
-    for i, ((adapter, _), name) in enumerate(zip(weighted, names, strict=True)):
+    for name, (adapter, _) in zip(names, weighted, strict=True):  # all checked before any is fused
         wrong = next((key for key in adapter.layers if key not in layout.shapes), None)
         if wrong is not None:
             raise AdapterFormatError(
                 f"{name} does not fit this {layout.family} base model: it has no layer {wrong}"
             )
-        peft_names.append(f"bake_{i}")
-        load_into_pipeline(pipeline, adapter, peft_names[-1])
+    changed = set()
+    for i, ((adapter, weight), name) in enumerate(zip(weighted, names, strict=True), start=1):
+        if on_progress is not None:
+            on_progress(i, len(weighted) + 2, f"fusing {name} at weight {float(weight):g}")
+        load_into_pipeline(pipeline, adapter, f"bake_{i}")
+        pipeline.set_adapters([f"bake_{i}"], [float(weight)])
+        pipeline.fuse_lora(adapter_names=[f"bake_{i}"], lora_scale=1.0)
+        pipeline.unload_lora_weights()  # after fusing, this keeps the fused weights and drops peft's layers
         changed.update(adapter.layers)
-    pipeline.set_adapters(peft_names, [float(w) for _, w in weighted])
-    pipeline.fuse_lora(adapter_names=peft_names, lora_scale=1.0)
-    pipeline.unload_lora_weights()  # after fusing, this keeps the fused weights and drops peft's layers
     return len(changed)
 
 
@@ -151,16 +180,17 @@ def save_single_file(pipeline, family: str, out: Path, record: dict[str, str], o
     from sdlora.models.original_layout import original_state_dict
 
     tensors = {k: v.contiguous() for k, v in original_state_dict(pipeline, family).items()}
-    architecture = family_named(family).modelspec_architecture.removesuffix("/lora")
+    denoiser = getattr(pipeline, family_named(family).denoiser)
+    architecture = family_named(family).architecture_of(dict(denoiser.config)).removesuffix("/lora")
     header = {**record, "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture}
     save_tensors(out, tensors, header)
 
 
-def run_from_cli(library, args, base_model: str) -> BakeReport:
+def run_from_cli(library, args, base_model: str, on_progress: Progress | None = None) -> BakeReport:
     """`adapters bake`: library adapters at their weights, baked into --base-model (the demo model if none)."""
     weighted = [(_with_block_weights(library, name, lbw), weight) for name, weight, lbw in args.adapters]
     names = [f"{name}:lbw={lbw}" if lbw else name for name, _, lbw in args.adapters]
-    return bake(base_model, weighted, Path(args.out), args.dtype, names=names)
+    return bake(base_model, weighted, Path(args.out), args.dtype, names=names, on_progress=on_progress)
 
 
 def _with_block_weights(library, name: str, block_weights: str) -> Adapter:

@@ -24,6 +24,7 @@ import torch
 from sdlora.errors import ConfigError, ModelLoadError, SdloraError
 from sdlora.library.formats.adapter import Adapter, LoraLayer
 from sdlora.library.formats.names import canonical_text_path
+from sdlora.library.tools.saving import check_new_name
 from sdlora.models.families.sd3 import JOINT_ATTENTION
 
 if TYPE_CHECKING:
@@ -122,9 +123,7 @@ def extract_into_library(
     from sdlora.library.tools.model_weights import layout_pipeline
 
     check_rule(rank, keep, threshold)
-    library.refuse_reserved(name)
-    if library.path_of(name).exists():
-        raise SdloraError(f"an adapter named {name!r} already exists; pick another name for the extract")
+    check_new_name(library, name)  # refused before any work
     base, adapter, report = _extracted(base_model, tuned_model, rank, keep, threshold, progress)
     if not adapter.layers:
         raise SdloraError(f"{tuned_model} does not differ from {base_model}: nothing to extract")
@@ -288,11 +287,13 @@ def extract_metadata(
     }
 
 
-def run_from_cli(library: AdapterLibrary, args) -> ExtractReport:
+def run_from_cli(
+    library: AdapterLibrary, args, progress: Callable[[int, int], None] | None = None
+) -> ExtractReport:
     """`adapters extract`: the parsed flags -> one extract into the library; the report back."""
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     info, report = extract_into_library(
-        library, args.new_name, args.base, args.tuned, args.rank, args.keep, threshold
+        library, args.new_name, args.base, args.tuned, args.rank, args.keep, threshold, progress
     )
     print(info.path)
     return report
