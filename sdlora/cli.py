@@ -232,6 +232,8 @@ def _add_adapters_parser(commands) -> None:
 
 def _add_checkpoint_verbs(verbs) -> None:
     """`keep` and `compare`: the adapters a run saved along the way (--adapter-every, validation)."""
+    from sdlora.generation.checkpoint_grid import Comparison
+
     keep = _verb(verbs, "keep", "make a checkpoint adapter of a run the adapter (the others stay)")
     keep.add_argument("name")
     keep.add_argument("--step", type=int, required=True, help="the checkpoint's step")
@@ -245,6 +247,13 @@ def _add_checkpoint_verbs(verbs) -> None:
     compare.add_argument("--prompts", nargs="*", default=[], help="default: the trigger word")
     compare.add_argument("--seeds", nargs="*", type=int, default=[1], help="default: 1")
     compare.add_argument("--inference-steps", type=int, default=20, help="denoising steps (default: 20)")
+    compare.add_argument(
+        "--evaluator-prompts",
+        type=int,
+        default=Comparison.evaluator_prompts,
+        help="on the demo model, trigger and trigger-free prompts the demo evaluator scores per checkpoint "
+        f"(default: {Comparison.evaluator_prompts} of each; 0: none)",
+    )
     compare.add_argument("--out", required=True, help="output PNG")
     ext = _verb(verbs, "extract", "a LoRA from the difference of a fine-tuned model and its base")
     ext.add_argument("--base", required=True, help="the base model: hub id, diffusers folder or .safetensors")
@@ -539,13 +548,17 @@ def run_checkpoint_verb(args: argparse.Namespace) -> int:
         prompts=tuple(args.prompts),
         seeds=tuple(args.seeds),
         steps=args.inference_steps,
+        evaluator_prompts=args.evaluator_prompts,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compare_checkpoints(import_base_model(args.base_model), args.adapters_dir, args.name, comparison).save(
-        out
+    compared = compare_checkpoints(
+        import_base_model(args.base_model), args.adapters_dir, args.name, comparison
     )
+    compared.image.save(out)
     print(out)
+    if compared.scores:  # only where the demo evaluator can read the images
+        print("\n".join(compared.summary()))
     return 0
 
 

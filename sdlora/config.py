@@ -296,6 +296,12 @@ class ValidationConfig:
         "one; 0: with validation, at every evaluation; else none).",
         bounds=(0, 100_000),
     )
+    adapter_every_epochs: int = _opt(
+        0,
+        "Save a library-loadable adapter every N epochs (passes over the concept images) instead of every "
+        "N steps; 0: by steps.",
+        bounds=(0, 100_000),
+    )
     log_with: str = _opt(
         "", "Also log the losses, learning rate and previews to tensorboard or wandb.", choices=TRACKERS
     )
@@ -312,6 +318,10 @@ class ValidationConfig:
         if self.validation_images and self.validation_folder:
             raise ConfigError(
                 "validation_images and validation_folder both given; hold images out or name a folder, not both"
+            )
+        if self.adapter_every and self.adapter_every_epochs:
+            raise ConfigError(
+                "adapter_every and adapter_every_epochs both given; save adapters by steps or by epochs, not both"
             )
         if self.stop_when_validation_rises and not self.enabled:
             raise ConfigError(

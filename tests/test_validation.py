@@ -164,11 +164,20 @@ def test_a_held_out_run_trains_on_the_rest(base):
     assert [e.step for e in events if isinstance(e, Validated)] == [1, 2]  # ten a run, at least every step
 
 
+def test_adapters_saved_every_n_epochs_land_where_an_epoch_ends(base):
+    config = replace(base, name="by-epochs", steps=5, batch_size=2)
+    run(replace(config, validation=replace(config.validation, adapter_every_epochs=1)))
+    # four images, two a step: an epoch ends every second step, and the last step is always kept
+    assert [c.step for c in list_checkpoint_adapters(config.output_dir, config.name)] == [2, 4, 5]
+
+
 def test_validation_settings_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="not both"):
         ValidationConfig(validation_images=1, validation_folder="x").validate()
     with pytest.raises(ConfigError, match="needs validation images"):
         ValidationConfig(stop_when_validation_rises=2).validate()
+    with pytest.raises(ConfigError, match="by steps or by epochs, not both"):
+        ValidationConfig(adapter_every=2, adapter_every_epochs=1).validate()
 
 
 def test_rising_validation_stops_the_run_and_keeps_the_best_checkpoint(base, images, monkeypatch):

@@ -1,29 +1,36 @@
-"""The Train tab in Chromium: the loss chart with validation points, the checkpoint grid, "Keep this one".
+"""The Train tab in Chromium: the loss chart with validation points, the checkpoint grid with the demo
+evaluator's figures, "Keep this one".
 
-Writes docs/screenshots/validation.png (the page after comparing and keeping a checkpoint).
+On the demo model with star images, so that the grid shows the evaluator's figures under each
+checkpoint. Writes docs/screenshots/validation.png (the page after comparing and keeping a checkpoint).
 """
 
 from __future__ import annotations
 
+import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
-from app_server import REPO, serving_model
+from app_server import DEMO_MODEL, REPO, serving_model
 from chromium import TIMEOUT_MS
-from conftest import draw_concept
 
+from sdlora.assets import EXAMPLE_CONCEPTS
+from sdlora.demo.learning import base_not_ready
 from sdlora.training.checkpoint_adapters import list_checkpoint_adapters
 
 
 @pytest.fixture()
 def concepts(tmp_path) -> Path:
+    """Four of the star example's images to train on, two others held out for validation."""
     root = tmp_path / "concepts"
-    (root / "circle").mkdir(parents=True)
+    (root / "star").mkdir(parents=True)
     (root / "held").mkdir()
-    for i in range(4):
-        draw_concept(root / "circle" / f"img{i}.png", i)
-    for i in range(2):
-        draw_concept(root / "held" / f"val{i}.png", 2 * i, colour=(30, 160, 40))
+    stars = sorted((EXAMPLE_CONCEPTS / "star").glob("*.png"))
+    for i, image in enumerate(stars[:6]):
+        folder = root / ("star" if i < 4 else "held")
+        shutil.copyfile(image, folder / image.name)
+        shutil.copyfile(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
     return root
 
 
@@ -43,28 +50,32 @@ def patient_url_ok(url: str) -> bool:
     return False
 
 
-def test_chart_grid_and_keep_this_one_in_chromium(
-    browser,
-    tiny_model,
-    concepts,
-    tmp_path,
-    monkeypatch,
-):
+@pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
+def test_chart_grid_and_keep_this_one_in_chromium(browser, concepts, tmp_path, monkeypatch):
     from gradio import networking
     from gradio_client import Client
     from playwright.sync_api import expect
 
+    from sdlora.generation.checkpoint_grid import Comparison
+    from sdlora.ui import checkpoints_view
+
     monkeypatch.setattr(networking, "url_ok", patient_url_ok)
-    with serving_model(str(tiny_model), tmp_path / "app", concepts=concepts) as served:
+    # one evaluator prompt of each kind per checkpoint (the app's default is more): the figures, cheaply
+    monkeypatch.setattr(checkpoints_view, "Comparison", partial(Comparison, evaluator_prompts=1))
+    with serving_model(str(DEMO_MODEL), tmp_path / "app", concepts=concepts) as served:
+        from gradio_client import handle_file
+
         client = Client(served.url, verbose=False)
+        files = [handle_file(str(p)) for p in sorted((concepts / "star").iterdir())]
+        _, captions = client.predict(files=files, api_name="/upload_images")  # the .txt captions, as a page
         settings = {
             "name": "val",
             "steps": 6,
             "final_preview": False,
-            "data": {"images": str(concepts / "circle"), "resolution": 32},
+            "data": {"regularization_images": ""},
             "validation": {"validation_folder": str(concepts / "held"), "validation_every": 2},
         }
-        client.predict(config=settings, api_name="/train")
+        client.predict(files=files, captions=captions, config=settings, api_name="/train")
         for _ in client.submit(api_name="/progress"):
             pass
         adapters = Path(served.studio.adapters_dir)
@@ -80,8 +91,14 @@ def test_chart_grid_and_keep_this_one_in_chromium(
         expect(page.locator("#loss-curve")).to_be_visible()
         expect(page.locator("#loss-curve")).to_contain_text("validation")
         page.locator("#checkpoints").get_by_text("Checkpoints: compare and keep one").click()
+        page.locator("#checkpoint-weights textarea, #checkpoint-weights input").first.fill("1")
         page.locator("#compare-checkpoints").click()
         expect(page.locator("#checkpoint-grid img")).to_be_visible()
+        # the demo evaluator's figures, listed under the grid as they are drawn under its columns
+        for step in (2, 4, 6):
+            expect(page.locator("#checkpoint-figures")).to_contain_text(f"step {step}: val ")
+        expect(page.locator("#checkpoint-figures")).to_contain_text("trigger prompts drawn as star")
+        expect(page.locator("#checkpoint-figures")).to_contain_text("trigger-free prompts drawn right")
         page.locator("#checkpoint-step input").click()
         page.get_by_role("option", name="step 2", exact=False).click()
         page.locator("#keep-checkpoint").click()

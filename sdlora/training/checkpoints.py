@@ -208,6 +208,7 @@ RESUMABLE_CHANGES = (
     "validation.validation_every",
     "validation.stop_when_validation_rises",
     "validation.adapter_every",
+    "validation.adapter_every_epochs",
     "validation.log_with",
 )
 

@@ -71,7 +71,7 @@ from sdlora.training.optimizers import check_available, make_optimizer
 from sdlora.training.preview import render_previews
 from sdlora.training.step import Run, optimizer_step
 from sdlora.training.validation import ValidationSet, hold_out, load_validation_folder, validation_loss
-from sdlora.training.watch import Watch
+from sdlora.training.watch import Watch, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,13 @@ def _resume(run: Run, resume_path: Path | None) -> int:
 def _start_watch(run: Run, held: ValidationSet | None, start: int) -> Watch:
     """The metrics file and the trackers of this run, and what it validates on."""
     start_trackers(run.accelerator, run.config)
-    return Watch.start(run.config, held, start, run.accelerator.is_main_process)
+    per_epoch = steps_per_epoch(
+        run.encoded,
+        run.config.batch_size,
+        run.accelerator.num_processes,
+        run.config.gradient_accumulation_steps,
+    )
+    return Watch.start(run.config, held, start, run.accelerator.is_main_process, per_epoch)
 
 
 def _started(run: Run, prepared: Prepared, start: int) -> Started:

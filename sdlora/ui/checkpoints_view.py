@@ -1,6 +1,7 @@
 """The Train tab's checkpoint adapters: a grid of checkpoints x weights with each validation loss under its
-column, and "Keep this one", which makes the chosen checkpoint the adapter. Gradio only: the engine's
-checkpoint_grid and checkpoint_adapters do the work."""
+column (and, on the demo model, the demo evaluator's figures, also listed under the grid), and "Keep this
+one", which makes the chosen checkpoint the adapter. Gradio only: the engine's checkpoint_grid and
+checkpoint_adapters do the work."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class CheckpointWidgets:
     weights: gr.Textbox
     prompt: gr.Textbox
     grid: gr.Image
+    figures: gr.Markdown
     message: gr.Markdown
 
 
@@ -49,7 +51,7 @@ class CheckpointHandlers:
         return gr.Dropdown(choices=options, value=chosen), name
 
     def compare(self, name: str = "", weights: str = "1.0", prompt: str = ""):
-        """The grid of checkpoints x weights at two fixed seeds."""
+        """The grid of checkpoints x weights at two fixed seeds, and the evaluator's figures where there are some."""
         name = self._name(name)
         try:
             values = tuple(float(w) for w in str(weights).split(",") if w.strip()) or (1.0,)
@@ -59,9 +61,11 @@ class CheckpointHandlers:
             weights=values, prompts=(prompt.strip(),) if prompt.strip() else (), seeds=(1, 2)
         )
         try:
-            return compare_checkpoints(self.studio.base_model, self.studio.adapters_dir, name, comparison)
+            compared = compare_checkpoints(self.studio.base_model, self.studio.adapters_dir, name, comparison)
         except SdloraError as exc:
             raise gr.Error(str(exc)) from None
+        figures = "\n".join(f"- {line}" for line in compared.summary()) if compared.scores else ""
+        return compared.image, figures
 
     def keep(self, name: str = "", step: str | None = None) -> str:
         """Make the chosen checkpoint the adapter."""
@@ -92,8 +96,9 @@ def build(studio: Studio) -> CheckpointWidgets:
             keep = gr.Button("Keep this one", variant="primary", elem_id="keep-checkpoint")
         message = gr.Markdown(elem_id="checkpoint-message")
         grid = gr.Image(label="Checkpoints x weights", type="pil", format="png", elem_id="checkpoint-grid")
+        figures = gr.Markdown(elem_id="checkpoint-figures")
     compare.click(handlers.choices, name, [checkpoint, name], api_name="checkpoints").then(
-        handlers.compare, [name, weights, prompt], grid, api_name="compare_checkpoints"
+        handlers.compare, [name, weights, prompt], [grid, figures], api_name="compare_checkpoints"
     )
     keep.click(handlers.keep, [name, checkpoint], message, api_name="keep_checkpoint")
-    return CheckpointWidgets(name, checkpoint, weights, prompt, grid, message)
+    return CheckpointWidgets(name, checkpoint, weights, prompt, grid, figures, message)
