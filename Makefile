@@ -12,11 +12,10 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch alone first, so nothing else can pick a CUDA build. --no-compile: byte-compiling every
-	# installed file was about 60 s of a 2-core install; Python compiles what it imports on first use.
-	$(PY) -m pip install --quiet --no-compile torch==2.13.0
-	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-compile --no-deps -e .
+	# torch alone first, so nothing else can pick a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
