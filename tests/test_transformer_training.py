@@ -3,15 +3,12 @@ using the files it saves (diffusers' own loaders, sdlora's Generator)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, cli
 from safetensors.torch import load_file, save_file
 from tiny_transformers import tiny_flux_model, tiny_sd3_model  # noqa: F401 - fixtures
 
@@ -162,12 +159,13 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(transformer_con
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
-def test_the_cli_trains_a_transformer_model(transformer_model, concept_dir, tmp_path):
-    command = [sys.executable, "-m", "sdlora", "train", "--base-model", str(transformer_model)]
+def test_the_cli_trains_a_transformer_model(transformer_model, concept_dir, tmp_path, capsys):
+    """`sdlora train` in this process (test_cli runs the real `python -m sdlora` process)."""
+    command = ["train", "--base-model", str(transformer_model), "--quiet"]
     command += ["--images", str(concept_dir), "--trigger", "sks", "--resolution", str(IMAGE_SIZE)]
     command += ["--steps", "2", "--output", str(tmp_path / "out"), "--name", "cli", "--no-final-preview"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, _, errors = cli(capsys, *command)
+    assert code == 0, errors[-2000:]
     header = load_file(str(tmp_path / "out" / "cli.safetensors"))
     assert header and all(k.startswith("lora_unet_") for k in header)  # kohya's names for the transformer
 
