@@ -515,7 +515,7 @@ def run_tool(library, args: argparse.Namespace):
     from sdlora.library.tools.saving import check_against
     from sdlora.progress import ToolProgress
 
-    progress = ToolProgress(f"{args.verb}", enabled=not args.quiet)
+    progress = ToolProgress(args.verb, enabled=not args.quiet)
     try:
         if args.verb == "extract":
             return extract.run_from_cli(library, args, progress)
