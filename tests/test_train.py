@@ -12,6 +12,7 @@ import torch
 from conftest import IMAGE_SIZE, draw_concept, unet_output
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from resume_check import straight_and_resumed
+from tiny_transformers import tiny_flux_model, tiny_sd3_model  # noqa: F401 - fixtures
 
 from sdlora.config import DataConfig, LoraSpec, TrainConfig
 from sdlora.errors import CheckpointError, ConceptImagesError, ConfigError, TrainingDiverged
@@ -340,6 +341,58 @@ def test_previews_draw_a_trained_caption_at_fixed_seeds(tiny_config):
     # img0.txt says "a red circle": the first image's caption with the trigger put in front.
     assert preview.prompts == ("sks, a red circle",) and preview.seeds == (1, 2)
     assert len(preview.images) == 2 and Path(preview.path).exists()
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sd3_model", "tiny_flux_model"])
+def test_previews_drawn_in_batches_equal_those_drawn_one_at_a_time(tiny_config, model, request):
+    """Batches of the training batch size: each image from its own seed's noise, as if drawn alone."""
+    import numpy as np
+    from accelerate import Accelerator
+
+    from sdlora.models.families import family_of_pipeline
+    from sdlora.models.loading import load_pipeline
+    from sdlora.training.preview import render_previews
+
+    pipeline = load_pipeline(str(request.getfixturevalue(model)))
+    denoiser = getattr(pipeline, family_of_pipeline(pipeline).denoiser)
+    config = tiny_config.replace(preview_seeds=(1, 2, 3), preview_inference_steps=3)
+    drawn = {
+        batch: render_previews(
+            pipeline, Accelerator(cpu=True), denoiser, config.replace(batch_size=batch), ("sks", "a"), 0
+        ).images
+        for batch in (1, 4)
+    }
+    alone, batched = ([np.asarray(image, dtype=np.int16) for image in drawn[b]] for b in (1, 4))
+    assert len(batched) == 6
+    assert max(int(np.abs(a - b).max()) for a, b in zip(alone, batched, strict=True)) <= 2
+    assert int(np.abs(alone[0] - alone[1]).max()) > 10  # different seeds: different images
+
+
+def test_the_final_preview_reuses_a_preview_drawn_at_the_last_step(tiny_config, monkeypatch):
+    """The adapter's .preview.png: drawn once more only when no preview was drawn at the last step."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.training import loop
+
+    drawn = []
+    draw = loop.render_previews
+    monkeypatch.setattr(loop, "render_previews", lambda *a: drawn.append(a[-1]) or draw(*a))
+    # (steps, the steps drawn at, the Preview events' steps: the last is the final preview's)
+    for steps, draws, shown in ((4, [2, 4], [2, 4, 4]), (3, [2, 3], [2, 3])):
+        drawn.clear()
+        events = []
+        config = tiny_config.replace(
+            name=f"p{steps}", steps=steps, preview_every=2, preview_inference_steps=2
+        )
+        result = train(config, on_event=events.append)
+        assert drawn == draws, steps
+        previews = [e for e in events if isinstance(e, Preview)]
+        assert [p.step for p in previews] == shown, steps
+        saved = result.adapter_path.with_name(f"p{steps}.preview.png")
+        assert np.array_equal(
+            np.asarray(Image.open(saved).convert("RGB")), np.asarray(previews[-1].images[0])
+        )
 
 
 def test_adafactor_trains_and_a_missing_optimizer_package_is_named_before_loading(tiny_config, monkeypatch):

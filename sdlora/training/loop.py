@@ -165,10 +165,10 @@ def _train(
         start = _resume(run, resume_path)
         watch = _start_watch(run, held, start)
         emit(_started(run, prepared, start))
-        step, loss_value = _train_steps(run, prepared, emit, stop, start, watch)
+        step, loss_value, last_preview = _train_steps(run, prepared, emit, stop, start, watch)
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:  # the family known: its advice
         raise OutOfMemory(out_of_memory_advice(config, prepared.family)) from exc
-    return _save(run, prepared, emit, step, loss_value, replaceable, watch)
+    return _save(run, prepared, emit, step, loss_value, replaceable, watch, last_preview)
 
 
 def _prepare(config: TrainConfig, files: list[str] | None, pipeline) -> Prepared:
@@ -316,11 +316,12 @@ def _started(run: Run, prepared: Prepared, start: int) -> Started:
 
 def _train_steps(
     run: Run, prepared: Prepared, emit: EventCallback, stop: StopFlag, start: int, watch: Watch
-) -> tuple[int, float]:
-    """Steps until the last or a stop request: each logged, checkpointed and previewed as configured."""
+) -> tuple[int, float, Preview | None]:
+    """Steps until the last or a stop request: each logged, checkpointed and previewed as configured.
+    Returns the step reached, its loss and the last preview rendered (None: none was)."""
     config = run.config
     preview_prompts = _preview_prompts(config, prepared)
-    throughput, loss_value, step = Throughput(), float("nan"), start
+    throughput, loss_value, step, preview = Throughput(), float("nan"), start, None
     throughput.tick()
     run.denoiser.train()
     while step < config.steps and not stop.requested:
@@ -342,7 +343,7 @@ def _train_steps(
             emit(preview)
             run.denoiser.train()
     remember_speed(config, str(run.accelerator.device), throughput.seconds_per_step(), step - start)
-    return step, loss_value
+    return step, loss_value, preview
 
 
 def _after_step(
@@ -419,6 +420,7 @@ def _save(
     loss_value: float,
     replaceable: tuple | None,
     watch: Watch,
+    last_preview: Preview | None = None,
 ) -> TrainResult:
     """A checkpoint to resume from, and the adapter with its metadata, config and final preview."""
     config, accelerator, skipped = run.config, run.accelerator, prepared.skipped
@@ -444,7 +446,7 @@ def _save(
             message = " ".join(filter(None, [kept, message]))
         emit(Saved(step, str(path), "adapter"))
         if config.final_preview and not overfitting:  # the preview would show the last step, not the kept one
-            emit(_final_preview(run, prepared, path, step))
+            emit(_final_preview(run, prepared, path, step, last_preview))
     accelerator.wait_for_everyone()
     stopped = step < config.steps
     emit(Finished(step=step, adapter_path=str(path), stopped_early=stopped, message=message))
@@ -483,11 +485,17 @@ def _write_adapter(
         atomic_write_text(config_path, config.to_json() + "\n")
 
 
-def _final_preview(run: Run, prepared: Prepared, path: Path, step: int) -> Preview:
-    """The preview of the finished adapter, also saved beside it."""
+def _final_preview(
+    run: Run, prepared: Prepared, path: Path, step: int, last_preview: Preview | None
+) -> Preview:
+    """The preview of the finished adapter, also saved beside it. A preview rendered at this very step
+    shows the same weights with the same prompts and seeds, so it is reused rather than drawn again."""
     config = run.config
-    prompts = _preview_prompts(config, prepared)
-    preview = render_previews(prepared.pipeline, run.accelerator, run.denoiser, config, prompts, step)
+    if last_preview is not None and last_preview.step == step:
+        preview = last_preview
+    else:
+        prompts = _preview_prompts(config, prepared)
+        preview = render_previews(prepared.pipeline, run.accelerator, run.denoiser, config, prompts, step)
     atomic_write(
         path.with_name(path.name.removesuffix(".safetensors") + ".preview.png"),
         lambda tmp: preview.images[0].save(tmp, format="PNG"),

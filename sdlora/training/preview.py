@@ -23,20 +23,22 @@ def render_previews(
     # The same pipeline class around the training denoiser: every family's own sampler and conditioning.
     preview = type(pipeline).from_pipe(pipeline, **{family_of_pipeline(pipeline).denoiser: model})
     preview.set_progress_bar_config(disable=True)
+    pairs = [(prompt, seed) for prompt in prompts for seed in config.preview_seeds]
     images = []
     with accelerator.autocast():
-        for prompt in prompts:
-            for seed in config.preview_seeds:
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-                images.append(
-                    preview(
-                        prompt,
-                        num_inference_steps=config.preview_inference_steps,
-                        height=config.data.resolution,
-                        width=config.data.resolution,
-                        generator=generator,
-                    ).images[0]
-                )
+        # In batches of the training batch size: one call per batch costs far less than one per image where
+        # the per-call overhead dominates (small models, CPUs), and a batch drawn without gradients needs
+        # less memory than the training batch of that size that has just run. Each image keeps its own
+        # seed's generator, so it starts from the noise it would alone.
+        for start in range(0, len(pairs), max(1, config.batch_size)):
+            chunk = pairs[start : start + max(1, config.batch_size)]
+            images += preview(
+                [prompt for prompt, _ in chunk],
+                num_inference_steps=config.preview_inference_steps,
+                height=config.data.resolution,
+                width=config.data.resolution,
+                generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk],
+            ).images
     if accelerator.device.type == "cuda":
         frozen_parts_to(pipeline, torch.device("cpu"))
     path = run_folder(config) / "previews" / f"step-{step:06d}.png"
