@@ -2,7 +2,8 @@
 evaluator's figures, "Keep this one".
 
 On the demo model with star images, so that the grid shows the evaluator's figures under each
-checkpoint. Writes docs/screenshots/validation.png (the page after comparing and keeping a checkpoint).
+checkpoint. SDLORA_UPDATE_SCREENSHOTS=1 copies the page after comparing and keeping a checkpoint to
+docs/screenshots/validation.png.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from app_server import DEMO_MODEL, REPO, serving_model
-from chromium import TIMEOUT_MS
+from app_server import DEMO_MODEL, serving_model
+from chromium import TIMEOUT_MS, shoot
 
 from sdlora.assets import EXAMPLE_CONCEPTS
 from sdlora.demo.learning import base_not_ready
@@ -60,8 +61,9 @@ def test_chart_grid_and_keep_this_one_in_chromium(browser, concepts, tmp_path, m
     from sdlora.ui import checkpoints_view
 
     monkeypatch.setattr(networking, "url_ok", patient_url_ok)
-    # one evaluator prompt of each kind per checkpoint (the app's default is more): the figures, cheaply
-    monkeypatch.setattr(checkpoints_view, "Comparison", partial(Comparison, evaluator_prompts=1))
+    # One evaluator prompt of each kind per checkpoint and a 4-step grid (the app's defaults are 6 and 20):
+    # the page is under test here, not the pictures (the grid's layout: tests/test_validation.py).
+    monkeypatch.setattr(checkpoints_view, "Comparison", partial(Comparison, evaluator_prompts=1, steps=4))
     with serving_model(str(DEMO_MODEL), tmp_path / "app", concepts=concepts) as served:
         from gradio_client import handle_file
 
@@ -72,6 +74,7 @@ def test_chart_grid_and_keep_this_one_in_chromium(browser, concepts, tmp_path, m
             "name": "val",
             "steps": 6,
             "final_preview": False,
+            "preview_every": 0,
             "data": {"regularization_images": ""},
             "validation": {"validation_folder": str(concepts / "held"), "validation_every": 2},
         }
@@ -104,5 +107,5 @@ def test_chart_grid_and_keep_this_one_in_chromium(browser, concepts, tmp_path, m
         page.locator("#keep-checkpoint").click()
         expect(page.locator("#checkpoint-message")).to_contain_text("adapter of step 2")
         page.locator("#checkpoints").scroll_into_view_if_needed()
-        page.screenshot(path=str(REPO / "docs" / "screenshots" / "validation.png"), full_page=True)
+        shoot(page, "validation.png", tmp_path)
         assert (adapters / "val.safetensors").read_bytes() == saved[0].path.read_bytes()
