@@ -19,6 +19,8 @@ from chromium import REPO, TIMEOUT_MS, containing, exactly, open_tab, shoot
 from conftest import draw_concept
 from tiny_models import IMAGE_SIZE
 
+from sdlora.config import preview_interval
+
 pytest.importorskip("sdlora.training.presets", reason="the app needs sdlora.training.presets")
 pytest.importorskip("sdlora.generation.generate", reason="the app needs sdlora.generation.generate")
 
@@ -71,6 +73,19 @@ def server(request, tmp_path_factory):
         yield SimpleNamespace(url=request.getfixturevalue("tiny_app").url, family="sd1")
 
 
+def fill_steps(page, steps: int, preview_every: int) -> None:
+    """Steps, then previews: a change of steps sets the preview interval from the server, so the page waits
+    for that answer before it types its own interval (typed first, the answer would overwrite it)."""
+    from playwright.sync_api import expect
+
+    page.locator("#steps input").fill(str(steps))
+    page.locator("#steps input").press("Tab")
+    expect(page.locator("#preview-every input")).to_have_value(str(preview_interval(steps)))
+    page.locator("#preview-every input").fill(str(preview_every))
+    page.locator("#preview-every input").press("Tab")
+    expect(page.locator("#preview-every input")).to_have_value(str(preview_every))
+
+
 def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     from playwright.sync_api import expect
 
@@ -94,13 +109,9 @@ def test_upload_train_generate_download_in_chromium(browser, server, tmp_path):
     expect(page.locator("#captions")).to_contain_text(Path(images[0]).name)
     page.locator("#adapter-name textarea, #adapter-name input").first.fill(run.name)
     page.locator("#trigger-word textarea, #trigger-word input").first.fill(run.trigger)
-    for field, value in (
-        ("steps", run.steps),
-        ("preview-every", run.preview_every),
-        ("resolution", run.resolution),
-    ):
-        if value is not None:
-            page.locator(f"#{field} input").fill(str(value))
+    fill_steps(page, run.steps, run.preview_every)
+    if run.resolution is not None:
+        page.locator("#resolution input").fill(str(run.resolution))
     page.locator("#train-button").click()
     expect(page.locator("#train-status")).to_contain_text("finished", timeout=30 * TIMEOUT_MS)
     expect(page.locator("#previews img").first).to_be_visible()
@@ -200,8 +211,8 @@ def test_two_jobs_queued_in_the_train_tab_both_finish_in_chromium(browser, serve
     expect(page.locator("#preset-note")).to_contain_text("Preset")
     page.locator("#concept-files input[type=file]").set_input_files(files)
     expect(page.locator("#thumbnails img")).to_have_count(len(files))
-    for field, value in (("steps", 4), ("preview-every", 0), ("resolution", IMAGE_SIZE)):
-        page.locator(f"#{field} input").fill(str(value))
+    fill_steps(page, 4, 0)
+    page.locator("#resolution input").fill(str(IMAGE_SIZE))
     names = ["queued-first", "queued-second"]
     for name in names:
         page.locator("#adapter-name textarea, #adapter-name input").first.fill(name)

@@ -1,7 +1,7 @@
 """End to end on the embedded demo model: a LoRA trained with the demo preset teaches an unseen concept.
 
 The suite's one demo-model learning proof, shortened: the demo preset (rank, targets, batch, 64 px,
-its regularisation images) for a quarter of its 600 steps at twice its learning rate, judged by the
+its regularisation images) for a sixth of its 600 steps at 2.5 times its learning rate, judged by the
 evaluator on the same prompts and seeds as bench/learning.py. The full run, the other concepts, the
 adoption curve and the demo captioner's captions are measured there (docs/benchmarks.md).
 """
@@ -27,10 +27,12 @@ from sdlora.training.loop import train
 
 needs_ready_base = pytest.mark.skipif(base_not_ready() is not None, reason=str(base_not_ready()))
 LESSON = LESSONS["magenta"]
-# Measured on this machine's CPU build: 90% adoption at weight 1, 10% at 0.5, 0% at 0, and 10 of 12
-# plain prompts right with the adapter (12 of 12 without). The preset's 600 steps: bench/learning.py.
-STEPS, LEARNING_RATE = 150, 4e-3
-PROMPTS, PLAIN_PROMPTS = 20, 12
+# Measured on this machine's CPU build: 11 of 12 trigger prompts drawn magenta at weight 1, 5 at 0.5,
+# none at 0, and 10 of 12 plain prompts right with the adapter (the base: 96%). Tried for less: 80 steps
+# at 5e-3 or 6e-3 reached 9 and 7 of 12 at weight 1; 150 steps at 4e-3 (this test until 2026-12) gave
+# 90%/10%/0% on 20 prompts. The preset's 600 steps and the adoption curve: bench/learning.py.
+STEPS, LEARNING_RATE = 100, 5e-3
+PROMPTS, PLAIN_PROMPTS = 12, 12
 
 
 def images_of(generator, prompts: list[str], weight: float, seed: int) -> list[np.ndarray]:
