@@ -141,3 +141,55 @@ def test_downloads_are_named_by_format(tmp_path, tiny_config):
     kohya = library.export("tiny", "kohya", tmp_path / "k")
     diffusers = library.export("tiny", "diffusers", tmp_path / "d")
     assert (kohya.name, diffusers.name) == ("tiny.safetensors", "tiny.diffusers.safetensors")
+
+
+def test_the_first_estimate_counts_the_previews_the_run_will_draw(tmp_path):
+    """Every preview_every steps and the final one, which reuses a preview drawn at the last step."""
+    from sdlora.training.estimate import preview_seconds
+
+    config = demo_config(tmp_path, steps=600)
+    plain = estimate_training(config.replace(preview_every=0, final_preview=False), 2_000_000, None, "cpu")
+    assert "preview" not in plain.text
+    for every, drawn in ((150, 4), (250, 3), (0, 1)):
+        with_previews = config.replace(preview_every=every)
+        renders, seconds = preview_seconds(with_previews, 2_000_000, "cpu", (300, 100))
+        assert renders == drawn and seconds > 0
+        said = estimate_training(with_previews, 2_000_000, None, "cpu", layers=(300, 100))
+        alone = estimate_training(
+            with_previews.replace(preview_every=0, final_preview=False),
+            2_000_000,
+            None,
+            "cpu",
+            layers=(300, 100),
+        )
+        assert said.seconds == pytest.approx(alone.seconds + seconds)
+        assert f"{drawn} preview{'s' * (drawn > 1)} included" in said.text
+    # Twice the seeds, twice the images; in batches of the batch size, more calls cost more.
+    one = preview_seconds(config.replace(preview_seeds=(1,)), 2_000_000, "cpu", (300, 100))[1]
+    two = preview_seconds(config.replace(preview_seeds=(1, 2)), 2_000_000, "cpu", (300, 100))[1]
+    assert two > one
+    assert preview_seconds(config.replace(batch_size=1), 2_000_000, "cpu", (300, 100))[1] > two
+
+
+def test_the_first_estimate_grows_with_the_layers_a_step_calls(tmp_path):
+    config = demo_config(tmp_path, steps=100)
+    few = estimate_training(config, 2_000_000, None, "cpu", layers=(300, 50))
+    many = estimate_training(config, 2_000_000, None, "cpu", layers=(300, 150))
+    assert many.seconds_per_step > few.seconds_per_step and not many.measured
+
+
+def test_layer_counts_name_the_layers_the_adapter_adapts(tiny_model):
+    """What the estimate counts is what add_lora adapts, on the bare model and with an adapter loaded."""
+    from peft.tuners.lora import LoraLayer
+
+    from sdlora.config import LoraSpec
+    from sdlora.models.loading import load_pipeline
+    from sdlora.training.lora import add_lora, layer_counts
+
+    for spec in (LoraSpec(rank=2), LoraSpec(rank=2, extra_target_modules=("proj_in", "ff.net.2", "conv1"))):
+        unet = load_pipeline(str(tiny_model)).unet
+        modules, adapted = layer_counts(unet, spec)
+        add_lora(unet, spec)
+        assert adapted == sum(isinstance(m, LoraLayer) for m in unet.modules()) > 0
+        assert layer_counts(unet, spec) == (modules, adapted)  # the loaded adapter's own parts not counted
+    assert adapted > layer_counts(unet, LoraSpec(rank=2))[1]

@@ -34,11 +34,16 @@ class Estimate:
 
 
 # Measured on this project's 2-core CPU: a full SD 1.5 UNet step at 512 px took 19 s; work
-# scales with parameters x latent pixels. Small models are dominated by a fixed cost per
-# step. A GPU is taken as ~80x faster: rough by design, and replaced by a measurement after
-# the first run.
+# scales with parameters x latent pixels. A GPU is taken as ~80x faster: rough by design, and
+# replaced by a measurement after the first run.
 CPU_SECONDS_PER_PARAM_PIXEL = 19.0 / (860e6 * 64 * 64)
 GPU_SPEEDUP = 80.0
+# Small models are dominated by what each layer call costs beyond its arithmetic (a forward and a backward
+# through every module, each LoRA layer adding its own few calls): seconds per call, and per call and
+# image, fitted on two demo-model runs on this project's 2-core CPU (bench/estimate.py); on a GPU a kernel
+# launch. Without the model's layer counts, a fixed cost per step stands in (SD 1.5's ~1000 calls).
+SECONDS_PER_CALL = {"cpu": (1.0e-4, 2.2e-5), "cuda": (1e-5, 0.0)}
+CALLS_PER_LORA_LAYER = 4  # its down and up projections, the scale, the sum
 STEP_OVERHEAD_SECONDS = {"cpu": 0.15, "cuda": 0.03}
 
 
@@ -102,17 +107,56 @@ def measured_speed(config: TrainConfig, device: str) -> float | None:
         return None
 
 
-def formula_seconds_per_step(config: TrainConfig, unet_parameters: int, device: str) -> float:
-    """A step's seconds from the model's size and the latent pixels it sees: rough, for before any run."""
+def _kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _forward_seconds_per_image(config: TrainConfig, unet_parameters: int, device: str) -> float:
+    """The arithmetic of one image's forward pass through the denoiser."""
     latent_pixels = (config.data.resolution / 8) ** 2
-    images_per_step = config.batch_size * config.gradient_accumulation_steps
-    if config.data.regularization_images:
-        images_per_step *= 2  # as many regularisation images as concept images in every step
-    per_step = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels * images_per_step * 3  # fwd+bwd
-    if device.startswith("cuda"):
-        per_step /= GPU_SPEEDUP
-    overhead = STEP_OVERHEAD_SECONDS["cuda" if device.startswith("cuda") else "cpu"]
+    seconds = CPU_SECONDS_PER_PARAM_PIXEL * unet_parameters * latent_pixels
+    return seconds / GPU_SPEEDUP if device.startswith("cuda") else seconds
+
+
+def _seconds_per_pass(device: str, layers: tuple[int, int] | None, images: int) -> float | None:
+    """The calls' cost of one forward pass over `images`, from (modules, LoRA layers); None without them."""
+    if layers is None:
+        return None
+    modules, adapted = layers
+    per_call, per_call_and_image = SECONDS_PER_CALL[_kind(device)]
+    return (modules + CALLS_PER_LORA_LAYER * adapted) * (per_call + per_call_and_image * images)
+
+
+def formula_seconds_per_step(
+    config: TrainConfig, unet_parameters: int, device: str, layers: tuple[int, int] | None = None
+) -> float:
+    """A step's seconds from the model's size, its layer calls and the latent pixels it sees: rough, for
+    before any run. `layers`: (leaf modules, layers the adapter adapts), sdlora.training.lora.layer_counts."""
+    images_per_pass = config.batch_size * (2 if config.data.regularization_images else 1)  # as many
+    images_per_step = images_per_pass * config.gradient_accumulation_steps  # regularisation images as concept
+    per_step = _forward_seconds_per_image(config, unet_parameters, device) * images_per_step * 3  # fwd+bwd
+    per_pass = _seconds_per_pass(device, layers, images_per_pass)
+    overhead = STEP_OVERHEAD_SECONDS[_kind(device)] if per_pass is None else 3 * per_pass
     return per_step + overhead * config.gradient_accumulation_steps
+
+
+def preview_seconds(
+    config: TrainConfig, unet_parameters: int, device: str, layers: tuple[int, int] | None = None
+) -> tuple[int, float]:
+    """(previews drawn, their seconds) in a run: every `preview_every` steps and the final one (which
+    reuses a preview drawn at the last step), each prompt x seed in batches of the batch size, every
+    sampling step a pass over the batch with and without the prompt (guidance)."""
+    renders = config.steps // config.preview_every if config.preview_every else 0
+    if config.final_preview and not (config.preview_every and config.steps % config.preview_every == 0):
+        renders += 1
+    images = max(1, len(config.preview_prompts)) * len(config.preview_seeds)
+    batch = min(images, max(1, config.batch_size))
+    batches = math.ceil(images / batch)
+    per_pass = _seconds_per_pass(device, layers, 2 * batch)  # with and without the prompt
+    per_pass = STEP_OVERHEAD_SECONDS[_kind(device)] / 3 if per_pass is None else per_pass
+    forward = _forward_seconds_per_image(config, unet_parameters, device)
+    per_render = config.preview_inference_steps * (batches * per_pass + images * 2 * forward)
+    return renders, renders * per_render
 
 
 def gpu_memory_gb(config: TrainConfig, unet_parameters: int, info: ModelInfo | None) -> float:
@@ -210,18 +254,26 @@ def estimate_training(
     info: ModelInfo | None,
     device: str,
     captioning: tuple[int, str, float] = (0, "", 0.0),
+    layers: tuple[int, int] | None = None,
 ) -> Estimate:
     """The duration (and GPU memory) of a run, shown before it starts; measured speed first, else the formula.
 
     `captioning` is (uncaptioned images, captioner name, its seconds for them): the time the
-    "Caption images" step adds before training, counted in the total.
+    "Caption images" step adds before training, counted in the total. `layers` is the denoiser's
+    (leaf modules, layers this config adapts), sdlora.training.lora.layer_counts, for the formula.
+    A measured speed already holds the previews drawn among its steps; the formula adds theirs.
     """
     measured = measured_speed(config, device)
-    per_step = measured or formula_seconds_per_step(config, unet_parameters, device)
+    per_step = measured or formula_seconds_per_step(config, unet_parameters, device, layers)
+    previews, previews_seconds = (
+        (0, 0.0) if measured else preview_seconds(config, unet_parameters, device, layers)
+    )
     uncaptioned, captioner, caption_seconds = captioning
-    seconds = config.steps * per_step + caption_seconds
+    seconds = config.steps * per_step + previews_seconds + caption_seconds
     memory = gpu_memory_gb(config, unet_parameters, info) if device.startswith("cuda") else None
     text = f"about {_duration(seconds)} for {config.steps} steps on {device} at {per_step:.2f} s/step"
+    if previews:
+        text += f", {previews} preview{'s' * (previews != 1)} included (about {_duration(previews_seconds)})"
     text += (
         " (measured in the last run here with these settings)"
         if measured

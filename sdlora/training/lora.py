@@ -67,6 +67,25 @@ def draw_initial_weights(unet: torch.nn.Module, seed: int) -> None:
             weight.copy_(torch.randn(weight.shape, generator=generator) / module.r[ADAPTER_NAME])
 
 
+def layer_counts(
+    denoiser: torch.nn.Module, spec: LoraSpec, family_targets: tuple[str, ...] | None = None
+) -> tuple[int, int]:
+    """(leaf modules a forward pass calls, layers the spec would adapt) of a denoiser, for the estimate: on a
+    small model each call costs more than its arithmetic. Adapters already loaded (peft's lora_* parts) are
+    left out and their wrapped layers counted under their own names, as on the bare model."""
+    targets = targets_for(spec, family_targets)
+    modules = adapted = 0
+    for name, module in denoiser.named_modules():
+        if next(module.children(), None) is not None or ".lora_" in f".{name}":
+            continue
+        modules += 1
+        name = name.removesuffix(".base_layer")
+        adapted += isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(
+            name == target or name.endswith(f".{target}") for target in targets
+        )
+    return modules, adapted
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

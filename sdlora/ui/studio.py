@@ -316,12 +316,15 @@ class Studio:
         from sdlora.captioning.captioners import is_present, spec_of
         from sdlora.models.hub import offline
         from sdlora.training.estimate import captioning_seconds, estimate_training
+        from sdlora.training.lora import layer_counts
 
         generator = self.generator()
         denoiser = getattr(
             generator.pipeline, generator.model_info.model_family.denoiser
         )  # UNet or transformer
         unet_parameters = sum(p.numel() for p in denoiser.parameters())
+        family = generator.model_info.model_family
+        layers = layer_counts(denoiser, config.lora, family.lora_targets)
         device = str(generator.device)
         spec = spec_of(self.captioning.name())
         if offline() and not is_present(spec):
@@ -335,6 +338,7 @@ class Studio:
             generator.model_info,
             device,
             captioning=(uncaptioned, spec.name, seconds),
+            layers=layers,
         )
 
     # -- generation and the library ------------------------------------------------------------
