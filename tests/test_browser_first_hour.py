@@ -3,7 +3,7 @@
 Example concept -> the preset in force -> a short run -> previews appear -> generate with the
 adapter -> download each format. Along the way: the estimate learns this machine's speed from the
 run, controls that cannot act are not clickable, and the page says how many files it loaded.
-SDLORA_FIRST_HOUR_STEPS sets the run's length (default 20: still four previews, and the speed the
+SDLORA_FIRST_HOUR_STEPS sets the run's length (default 8: still four previews, and the speed the
 estimate learns is the run's own, however short); SDLORA_UPDATE_SCREENSHOTS=1 copies the screenshots
 to docs/screenshots/.
 """
@@ -19,7 +19,7 @@ from chromium import TIMEOUT_MS, exactly, open_tab, shoot
 
 from sdlora.config import TRIGGER_WORD, preview_interval
 
-STEPS = int(os.environ.get("SDLORA_FIRST_HOUR_STEPS", "20"))
+STEPS = int(os.environ.get("SDLORA_FIRST_HOUR_STEPS", "8"))
 CONCEPT = "star"
 SPEED = re.compile(r"([\d.]+) s/step")
 
