@@ -29,11 +29,13 @@ run: $(STAMP)
 	$(PY) app.py
 
 # The suite's budget is 15 minutes on a 2-core machine: the slowest tests are listed after each run.
-# Each test runs torch on one thread (tests/conftest.py), so two workers use both cores; a file stays
-# on one worker, so its module fixtures (tiny models, served apps) are built once; files go out in
-# conftest's order (the long ones first), not xdist's (the most tests first).
+# Each test runs torch on one thread (tests/conftest.py). Three workers on two cores: a worker often
+# waits (on a browser, on a server or a subprocess importing torch), and the third keeps both cores busy
+# (the same tree, ten minutes apart: 894 s with two workers, 635 s with three). A file stays on one
+# worker, so its module fixtures (tiny models, served apps) are built once; files go out in conftest's
+# order (the long ones first), not xdist's (the most tests first).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff check (pyproject.toml; TID251 keeps gradio out of the engine) and ruff format, checked.
 lint: $(STAMP)

@@ -26,10 +26,10 @@ from tiny_models import IMAGE_SIZE, save_tiny_model, save_tiny_sdxl_model  # noq
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and CI has two cores
 
-# `make test` hands whole files to two workers in collection order (--dist loadfile
+# `make test` hands whole files to three workers in collection order (--dist loadfile
 # --no-loadscope-reorder). The files that take a minute or more (its --durations list names them),
-# longest first, go first, so that the two workers end together rather than one running a long file
-# alone at the end while the other waits. The rest keep pytest's order.
+# longest first, go first, so that the workers end together rather than one running a long file
+# alone at the end while the others wait. The rest keep pytest's order.
 RUN_FIRST = (
     "test_demo_learning.py",
     "test_cli.py",
