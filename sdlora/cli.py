@@ -460,6 +460,7 @@ def run_adapters(args: argparse.Namespace) -> int:
     from datetime import datetime
     from pathlib import Path
 
+    from sdlora.library.formats.files import file_size
     from sdlora.library.store import AdapterLibrary
 
     library = AdapterLibrary(args.adapters_dir)
@@ -469,7 +470,7 @@ def run_adapters(args: argparse.Namespace) -> int:
             when = datetime.fromtimestamp(a.modified).strftime("%Y-%m-%d %H:%M")
             print(
                 f"{a.name}\t{a.family}\trank {a.rank}\talpha {a.alpha}\tsteps {a.steps}\t"
-                f"trigger {', '.join(a.trigger_words) or '-'}\t{a.size_bytes / 1e6:.1f} MB\t{when}"
+                f"trigger {', '.join(a.trigger_words) or '-'}\t{file_size(a.size_bytes)}\t{when}"
             )
         for problem in listing.problems:
             print(f"damaged: {problem}", file=sys.stderr)

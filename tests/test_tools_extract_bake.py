@@ -272,6 +272,9 @@ def test_baked_folder_and_single_file_draw_the_fused_mix(tiny_model, mix_library
     )
     assert folder.layers == single.layers == len(mix_library.read("reds").layers)
     assert "reds at weight 0.8" in single.lines()
+    # the size in the unit the browser's file box and the Library table use (2**20 bytes), not 10**6
+    size = single.out.stat().st_size
+    assert f"{size / 2**20:.1f} MB)" in single.lines()[-1] or f"{size / 2**10:.0f} KB)" in single.lines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora.library.formats import FORMATS, TOOLS
+from sdlora.library.formats.files import file_size
 from sdlora.ui import library_bake, library_blocks, library_reshape
 from sdlora.ui.messages import readable_errors
 from sdlora.ui.studio import Studio
@@ -34,7 +35,7 @@ def adapter_rows(adapters) -> pd.DataFrame:
             a.rank or "",
             a.steps or "",
             ", ".join(a.trigger_words),
-            _size(a.size_bytes),
+            file_size(a.size_bytes),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(a.modified)),
         ]
         for a in adapters
@@ -266,7 +267,3 @@ def wire(w: LibraryWidgets, h: LibraryHandlers) -> None:
         h.import_adapter, [w.upload, w.import_name], [*listing, w.name, w.upload], api_name="import_adapter"
     )
     gr.api(h.export, api_name="export_adapter")  # for scripts: the file path in a format, by adapter name
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"

@@ -230,3 +230,9 @@ def remove_stale_temp_files(folder: Path, max_age_s: float = STALE_AFTER_S) -> l
 
 def _short(text: str, limit: int = 90) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def file_size(n: int, digits: int = 1) -> str:
+    """A file's size as every report and table here writes it: in units of 2**20 bytes called MB, as the
+    browser's file boxes (gradio) count them, so that one file shows one number everywhere."""
+    return f"{n / 2**20:.{digits}f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"

@@ -22,6 +22,7 @@ import torch
 
 from sdlora.errors import AdapterFormatError, ConfigError, SdloraError
 from sdlora.library.formats.adapter import Adapter, ModelLayout
+from sdlora.library.formats.files import file_size
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE = ".safetensors"
@@ -51,7 +52,7 @@ class BakeReport:
         out = [f"{name} at weight {weight:g}" for name, weight in self.mix]
         out.append(
             f"baked into {self.base_model} ({self.family}): {self.layers} layers changed; "
-            f"{self.out} ({self.layout}, {self.dtype}, {self.size_bytes / 1e6:.1f} MB)"
+            f"{self.out} ({self.layout}, {self.dtype}, {file_size(self.size_bytes)})"
         )
         return out
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sdlora.errors import SdloraError
 from sdlora.library.formats import Adapter, family_of, write_adapter
+from sdlora.library.formats.files import file_size
 
 if TYPE_CHECKING:
     from sdlora.library.store import AdapterLibrary
@@ -84,8 +85,4 @@ def check_against(library: AdapterLibrary, base_model: str | None) -> AdapterLib
 
 def file_size_note(before: int, after: int) -> str:
     """The file size before and after, as the report says it."""
-    return f"file size {_megabytes(before)} -> {_megabytes(after)} ({after / before:.0%})"
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+    return f"file size {file_size(before, 2)} -> {file_size(after, 2)} ({after / before:.0%})"
