@@ -169,6 +169,8 @@ def test_the_first_estimate_counts_the_previews_the_run_will_draw(tmp_path):
     two = preview_seconds(config.replace(preview_seeds=(1, 2)), 2_000_000, "cpu", (300, 100))[1]
     assert two > one
     assert preview_seconds(config.replace(batch_size=1), 2_000_000, "cpu", (300, 100))[1] > two
+    # one denoiser pass per sampling step (Flux.1: no negative prompt) costs less than guidance's two
+    assert preview_seconds(config, 2_000_000, "cpu", (300, 100), passes=1)[1] < two
 
 
 def test_the_first_estimate_grows_with_the_layers_a_step_calls(tmp_path):

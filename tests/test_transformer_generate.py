@@ -34,6 +34,9 @@ def test_the_defaults_follow_the_model_cards():
     for defaults in (dev, schnell, large, medium):
         assert defaults.samplers == ("Euler",)  # their own flow-matching sampler only
     assert not (dev.negative_prompt_used or schnell.negative_prompt_used) and large.negative_prompt_used
+    # what the estimate counts per sampling step of a preview: guidance's second pass where there is one
+    assert (dev.passes_per_step, schnell.passes_per_step, large.passes_per_step) == (1, 1, 2)
+    assert CONFIG_DEFAULTS.passes_per_step == 2
     # The UNet families keep GenerateConfig's defaults and every sampler
     assert sampling_defaults(SD1, {}) == CONFIG_DEFAULTS and CONFIG_DEFAULTS.samplers == SCHEDULERS
     assert (CONFIG_DEFAULTS.steps, CONFIG_DEFAULTS.guidance) == (20, 7.5)

@@ -141,21 +141,25 @@ def formula_seconds_per_step(
 
 
 def preview_seconds(
-    config: TrainConfig, unet_parameters: int, device: str, layers: tuple[int, int] | None = None
+    config: TrainConfig,
+    unet_parameters: int,
+    device: str,
+    layers: tuple[int, int] | None = None,
+    passes: int = 2,
 ) -> tuple[int, float]:
     """(previews drawn, their seconds) in a run: every `preview_every` steps and the final one (which
     reuses a preview drawn at the last step), each prompt x seed in batches of the batch size, every
-    sampling step a pass over the batch with and without the prompt (guidance)."""
+    sampling step `passes` over the batch (SamplingDefaults.passes_per_step: 2 with guidance's second pass)."""
     renders = config.steps // config.preview_every if config.preview_every else 0
     if config.final_preview and not (config.preview_every and config.steps % config.preview_every == 0):
         renders += 1
     images = max(1, len(config.preview_prompts)) * len(config.preview_seeds)
     batch = min(images, max(1, config.batch_size))
     batches = math.ceil(images / batch)
-    per_pass = _seconds_per_pass(device, layers, 2 * batch)  # with and without the prompt
+    per_pass = _seconds_per_pass(device, layers, passes * batch)  # the passes go through as one batch
     per_pass = STEP_OVERHEAD_SECONDS[_kind(device)] / 3 if per_pass is None else per_pass
     forward = _forward_seconds_per_image(config, unet_parameters, device)
-    per_render = config.preview_inference_steps * (batches * per_pass + images * 2 * forward)
+    per_render = config.preview_inference_steps * (batches * per_pass + images * passes * forward)
     return renders, renders * per_render
 
 
@@ -255,18 +259,20 @@ def estimate_training(
     device: str,
     captioning: tuple[int, str, float] = (0, "", 0.0),
     layers: tuple[int, int] | None = None,
+    passes: int = 2,
 ) -> Estimate:
     """The duration (and GPU memory) of a run, shown before it starts; measured speed first, else the formula.
 
     `captioning` is (uncaptioned images, captioner name, its seconds for them): the time the
     "Caption images" step adds before training, counted in the total. `layers` is the denoiser's
-    (leaf modules, layers this config adapts), sdlora.training.lora.layer_counts, for the formula.
+    (leaf modules, layers this config adapts), sdlora.training.lora.layer_counts, and `passes` the
+    denoiser passes per sampling step of a preview (SamplingDefaults.passes_per_step), for the formula.
     A measured speed already holds the previews drawn among its steps; the formula adds theirs.
     """
     measured = measured_speed(config, device)
     per_step = measured or formula_seconds_per_step(config, unet_parameters, device, layers)
     previews, previews_seconds = (
-        (0, 0.0) if measured else preview_seconds(config, unet_parameters, device, layers)
+        (0, 0.0) if measured else preview_seconds(config, unet_parameters, device, layers, passes)
     )
     uncaptioned, captioner, caption_seconds = captioning
     seconds = config.steps * per_step + previews_seconds + caption_seconds

@@ -325,6 +325,7 @@ class Studio:
         unet_parameters = sum(p.numel() for p in denoiser.parameters())
         family = generator.model_info.model_family
         layers = layer_counts(denoiser, config.lora, family.lora_targets)
+        sampling = family.sampling_defaults(dict(denoiser.config))
         device = str(generator.device)
         spec = spec_of(self.captioning.name())
         if offline() and not is_present(spec):
@@ -339,6 +340,7 @@ class Studio:
             device,
             captioning=(uncaptioned, spec.name, seconds),
             layers=layers,
+            passes=sampling.passes_per_step if sampling else 2,
         )
 
     # -- generation and the library ------------------------------------------------------------

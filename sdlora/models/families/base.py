@@ -50,6 +50,12 @@ class SamplingDefaults:
     guidance_used: bool = True  # False: the model ignores guidance (a timestep-distilled one)
     negative_prompt_used: bool = True  # False: the pipeline draws without a negative prompt
 
+    @property
+    def passes_per_step(self) -> int:
+        """Denoiser passes per sampling step: with and without the prompt (classifier-free guidance), or one
+        where the pipeline takes no negative prompt (Flux.1: its guidance is an input, not a second pass)."""
+        return 2 if self.negative_prompt_used else 1
+
 
 @dataclass(frozen=True)
 class Family:
