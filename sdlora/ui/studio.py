@@ -314,18 +314,16 @@ class Studio:
         "Caption images" takes for the `uncaptioned` images where it can run here (offline, only a
         captioner that is present can)."""
         from sdlora.captioning.captioners import is_present, spec_of
+        from sdlora.generation.defaults import sampling_defaults
         from sdlora.models.hub import offline
         from sdlora.training.estimate import captioning_seconds, estimate_training
         from sdlora.training.lora import layer_counts
 
         generator = self.generator()
-        denoiser = getattr(
-            generator.pipeline, generator.model_info.model_family.denoiser
-        )  # UNet or transformer
-        unet_parameters = sum(p.numel() for p in denoiser.parameters())
         family = generator.model_info.model_family
+        denoiser = getattr(generator.pipeline, family.denoiser)  # UNet or transformer
+        unet_parameters = sum(p.numel() for p in denoiser.parameters())
         layers = layer_counts(denoiser, config.lora, family.lora_targets)
-        sampling = family.sampling_defaults(dict(denoiser.config))
         device = str(generator.device)
         spec = spec_of(self.captioning.name())
         if offline() and not is_present(spec):
@@ -340,7 +338,7 @@ class Studio:
             device,
             captioning=(uncaptioned, spec.name, seconds),
             layers=layers,
-            passes=sampling.passes_per_step if sampling else 2,
+            passes=sampling_defaults(family, dict(denoiser.config)).passes_per_step,
         )
 
     # -- generation and the library ------------------------------------------------------------
