@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdlora.config import ATTENTION_PROJECTIONS, LoraSpec
@@ -73,15 +74,15 @@ def layer_counts(
     """(leaf modules a forward pass calls, layers the spec would adapt) of a denoiser, for the estimate: on a
     small model each call costs more than its arithmetic. Adapters already loaded (peft's lora_* parts) are
     left out and their wrapped layers counted under their own names, as on the bare model."""
-    targets = targets_for(spec, family_targets)
+    config = peft_config(spec, family_targets)
     modules = adapted = 0
     for name, module in denoiser.named_modules():
         if next(module.children(), None) is not None or ".lora_" in f".{name}":
             continue
         modules += 1
-        name = name.removesuffix(".base_layer")
-        adapted += isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(
-            name == target or name.endswith(f".{target}") for target in targets
+        name = name.removesuffix(".base_layer")  # peft's own rule for which names its targets match
+        adapted += isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and bool(
+            check_target_module_exists(config, name)
         )
     return modules, adapted
 
