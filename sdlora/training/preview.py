@@ -30,8 +30,9 @@ def render_previews(
         # the per-call overhead dominates (small models, CPUs), and a batch drawn without gradients needs
         # less memory than the training batch of that size that has just run. Each image keeps its own
         # seed's generator, so it starts from the noise it would alone.
-        for start in range(0, len(pairs), max(1, config.batch_size)):
-            chunk = pairs[start : start + max(1, config.batch_size)]
+        batch = max(1, config.batch_size)
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
             images += preview(
                 [prompt for prompt, _ in chunk],
                 num_inference_steps=config.preview_inference_steps,
